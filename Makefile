@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv from the pinned lock file.
+PYTHON_BOOT ?= python3.11
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+CACHE       := .cache
+MS_LORALIB  := $(CACHE)/wheels/loralib-0.1.2-py3-none-any.whl
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# microsoft's loralib 0.1.2 is a test reference; it installs under the import name `loralib`,
+# so tests load it from the wheel under another name instead of installing it.
+$(MS_LORALIB):
+	mkdir -p $(CACHE)/wheels
+	$(PY) -m pip download -q --no-deps loralib==0.1.2 -d $(CACHE)/wheels
+
+demo: $(STAMP)
+	$(PY) -m loralib.demo
+
+test: $(STAMP) $(MS_LORALIB)
+	LORALIB_REFERENCE_WHEEL=$(MS_LORALIB) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP) $(MS_LORALIB)
+	LORALIB_REFERENCE_WHEEL=$(MS_LORALIB) $(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) $(CACHE)

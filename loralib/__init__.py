@@ -1,0 +1,11 @@
+"""loralib: LoRA and its family (AdaLoRA, LoRA², LoRA+, LoRA-Pro) for any PyTorch model.
+
+Every public name of microsoft's loralib 0.1.2 keeps its meaning: `import loralib as lora` then
+`lora.Linear`, `lora.MergedLinear`, `lora.mark_only_lora_as_trainable`, `lora.lora_state_dict`, ...
+"""
+from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoRALayer, MergedLinear, lora_scaling
+from .utils import (count_parameters, lora_layers, lora_state_dict, mark_only_lora_as_trainable, merge_lora,
+                    merged_state_dict, trainable_summary, unmerge_lora)
+from .config import LoRAConfig, register_method, target_matches
+
+__version__ = "0.2.0"

@@ -1,0 +1,129 @@
+"""LoRAConfig: which projections carry an adapter, and which method's layer they get.
+
+Model files call `config.make_linear(path, in_features, out_features, ...)` for every projection they
+build; `loralib.inject` uses the same matching on an arbitrary model. The layer type is pluggable:
+each method registers a factory under its name (`register_method`), so AdaLoRA's SVDLinear or the LoRA²
+layer land in exactly the places plain LoRA would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch.nn as nn
+
+from . import layers
+
+LinearFactory = Callable[..., nn.Module]
+_METHODS: Dict[str, LinearFactory] = {}
+
+
+def register_method(name: str, factory: LinearFactory) -> None:
+    """factory(config, in_features, out_features, bias=..., fan_in_fan_out=...) -> nn.Module."""
+    _METHODS[name] = factory
+
+
+def target_matches(targets: Union[str, Sequence[str]], path: str, roles: Sequence[str] = ()) -> bool:
+    """PEFT's rule, plus roles: a string is a regex that must match the whole dotted path; a list
+    matches when an entry equals the path, is a dotted suffix of it, or equals one of the roles the
+    model file gives the projection (e.g. "intermediate" or "attention.output" in an encoder layer)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(t == path or path.endswith("." + t) or t in roles for t in targets)
+
+
+@dataclass
+class LoRAConfig:
+    """How to adapt a model.
+
+    r, lora_alpha, lora_dropout, use_rslora: the low-rank update and its scaling (alpha/r or alpha/sqrt r).
+    target_modules: names (dotted suffixes or roles) or one regex; see `target_matches`.
+    method: "lora" (default), or a method registered by loralib ("adalora", "lora2").
+    enable_lora: for fused projections (GPT-2's c_attn = q|k|v), which chunks get LoRA;
+        None enables every chunk. The LoRA paper used (True, False, True).
+    merge_weights: fold B A into W on eval() and out again on train(), as loralib 0.1.2 does.
+    init_swapped: LoRA+'s experiments initialised B with kaiming and A with zeros; False keeps LoRA's.
+    lora2_k: inner rank of LoRA²'s factors.
+    """
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: Union[str, Tuple[str, ...]] = ("q_proj", "v_proj")
+    use_rslora: bool = False
+    method: str = "lora"
+    enable_lora: Optional[Tuple[bool, ...]] = None
+    merge_weights: bool = True
+    init_swapped: bool = False
+    lora2_k: int = 8
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = tuple(self.target_modules)
+        if not self.target_modules:
+            raise ValueError("LoRAConfig.target_modules is empty: name at least one projection")
+        layers._check_hparams(self.r, self.lora_alpha, self.lora_dropout)
+
+    def matches(self, path: str, roles: Sequence[str] = ()) -> bool:
+        return target_matches(self.target_modules, path, roles)
+
+    def replace(self, **changes) -> "LoRAConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = (self.target_modules if isinstance(self.target_modules, str)
+                               else list(self.target_modules))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoRAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"LoRAConfig: unknown keys {unknown}")
+        return cls(**d)
+
+    def make_linear(self, path: str, in_features: int, out_features: int, bias: bool = True,
+                    fan_in_fan_out: bool = False, roles: Sequence[str] = (), chunks: int = 1) -> nn.Module:
+        """The projection at `path`: the method's adapted layer if targeted, else a plain one.
+
+        A plain projection is a `loralib.Linear` with r = 0 (an nn.Linear that can store its weight
+        (in, out) for GPT-2's checkpoints). `chunks` > 1 marks a fused projection (q|k|v).
+        """
+        if not self.matches(path, roles):
+            return layers.Linear(in_features, out_features, r=0, bias=bias, fan_in_fan_out=fan_in_fan_out)
+        if self.method not in _METHODS:
+            raise ValueError(f"LoRAConfig.method={self.method!r} is unknown; registered: {sorted(_METHODS)}")
+        return _METHODS[self.method](self, in_features, out_features, bias=bias,
+                                     fan_in_fan_out=fan_in_fan_out, chunks=chunks)
+
+
+def _swap_init(layer: nn.Module) -> None:
+    """LoRA+'s experiment init: kaiming-uniform on B, zeros on A (B A is still zero at the start)."""
+    import math
+    nn.init.zeros_(layer.lora_A)
+    nn.init.kaiming_uniform_(layer.lora_B, a=math.sqrt(5))
+
+
+def _lora_factory(config: LoRAConfig, in_features: int, out_features: int, bias: bool = True,
+                  fan_in_fan_out: bool = False, chunks: int = 1) -> nn.Module:
+    common = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                  fan_in_fan_out=fan_in_fan_out, merge_weights=config.merge_weights,
+                  use_rslora=config.use_rslora, bias=bias)
+    if chunks > 1:
+        enable = config.enable_lora if config.enable_lora is not None else (True,) * chunks
+        if len(enable) != chunks:
+            raise ValueError(f"LoRAConfig.enable_lora={enable!r} has {len(enable)} entries; "
+                             f"this fused projection has {chunks} chunks")
+        layer = layers.MergedLinear(in_features, out_features, enable_lora=list(enable), **common)
+    else:
+        layer = layers.Linear(in_features, out_features, **common)
+    if config.init_swapped and layer.has_lora:
+        _swap_init(layer)
+    return layer
+
+
+register_method("lora", _lora_factory)

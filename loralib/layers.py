@@ -1,0 +1,415 @@
+"""LoRA layers: W x + (B A x) * scaling, with the pretrained W frozen.
+
+Drop-in for microsoft's loralib 0.1.2: the same class names, constructor signatures, parameter names
+(`lora_A`, `lora_B`), shapes, initialisation (and so the same parameters under the same seed) and
+merge-on-eval behaviour. Differences, each a fix of the released code:
+
+- `MergedLinear` computes the low-rank path per enabled chunk; it never builds a dense delta-W in the
+  unmerged forward, and a layer with no enabled chunk is a plain linear layer instead of a crash.
+- `Conv1d` and `Conv3d` get factor shapes whose product has as many entries as the kernel (0.1.2's do
+  not, upstream issue #115); `Conv2d` keeps 0.1.2's shapes exactly.
+- Merging and unmerging compute B @ A in fp32 and cast the result back to the weight's dtype; merging
+  a merged layer or unmerging an unmerged one does nothing.
+- `state_dict()` always holds the pretrained (unmerged) weight, also while the layer is merged, and
+  loading a state dict into a merged layer re-merges with the loaded factors. A model saved after
+  `eval()` therefore never gets B A added twice. `loralib.merged_state_dict` gives folded weights.
+- `use_rslora=True` scales by lora_alpha / sqrt(r) (rank-stabilised LoRA) instead of lora_alpha / r.
+- Bad hyperparameters raise a ValueError naming the argument.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _check_hparams(r, lora_alpha, lora_dropout) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"r must be a non-negative int (0 disables LoRA), got r={r!r}")
+    if r > 0 and not (isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha) and lora_alpha > 0):
+        raise ValueError(f"lora_alpha must be a positive number when r > 0, got lora_alpha={lora_alpha!r}")
+    if not (0.0 <= float(lora_dropout) < 1.0):
+        raise ValueError(f"lora_dropout must lie in [0, 1), got lora_dropout={lora_dropout!r}")
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """alpha / r for LoRA, alpha / sqrt(r) for rsLoRA (Kalajdzievski, 2023)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class LoRALayer:
+    """State shared by every LoRA layer: rank, scaling, dropout on the LoRA path, merge flags."""
+
+    def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
+                 use_rslora: bool = False):
+        _check_hparams(r, lora_alpha, lora_dropout)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        # nn.Identity keeps the layer picklable and visible in print(model), unlike 0.1.2's lambda.
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.merged = False
+        self.merge_weights = merge_weights
+
+    # -- merging -------------------------------------------------------------------------------
+    # Subclasses define `_base_weight()` (the tensor B A is folded into) and `delta_weight()`
+    # (B A * scaling laid out like that tensor, in fp32).
+    def merge(self) -> None:
+        """Fold B A * scaling into the frozen weight (in fp32, cast back). A no-op if already merged."""
+        if self.merged or not self.has_lora:
+            return
+        weight = self._base_weight()
+        weight.data = (weight.data.float() + self.delta_weight()).to(weight.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract B A * scaling from the frozen weight again. A no-op if not merged."""
+        if not self.merged:
+            return
+        weight = self._base_weight()
+        weight.data = (weight.data.float() - self.delta_weight()).to(weight.dtype)
+        self.merged = False
+
+    def rebuild_buffers(self) -> None:
+        """Recompute derived buffers (after materialising a layer built on the meta device)."""
+
+    @property
+    def has_lora(self) -> bool:
+        return self.r > 0 and hasattr(self, "lora_A")
+
+    def _train_merge(self, mode: bool) -> None:
+        """0.1.2's contract: eval() merges and train() unmerges, when merge_weights is set."""
+        if not self.merge_weights:
+            return
+        if mode:
+            self.unmerge()
+        else:
+            self.merge()
+
+    def _register_merge_safe_state_hooks(self: nn.Module) -> None:
+        # The state dict always carries the unmerged weight; loading into a merged layer unmerges
+        # with the old factors first and merges with the new ones after (children loaded too).
+        weight_key = self._weight_key()
+
+        def save_hook(module, state_dict, prefix, local_metadata):
+            key = prefix + weight_key
+            if module.merged and key in state_dict:
+                w = module._base_weight()
+                state_dict[key] = (w.detach().float() - module.delta_weight()).to(w.dtype)
+
+        def load_pre_hook(module, state_dict, prefix, *args):
+            module._remerge_after_load = module.merged
+            module.unmerge()
+
+        def load_post_hook(module, incompatible_keys):
+            if getattr(module, "_remerge_after_load", False):
+                module.merge()
+            module._remerge_after_load = False
+
+        self.register_state_dict_post_hook(save_hook)
+        self.register_load_state_dict_pre_hook(load_pre_hook)
+        self.register_load_state_dict_post_hook(load_post_hook)
+
+
+def _transpose_if(w: torch.Tensor, flag: bool) -> torch.Tensor:
+    return w.transpose(0, 1) if flag else w
+
+
+class Embedding(nn.Embedding, LoRALayer):
+    """Embedding with LoRA. Shapes: lora_A (r, num_embeddings), lora_B (embedding_dim, r).
+
+    The factors are reversed on purpose (A is zero, B normal) so the looked-up rows of A stay sparse:
+    out = W[x] + A.T[x] @ B.T * scaling. LoRA dropout is not applied to embeddings, as in 0.1.2.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: int = 1,
+                 merge_weights: bool = True, use_rslora: bool = False, **kwargs):
+        nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                           merge_weights=merge_weights, use_rslora=use_rslora)
+        if r > 0:
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r, num_embeddings)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((embedding_dim, r)))
+            self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+            self.weight.requires_grad = False
+        self.reset_parameters()
+        self._register_merge_safe_state_hooks()
+
+    def reset_parameters(self) -> None:
+        nn.Embedding.reset_parameters(self)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        if hasattr(self, "lora_A"):
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+
+    def _weight_key(self) -> str:
+        return "weight"
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """(num_embeddings, embedding_dim) in fp32."""
+        return (self.lora_B.float() @ self.lora_A.float()).transpose(0, 1) * self.scaling
+
+    def train(self, mode: bool = True):
+        nn.Embedding.train(self, mode)
+        self._train_merge(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = nn.Embedding.forward(self, x)
+        if self.has_lora and not self.merged:
+            after_A = F.embedding(x, self.lora_A.transpose(0, 1), self.padding_idx, self.max_norm,
+                                  self.norm_type, self.scale_grad_by_freq, self.sparse)
+            result = result + (after_A @ self.lora_B.transpose(0, 1)) * self.scaling
+        return result
+
+
+class Linear(nn.Linear, LoRALayer):
+    """Linear layer with LoRA: y = x W^T + b + dropout(x) A^T B^T * scaling.
+
+    Shapes: weight (out, in), or (in, out) with fan_in_fan_out=True as GPT-2's Conv1D stores it;
+    lora_A (r, in), kaiming-uniform; lora_B (out, r), zeros.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
+                 use_rslora: bool = False, **kwargs):
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                           merge_weights=merge_weights, use_rslora=use_rslora)
+        self.fan_in_fan_out = fan_in_fan_out
+        if r > 0:
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
+            self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+            self.weight.requires_grad = False
+        self.reset_parameters()
+        if fan_in_fan_out:
+            self.weight.data = self.weight.data.transpose(0, 1)
+        self._register_merge_safe_state_hooks()
+
+    def reset_parameters(self) -> None:
+        nn.Linear.reset_parameters(self)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        if hasattr(self, "lora_A"):
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _weight_key(self) -> str:
+        return "weight"
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """B A * scaling in fp32, laid out like `weight` ((in, out) when fan_in_fan_out)."""
+        return _transpose_if(self.lora_B.float() @ self.lora_A.float(), self.fan_in_fan_out) * self.scaling
+
+    def train(self, mode: bool = True):
+        nn.Linear.train(self, mode)
+        self._train_merge(mode)
+        return self
+
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-rank path alone: (..., in) -> (..., out), never forming B A."""
+        x = self.lora_dropout(x.to(self.lora_A.dtype))
+        return (x @ self.lora_A.transpose(0, 1) @ self.lora_B.transpose(0, 1)) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
+        if self.has_lora and not self.merged:
+            # In place: F.linear does not keep its output for backward.
+            result += self.lora_forward(x).to(result.dtype)
+        return result
+
+
+class MergedLinear(nn.Linear, LoRALayer):
+    """One fused projection (GPT-2's c_attn = q|k|v) with LoRA on the enabled chunks only.
+
+    The output is split into len(enable_lora) equal chunks of out_g = out / len(enable_lora) rows;
+    chunk g, if enabled, gets its own B_g A_g. Shapes with n = sum(enable_lora) enabled chunks:
+    lora_A (r * n, in) = [A_1; ...; A_n], lora_B (out_g * n, r) = [B_1; ...; B_n].
+    The unmerged forward computes x A_g^T B_g^T per chunk (a batched matmul over the n chunks) and adds
+    the (..., out_g * n) result into the enabled output columns with one index_add.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
+                 lora_dropout: float = 0.0, enable_lora: List[bool] = [False],
+                 fan_in_fan_out: bool = False, merge_weights: bool = True, use_rslora: bool = False,
+                 **kwargs):
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                           merge_weights=merge_weights, use_rslora=use_rslora)
+        enable_lora = [bool(e) for e in enable_lora]
+        if len(enable_lora) == 0 or out_features % len(enable_lora) != 0:
+            raise ValueError(
+                f"enable_lora has {len(enable_lora)} entries, which does not divide "
+                f"out_features={out_features} into equal chunks")
+        self.enable_lora = enable_lora
+        self.fan_in_fan_out = fan_in_fan_out
+        self.chunk_size = out_features // len(enable_lora)
+        self.n_enabled = sum(enable_lora)
+        if r > 0 and self.n_enabled > 0:
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r * self.n_enabled, in_features)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((self.chunk_size * self.n_enabled, r)))
+            self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+            self.weight.requires_grad = False
+            # Not persistent: 0.1.2's state dict has no such key, and it is derived from enable_lora.
+            self.register_buffer("lora_columns", self._enabled_columns(), persistent=False)
+        self.reset_parameters()
+        if fan_in_fan_out:
+            self.weight.data = self.weight.data.transpose(0, 1)
+        self._register_merge_safe_state_hooks()
+
+    def reset_parameters(self) -> None:
+        nn.Linear.reset_parameters(self)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        if hasattr(self, "lora_A"):
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _enabled_columns(self) -> torch.Tensor:
+        """Indices of the output features that belong to enabled chunks, (out_g * n,)."""
+        chunks = [g for g, on in enumerate(self.enable_lora) if on]
+        return torch.cat([torch.arange(g * self.chunk_size, (g + 1) * self.chunk_size) for g in chunks]
+                         ).to(self.weight.device)
+
+    def rebuild_buffers(self) -> None:
+        if self.has_lora:
+            self.lora_columns = self._enabled_columns()
+
+    def _weight_key(self) -> str:
+        return "weight"
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def _chunked_factors(self):
+        """A as (n, r, in) and B as (n, out_g, r)."""
+        A = self.lora_A.view(self.n_enabled, self.r, -1)
+        B = self.lora_B.view(self.n_enabled, self.chunk_size, self.r)
+        return A, B
+
+    def delta_weight(self) -> torch.Tensor:
+        """Zero-padded B_g A_g * scaling, (out, in) in fp32, or (in, out) with fan_in_fan_out."""
+        A, B = self._chunked_factors()
+        per_chunk = torch.bmm(B.float(), A.float()).reshape(-1, self.in_features)  # (out_g * n, in)
+        delta = per_chunk.new_zeros((self.out_features, self.in_features))
+        delta.index_copy_(0, self.lora_columns, per_chunk)
+        return _transpose_if(delta, self.fan_in_fan_out) * self.scaling
+
+    def train(self, mode: bool = True):
+        nn.Linear.train(self, mode)
+        self._train_merge(mode)
+        return self
+
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out_g * n): the enabled chunks' low-rank outputs, side by side."""
+        A, B = self._chunked_factors()
+        x = self.lora_dropout(x.to(self.lora_A.dtype))
+        after_A = (x @ self.lora_A.transpose(0, 1)).unflatten(-1, (self.n_enabled, self.r))  # (..., n, r)
+        after_B = torch.einsum("...nr,nor->...no", after_A, B)  # (..., n, out_g)
+        return after_B.flatten(-2) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
+        if self.has_lora and not self.merged:
+            lora_out = self.lora_forward(x).to(result.dtype)
+            result.index_add_(-1, self.lora_columns, lora_out)
+        return result
+
+
+class ConvLoRA(nn.Module, LoRALayer):
+    """A torch convolution (kept as `.conv`, so its keys are `conv.weight`, `conv.bias`) with LoRA.
+
+    The kernel W (out, in / groups, k, ..., k) with d spatial dims is updated by (B A).view(W.shape):
+    lora_A (r k, in k^(d-1)), lora_B (out / groups * k, r k). For d = 2 these are 0.1.2's shapes;
+    for d = 1 and d = 3 they are the shapes whose product has as many entries as the kernel.
+    Only square kernels given as one int are supported, as in 0.1.2.
+    """
+
+    def __init__(self, conv_module, in_channels: int, out_channels: int, kernel_size: int, r: int = 0,
+                 lora_alpha: int = 1, lora_dropout: float = 0.0, merge_weights: bool = True,
+                 use_rslora: bool = False, **kwargs):
+        nn.Module.__init__(self)
+        self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                           merge_weights=merge_weights, use_rslora=use_rslora)
+        if not isinstance(kernel_size, int):
+            raise ValueError(f"kernel_size must be one int for a LoRA convolution, got {kernel_size!r}")
+        spatial_dims = self.conv.weight.dim() - 2
+        if r > 0:
+            self.lora_A = nn.Parameter(
+                self.conv.weight.new_zeros((r * kernel_size, in_channels * kernel_size ** (spatial_dims - 1))))
+            self.lora_B = nn.Parameter(
+                self.conv.weight.new_zeros((out_channels // self.conv.groups * kernel_size, r * kernel_size)))
+            self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+            self.conv.weight.requires_grad = False
+        self.reset_parameters()
+        self.merged = False
+        self._register_merge_safe_state_hooks()
+
+    def reset_parameters(self) -> None:
+        self.conv.reset_parameters()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        if hasattr(self, "lora_A"):
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    # Read-through attributes so code that used the wrapped conv keeps working.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.conv.bias
+
+    def _weight_key(self) -> str:
+        return "conv.weight"
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.float() @ self.lora_A.float()).view(self.conv.weight.shape) * self.scaling
+
+    def train(self, mode: bool = True):
+        nn.Module.train(self, mode)
+        self._train_merge(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.has_lora and not self.merged:
+            delta = (self.lora_B @ self.lora_A).view(self.conv.weight.shape) * self.scaling
+            return self.conv._conv_forward(x, self.conv.weight + delta.to(self.conv.weight.dtype),
+                                           self.conv.bias)
+        return self.conv(x)
+
+
+class Conv1d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super().__init__(nn.Conv1d, *args, **kwargs)
+
+
+class Conv2d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super().__init__(nn.Conv2d, *args, **kwargs)
+
+
+class Conv3d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super().__init__(nn.Conv3d, *args, **kwargs)
