@@ -6,6 +6,6 @@ Every public name of microsoft's loralib 0.1.2 keeps its meaning: `import lorali
 from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoRALayer, MergedLinear, lora_scaling
 from .utils import (count_parameters, lora_layers, lora_state_dict, mark_only_lora_as_trainable, merge_lora,
                     merged_state_dict, trainable_summary, unmerge_lora)
-from .config import LoRAConfig, register_method, target_matches
+from .config import LoRAConfig, make_linear, register_method, target_matches
 
 __version__ = "0.2.0"

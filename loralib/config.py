@@ -127,3 +127,13 @@ def _lora_factory(config: LoRAConfig, in_features: int, out_features: int, bias:
 
 
 register_method("lora", _lora_factory)
+
+
+def make_linear(config: Optional[LoRAConfig], path: str, in_features: int, out_features: int,
+                bias: bool = True, fan_in_fan_out: bool = False, roles: Sequence[str] = (),
+                chunks: int = 1) -> nn.Module:
+    """`config.make_linear(...)`, or a plain projection (loralib.Linear with r = 0) when config is None."""
+    if config is None:
+        return layers.Linear(in_features, out_features, r=0, bias=bias, fan_in_fan_out=fan_in_fan_out)
+    return config.make_linear(path, in_features, out_features, bias=bias, fan_in_fan_out=fan_in_fan_out,
+                              roles=roles, chunks=chunks)

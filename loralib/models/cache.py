@@ -1,0 +1,57 @@
+"""KV cache shared by the causal LMs (GPT-2, Llama) and the generation loop.
+
+Per layer, keys and values of shape (batch, n_kv_heads, time, head_dim), preallocated in blocks so a
+decode step writes in place instead of concatenating the whole history each step.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+_BLOCK = 64  # grow the time axis this many steps at a time
+
+
+class KVCache:
+    """Keys/values for every layer, plus how many positions are filled (`seq_len`).
+
+    A model's attention calls `update(layer_idx, k_new, v_new)` with (B, H, T_new, D) tensors and gets
+    back the (B, H, seq_len + T_new, D) views to attend over. After the last layer the model calls
+    `advance(T_new)`. Beam search calls `reorder(index)` to follow the surviving beams.
+    """
+
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+        self._k: List[Optional[torch.Tensor]] = [None] * n_layers
+        self._v: List[Optional[torch.Tensor]] = [None] * n_layers
+        self.seq_len = 0
+
+    def update(self, layer_idx: int, k_new: torch.Tensor, v_new: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.seq_len, self.seq_len + k_new.shape[2]
+        k_buf, v_buf = self._k[layer_idx], self._v[layer_idx]
+        if k_buf is None or k_buf.shape[2] < end:
+            capacity = ((end + _BLOCK - 1) // _BLOCK) * _BLOCK
+            k_buf = self._grow(k_buf, k_new, capacity, start)
+            v_buf = self._grow(v_buf, v_new, capacity, start)
+            self._k[layer_idx], self._v[layer_idx] = k_buf, v_buf
+        k_buf[:, :, start:end] = k_new
+        v_buf[:, :, start:end] = v_new
+        return k_buf[:, :, :end], v_buf[:, :, :end]
+
+    @staticmethod
+    def _grow(old: Optional[torch.Tensor], like: torch.Tensor, capacity: int, filled: int) -> torch.Tensor:
+        b, h, _, d = like.shape
+        new = like.new_empty((b, h, capacity, d))
+        if old is not None and filled > 0:
+            new[:, :, :filled] = old[:, :, :filled]
+        return new
+
+    def advance(self, n_new: int) -> None:
+        self.seq_len += n_new
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (a (B',) long tensor), e.g. the beams that survive a step."""
+        for i in range(self.n_layers):
+            if self._k[i] is not None:
+                self._k[i] = self._k[i].index_select(0, index)
+                self._v[i] = self._v[i].index_select(0, index)
