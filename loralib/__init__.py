@@ -9,3 +9,5 @@ from .utils import (count_parameters, lora_layers, lora_state_dict, mark_only_lo
 from .config import LoRAConfig, make_linear, register_method, target_matches
 
 __version__ = "0.2.0"
+from .inject import inject
+from .adapters import AdapterError, export_peft, import_peft, load_adapter, save_adapter

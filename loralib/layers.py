@@ -58,19 +58,23 @@ class LoRALayer:
     # Subclasses define `_base_weight()` (the tensor B A is folded into) and `delta_weight()`
     # (B A * scaling laid out like that tensor, in fp32).
     def merge(self) -> None:
-        """Fold B A * scaling into the frozen weight (in fp32, cast back). A no-op if already merged."""
-        if self.merged or not self.has_lora:
+        """Fold B A * scaling into the frozen weight (in fp32, cast back). A no-op if already merged.
+
+        As in 0.1.2 the `merged` flag is set also for a layer without LoRA (r = 0)."""
+        if self.merged:
             return
-        weight = self._base_weight()
-        weight.data = (weight.data.float() + self.delta_weight()).to(weight.dtype)
+        if self.has_lora:
+            weight = self._base_weight()
+            weight.data = (weight.data.float() + self.delta_weight()).to(weight.dtype)
         self.merged = True
 
     def unmerge(self) -> None:
         """Subtract B A * scaling from the frozen weight again. A no-op if not merged."""
         if not self.merged:
             return
-        weight = self._base_weight()
-        weight.data = (weight.data.float() - self.delta_weight()).to(weight.dtype)
+        if self.has_lora:
+            weight = self._base_weight()
+            weight.data = (weight.data.float() - self.delta_weight()).to(weight.dtype)
         self.merged = False
 
     def rebuild_buffers(self) -> None:
@@ -96,7 +100,7 @@ class LoRALayer:
 
         def save_hook(module, state_dict, prefix, local_metadata):
             key = prefix + weight_key
-            if module.merged and key in state_dict:
+            if module.merged and module.has_lora and key in state_dict:
                 w = module._base_weight()
                 state_dict[key] = (w.detach().float() - module.delta_weight()).to(w.dtype)
 

@@ -1,0 +1,311 @@
+"""Adapter files: our own (safetensors + a JSON of how it was made) and PEFT's, both ways.
+
+Our format, one folder:
+  adapter.safetensors    the "lora_" tensors, plus trained non-LoRA tensors such as a classifier head
+  adapter_config.json    {"format": "loralib-adapter", "format_version": 1, "lora": LoRAConfig fields,
+                          "layers": {path: {"type", "r", "weight_shape"}}, "extra_keys": [...], "metadata": {...}}
+PEFT's format: adapter_model.safetensors (keys "base_model.model.<path>.lora_A.weight", ...) + adapter_config.json.
+A MergedLinear with some chunks disabled (GPT-2's c_attn with q and v) is exported exactly as a PEFT LoRA of
+rank r * n_enabled on the whole projection, whose A stacks the chunks' A and whose B is block-structured with
+zeros for the disabled chunks; `rank_pattern` / `alpha_pattern` carry its rank and scaling.
+
+Files are written to a temporary name and renamed into place, the config last, so an interrupted save
+never leaves a config pointing at a half-written tensor file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Union
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from . import layers
+from .config import LoRAConfig
+from .utils import lora_layers, mark_only_lora_as_trainable
+
+FORMAT = "loralib-adapter"
+FORMAT_VERSION = 1
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+PathLike = Union[str, os.PathLike]
+
+
+class AdapterError(ValueError):
+    """An adapter file that does not fit the model (names the file and the key)."""
+
+
+# -- atomic writes ---------------------------------------------------------------------------------
+def _atomic_write_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such adapter config")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+
+
+# -- our format ------------------------------------------------------------------------------------
+def _extra_keys(model: nn.Module, include: Optional[Iterable[str]]) -> List[str]:
+    """State-dict keys saved besides the LoRA factors: trainable non-LoRA parameters by default
+    (a classifier head), or the keys under the given prefixes."""
+    if include is None:
+        return [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    prefixes = list(include)
+    return [k for k in model.state_dict() if "lora_" not in k and any(k == p or k.startswith(p + ".") for p in prefixes)]
+
+
+def save_adapter(model: nn.Module, directory: PathLike, config: Optional[LoRAConfig] = None,
+                 include: Optional[Iterable[str]] = None, metadata: Optional[dict] = None) -> Path:
+    """Write the model's adapter (LoRA factors + trained extras) into `directory`."""
+    config = config or getattr(model, "loralib_config", None)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    tensors = {k: v for k, v in state.items() if "lora_" in k}
+    extras = _extra_keys(model, include)
+    tensors.update({k: state[k] for k in extras})
+    layer_info = {
+        path: {"type": type(layer).__name__, "r": layer.r,
+               "weight_shape": list(layer._base_weight().shape)}
+        for path, layer in lora_layers(model) if layer.has_lora}
+    _atomic_write_tensors(tensors, directory / ADAPTER_WEIGHTS)
+    _atomic_write_json({"format": FORMAT, "format_version": FORMAT_VERSION,
+                        "lora": config.to_dict() if config is not None else None,
+                        "layers": layer_info, "extra_keys": extras, "metadata": metadata or {}},
+                       directory / ADAPTER_CONFIG)
+    return directory
+
+
+def read_adapter_config(directory: PathLike) -> dict:
+    path = Path(directory) / ADAPTER_CONFIG
+    meta = _read_json(path)
+    if meta.get("format") != FORMAT:
+        hint = " (it looks like a PEFT adapter: use import_peft)" if "peft_type" in meta else ""
+        raise AdapterError(f"{path}: not a loralib adapter config{hint}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(f"{path}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
+    return meta
+
+
+def _check_against_model(model: nn.Module, tensors: Dict[str, torch.Tensor], source: Path,
+                         strict: bool) -> None:
+    """Every tensor must name a model entry of the same shape; with strict, every LoRA entry of the
+    model must be in the file."""
+    state = model.state_dict()
+    for key, value in tensors.items():
+        if key not in state:
+            raise AdapterError(f"{source}: key {key!r} is not in the model "
+                               f"({type(model).__name__}); the adapter was made for another model")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise AdapterError(f"{source}: key {key!r} has shape {tuple(value.shape)}, the model expects "
+                               f"{tuple(state[key].shape)}")
+    if strict:
+        missing = [k for k in state if "lora_" in k and k not in tensors]
+        if missing:
+            raise AdapterError(f"{source}: the model has LoRA entries the file lacks, e.g. {missing[:3]}")
+
+
+def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> nn.Module:
+    """Load an adapter written by save_adapter. If the model has no LoRA layers yet, they are injected
+    first from the adapter's recorded LoRAConfig."""
+    from .inject import inject
+
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    weights_path = directory / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path}: adapter weights missing")
+    tensors = load_file(str(weights_path))
+    if not any(layer.has_lora for _, layer in lora_layers(model)):
+        if meta.get("lora") is None:
+            raise AdapterError(f"{directory / ADAPTER_CONFIG}: the model has no LoRA layers and the adapter "
+                               "records no LoRAConfig to create them")
+        inject(model, target_modules=None, config=LoRAConfig.from_dict(meta["lora"]))
+    _check_against_model(model, tensors, weights_path, strict)
+    model.load_state_dict(tensors, strict=False)
+    return model
+
+
+# -- PEFT ------------------------------------------------------------------------------------------
+def _peft_factors(layer: nn.Module):
+    """(A, B, scaling) of a layer as a PEFT LoRA on the whole projection, or None if not expressible."""
+    if isinstance(layer, layers.MergedLinear):
+        A_chunks, B_chunks = layer._chunked_factors()  # (n, r, in), (n, out_g, r)
+        n, r = layer.n_enabled, layer.r
+        A = A_chunks.reshape(n * r, -1)
+        B = layer.lora_B.new_zeros((layer.out_features, n * r))
+        for i, g in enumerate(g for g, on in enumerate(layer.enable_lora) if on):
+            B[g * layer.chunk_size:(g + 1) * layer.chunk_size, i * r:(i + 1) * r] = B_chunks[i]
+        return A, B
+    if isinstance(layer, (layers.Linear, layers.Embedding)):
+        return layer.lora_A, layer.lora_B
+    return None
+
+
+def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: Optional[str] = None,
+                task_type: Optional[str] = None, modules_to_save: Optional[List[str]] = None) -> Path:
+    """Write the model's plain-LoRA adapter in PEFT's format, loadable with PeftModel.from_pretrained on
+    the same (transformers) model. modules_to_save: names of trained non-LoRA modules (a classifier head);
+    by default the top-level modules that hold trainable non-LoRA parameters."""
+    adapted = [(p, l) for p, l in lora_layers(model) if l.has_lora]
+    if not adapted:
+        raise AdapterError("export_peft: the model has no LoRA layers")
+    r_global = adapted[0][1].r
+    alpha_global = adapted[0][1].lora_alpha
+    use_rslora = adapted[0][1].use_rslora
+    tensors: Dict[str, torch.Tensor] = {}
+    rank_pattern, alpha_pattern = {}, {}
+    fan_in_fan_out = False
+    for path, layer in adapted:
+        if type(layer) not in (layers.Linear, layers.MergedLinear, layers.Embedding):
+            raise AdapterError(f"export_peft: {path!r} is a {type(layer).__name__}; PEFT's LoRA format "
+                               "holds Linear, fused Linear and Embedding adapters only")
+        if layer.use_rslora != use_rslora:
+            raise AdapterError(f"export_peft: {path!r} mixes rsLoRA and LoRA scaling")
+        A, B = _peft_factors(layer)
+        rank = A.shape[0]
+        # PEFT scales by alpha / r (or alpha / sqrt r): choose alpha so the scaling stays the layer's.
+        alpha = layer.scaling * (math.sqrt(rank) if use_rslora else rank)
+        if rank != r_global:
+            rank_pattern[path] = rank
+        if not math.isclose(alpha, alpha_global):
+            alpha_pattern[path] = alpha
+        if isinstance(layer, layers.Embedding):
+            tensors[f"{PEFT_PREFIX}{path}.lora_embedding_A"] = A
+            tensors[f"{PEFT_PREFIX}{path}.lora_embedding_B"] = B
+        else:
+            fan_in_fan_out = fan_in_fan_out or layer.fan_in_fan_out
+            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = A
+            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = B
+    if modules_to_save is None:
+        modules_to_save = sorted({n.split(".")[0] for n, p in model.named_parameters()
+                                  if p.requires_grad and "lora_" not in n}) or None
+    state = model.state_dict()
+    for name in modules_to_save or []:
+        keys = [k for k in state if k.startswith(name + ".") and "lora_" not in k]
+        if not keys:
+            raise AdapterError(f"export_peft: modules_to_save entry {name!r} names no module of the model")
+        tensors.update({PEFT_PREFIX + k: state[k] for k in keys})
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "r": r_global, "lora_alpha": alpha_global, "lora_dropout": float(getattr(
+            adapted[0][1].lora_dropout, "p", 0.0)),
+        "target_modules": sorted(p for p, _ in adapted), "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern, "use_rslora": use_rslora, "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none", "modules_to_save": modules_to_save, "init_lora_weights": True,
+        "inference_mode": True, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+        "revision": None,
+    }
+    _atomic_write_tensors(tensors, directory / PEFT_WEIGHTS)
+    _atomic_write_json(config, directory / ADAPTER_CONFIG)
+    return directory
+
+
+def _pattern_value(pattern: dict, path: str, default):
+    """PEFT's per-module override: a key matches a module path ending in it (the key may be a regex)."""
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(.*\.)?({key})", path):
+            return value
+    return default
+
+
+def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = True) -> nn.Module:
+    """Load a PEFT LoRA adapter folder into `model` (a transformers model or one of ours with the same
+    module names): LoRA layers are injected where the adapter has factors, with its ranks and scalings."""
+    from .inject import inject
+
+    directory = Path(directory)
+    config_path = directory / ADAPTER_CONFIG
+    cfg = _read_json(config_path)
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterError(f"{config_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters import")
+    if cfg.get("use_dora"):
+        raise AdapterError(f"{config_path}: use_dora=true; DoRA adapters are not plain LoRA")
+    weights_path = directory / PEFT_WEIGHTS
+    if weights_path.is_file():
+        tensors = load_file(str(weights_path))
+    elif (directory / "adapter_model.bin").is_file():
+        weights_path = directory / "adapter_model.bin"
+        tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{directory}: neither {PEFT_WEIGHTS} nor adapter_model.bin")
+    factors: Dict[str, Dict[str, torch.Tensor]] = {}
+    extras: Dict[str, torch.Tensor] = {}
+    factor_names = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
+    pattern = re.compile(r"(.*)\.(" + "|".join(re.escape(n) for n in factor_names) + ")")
+    for key, value in tensors.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise AdapterError(f"{weights_path}: key {key!r} does not start with {PEFT_PREFIX!r}")
+        inner = key[len(PEFT_PREFIX):]
+        m = pattern.fullmatch(inner)
+        if m:
+            factors.setdefault(m.group(1), {})[factor_names[m.group(2)]] = value
+        else:
+            extras[inner] = value
+    use_rslora = bool(cfg.get("use_rslora", False))
+    modules = dict(model.named_modules())
+    for path, pair in factors.items():
+        A, B = pair.get("A"), pair.get("B")
+        if A is None or B is None:
+            raise AdapterError(f"{weights_path}: module {path!r} lacks its lora_A or lora_B")
+        if path not in modules:
+            raise AdapterError(f"{weights_path}: key for module {path!r}, which the model "
+                               f"({type(model).__name__}) does not have")
+        rank = A.shape[0]
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, path, cfg["lora_alpha"])
+        layer_config = LoRAConfig(r=rank, lora_alpha=alpha, lora_dropout=float(cfg.get("lora_dropout", 0.0)),
+                                  target_modules=re.escape(path), use_rslora=use_rslora,
+                                  merge_weights=merge_weights)
+        if not isinstance(modules[path], layers.LoRALayer):
+            inject(model, target_modules=None, config=layer_config, freeze=False)
+        layer = model.get_submodule(path)
+        for name, value in (("lora_A", A), ("lora_B", B)):
+            target = getattr(layer, name)
+            if tuple(target.shape) != tuple(value.shape):
+                raise AdapterError(f"{weights_path}: {path}.{name} has shape {tuple(value.shape)}, the model "
+                                   f"expects {tuple(target.shape)}")
+            with torch.no_grad():
+                was_merged = layer.merged
+                layer.unmerge()
+                target.copy_(value.to(target.dtype))
+                if was_merged:
+                    layer.merge()
+    if extras:
+        state = model.state_dict()
+        for key, value in extras.items():
+            if key not in state or tuple(state[key].shape) != tuple(value.shape):
+                raise AdapterError(f"{weights_path}: key {key!r} does not fit the model"
+                                   + (f" (shape {tuple(value.shape)} vs {tuple(state[key].shape)})"
+                                      if key in state else ""))
+        model.load_state_dict(extras, strict=False)
+    model.loralib_config = LoRAConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
+                                      target_modules=tuple(sorted(factors)), use_rslora=use_rslora,
+                                      merge_weights=merge_weights)
+    mark_only_lora_as_trainable(model)
+    for name, param in model.named_parameters():
+        if name in extras:  # a trained head (modules_to_save) stays trainable
+            param.requires_grad = True
+    return model

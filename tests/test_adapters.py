@@ -1,0 +1,141 @@
+"""Adapter files: our format round trip, PEFT export -> PEFT load, PEFT save -> our import, bad files."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import loralib as lora
+from _tiny_hf import randomise_lora, tiny_gpt2, tiny_roberta, token_batch
+
+peft = pytest.importorskip("peft")
+
+
+def _logits(model, ids, mask):
+    return model(input_ids=ids, attention_mask=mask).logits
+
+
+def test_own_format_round_trip_into_a_plain_model(tmp_path):
+    base = tiny_roberta()
+    model = lora.inject(copy.deepcopy(base), ["query", "value"], r=2, lora_alpha=4)
+    randomise_lora(model)
+    for p in model.classifier.parameters():  # a trained head is saved with the adapter
+        p.requires_grad = True
+        with torch.no_grad():
+            p.add_(1.0)
+    ids, mask = token_batch()
+    expected = _logits(model, ids, mask)
+    lora.save_adapter(model, tmp_path / "ad", metadata={"task": "tiny"})
+    meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert meta["lora"]["target_modules"] == ["query", "value"] and meta["metadata"] == {"task": "tiny"}
+    assert set(meta["extra_keys"]) == {k for k in base.state_dict() if k.startswith("classifier.")}
+    assert not list(tmp_path.glob("ad/*.tmp"))
+
+    fresh = copy.deepcopy(base)  # no LoRA layers yet: injected from the recorded config
+    lora.load_adapter(fresh, tmp_path / "ad")
+    torch.testing.assert_close(_logits(fresh, ids, mask), expected, rtol=1e-5, atol=1e-5)
+    fresh.eval()
+    torch.testing.assert_close(_logits(fresh, ids, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_peft_loads_in_peft_with_same_outputs(tmp_path):
+    base = tiny_roberta()
+    model = lora.inject(copy.deepcopy(base), ["query", "value", "word_embeddings"], r=2, lora_alpha=4)
+    randomise_lora(model)
+    for p in model.classifier.parameters():  # a trained head: PEFT's modules_to_save
+        p.requires_grad = True
+        with torch.no_grad():
+            p.mul_(2.0)
+    ids, mask = token_batch()
+    expected = _logits(model, ids, mask)
+    lora.export_peft(model, tmp_path / "peft", task_type="SEQ_CLS")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft"))
+    torch.testing.assert_close(_logits(loaded, ids, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_export_peft_fused_qv_projection_is_exact(tmp_path, use_rslora):
+    """GPT-2's c_attn with LoRA on q and v only becomes a rank-2r PEFT LoRA with zero k rows."""
+    base = tiny_gpt2()
+    model = lora.inject(copy.deepcopy(base), ["c_attn"], r=2, lora_alpha=8, use_rslora=use_rslora,
+                        enable_lora=[True, False, True])
+    randomise_lora(model)
+    ids, mask = token_batch()
+    expected = _logits(model, ids, mask)
+    lora.export_peft(model, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(cfg["rank_pattern"].values()) == {4} and cfg["fan_in_fan_out"] is True
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft"))
+    torch.testing.assert_close(_logits(loaded, ids, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_import_peft_adapter_with_head_and_embedding(tmp_path):
+    base = tiny_roberta()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, lora_alpha=6, target_modules=["query", "value", "word_embeddings"], modules_to_save=["classifier"],
+        rank_pattern={"value": 3}, alpha_pattern={"value": 9}, task_type="SEQ_CLS"))
+    randomise_lora(theirs)
+    with torch.no_grad():
+        for p in theirs.base_model.model.classifier.parameters():
+            p.add_(0.5)
+    ids, mask = token_batch()
+    expected = _logits(theirs, ids, mask)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+
+    ours = lora.import_peft(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(_logits(ours, ids, mask), expected, rtol=1e-5, atol=1e-5)
+    value = ours.roberta.encoder.layer[0].attention.self.value
+    assert value.r == 3 and value.scaling == pytest.approx(3.0)
+    assert ours.classifier.out_proj.weight.requires_grad
+
+
+def test_peft_round_trip_through_both_formats(tmp_path):
+    base = tiny_gpt2()
+    model = lora.inject(copy.deepcopy(base), ["c_attn", "c_proj"], r=2, lora_alpha=4)
+    randomise_lora(model)
+    ids, mask = token_batch()
+    expected = _logits(model, ids, mask)
+    lora.export_peft(model, tmp_path / "p")
+    back = lora.import_peft(copy.deepcopy(base), tmp_path / "p")
+    torch.testing.assert_close(_logits(back, ids, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_with_wrong_shapes_names_file_and_key(tmp_path):
+    model = lora.inject(tiny_roberta(), ["query"], r=2)
+    lora.save_adapter(model, tmp_path / "ad")
+    other = lora.inject(tiny_roberta(), ["query"], r=4)
+    with pytest.raises(lora.AdapterError, match=r"adapter.safetensors: key 'roberta.*query.lora_A' has shape \(2, 16\)"):
+        lora.load_adapter(other, tmp_path / "ad")
+
+
+def test_adapter_for_another_model_names_the_key(tmp_path):
+    model = lora.inject(tiny_roberta(), ["query"], r=2)
+    lora.save_adapter(model, tmp_path / "ad")
+    tensors = load_file(str(tmp_path / "ad" / "adapter.safetensors"))
+    tensors["transformer.h.0.attn.c_attn.lora_A"] = torch.zeros(2, 16)
+    save_file(tensors, str(tmp_path / "ad" / "adapter.safetensors"))
+    with pytest.raises(lora.AdapterError, match="c_attn.lora_A' is not in the model"):
+        lora.load_adapter(lora.inject(tiny_roberta(), ["query"], r=2), tmp_path / "ad")
+
+
+def test_peft_adapter_with_wrong_shapes_is_refused(tmp_path):
+    base = tiny_roberta()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key] = torch.zeros(99, 2)
+    save_file(tensors, str(tmp_path / "peft" / "adapter_model.safetensors"))
+    with pytest.raises(lora.AdapterError, match=r"lora_B has shape \(99, 2\)"):
+        lora.import_peft(copy.deepcopy(base), tmp_path / "peft")
+
+
+def test_missing_or_foreign_config_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lora.load_adapter(tiny_roberta(), tmp_path / "nothing")
+    base = tiny_roberta()
+    peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query"])).save_pretrained(str(tmp_path / "p"))
+    with pytest.raises(lora.AdapterError, match="looks like a PEFT adapter"):
+        lora.load_adapter(tiny_roberta(), tmp_path / "p")
