@@ -226,7 +226,8 @@ class Linear(nn.Linear, LoRALayer):
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The low-rank path alone: (..., in) -> (..., out), never forming B A."""
         x = self.lora_dropout(x.to(self.lora_A.dtype))
-        return (x @ self.lora_A.transpose(0, 1) @ self.lora_B.transpose(0, 1)) * self.scaling
+        # scaling applied to the small (r, out) factor instead of the (..., out) result
+        return (x @ self.lora_A.transpose(0, 1)) @ (self.lora_B.transpose(0, 1) * self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
@@ -242,8 +243,9 @@ class MergedLinear(nn.Linear, LoRALayer):
     The output is split into len(enable_lora) equal chunks of out_g = out / len(enable_lora) rows;
     chunk g, if enabled, gets its own B_g A_g. Shapes with n = sum(enable_lora) enabled chunks:
     lora_A (r * n, in) = [A_1; ...; A_n], lora_B (out_g * n, r) = [B_1; ...; B_n].
-    The unmerged forward computes x A_g^T B_g^T per chunk (a batched matmul over the n chunks) and adds
-    the (..., out_g * n) result into the enabled output columns with one index_add.
+    The unmerged forward computes x A_g^T B_g^T for all chunks with two small matmuls (see lora_forward)
+    and adds the result into the enabled output columns; no dense delta-W is ever formed, and the backward
+    is written by hand (_FusedChunkLoRA) so that it keeps no more than a plain linear layer would.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
@@ -262,6 +264,7 @@ class MergedLinear(nn.Linear, LoRALayer):
         self.fan_in_fan_out = fan_in_fan_out
         self.chunk_size = out_features // len(enable_lora)
         self.n_enabled = sum(enable_lora)
+        self.column_runs = self._column_runs()
         if r > 0 and self.n_enabled > 0:
             self.lora_A = nn.Parameter(self.weight.new_zeros((r * self.n_enabled, in_features)))
             self.lora_B = nn.Parameter(self.weight.new_zeros((self.chunk_size * self.n_enabled, r)))
@@ -319,19 +322,93 @@ class MergedLinear(nn.Linear, LoRALayer):
         return self
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., out_g * n): the enabled chunks' low-rank outputs, side by side."""
-        A, B = self._chunked_factors()
+        """(..., in) -> (..., out_g * n): the enabled chunks' low-rank outputs, side by side.
+
+        x A^T gives every chunk's r coordinates at once, (..., n r); one matmul with the block-diagonal
+        diag(B_1, ..., B_n)^T (n r, n out_g), built from the small factors, maps each chunk's coordinates
+        to its own outputs. The scaling is folded into that small matrix rather than the big output."""
         x = self.lora_dropout(x.to(self.lora_A.dtype))
-        after_A = (x @ self.lora_A.transpose(0, 1)).unflatten(-1, (self.n_enabled, self.r))  # (..., n, r)
-        after_B = torch.einsum("...nr,nor->...no", after_A, B)  # (..., n, out_g)
-        return after_B.flatten(-2) * self.scaling
+        return (x @ self.lora_A.transpose(0, 1)) @ self._scaled_blocks()
+
+    def _scaled_blocks(self) -> torch.Tensor:
+        """diag(B_1, ..., B_n)^T * scaling, (n r, n out_g)."""
+        blocks = torch.block_diag(*self.lora_B.view(self.n_enabled, self.chunk_size, self.r).unbind(0))
+        return blocks.transpose(0, 1) * self.scaling
+
+    def _column_runs(self):
+        """(out_start, lora_start, width) for each run of consecutive enabled chunks."""
+        runs, lora_start = [], 0
+        for g, on in enumerate(self.enable_lora):
+            if not on:
+                continue
+            if runs and runs[-1][0] + runs[-1][2] == g * self.chunk_size:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + self.chunk_size)
+            else:
+                runs.append((g * self.chunk_size, lora_start, self.chunk_size))
+            lora_start += self.chunk_size
+        return runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
-        if self.has_lora and not self.merged:
-            lora_out = self.lora_forward(x).to(result.dtype)
-            result.index_add_(-1, self.lora_columns, lora_out)
+        if not self.has_lora or self.merged:
+            return F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
+        x_lora = self.lora_dropout(x.to(self.lora_A.dtype))
+        return _FusedChunkLoRA.apply(x, x_lora, self.weight, self.bias, self.lora_A, self._scaled_blocks(),
+                                     self.column_runs, self.fan_in_fan_out)
+
+
+class _FusedChunkLoRA(torch.autograd.Function):
+    """y = x W^T + b, plus (x_lora A^T) Bs in the enabled column runs, with a hand-written backward.
+
+    Autograd through in-place slice adds would clone the whole (..., out) gradient once per run, and
+    index_add would keep a copy of the low-rank output; this keeps only x_lora, x A^T (..., n r) and the
+    weights, as an unadapted linear layer plus a rank-n r one would. Shapes: x, x_lora (..., in);
+    weight (out, in) or (in, out) with fan_in_fan_out; lora_A (n r, in); Bs (n r, n out_g).
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, lora_A, Bs, runs, fan_in_fan_out):
+        result = F.linear(x, _transpose_if(weight, fan_in_fan_out), bias=bias)
+        after_A = x_lora @ lora_A.transpose(0, 1)
+        # accumulate each run straight into its columns of the output (no (..., n out_g) temporary)
+        result2, a2 = result.view(-1, result.shape[-1]), after_A.reshape(-1, after_A.shape[-1]).to(result.dtype)
+        for out_start, lora_start, width in runs:
+            result2[:, out_start:out_start + width].addmm_(a2, Bs[:, lora_start:lora_start + width].to(result.dtype))
+        ctx.runs, ctx.fan_in_fan_out = runs, fan_in_fan_out
+        ctx.shared_input = x_lora is x  # no dropout: both paths' input gradients go into one tensor
+        ctx.weight_needs_grad = weight.requires_grad
+        ctx.save_for_backward(x if weight.requires_grad else None, x_lora, weight, after_A, lora_A, Bs)
+        ctx.has_bias = bias is not None
         return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, x_lora, weight, after_A, lora_A, Bs = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad_after_A = g2.new_zeros((g2.shape[0], after_A.shape[-1]))
+        grad_Bs = torch.zeros_like(Bs) if needs[5] else None
+        a2 = after_A.reshape(-1, after_A.shape[-1])
+        for out_start, lora_start, width in ctx.runs:
+            g_run = g2[:, out_start:out_start + width]  # a strided view, no copy
+            grad_after_A += g_run.to(Bs.dtype) @ Bs[:, lora_start:lora_start + width].transpose(0, 1)
+            if grad_Bs is not None:
+                grad_Bs[:, lora_start:lora_start + width] = a2.transpose(0, 1) @ g_run.to(Bs.dtype)
+        grad_x = grad_x_lora = grad_w = grad_b = grad_A = None
+        if needs[1]:
+            grad_x_lora = (grad_after_A @ lora_A).view(x_lora.shape)
+        if needs[0]:
+            grad_x = grad @ weight.t() if ctx.fan_in_fan_out else grad @ weight
+            if ctx.shared_input and grad_x_lora is not None:
+                grad_x += grad_x_lora
+                grad_x_lora = None
+        if needs[2]:
+            x2 = x.reshape(-1, x.shape[-1])
+            grad_w = x2.transpose(0, 1) @ g2 if ctx.fan_in_fan_out else g2.transpose(0, 1) @ x2
+        if ctx.has_bias and needs[3]:
+            grad_b = g2.sum(0)
+        if needs[4]:
+            grad_A = grad_after_A.transpose(0, 1) @ x_lora.reshape(-1, x_lora.shape[-1])
+        return grad_x, grad_x_lora, grad_w, grad_b, grad_A, grad_Bs, None, None
 
 
 class ConvLoRA(nn.Module, LoRALayer):
