@@ -1,0 +1,33 @@
+"""The `loralib` command.
+
+    loralib download-model NAME [--dest-root models] [--revision REV]   fetch a hub model into models/NAME
+    loralib demo [--epochs N] [--rank R]                                 the offline digits demo
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+COMMANDS = {
+    "download-model": ("loralib.models.hub", "fetch a Hugging Face hub model into models/NAME"),
+    "demo": ("loralib.demo", "the offline digits demo (make demo)"),
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: loralib COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    import importlib
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    result = module.main(argv[1:])
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
