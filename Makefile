@@ -9,11 +9,22 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test venv bench clean
 
-$(STAMP): requirements.txt pyproject.toml
+DEEPSPEED   := deepspeed==0.19.8
+WORDNET_DIR := /usr/share/wordnet
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	# DeepSpeed ships as source: build it against the torch above, with no CUDA ops (CPU machines).
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-deps --no-build-isolation $(DEEPSPEED)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# WordNet (Debian's packages) is real English text for the offline GLUE-format and data-to-text tasks.
+$(WORDNET_DIR):
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wordnet-base wordnet-sense-index; \
+	else echo "WordNet missing: apt-get install wordnet-base wordnet-sense-index (as root)"; fi
 
 venv: $(STAMP)
 
@@ -23,10 +34,10 @@ $(MS_LORALIB):
 	mkdir -p $(CACHE)/wheels
 	$(PY) -m pip download -q --no-deps loralib==0.1.2 -d $(CACHE)/wheels
 
-demo: $(STAMP)
+demo: $(STAMP) $(WORDNET_DIR)
 	$(PY) -m loralib.demo
 
-test: $(STAMP) $(MS_LORALIB)
+test: $(STAMP) $(MS_LORALIB) $(WORDNET_DIR)
 	LORALIB_REFERENCE_WHEEL=$(MS_LORALIB) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP) $(MS_LORALIB)
