@@ -83,15 +83,18 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> in
     return sum(storages.values())
 
 
-def time_it(fn, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
+def interleaved_times(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each function, calling them in turn each round, so that a change in
+    machine load during the run affects all of them alike."""
+    for fn in fns.values():
+        fn(), fn()
+    samples = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
 def _status_kib(field: str) -> int:
@@ -133,13 +136,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={D}, r={R}, batch {BATCH} x {SEQ}, fp32\n")
     x = torch.randn(BATCH, SEQ, D, requires_grad=True)
     grad_out = torch.randn(BATCH, SEQ, 3 * D)
-    rows = {}
-    for kind in ("ours", "microsoft", "peft"):
-        layer = build(kind)
+    layers = {kind: build(kind) for kind in ("ours", "microsoft", "peft")}
+    for layer in layers.values():
         layer.train()
-        rows[kind] = dict(time=time_it(lambda: step(layer, x, grad_out), args.repeats),
-                         saved=saved_bytes(layer, x, grad_out),
-                          rss=peak_rss(kind))
+    steps = {kind: (lambda layer=layer: step(layer, x, grad_out)) for kind, layer in layers.items()}
+    times = interleaved_times(steps, args.repeats)
+    rows = {kind: dict(time=times[kind], saved=saved_bytes(layer, x, grad_out), rss=peak_rss(kind))
+            for kind, layer in layers.items()}
     print("| layer (train step) | fwd+bwd ms | vs microsoft | vs PEFT | saved for backward MiB | peak RSS growth MiB |")
     print("|---|---|---|---|---|---|")
     for kind, row in rows.items():
@@ -150,8 +153,8 @@ def main() -> None:
     ours, plain = build("ours").eval(), build("plain").eval()
     xi = torch.randn(BATCH, SEQ, D)
     with torch.no_grad():
-        t_ours = time_it(lambda: ours(xi), args.repeats)
-        t_plain = time_it(lambda: plain(xi), args.repeats)
+        t = interleaved_times({"ours": lambda: ours(xi), "plain": lambda: plain(xi)}, args.repeats)
+    t_ours, t_plain = t["ours"], t["plain"]
     print(f"\n| inference | ms | ratio |\n|---|---|---|\n| nn.Linear | {t_plain * 1e3:.1f} | 1.00x |\n"
           f"| ours, merged | {t_ours * 1e3:.1f} | {t_ours / t_plain:.3f}x |")
 

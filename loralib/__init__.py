@@ -11,3 +11,8 @@ from .config import LoRAConfig, make_linear, register_method, target_matches
 __version__ = "0.2.0"
 from .inject import inject
 from .adapters import AdapterError, export_peft, import_peft, load_adapter, save_adapter
+# Importing the method modules registers their layer types ("adalora", "lora2") with LoRAConfig.
+from .adalora import (RankAllocator, SVDLinear, adalora_state, apply_rank_pattern, compute_orth_regu, rank_adaptive_layers,
+                      rank_pattern, trim_ranks)
+from .lora2 import LoRA2Linear, LoRA2RankAllocator, compute_lora2_orth_regu, lora2_layers, sensitivity_counts
+from .optim import LoRAProAdamW, LoRAProSGD, apply_swapped_init, create_loraplus_optimizer

@@ -35,6 +35,11 @@ def _check_hparams(r, lora_alpha, lora_dropout) -> None:
         raise ValueError(f"lora_dropout must lie in [0, 1), got lora_dropout={lora_dropout!r}")
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in at least fp32 (bf16/fp16 -> fp32, fp64 stays fp64): the precision merging is done in."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     """alpha / r for LoRA, alpha / sqrt(r) for rsLoRA (Kalajdzievski, 2023)."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -65,7 +70,7 @@ class LoRALayer:
             return
         if self.has_lora:
             weight = self._base_weight()
-            weight.data = (weight.data.float() + self.delta_weight()).to(weight.dtype)
+            weight.data = (_wide(weight.data) + self.delta_weight()).to(weight.dtype)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -74,7 +79,7 @@ class LoRALayer:
             return
         if self.has_lora:
             weight = self._base_weight()
-            weight.data = (weight.data.float() - self.delta_weight()).to(weight.dtype)
+            weight.data = (_wide(weight.data) - self.delta_weight()).to(weight.dtype)
         self.merged = False
 
     def rebuild_buffers(self) -> None:
@@ -102,7 +107,7 @@ class LoRALayer:
             key = prefix + weight_key
             if module.merged and module.has_lora and key in state_dict:
                 w = module._base_weight()
-                state_dict[key] = (w.detach().float() - module.delta_weight()).to(w.dtype)
+                state_dict[key] = (_wide(w.detach()) - module.delta_weight()).to(w.dtype)
 
         def load_pre_hook(module, state_dict, prefix, *args):
             module._remerge_after_load = module.merged
@@ -158,8 +163,8 @@ class Embedding(nn.Embedding, LoRALayer):
         return self.weight
 
     def delta_weight(self) -> torch.Tensor:
-        """(num_embeddings, embedding_dim) in fp32."""
-        return (self.lora_B.float() @ self.lora_A.float()).transpose(0, 1) * self.scaling
+        """(num_embeddings, embedding_dim), in fp32 (fp64 for fp64 factors)."""
+        return (_wide(self.lora_B) @ _wide(self.lora_A)).transpose(0, 1) * self.scaling
 
     def train(self, mode: bool = True):
         nn.Embedding.train(self, mode)
@@ -216,7 +221,7 @@ class Linear(nn.Linear, LoRALayer):
 
     def delta_weight(self) -> torch.Tensor:
         """B A * scaling in fp32, laid out like `weight` ((in, out) when fan_in_fan_out)."""
-        return _transpose_if(self.lora_B.float() @ self.lora_A.float(), self.fan_in_fan_out) * self.scaling
+        return _transpose_if(_wide(self.lora_B) @ _wide(self.lora_A), self.fan_in_fan_out) * self.scaling
 
     def train(self, mode: bool = True):
         nn.Linear.train(self, mode)
@@ -311,7 +316,7 @@ class MergedLinear(nn.Linear, LoRALayer):
     def delta_weight(self) -> torch.Tensor:
         """Zero-padded B_g A_g * scaling, (out, in) in fp32, or (in, out) with fan_in_fan_out."""
         A, B = self._chunked_factors()
-        per_chunk = torch.bmm(B.float(), A.float()).reshape(-1, self.in_features)  # (out_g * n, in)
+        per_chunk = torch.bmm(_wide(B), _wide(A)).reshape(-1, self.in_features)  # (out_g * n, in)
         delta = per_chunk.new_zeros((self.out_features, self.in_features))
         delta.index_copy_(0, self.lora_columns, per_chunk)
         return _transpose_if(delta, self.fan_in_fan_out) * self.scaling
@@ -466,7 +471,7 @@ class ConvLoRA(nn.Module, LoRALayer):
         return self.conv.weight
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.float() @ self.lora_A.float()).view(self.conv.weight.shape) * self.scaling
+        return (_wide(self.lora_B) @ _wide(self.lora_A)).view(self.conv.weight.shape) * self.scaling
 
     def train(self, mode: bool = True):
         nn.Module.train(self, mode)

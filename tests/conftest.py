@@ -35,6 +35,10 @@ def ms_loralib(tmp_path_factory):
         sys.path.remove(str(root))
 
 
+# The tests use tiny models: one thread avoids thread-pool overhead that dominates on a loaded 2-core machine.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -194,3 +194,13 @@ def test_merged_linear_gradients_match_autograd_of_the_math(enable, fan_in_fan_o
     ((x2 @ W_eff.T + b) * upstream).sum().backward()
     for got, want in zip(ours, [x2.grad] + [p.grad for p in params]):
         torch.testing.assert_close(got, want)
+
+
+def test_merge_keeps_fp64_precision():
+    layer = lora.Linear(16, 16, r=4).double()
+    _random_B(layer)
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    torch.testing.assert_close(layer.weight, w0 + layer.lora_B @ layer.lora_A * layer.scaling, rtol=0, atol=1e-14)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-14)

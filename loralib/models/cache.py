@@ -18,15 +18,21 @@ class KVCache:
     A model's attention calls `update(layer_idx, k_new, v_new)` with (B, H, T_new, D) tensors and gets
     back the (B, H, seq_len + T_new, D) views to attend over. After the last layer the model calls
     `advance(T_new)`. Beam search calls `reorder(index)` to follow the surviving beams.
+    `n_layers` may be left out (the generation loop does not know it): layers are added as they come.
     """
 
-    def __init__(self, n_layers: int):
-        self.n_layers = n_layers
-        self._k: List[Optional[torch.Tensor]] = [None] * n_layers
-        self._v: List[Optional[torch.Tensor]] = [None] * n_layers
+    def __init__(self, n_layers: Optional[int] = None):
+        self.n_layers = n_layers or 0
+        self._k: List[Optional[torch.Tensor]] = [None] * self.n_layers
+        self._v: List[Optional[torch.Tensor]] = [None] * self.n_layers
         self.seq_len = 0
 
     def update(self, layer_idx: int, k_new: torch.Tensor, v_new: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx >= self.n_layers:
+            grow = layer_idx + 1 - self.n_layers
+            self._k += [None] * grow
+            self._v += [None] * grow
+            self.n_layers = layer_idx + 1
         start, end = self.seq_len, self.seq_len + k_new.shape[2]
         k_buf, v_buf = self._k[layer_idx], self._v[layer_idx]
         if k_buf is None or k_buf.shape[2] < end:

@@ -40,6 +40,10 @@ _ACTIVATIONS = {
     "swish": F.silu,
 }
 
+# Old checkpoints carry each layer's causal mask as buffers `h.N.attn.bias` / `h.N.attn.masked_bias`;
+# we build masks on the fly, so the loader skips those keys (regexes matched against the whole key).
+IGNORED_CHECKPOINT_KEYS = (r"(.*\.)?h\.\d+\.attn\.(masked_)?bias",)
+
 # Hugging Face names for the same fields (GPT2Config.attribute_map); a config.json may use either.
 _ALIASES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
             "n_positions": "max_position_embeddings"}
@@ -170,9 +174,8 @@ class GPT2Attention(nn.Module):
         self.upcast = config.reorder_and_upcast_attn
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
-        # Old checkpoints carry the causal mask as buffers `attn.bias` / `attn.masked_bias`; we build
-        # masks on the fly, so those keys are dropped on load.
-        self._register_load_state_dict_pre_hook(_drop_mask_buffers)
+        # load_state_dict drops the old mask buffers (IGNORED_CHECKPOINT_KEYS) too.
+        self.register_load_state_dict_pre_hook(_drop_mask_buffers)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], is_causal: bool,
                 cache: Optional[KVCache]) -> torch.Tensor:
@@ -191,7 +194,7 @@ class GPT2Attention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-def _drop_mask_buffers(state_dict, prefix, *args):
+def _drop_mask_buffers(module, state_dict, prefix, *args):
     for name in ("bias", "masked_bias"):
         state_dict.pop(prefix + name, None)
 
@@ -236,6 +239,7 @@ class GPT2Model(nn.Module):
     """
 
     base_model_prefix = "transformer"
+    ignored_checkpoint_keys = IGNORED_CHECKPOINT_KEYS
 
     def __init__(self, config: GPT2Config, lora: Optional[LoRAConfig] = None, prefix: str = ""):
         super().__init__()
@@ -285,6 +289,7 @@ class GPT2LMHeadModel(nn.Module):
     """GPT-2 with the LM head: logits (B, T, V) = ln_f(h) @ wte^T. Keys transformer.*, lm_head.weight."""
 
     base_model_prefix = "transformer"
+    ignored_checkpoint_keys = IGNORED_CHECKPOINT_KEYS
 
     def __init__(self, config: GPT2Config, lora: Optional[LoRAConfig] = None):
         super().__init__()
@@ -303,14 +308,21 @@ class GPT2LMHeadModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, token_type_ids: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, past_key_values: Optional[KVCache] = None,
-                use_cache: bool = False) -> ModelOutput:
-        """logits (B, T, V). With labels (B, T): loss = mean cross-entropy of token t + 1 given tokens
-        <= t, over labels that are not -100."""
+                use_cache: bool = False, logits_to_keep: int = 0) -> ModelOutput:
+        """logits (B, T, V), or (B, logits_to_keep, V) for the last positions only (generation). With
+        labels (B, T): loss = mean cross-entropy of token t + 1 given tokens <= t, skipping -100."""
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep and labels cannot be combined: the loss needs every position")
         out = self.transformer(input_ids, attention_mask, token_type_ids=token_type_ids,
                                position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache)
         h = out.hidden_states
-        logits = self.lm_head(h)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None and torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad):
+            logits, loss = lm_head_with_loss(h, self.lm_head.weight, labels)
+        else:
+            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+            if labels is not None:
+                loss = causal_lm_loss(logits, labels)
         return ModelOutput(logits=logits, loss=loss, past_key_values=out.past_key_values, hidden_states=h)
 
 
@@ -319,7 +331,7 @@ class GPT2ForSequenceClassification(nn.Module):
     score.weight (no bias). num_labels == 1 is regression (MSE)."""
 
     base_model_prefix = "transformer"
-    head_modules = ("score",)  # new, fully trained parameters (not in a pretrained LM checkpoint)
+    ignored_checkpoint_keys = IGNORED_CHECKPOINT_KEYS
 
     def __init__(self, config: GPT2Config, num_labels: Optional[int] = None, lora: Optional[LoRAConfig] = None):
         super().__init__()
@@ -365,6 +377,72 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     (a -100 appended) rather than the logits, so the (B, T, V) logits are not copied."""
     shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
     return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
+
+
+def lm_head_with_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      chunk_rows: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, T, V), loss) as `causal_lm_loss(h @ weight^T, labels)`, for training.
+
+    The plain path keeps fp32 log-probabilities (B T, V) for backward and makes a gradient just as large
+    in it; here the loss's gradient with respect to h (and weight, when it trains) is computed during the
+    forward, `chunk_rows` rows at a time, so only the logits themselves stay alive: for GPT-2 at batch 8 x
+    256 that is 400 MiB instead of 1.2 GiB. Gradients reaching `logits` from another loss still flow.
+    """
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+    loss, logits = _LMHeadLoss.apply(h.flatten(0, 1), weight, shifted.flatten(), chunk_rows)
+    return logits.view(*h.shape[:-1], -1), loss
+
+
+class _LMHeadLoss(torch.autograd.Function):
+    """loss = mean over targets != -100 of -log softmax(z_n)[target_n], z = h W^T; returns (loss, z).
+
+    d loss / d z_n = (softmax(z_n) - onehot(target_n)) / n_valid, so the forward folds each row chunk's
+    gradient into dh = dz W and dW = dz^T h and keeps those; backward scales them by the incoming
+    gradient. Shapes: h (N, C), weight (V, C), targets (N,).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows):
+        ctx.set_materialize_grads(False)
+        logits = h @ weight.t()  # (N, V)
+        valid = targets != -100
+        n_valid = valid.sum()
+        row_scale = valid / n_valid.clamp(min=1)  # a row's share of the mean; 0 for ignored rows
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk_rows):
+            rows = slice(s, s + chunk_rows)
+            log_p = F.log_softmax(logits[rows].float(), dim=-1)  # (n, V), a new fp32 tensor
+            target = targets[rows].clamp(min=0).unsqueeze(1)
+            total -= (log_p.gather(1, target).squeeze(1) * valid[rows]).sum()
+            if need_h or need_w:
+                dz = log_p.exp_()  # softmax, in place
+                dz.scatter_add_(1, target, -torch.ones_like(target, dtype=dz.dtype))
+                dz = dz.mul_(row_scale[rows].unsqueeze(1)).to(weight.dtype)
+                if need_h:
+                    grad_h[rows] = dz @ weight
+                if need_w:
+                    grad_w.addmm_(dz.t().float(), h[rows].float())
+        ctx.save_for_backward(h, weight, grad_h, grad_w)
+        return total / n_valid, logits
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logits):
+        h, weight, grad_h, grad_w = ctx.saved_tensors
+        dh = dw = None
+        if grad_loss is not None:
+            dh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+            dw = (grad_w * grad_loss).to(weight.dtype) if grad_w is not None else None
+        if grad_logits is not None:  # the logits were used by another loss as well
+            if ctx.needs_input_grad[0]:
+                extra = grad_logits @ weight
+                dh = extra if dh is None else dh + extra
+            if ctx.needs_input_grad[1]:
+                extra = grad_logits.t() @ h
+                dw = extra if dw is None else dw + extra
+        return dh, dw, None, None
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

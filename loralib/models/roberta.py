@@ -43,7 +43,7 @@ def activation(name: str, key: str = "hidden_act"):
     return ACTIVATIONS[name]
 
 
-def _require(d: dict, key: str):
+def require_key(d: dict, key: str):
     if key not in d:
         raise ValueError(f"config.json: required key {key!r} is missing")
     return d[key]
@@ -63,6 +63,10 @@ def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> 
     if logits.shape[-1] == 1:
         return F.mse_loss(logits.squeeze(-1).float(), labels.view(-1).float())
     return F.cross_entropy(logits.float(), labels.view(-1).long(), ignore_index=-100)
+
+
+# Checkpoint keys the loader drops silently: the position-id buffer older checkpoints saved.
+IGNORED_CHECKPOINT_KEYS = (r"(\w+\.)?embeddings\.position_ids",)
 
 
 def reject_cache(past_key_values, use_cache: bool) -> None:
@@ -98,6 +102,8 @@ class RobertaConfig:
     def __post_init__(self):
         if self.model_type not in ("roberta", "bert"):
             raise ValueError(f"config.json: model_type={self.model_type!r}; this file builds 'roberta' and 'bert'")
+        if self.positions_after_padding and self.pad_token_id is None:
+            raise ValueError("config.json: pad_token_id is null; RoBERTa's positions count from it")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"config.json: hidden_size={self.hidden_size} is not a multiple of "
                              f"num_attention_heads={self.num_attention_heads}")
@@ -109,20 +115,21 @@ class RobertaConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> "RobertaConfig":
-        model_type = _require(d, "model_type")
+        model_type = require_key(d, "model_type")
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"config.json: position_embedding_type={d['position_embedding_type']!r} "
                              "is not supported (only 'absolute')")
         if d.get("is_decoder") or d.get("add_cross_attention"):
             raise ValueError("config.json: is_decoder / add_cross_attention: only the encoder is supported")
-        cls_dropout = d.get("classifier_dropout", d.get("cls_dropout"))
+        # cls_dropout (the GLUE scripts' flag) wins over transformers' classifier_dropout when both are set.
+        cls_dropout = d["cls_dropout"] if d.get("cls_dropout") is not None else d.get("classifier_dropout")
         return cls(
             model_type=model_type,
-            vocab_size=_require(d, "vocab_size"),
-            hidden_size=_require(d, "hidden_size"),
-            num_hidden_layers=_require(d, "num_hidden_layers"),
-            num_attention_heads=_require(d, "num_attention_heads"),
-            intermediate_size=_require(d, "intermediate_size"),
+            vocab_size=require_key(d, "vocab_size"),
+            hidden_size=require_key(d, "hidden_size"),
+            num_hidden_layers=require_key(d, "num_hidden_layers"),
+            num_attention_heads=require_key(d, "num_attention_heads"),
+            intermediate_size=require_key(d, "intermediate_size"),
             max_position_embeddings=d.get("max_position_embeddings", 512),
             type_vocab_size=d.get("type_vocab_size", 2),
             hidden_act=d.get("hidden_act", "gelu"),
@@ -288,6 +295,7 @@ class RobertaModel(nn.Module):
     """
 
     base_model_prefix = "roberta"
+    ignored_checkpoint_keys = IGNORED_CHECKPOINT_KEYS
 
     def __init__(self, cfg: RobertaConfig, lora: Optional[LoRAConfig] = None, path: str = "",
                  add_pooling_layer: bool = True):
@@ -339,6 +347,7 @@ class RobertaForSequenceClassification(nn.Module):
     """Keys: `roberta.embeddings.*`, `roberta.encoder.*`, `classifier.dense.*`, `classifier.out_proj.*`."""
 
     base_model_prefix = "roberta"
+    ignored_checkpoint_keys = IGNORED_CHECKPOINT_KEYS
 
     def __init__(self, cfg: RobertaConfig, lora: Optional[LoRAConfig] = None):
         super().__init__()
@@ -360,6 +369,7 @@ class BertForSequenceClassification(nn.Module):
     logits = classifier(dropout(pooler(h)))."""
 
     base_model_prefix = "bert"
+    ignored_checkpoint_keys = IGNORED_CHECKPOINT_KEYS
 
     def __init__(self, cfg: RobertaConfig, lora: Optional[LoRAConfig] = None):
         super().__init__()

@@ -1,0 +1,308 @@
+"""Generation for any of our causal LMs: greedy, sampling (temperature, top-k, top-p) and beam search,
+batched with left padding, on a KV cache.
+
+The model only needs the shared interface: `model(input_ids=..., attention_mask=..., past_key_values=...,
+use_cache=True)` returning a ModelOutput with `logits` (B, T, vocab) and `past_key_values` (a KVCache).
+Position ids are the model's business (derived from the attention mask). If its forward takes
+`logits_to_keep`, only the last position's logits are computed.
+
+The decoding rules follow transformers' `generate`, so outputs are token-identical to it:
+- scores are processed in this order: repetition penalty (the prompt counts, left padding does not),
+  no-repeat-n-gram ban (the prompt counts), then, when sampling, temperature, top-k and top-p;
+- a row that produced an eos token is padded with pad_token_id from then on;
+- beam search keeps, per input, the best `num_beams` running beams and the best `num_beams` finished
+  ones, a finished beam scoring sum(log p) / (new tokens, eos included) ** length_penalty; it stops when
+  no running beam can beat the worst finished one (early_stopping=False: judged at the current length;
+  True: as soon as num_beams beams finished; "never": judged at the longest reachable length).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import KVCache
+
+_NEG = -1.0e9  # "not a candidate" score, far below any sum of log-probabilities
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, num_beams: int = 1, length_penalty: float = 1.0,
+             no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
+             eos_token_id: Union[None, int, Sequence[int]] = None, pad_token_id: Optional[int] = None,
+             generator: Optional[torch.Generator] = None,
+             early_stopping: Union[bool, str] = False) -> torch.Tensor:
+    """Continue each row of input_ids (B, T), left-padded with attention_mask (B, T) 1/0.
+
+    Returns (B, T + n) token ids: the prompt as given followed by up to max_new_tokens new tokens; rows
+    that stopped early (an eos id) are filled with pad_token_id (default: the first eos id). With
+    num_beams > 1, the best beam of each row. `generator` drives sampling (reproducible with a seed).
+    The model's train/eval mode is left as it is: call model.eval() first for deterministic dropout.
+    """
+    eos = _as_id_list(eos_token_id, "eos_token_id")
+    _check_args(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
+                no_repeat_ngram_size, repetition_penalty, early_stopping)
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    decoder = _Decoder(model, input_ids.device, eos, repetition_penalty, no_repeat_ngram_size)
+    sampling = (temperature, top_k, top_p) if do_sample else None
+    if max_new_tokens == 0:
+        return input_ids.clone()
+    if num_beams == 1:
+        return _sample_or_greedy(decoder, input_ids, attention_mask.long(), max_new_tokens, sampling,
+                                 pad_token_id, generator)
+    return _beam_search(decoder, input_ids, attention_mask.long(), max_new_tokens, num_beams, length_penalty,
+                        early_stopping, sampling, pad_token_id, generator)
+
+
+def _as_id_list(ids, name: str) -> List[int]:
+    if ids is None:
+        return []
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    if not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise ValueError(f"{name} must be a non-negative int or a list of them, got {ids!r}")
+    return ids
+
+
+def _check_args(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
+                no_repeat_ngram_size, repetition_penalty, early_stopping) -> None:
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, length>0), got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                             f"{tuple(input_ids.shape)}")
+        if not bool(attention_mask[:, -1].all()):
+            rows = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+            raise ValueError(f"attention_mask: rows {rows} end in padding; pad prompts on the left for generation")
+    checks = [
+        (isinstance(max_new_tokens, int) and max_new_tokens >= 0, "max_new_tokens", max_new_tokens),
+        (isinstance(num_beams, int) and num_beams >= 1, "num_beams", num_beams),
+        (isinstance(top_k, int) and top_k >= 0, "top_k", top_k),
+        (0.0 < top_p <= 1.0, "top_p", top_p),
+        (not do_sample or temperature > 0.0, "temperature", temperature),
+        (isinstance(no_repeat_ngram_size, int) and no_repeat_ngram_size >= 0, "no_repeat_ngram_size",
+         no_repeat_ngram_size),
+        (repetition_penalty > 0.0, "repetition_penalty", repetition_penalty),
+        (early_stopping in (True, False, "never"), "early_stopping", early_stopping),
+    ]
+    for ok, name, value in checks:
+        if not ok:
+            raise ValueError(f"generate: invalid {name}={value!r}")
+
+
+class _Decoder:
+    """One forward step on the cache, and the score processing shared by every strategy."""
+
+    def __init__(self, model, device, eos: List[int], repetition_penalty: float, ngram: int):
+        self.model = model
+        self.eos = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
+        self.repetition_penalty = repetition_penalty
+        self.ngram = ngram
+        try:
+            self.last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            self.last_only = False
+        self.cache = KVCache()
+
+    def next_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) new tokens, (B, S) mask over cached + new -> (B, vocab) fp32 logits of the last position."""
+        extra = {"logits_to_keep": 1} if self.last_only else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=self.cache,
+                         use_cache=True, **extra)
+        if out.past_key_values is not None:
+            self.cache = out.past_key_values
+        return out.logits[:, -1].float()
+
+    def process(self, sequences: torch.Tensor, scores: torch.Tensor, prompt_start: torch.Tensor) -> torch.Tensor:
+        """Penalise repeats and ban repeated n-grams. sequences (R, L) so far; scores (R, vocab);
+        prompt_start (R,) index of each row's first real token (left padding is not text)."""
+        if self.repetition_penalty != 1.0:
+            scores = repetition_penalty(sequences, scores, self.repetition_penalty, prompt_start)
+        if self.ngram > 0:
+            scores = ban_repeated_ngrams(sequences, scores, self.ngram)
+        return scores
+
+    def is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.eos is None:
+            return torch.zeros_like(tokens, dtype=torch.bool)
+        return torch.isin(tokens, self.eos)
+
+
+# -- score processors ---------------------------------------------------------------------------------
+
+def repetition_penalty(sequences: torch.Tensor, scores: torch.Tensor, penalty: float,
+                       prompt_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al., 2019) on every token already in the row: a positive score is divided
+    by `penalty`, a negative one multiplied (so the token always becomes less likely)."""
+    R, V = scores.shape
+    ids = sequences.clamp(max=V)  # ids the head cannot emit go to the spare column
+    if prompt_start is not None:  # left padding goes there too
+        ids = ids.masked_fill(torch.arange(ids.shape[1], device=ids.device) < prompt_start[:, None], V)
+    seen = torch.zeros((R, V + 1), dtype=torch.bool, device=scores.device).scatter_(1, ids, True)[:, :V]
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalised, scores)
+
+
+def ban_repeated_ngrams(sequences: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Forbid any token that would complete an n-gram already present in the row (-inf score)."""
+    R, L = sequences.shape
+    V = scores.shape[1]
+    if L < n:
+        return scores
+    if n == 1:
+        banned_ids = sequences.clamp(max=V)
+    else:
+        tail = sequences[:, L - n + 1:]                         # (R, n-1): the n-gram's would-be prefix
+        windows = sequences.unfold(1, n, 1)                      # (R, L-n+1, n): every n-gram so far
+        same_prefix = (windows[..., :-1] == tail[:, None]).all(-1)
+        banned_ids = torch.where(same_prefix, windows[..., -1].clamp(max=V), V)
+    banned = torch.zeros((R, V + 1), dtype=torch.bool, device=scores.device).scatter_(1, banned_ids, True)
+    return scores.masked_fill(banned[:, :V], float("-inf"))
+
+
+def warp_for_sampling(scores: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                      keep_at_least: int = 1) -> torch.Tensor:
+    """Temperature, then top-k (ties at the k-th score kept), then top-p (nucleus: the smallest set of
+    most likely tokens whose probability reaches top_p); filtered tokens get -inf."""
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k > 0:
+        k = min(max(top_k, keep_at_least), scores.shape[-1])
+        kth_best = torch.topk(scores, k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth_best, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = torch.sort(scores, dim=-1)
+        mass_below = ascending.softmax(-1).cumsum(-1)
+        drop = mass_below <= 1 - top_p                          # the unlikely tail holding <= 1 - top_p
+        drop[..., -keep_at_least:] = False
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scores
+
+
+# -- greedy and sampling ------------------------------------------------------------------------------
+
+def _sample_or_greedy(decoder: _Decoder, input_ids, attention_mask, max_new_tokens, sampling, pad_token_id,
+                      generator) -> torch.Tensor:
+    B = input_ids.shape[0]
+    prompt_start = attention_mask.argmax(-1)
+    sequences, mask, step_ids = input_ids, attention_mask, input_ids
+    running = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        scores = decoder.process(sequences, decoder.next_logits(step_ids, mask), prompt_start)
+        if sampling is not None:
+            probs = warp_for_sampling(scores, *sampling).softmax(-1)
+            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            next_ids = scores.argmax(-1)
+        next_ids = torch.where(running, next_ids, pad_token_id)
+        sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones((B, 1))], dim=1)
+        running &= ~decoder.is_eos(next_ids)
+        if decoder.eos is not None and not bool(running.any()):
+            break
+        step_ids = next_ids[:, None]
+    return sequences
+
+
+# -- beam search --------------------------------------------------------------------------------------
+
+def _beam_search(decoder: _Decoder, input_ids, attention_mask, max_new_tokens, K, length_penalty,
+                 early_stopping, sampling, pad_token_id, generator) -> torch.Tensor:
+    """Per input b: K running beams (never ending in eos) and the K best finished beams so far.
+
+    Each step, the running beams' continuations are ranked by total log-probability; the best
+    C = max(2, 1 + #eos) * K are kept so that K of them still run even if many end in eos. Candidates
+    that end (eos, or the length limit) among the first K ranks become finished beams with the
+    length-normalised score; the K best non-ending candidates run on."""
+    B, T = input_ids.shape
+    device = input_ids.device
+    n_eos = 0 if decoder.eos is None else decoder.eos.numel()
+    C = max(2, 1 + n_eos) * K
+    max_len = T + max_new_tokens
+
+    # Prefill once per input, then copy the cache to its K beams.
+    logits = decoder.next_logits(input_ids, attention_mask)
+    beam_rows = torch.arange(B, device=device).repeat_interleave(K)
+    decoder.cache.reorder(beam_rows)
+    logits = logits[beam_rows]
+    mask = attention_mask[beam_rows]                                   # (B*K, T)
+    running = input_ids[beam_rows].view(B, K, T)
+    prompt_start = mask.argmax(-1)
+    # Only beam 0 may extend at the first step, or the K identical beams would pick the same tokens.
+    running_scores = torch.full((B, K), _NEG, device=device)
+    running_scores[:, 0] = 0.0
+
+    finished = torch.full((B, K, max_len), pad_token_id, dtype=torch.long, device=device)
+    finished_scores = torch.full((B, K), _NEG, device=device)
+    finished_len = torch.zeros((B, K), dtype=torch.long, device=device)
+    is_finished = torch.zeros((B, K), dtype=torch.bool, device=device)
+    improvable = torch.ones((B, 1), dtype=torch.bool, device=device)
+    top_ranks = torch.arange(C, device=device) < K                     # (C,)
+
+    for step in range(max_new_tokens):
+        cur_len = T + step
+        flat = running.view(B * K, cur_len)
+        log_probs = decoder.process(flat, F.log_softmax(logits, dim=-1), prompt_start)
+        if sampling is not None:
+            log_probs = warp_for_sampling(log_probs, *sampling, keep_at_least=1 + max(n_eos, 1))
+        V = log_probs.shape[-1]
+        total = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
+
+        if sampling is not None:
+            picked = torch.multinomial(total.softmax(-1), C, generator=generator)
+            cand_scores = total.gather(1, picked)
+        else:
+            cand_scores, picked = torch.topk(total, C, dim=1)           # (B, C), best first
+        cand_beam, cand_token = picked // V, picked % V
+        cand_seqs = torch.cat([running.gather(1, cand_beam[..., None].expand(B, C, cur_len)),
+                               cand_token[..., None]], dim=2)          # (B, C, cur_len + 1)
+        ends = decoder.is_eos(cand_token) | (cur_len + 1 >= max_len)
+
+        # The K best candidates that do not end run on.
+        keep_scores, keep = torch.topk(cand_scores + ends.float() * _NEG, K, dim=1)
+        running = cand_seqs.gather(1, keep[..., None].expand(B, K, cur_len + 1))
+        running_scores = keep_scores
+        source_beam = cand_beam.gather(1, keep)                         # (B, K)
+
+        # Ending candidates among the first K ranks compete for the finished slots.
+        new_len = cur_len + 1 - T
+        eligible = ends & top_ranks & improvable
+        if early_stopping is True:
+            eligible &= ~is_finished.all(dim=1, keepdim=True)
+        final_scores = torch.where(eligible, cand_scores / (new_len ** length_penalty), _NEG)
+        pool_scores = torch.cat([finished_scores, final_scores], dim=1)  # (B, K + C)
+        pool_seqs = torch.cat([finished, F.pad(cand_seqs, (0, max_len - cur_len - 1), value=pad_token_id)], 1)
+        pool_len = torch.cat([finished_len, torch.full((B, C), new_len, device=device)], dim=1)
+        pool_done = torch.cat([is_finished, eligible], dim=1)
+        finished_scores, best = torch.topk(pool_scores, K, dim=1)
+        finished = pool_seqs.gather(1, best[..., None].expand(B, K, max_len))
+        finished_len = pool_len.gather(1, best)
+        is_finished = pool_done.gather(1, best)
+
+        # Can a running beam still beat the worst finished one? (Once not, the input is done.)
+        if early_stopping == "never" and length_penalty > 0.0:
+            best_len = max_new_tokens
+        else:
+            best_len = new_len
+        best_running = running_scores[:, :1] / (best_len ** length_penalty)
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, _NEG)
+        improvable &= (best_running > worst_finished).any(dim=1, keepdim=True)
+
+        all_done = not bool(improvable.any()) or (early_stopping is True and bool(is_finished.all())) \
+            or bool(ends.all())
+        if all_done:
+            break
+        decoder.cache.reorder((source_beam + torch.arange(B, device=device)[:, None] * K).flatten())
+        mask = torch.cat([mask, mask.new_ones((B * K, 1))], dim=1)
+        logits = decoder.next_logits(running[:, :, -1].reshape(B * K, 1), mask)
+
+    out_len = T + int(finished_len[:, 0].max())
+    return finished[:, 0, :out_len]

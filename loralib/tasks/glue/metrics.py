@@ -1,0 +1,121 @@
+"""GLUE metrics in numpy, under the names the GLUE tooling uses.
+
+    task            metrics                          main metric (for picking the best checkpoint)
+    cola            matthews_correlation             matthews_correlation
+    sst2 qnli rte   accuracy                         accuracy
+    wnli wn-lex
+    mrpc qqp        accuracy, f1 (positive class 1)  accuracy
+    wn-pair
+    stsb            pearson, spearmanr               pearson
+    mnli / mnli-mm  accuracy                         accuracy
+
+MNLI matched and mismatched are two evaluations: call compute_metrics("mnli", ...) on the dev_matched
+predictions and compute_metrics("mnli-mm", ...) on the dev_mismatched ones, and report them side by side
+(a trainer prefixes them, e.g. eval_mnli_accuracy and eval_mnli-mm_accuracy).
+
+Degenerate inputs follow scikit-learn / scipy: MCC is 0 when either side is constant, F1 is 0 with no
+positive in predictions nor labels, Pearson/Spearman are nan when either side is constant.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .data import get_task
+
+
+def accuracy(predictions, labels) -> float:
+    p, y = _pair(predictions, labels)
+    return float(np.mean(p == y))
+
+
+def f1_binary(predictions, labels) -> float:
+    """F1 of the positive class 1: 2 tp / (2 tp + fp + fn)."""
+    p, y = _pair(predictions, labels)
+    for name, v in (("predictions", p), ("labels", y)):
+        if not np.isin(v, (0, 1)).all():
+            raise ValueError(f"f1 is binary: {name} hold values other than 0 and 1: {np.unique(v)[:10]}")
+    tp = np.sum((p == 1) & (y == 1))
+    fp = np.sum((p == 1) & (y == 0))
+    fn = np.sum((p == 0) & (y == 1))
+    denominator = 2 * tp + fp + fn
+    return float(2 * tp / denominator) if denominator else 0.0
+
+
+def matthews_corrcoef(predictions, labels) -> float:
+    """Multi-class MCC from the confusion matrix C (rows true, columns predicted), n = sum C:
+    (trace(C) n - t.p) / sqrt((n^2 - p.p)(n^2 - t.t)) with t, p the true / predicted class counts; 0 if undefined."""
+    p, y = _pair(predictions, labels)
+    classes, codes = np.unique(np.concatenate([y, p]), return_inverse=True)
+    y_codes, p_codes = codes[: len(y)], codes[len(y):]
+    k = len(classes)
+    confusion = np.bincount(y_codes * k + p_codes, minlength=k * k).reshape(k, k).astype(np.float64)
+    t, q = confusion.sum(axis=1), confusion.sum(axis=0)
+    n, correct = confusion.sum(), np.trace(confusion)
+    denominator = np.sqrt((n * n - q @ q) * (n * n - t @ t))
+    return float((correct * n - t @ q) / denominator) if denominator else 0.0
+
+
+def pearson(predictions, labels) -> float:
+    x, y = _pair(predictions, labels, dtype=np.float64)
+    xc, yc = x - x.mean(), y - y.mean()
+    denominator = np.sqrt((xc @ xc) * (yc @ yc))
+    if denominator == 0:
+        return float("nan")
+    return float(np.clip((xc @ yc) / denominator, -1.0, 1.0))
+
+
+def spearmanr(predictions, labels) -> float:
+    """Pearson correlation of the ranks, ties sharing their average rank."""
+    x, y = _pair(predictions, labels, dtype=np.float64)
+    return pearson(rank_average(x), rank_average(y))
+
+
+def rank_average(x: np.ndarray) -> np.ndarray:
+    """1-based ranks; tied values all get the mean of the ranks they span."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # start of each run of equal values in sorted order
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    mean_rank = (starts + ends + 1) / 2.0  # mean of the 1-based ranks starts+1 .. ends
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
+
+
+_METRIC_FUNCTIONS = {"accuracy": accuracy, "f1": f1_binary, "matthews_correlation": matthews_corrcoef,
+                     "pearson": pearson, "spearmanr": spearmanr}
+
+
+def compute_metrics(task_name: str, predictions, labels) -> dict[str, float]:
+    """The GLUE metrics of one task. `predictions` are class ids of shape (n,), or logits of shape
+    (n, num_labels) (argmax is taken); for STS-B scores of shape (n,) or (n, 1). `labels` shape (n,)."""
+    task = get_task(task_name)
+    predictions = np.asarray(predictions)
+    labels = np.asarray(labels)
+    if task.is_regression:
+        if predictions.ndim == 2 and predictions.shape[1] == 1:
+            predictions = predictions[:, 0]
+    elif predictions.ndim == 2:
+        predictions = predictions.argmax(axis=1)
+    return {name: _METRIC_FUNCTIONS[name](predictions, labels) for name in task.metrics}
+
+
+def main_metric(task_name: str) -> str:
+    """The metric a best checkpoint is chosen by (the first one GLUE lists for the task)."""
+    return get_task(task_name).metrics[0]
+
+
+def _pair(predictions, labels, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    p, y = np.asarray(predictions), np.asarray(labels)
+    if p.dtype == object or y.dtype == object:
+        raise ValueError("predictions and labels must be numbers (a test split's labels are None: it cannot be scored)")
+    if dtype is not None:
+        p, y = p.astype(dtype), y.astype(dtype)
+    if p.ndim != 1 or y.ndim != 1:
+        raise ValueError(f"predictions and labels must be 1-D, got shapes {p.shape} and {y.shape}")
+    if len(p) != len(y):
+        raise ValueError(f"{len(p)} predictions but {len(y)} labels")
+    if len(p) == 0:
+        raise ValueError("no predictions to score")
+    return p, y

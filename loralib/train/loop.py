@@ -1,0 +1,659 @@
+"""The one training loop of every subproject: no Trainer subclass, methods plug in at named points.
+
+    from loralib.train import TrainConfig, train
+
+    config = TrainConfig(output_dir="runs/mrpc", num_epochs=30, per_device_batch_size=32, lr=4e-4,
+                         schedule="linear", warmup_ratio=0.06, weight_decay=0.1,
+                         eval_strategy="epoch", metric_for_best="accuracy", resume_from=None)
+    result = train(model, train_set, collate_fn, config, eval_fn=lambda m: evaluate(m, dev_set))
+
+`model(**collate_fn([train_set[i], ...]))` returns an object or dict with `.loss` (a scalar);
+`eval_fn(model)` returns a dict of metrics and is called in eval mode (under DDP on every rank; rank 0's
+dict is used). The methods plug in as arguments:
+
+    optimizer_factory=lambda m: create_loraplus_optimizer(m, torch.optim.AdamW, lr=2e-4, loraplus_lr_ratio=16)
+    optimizer_factory=lambda m: LoRAProAdamW(m, lr=2e-5)
+    regularizer=lambda m: compute_orth_regu(m, regu_weight=0.1)          # AdaLoRA, LoRA²
+    allocator=RankAllocator(model, lora_r=8, target_rank=2, ...)          # total_step is filled in if unset
+
+One optimizer step (an accumulation group of n micro-batches, n = grad_accum_steps except at an
+epoch's end):
+
+    for each micro-batch:  loss = model(**batch).loss (+ regularizer(model));  backward(loss / n)
+    clip -> optimizer.step -> scheduler.step -> allocator.update_and_mask(model, step) -> zero_grad
+
+`step` passed to the allocator is the number of optimizer steps completed before this one (0 on the first),
+as in AdaLoRA's released trainer. Several processes: `torchrun --nproc_per_node N script.py` (DDP, gloo on
+CPU), or `deepspeed_config="ds.json"` (deepspeed.initialize; batch size, accumulation, clipping and
+precision are filled in from this config and must not contradict it). Resume: `resume_from="latest"`.
+Callbacks are objects with any of on_train_begin(state), on_before_optimizer_step(state, model,
+optimizer), on_step_end(state, logs), on_evaluate(state, metrics), on_save(state, path),
+on_train_end(state); an exception raised in one stops training (the last checkpoint stays good).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from ..layers import LoRALayer
+from . import checkpoint as ckpt
+from .distributed import (DistContext, ShardedBatches, all_reduce_mean, barrier, broadcast_object,
+                          deepspeed_config, deepspeed_engine, no_sync, setup, wrap_ddp)
+from .schedules import SCHEDULES, build_scheduler, scheduler_factory
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("no", "steps", "epoch")
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs besides the model, the data and the method's plug-ins.
+
+    Steps are optimizer steps. max_steps wins over num_epochs (which may be fractional). Warmup:
+    warmup_steps if > 0, else ceil(warmup_ratio * total steps). max_grad_norm None or 0: no clipping.
+    precision: "fp32"; "bf16" (autocast, on GPU or CPU); "fp16" (autocast + loss scaling, GPU only).
+    eval_strategy / save_strategy: "no" | "steps" (every eval_every / save_every steps) | "epoch";
+    left None they are "steps" when eval_every / save_every is set, else "no" (eval) and "epoch" (save).
+    A final checkpoint is written at the end unless save_strategy is "no"; the final adapter always is.
+    metric_for_best: a key of eval_fn's dict ("accuracy" also finds "eval_accuracy"); greater_is_better
+    defaults to True unless the name ends in "loss". merge_lora_for_eval: let LoRA layers merge in eval
+    mode during in-loop evaluation (faster; but W + BA - BA is not W in floating point, so it perturbs
+    the frozen weights and a resumed run is no longer bit-identical).
+    """
+
+    output_dir: str
+    max_steps: Optional[int] = None
+    num_epochs: Optional[float] = None
+    per_device_batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    precision: str = "fp32"
+    eval_strategy: Optional[str] = None
+    eval_every: Optional[int] = None
+    eval_at_end: bool = True
+    save_strategy: Optional[str] = None
+    save_every: Optional[int] = None
+    save_total_limit: Optional[int] = None
+    save_full_model: bool = False
+    metric_for_best: Optional[str] = None
+    greater_is_better: Optional[bool] = None
+    load_best_at_end: bool = False
+    seed: int = 42
+    drop_last: bool = False
+    num_workers: int = 0
+    log_every: int = 10
+    tensorboard: bool = False
+    progress_bar: bool = True
+    resume_from: Optional[str] = None
+    deepspeed_config: Optional[Union[str, dict]] = None
+    device: Optional[str] = None
+    ddp_find_unused_parameters: bool = False
+    merge_lora_for_eval: bool = False
+
+    def __post_init__(self):
+        def bad(name: str, why: str):
+            raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if not self.output_dir:
+            bad("output_dir", "an output folder is required")
+        if self.max_steps is None and self.num_epochs is None:
+            raise ValueError("TrainConfig: set max_steps or num_epochs (both are unset)")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            bad("max_steps", "must be a positive int")
+        if self.max_steps is None and not self.num_epochs > 0:
+            bad("num_epochs", "must be > 0")
+        for name in ("per_device_batch_size", "grad_accum_steps", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be an int >= 1")
+        if not self.lr >= 0:
+            bad("lr", "must be >= 0")
+        if not self.weight_decay >= 0:
+            bad("weight_decay", "must be >= 0")
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            bad("betas", "must be two numbers in [0, 1)")
+        if not self.eps > 0:
+            bad("eps", "must be > 0")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", f"must be one of {SCHEDULES}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            bad("warmup_steps", "must be an int >= 0")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            bad("warmup_ratio", "must lie in [0, 1]")
+        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
+            bad("max_grad_norm", "must be >= 0 (0 or None: no clipping)")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"must be one of {PRECISIONS}")
+        for kind, every in (("eval", "eval_every"), ("save", "save_every")):
+            value = getattr(self, every)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                bad(every, "must be a positive int")
+            strategy = f"{kind}_strategy"
+            if getattr(self, strategy) is None:
+                setattr(self, strategy, "steps" if value else ("no" if kind == "eval" else "epoch"))
+            if getattr(self, strategy) not in STRATEGIES:
+                bad(strategy, f"must be one of {STRATEGIES}")
+            if getattr(self, strategy) == "steps" and not value:
+                bad(strategy, f"'steps' needs {every}")
+        if self.save_total_limit is not None and (not isinstance(self.save_total_limit, int)
+                                                  or self.save_total_limit < 1):
+            bad("save_total_limit", "must be a positive int or None")
+        if self.greater_is_better is None and self.metric_for_best is not None:
+            self.greater_is_better = not self.metric_for_best.endswith("loss")
+        if self.load_best_at_end and self.metric_for_best is None:
+            bad("load_best_at_end", "needs metric_for_best")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            bad("num_workers", "must be an int >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint (the data position is epoch + micro_in_epoch)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0          # micro-batches of `epoch` this rank has consumed
+    total_steps: int = 0
+    steps_per_epoch: int = 0
+    data_seed: int = 0               # the permutation of epoch e is drawn from seed data_seed + e
+    best_metric: Optional[float] = None
+    best_step: Optional[int] = None
+    last_eval_step: Optional[int] = None
+    last_save_step: Optional[int] = None
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    epoch: float
+    train_loss: Optional[float]      # mean loss of the steps this call ran
+    best_metric: Optional[float]
+    best_step: Optional[int]
+    eval_metrics: Optional[Dict[str, Any]]
+    adapter_dir: Optional[str]
+    best_adapter_dir: Optional[str]
+    last_checkpoint: Optional[str]
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _call(callbacks: Sequence[Any], hook: str, *args) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            fn(*args)
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _loss_of(out) -> torch.Tensor:
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError("model(**batch) returned no loss: the batch must hold the labels and the model must "
+                         "return an object or dict with .loss")
+    return loss
+
+
+def _tokens(batch) -> Tuple[Any, str]:
+    """Amount of work in a batch for the throughput display: tokens when the batch says, else samples."""
+    if isinstance(batch, dict):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            return mask.sum(), "tok"
+        ids = batch.get("input_ids")
+        if isinstance(ids, torch.Tensor):
+            return ids.numel(), "tok"
+        first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        if first is not None and first.dim() > 0:
+            return first.shape[0], "samples"
+    return 0, "samples"
+
+
+def _scalar(value):
+    """A one-element tensor or a numpy scalar as a Python number (JSON-able); anything else as is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if ckpt.np is not None:
+        ckpt.np.random.seed(seed % 2**32)
+
+
+def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def default_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on 1-d ones (biases, norm weights), the
+    split transformers' Trainer makes for the papers' runs."""
+    decay = [p for p in trainable_parameters(model) if p.ndim >= 2]
+    no_decay = [p for p in trainable_parameters(model) if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+
+
+@contextlib.contextmanager
+def _evaluation(model: nn.Module, forward_model: nn.Module, merge: bool):
+    """Eval mode for eval_fn, without touching training: the RNG streams are restored afterwards and,
+    unless merge, LoRA layers stay unmerged so the frozen weights keep their exact values."""
+    saved_rng = ckpt.rng_state()
+    layers = [m for m in model.modules() if isinstance(m, LoRALayer)]
+    saved_merge = [m.merge_weights for m in layers]
+    if not merge:
+        for m in layers:
+            m.merge_weights = False
+    forward_model.eval()
+    try:
+        yield
+    finally:
+        forward_model.train()
+        for m, flag in zip(layers, saved_merge):
+            m.merge_weights = flag
+        ckpt.set_rng_state(saved_rng)
+
+
+class _NoBar:
+    def update(self, n=1): pass
+    def set_postfix(self, **kw): pass
+    def close(self): pass
+    def write(self, message): print(message)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    """tqdm's bar (loss, lr, throughput) on rank 0; tqdm is optional for the core."""
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        logger.warning("tqdm is not installed (pip install tqdm): no progress bar")
+        return _NoBar()
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+
+class _MetricsLog:
+    """metrics.jsonl (rank 0) and, if asked and installed, TensorBoard."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool):
+        self.path = output_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:
+                warnings.warn("TrainConfig.tensorboard=True but the tensorboard package is not installed "
+                              "(pip install tensorboard); logging to metrics.jsonl only", stacklevel=3)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records a crashed run wrote after the checkpoint being resumed."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# -- the loop --------------------------------------------------------------------------------------
+def train(model: nn.Module, train_dataset, collate_fn: Callable, config: TrainConfig,
+          eval_fn: Optional[Callable[[nn.Module], Dict[str, Any]]] = None,
+          optimizer_factory: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None,
+          regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None,
+          allocator=None, callbacks: Optional[Sequence[Any]] = None) -> TrainResult:
+    """Train `model` in place (see the module docstring); returns a TrainResult."""
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"train: config must be a TrainConfig, got {type(config).__name__}")
+    if config.metric_for_best is not None and eval_fn is None:
+        raise ValueError(f"TrainConfig.metric_for_best={config.metric_for_best!r} needs eval_fn")
+    if config.eval_strategy != "no" and eval_fn is None:
+        raise ValueError(f"TrainConfig.eval_strategy={config.eval_strategy!r} needs eval_fn")
+    if allocator is not None and not callable(getattr(allocator, "update_and_mask", None)):
+        raise ValueError(f"train: allocator ({type(allocator).__name__}) has no update_and_mask(model, step)")
+    if allocator is not None and config.deepspeed_config is not None:
+        raise ValueError("train: an allocator with deepspeed_config is not supported: DeepSpeed zeroes the "
+                         "gradients inside engine.step(), before rank allocation can read them; use torchrun (DDP)")
+    callbacks = list(callbacks or [])
+    use_deepspeed = config.deepspeed_config is not None
+
+    wants_cuda = config.device.startswith("cuda") if config.device else torch.cuda.is_available()
+    ctx = setup("cuda" if wants_cuda else "cpu")
+    return _train(model, train_dataset, collate_fn, config, eval_fn, optimizer_factory, regularizer,
+                  allocator, callbacks, ctx, use_deepspeed)
+
+
+def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_factory, regularizer, allocator,
+           callbacks, ctx: DistContext, use_deepspeed: bool) -> TrainResult:
+    if config.device:
+        device = torch.device(config.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", ctx.local_rank)
+    else:
+        device = torch.device("cpu")
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"TrainConfig.precision='fp16' needs a GPU (device is {device}); use 'bf16' or 'fp32'")
+    output_dir = Path(config.output_dir)
+    if ctx.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    sampler = ShardedBatches(len(dataset), config.per_device_batch_size, ctx.world_size, ctx.rank,
+                             seed=config.seed, drop_last=config.drop_last)
+    micro_per_epoch = len(sampler)
+    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum_steps)
+    total_steps = config.max_steps or math.ceil(config.num_epochs * steps_per_epoch)
+    state = TrainState(total_steps=total_steps, steps_per_epoch=steps_per_epoch, data_seed=config.seed)
+
+    resume_path = ckpt.resolve_resume(config.resume_from, output_dir) if config.resume_from else None
+    if resume_path is not None:
+        meta = ckpt.read_meta(resume_path)
+        for key, now in (("world_size", ctx.world_size), ("per_device_batch_size", config.per_device_batch_size),
+                         ("grad_accum_steps", config.grad_accum_steps), ("num_samples", len(dataset)),
+                         ("drop_last", config.drop_last), ("seed", config.seed)):
+            if meta.get(key) != now:
+                raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint was written with {key}="
+                                 f"{meta.get(key)!r}, this run has {now!r}; exact resume needs the same")
+
+    _seed_everything(config.seed)
+    model.to(device)
+    if not trainable_parameters(model):
+        raise ValueError("train: the model has no trainable parameter (call loralib.mark_only_lora_as_trainable "
+                         "after adding LoRA layers, or mark a head trainable)")
+    if allocator is not None and getattr(allocator, "total_step", 0) is None and hasattr(allocator, "set_total_step"):
+        allocator.set_total_step(total_steps)
+    if resume_path is not None:
+        ckpt.load_model(resume_path, model)
+
+    engine, scaler = None, None
+    optimizer = optimizer_factory(model) if optimizer_factory is not None else None
+    if use_deepspeed:
+        ds = deepspeed_config(config, ctx.world_size, optimizer_factory is not None)
+        if optimizer is None and "optimizer" not in ds:
+            optimizer = default_optimizer(model, config)
+        make_scheduler = scheduler_factory(config.schedule, total_steps, config.warmup_steps, config.warmup_ratio)
+        engine, optimizer, scheduler = deepspeed_engine(model, optimizer, make_scheduler, ds)
+        forward_model = engine
+    else:
+        optimizer = optimizer or default_optimizer(model, config)
+        scheduler = build_scheduler(optimizer, config.schedule, total_steps, config.warmup_steps, config.warmup_ratio)
+        if config.precision == "fp16":
+            scaler = torch.amp.GradScaler("cuda")
+    if resume_path is not None:
+        saved = ckpt.load_training_state(resume_path)
+        if engine is not None:
+            ckpt.load_deepspeed(resume_path, engine)
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            if scaler is not None and saved.get("scaler") is not None:
+                scaler.load_state_dict(saved["scaler"])
+        if (saved.get("allocator") is None) != (allocator is None):
+            raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint was written "
+                             f"{'with' if allocator is None else 'without'} an allocator, this run has "
+                             f"{'none' if allocator is None else 'one'}")
+        if allocator is not None:
+            allocator.load_state_dict(saved["allocator"])
+        state = TrainState(**saved["loop"])
+        if state.total_steps != total_steps:
+            raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint's run has {state.total_steps} steps, "
+                             f"this one {total_steps} (max_steps / num_epochs changed); the schedule depends on it, "
+                             "so exact resume needs the same")
+        ckpt.load_rng(resume_path, ctx.rank)  # last: nothing after it may draw random numbers
+    if not use_deepspeed:
+        forward_model = wrap_ddp(model, ctx, device, config.ddp_find_unused_parameters)
+
+    def say(message: str) -> None:
+        bar.write(message) if config.progress_bar else logger.info(message)
+
+    log = _MetricsLog(output_dir, ctx.is_main, config.tensorboard)
+    if resume_path is not None:
+        log.truncate_after(state.global_step)
+        if ctx.is_main:
+            say(f"resumed from {resume_path} at step {state.global_step} (epoch {state.epoch}, "
+                f"micro-batch {state.micro_in_epoch})")
+    if ctx.is_main:
+        ckpt.remove_stale(output_dir)
+    barrier(ctx)
+
+    autocast = contextlib.nullcontext
+    if config.precision in ("bf16", "fp16") and not use_deepspeed:
+        dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
+        autocast = lambda: torch.autocast(device_type=device.type, dtype=dtype)  # noqa: E731
+    params = trainable_parameters(model)
+    clip = bool(config.max_grad_norm)
+    last_metrics: Optional[Dict[str, Any]] = None
+    last_checkpoint: Optional[Path] = None
+    best_dir = output_dir / "best_adapter"
+
+    def evaluate() -> Dict[str, Any]:
+        nonlocal last_metrics
+        with _evaluation(model, forward_model, config.merge_lora_for_eval):
+            metrics = eval_fn(model)
+        if not isinstance(metrics, dict):
+            raise ValueError(f"eval_fn returned {type(metrics).__name__}; it must return a dict of metrics")
+        metrics = broadcast_object({k: _scalar(v) for k, v in metrics.items()}, ctx)
+        state.last_eval_step = state.global_step
+        record = {"step": state.global_step, "epoch": round(epoch_float(), 4)}
+        record.update({k if k.startswith("eval_") else f"eval_{k}": v for k, v in metrics.items()})
+        log.write(record)
+        if config.metric_for_best is not None:
+            name = config.metric_for_best
+            key = name if name in metrics else f"eval_{name}"
+            if key not in metrics:
+                raise KeyError(f"TrainConfig.metric_for_best={name!r} is not among eval_fn's metrics {sorted(metrics)}")
+            value = float(metrics[key])
+            better = state.best_metric is None or (value > state.best_metric if config.greater_is_better
+                                                   else value < state.best_metric)
+            if better:
+                state.best_metric, state.best_step = value, state.global_step
+                if ctx.is_main:
+                    ckpt.save_adapter_atomic(model, best_dir, metadata={"global_step": state.global_step,
+                                                                        "metrics": metrics})
+                barrier(ctx)
+        last_metrics = metrics
+        if ctx.is_main:
+            say(f"step {state.global_step}: " + ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        _call(callbacks, "on_evaluate", state, metrics)
+        return metrics
+
+    def save() -> Path:
+        nonlocal last_checkpoint
+        training_state = {
+            "optimizer": None if engine is not None else optimizer.state_dict(),
+            "scheduler": None if engine is not None else scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "allocator": allocator.state_dict() if allocator is not None else None,
+            "loop": dataclasses.asdict(dataclasses.replace(state, last_save_step=state.global_step)),
+        }
+        meta = {"epoch": epoch_float(), "best_metric": state.best_metric, "best_step": state.best_step,
+                "per_device_batch_size": config.per_device_batch_size, "grad_accum_steps": config.grad_accum_steps,
+                "num_samples": len(dataset), "drop_last": config.drop_last, "seed": config.seed,
+                "config": {k: v for k, v in config.to_dict().items() if k != "deepspeed_config"}}
+        path = ckpt.save_checkpoint(output_dir, state.global_step, model, ctx, training_state, meta, engine=engine,
+                                    save_full_model=config.save_full_model, total_limit=config.save_total_limit)
+        state.last_save_step = state.global_step
+        last_checkpoint = path
+        _call(callbacks, "on_save", state, path)
+        return path
+
+    def epoch_float() -> float:
+        return state.epoch + state.micro_in_epoch / max(1, micro_per_epoch)
+
+    bar = _progress_bar(total_steps, state.global_step, ctx.is_main and config.progress_bar)
+    loss_sum, steps_run, logged_loss, logged_steps = 0.0, 0, torch.zeros((), device=device), 0
+    work, unit, tick = 0, "samples", time.perf_counter()
+    _call(callbacks, "on_train_begin", state)
+    forward_model.train()
+    try:
+        while state.global_step < total_steps:
+            batches = sampler.batches(state.epoch)
+            loader = DataLoader(dataset, batch_sampler=batches[state.micro_in_epoch:], collate_fn=collate_fn,
+                                num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                                generator=torch.Generator().manual_seed(config.seed + state.epoch))
+            micro_batches = iter(loader)
+            while state.micro_in_epoch < len(batches) and state.global_step < total_steps:
+                n = min(config.grad_accum_steps, len(batches) - state.micro_in_epoch)
+                step_loss = torch.zeros((), device=device)
+                for j in range(n):
+                    batch = _to_device(next(micro_batches), device)
+                    last = j == n - 1
+                    if engine is not None:
+                        engine.set_gradient_accumulation_boundary(last)
+                    with no_sync(forward_model, not last):
+                        with autocast():
+                            loss = _loss_of(forward_model(**batch))
+                        if regularizer is not None:
+                            loss = loss + regularizer(model)
+                        if engine is not None:
+                            engine.backward(loss / n, scale_wrt_gas=False)
+                        elif scaler is not None:
+                            scaler.scale(loss / n).backward()
+                        else:
+                            (loss / n).backward()
+                    step_loss += loss.detach().float() / n
+                    amount, unit = _tokens(batch)
+                    work = work + amount
+
+                # clip -> optimizer.step -> scheduler.step -> allocator -> zero_grad
+                grad_norm = None
+                if engine is not None:
+                    _call(callbacks, "on_before_optimizer_step", state, engine, optimizer)
+                    engine.step()  # DeepSpeed clips, steps, zeroes the gradients, then steps the scheduler
+                    grad_norm = engine.get_global_grad_norm()
+                else:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    if clip:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    _call(callbacks, "on_before_optimizer_step", state, forward_model, optimizer)
+                    stepped = True
+                    if scaler is not None:
+                        scale = scaler.get_scale()
+                        scaler.step(optimizer)
+                        scaler.update()
+                        stepped = scaler.get_scale() >= scale  # a lowered scale means inf/nan: step skipped
+                    else:
+                        optimizer.step()
+                    if stepped:
+                        scheduler.step()
+                        if allocator is not None:
+                            allocator.update_and_mask(model, state.global_step)
+                    model.zero_grad(set_to_none=True)
+
+                state.global_step += 1
+                state.micro_in_epoch += n
+                end_of_epoch = state.micro_in_epoch >= len(batches)
+                logged_loss += step_loss
+                logged_steps += 1
+                bar.update(1)
+                logs: Dict[str, Any] = {}
+                if state.global_step % config.log_every == 0 or state.global_step == total_steps:
+                    mean_loss = (all_reduce_mean(logged_loss, ctx) / logged_steps).item()
+                    elapsed = time.perf_counter() - tick
+                    rate = float(_scalar(work)) * ctx.world_size / max(elapsed, 1e-9)
+                    lr = scheduler.get_last_lr()[0]
+                    logs = {"step": state.global_step, "epoch": round(epoch_float(), 4), "loss": mean_loss,
+                            "lr": lr, f"{unit}_per_s": round(rate, 2)}
+                    if grad_norm is not None:
+                        logs["grad_norm"] = float(_scalar(grad_norm))
+                    log.write(logs)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **{f"{unit}/s": f"{rate:.0f}"})
+                    loss_sum += mean_loss * logged_steps
+                    steps_run += logged_steps
+                    logged_loss.zero_()
+                    logged_steps, work, tick = 0, 0, time.perf_counter()
+
+                if eval_fn is not None and ((config.eval_strategy == "steps" and state.global_step % config.eval_every == 0)
+                                            or (config.eval_strategy == "epoch" and end_of_epoch)):
+                    evaluate()
+                if end_of_epoch:
+                    state.epoch += 1
+                    state.micro_in_epoch = 0
+                if ((config.save_strategy == "steps" and state.global_step % config.save_every == 0)
+                        or (config.save_strategy == "epoch" and end_of_epoch)):
+                    save()
+                _call(callbacks, "on_step_end", state, logs)
+                if end_of_epoch:
+                    break  # the next epoch draws its own order
+
+        if eval_fn is not None and config.eval_at_end and state.last_eval_step != state.global_step:
+            evaluate()
+        if config.save_strategy != "no" and state.last_save_step != state.global_step:
+            save()
+        if config.load_best_at_end and state.best_step is not None:
+            ckpt.load_adapter_weights(best_dir, model)
+        adapter_dir = output_dir / "adapter"
+        if ctx.is_main:
+            ckpt.save_adapter_atomic(model, adapter_dir, metadata={"global_step": state.global_step,
+                                                                   "best_step": state.best_step})
+        barrier(ctx)
+        _call(callbacks, "on_train_end", state)
+    finally:
+        bar.close()
+        log.close()
+
+    if last_checkpoint is None and state.last_save_step is not None:
+        found = ckpt.list_checkpoints(output_dir)
+        last_checkpoint = found[-1][1] if found else None
+    return TrainResult(
+        global_step=state.global_step, epoch=epoch_float(),
+        train_loss=loss_sum / steps_run if steps_run else None,
+        best_metric=state.best_metric, best_step=state.best_step, eval_metrics=last_metrics,
+        adapter_dir=str(adapter_dir), best_adapter_dir=str(best_dir) if state.best_step is not None else None,
+        last_checkpoint=str(last_checkpoint) if last_checkpoint else None)

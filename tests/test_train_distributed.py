@@ -1,0 +1,178 @@
+"""Several processes: the deterministic sharding, and 2 CPU processes (gloo, loopback) launched with
+torch.distributed.run == 1 process with the same global batch, through DDP and through DeepSpeed."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import loralib
+from loralib.train import ShardedBatches, TrainConfig, train
+
+IN, CLASSES, N_SAMPLES = 6, 3, 32
+
+
+# -- sharding -----------------------------------------------------------------------------------------
+
+def test_global_batches_are_the_same_for_any_world_size():
+    one = ShardedBatches(20, batch_size=4, world_size=1, seed=3).batches(epoch=2)
+    two = [ShardedBatches(20, batch_size=2, world_size=2, rank=r, seed=3).batches(epoch=2) for r in (0, 1)]
+    assert len(two[0]) == len(two[1]) == len(one) == 5
+    for k, global_batch in enumerate(one):
+        assert two[0][k] + two[1][k] == global_batch
+    assert sorted(i for b in one for i in b) == list(range(20))  # a permutation
+    again = ShardedBatches(20, batch_size=4, world_size=1, seed=3)
+    assert again.batches(2) == one and again.batches(1) != one  # a function of (seed, epoch) only
+
+
+def test_padding_and_drop_last():
+    shards = [ShardedBatches(7, batch_size=2, world_size=2, rank=r, seed=0) for r in (0, 1)]
+    got = [s.batches(0) for s in shards]
+    assert [len(b) for b in got[0]] == [len(b) for b in got[1]] == [2, 2]  # 7 padded to 8 by wrapping
+    flat = [i for r in (0, 1) for b in got[r] for i in b]
+    assert len(flat) == 8 and set(flat) == set(range(7))
+    dropped = ShardedBatches(7, batch_size=2, world_size=2, rank=0, seed=0, drop_last=True)
+    assert len(dropped) == len(dropped.batches(0)) == 1
+    with pytest.raises(ValueError, match="drop_last"):
+        ShardedBatches(3, batch_size=2, world_size=2, drop_last=True)
+
+
+# -- the same run on 1 and 2 processes ----------------------------------------------------------------
+
+def build(dtype):
+    torch.manual_seed(11)
+    model = nn.Sequential()
+    model.l1 = loralib.Linear(IN, 12, r=4, lora_alpha=8)
+    model.l2 = loralib.Linear(12, 8, r=2, lora_alpha=2)
+    model.head = nn.Linear(8, CLASSES)
+    loralib.mark_only_lora_as_trainable(model)
+    for p in model.head.parameters():
+        p.requires_grad = True
+    with torch.no_grad():
+        model.l1.lora_B.normal_(std=0.3)
+        model.l2.lora_B.normal_(std=0.3)
+    return Classifier(model).to(dtype)
+
+
+class Classifier(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x, labels):
+        b = self.body
+        logits = b.head(torch.tanh(b.l2(torch.tanh(b.l1(x)))))
+        return {"loss": F.cross_entropy(logits, labels)}
+
+
+def make_data(dtype):
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(N_SAMPLES, IN, generator=gen).to(dtype), torch.randint(0, CLASSES, (N_SAMPLES,), generator=gen)
+    return [{"x": x[i], "labels": y[i]} for i in range(N_SAMPLES)]
+
+
+def collate(items):
+    return {"x": torch.stack([d["x"] for d in items]), "labels": torch.stack([d["labels"] for d in items])}
+
+
+def train_once(out_dir, batch_size, dtype=torch.float64, deepspeed_config=None, resume_from=None, callbacks=()):
+    """Global batch 8 per step: batch_size x processes x 2 accumulation steps; 2 epochs, eval every 3 steps."""
+    model = build(dtype)
+    config = TrainConfig(output_dir=str(out_dir), num_epochs=2, per_device_batch_size=batch_size, grad_accum_steps=2,
+                         lr=2e-2, weight_decay=0.05, warmup_steps=2, max_grad_norm=1.0, eval_every=3,
+                         metric_for_best="loss", save_every=4, progress_bar=False, log_every=2,
+                         deepspeed_config=deepspeed_config, device="cpu", resume_from=resume_from)
+    items = collate(make_data(dtype))
+
+    def eval_fn(m):
+        with torch.no_grad():
+            return {"loss": m(**items)["loss"].item()}
+
+    return train(model, make_data(dtype), collate, config, eval_fn=eval_fn, callbacks=callbacks)
+
+
+class StopAt:
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, state, logs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    import test_train_distributed as t
+    out, mode = sys.argv[1], sys.argv[2]
+    if mode == "ddp":
+        t.train_once(out, batch_size=2)
+    else:
+        import deepspeed.ops
+        # Test-machine choice: skip the JIT build of DeepSpeed's shared-memory all-reduce (minutes of g++).
+        deepspeed.ops.__compatible_ops__ = dict(deepspeed.ops.__compatible_ops__, deepspeed_shm_comm=False)
+        ds = {{"zero_optimization": {{"stage": 2}}, "train_batch_size": "auto"}}
+        try:  # stopped after step 5, resumed from checkpoint-4 in the same processes
+            t.train_once(out, batch_size=2, dtype=torch.float32, deepspeed_config=ds, callbacks=[t.StopAt(5)])
+        except KeyboardInterrupt:
+            pass
+        t.train_once(out, batch_size=2, dtype=torch.float32, deepspeed_config=ds, resume_from="latest")
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(tmp_path, mode):
+    script = tmp_path / "worker.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(out), mode]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")  # a CPU test, also on a machine with GPUs
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _assert_close(two_dir, one_dir, atol):
+    two = load_file(str(two_dir / "adapter" / "adapter.safetensors"))
+    one = load_file(str(one_dir / "adapter" / "adapter.safetensors"))
+    assert two.keys() == one.keys() and any("lora_" in k for k in one)
+    for key in one:
+        assert torch.allclose(two[key], one[key], atol=atol, rtol=0), (key, (two[key] - one[key]).abs().max())
+    start = {k: v for k, v in build(one[next(iter(one))].dtype).state_dict().items() if k in one}
+    assert any(not torch.allclose(start[k], one[k]) for k in one)  # training moved the adapter
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    two = _torchrun(tmp_path, "ddp")
+    one_result = train_once(tmp_path / "one", batch_size=4)
+    _assert_close(two, tmp_path / "one", atol=1e-10)
+    assert one_result.global_step == 8
+    last = sorted(two.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    assert last.name == "checkpoint-8"
+    assert (last / "rng_state_0.pt").is_file() and (last / "rng_state_1.pt").is_file()
+    assert (two / "best_adapter" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_deepspeed_two_processes_equal_one_across_a_resume(tmp_path):
+    pytest.importorskip("deepspeed")
+    two = _torchrun(tmp_path, "deepspeed")
+    train_once(tmp_path / "one", batch_size=4, dtype=torch.float32)
+    _assert_close(two, tmp_path / "one", atol=2e-6)
+    assert (two / "checkpoint-8" / "deepspeed").is_dir()
