@@ -13,7 +13,8 @@ Also measured with our model: the frozen model's forward + backward (the gradien
 to the embeddings through every frozen layer: the least work any adapter needs), and inference with
 the LoRA merged into the weights (eval()) against the plain model, timed alternately in one process.
 
-Each training variant runs in its own subprocess, from the same saved weights. Time: median over
+Each training variant runs in its own subprocess, loading the same saved random weights (a Hugging Face
+folder) with loralib.models.from_pretrained or transformers' from_pretrained. Time: median over
 --steps steps after --warmup steps. Peak memory on CPU: the process's peak RSS during the timed steps
 above its RSS just before them (psutil, sampled every 2 ms by a thread); on CUDA:
 torch.cuda.max_memory_allocated during the steps above the memory allocated before them.
@@ -89,29 +90,23 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def build(variant: str, state: dict, device: str, dtype: torch.dtype):
-    """The model of one variant ("ours", "peft", "frozen", "plain", "merged") with the shared weights."""
-    from transformers import GPT2Config as HFConfig
-
-    hf_config = HFConfig(**SHAPE)
+def build(variant: str, folder: str, device: str, dtype: torch.dtype):
+    """The model of one variant ("ours", "peft", "frozen", "plain", "merged") from the saved folder."""
     if variant == "peft":
         from peft import LoraConfig, get_peft_model
         from transformers import GPT2LMHeadModel as HFModel
 
-        model = HFModel(hf_config)
-        model.load_state_dict(state)
-        model = get_peft_model(model, LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True, **LORA))
+        model = get_peft_model(HFModel.from_pretrained(folder),
+                               LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True, **LORA))
         return model.to(device=device, dtype=dtype)
 
     import loralib
-    from loralib.models import gpt2
+    from loralib.models import from_pretrained
 
     lora = None
     if variant in ("ours", "merged"):
         lora = loralib.LoRAConfig(target_modules=("c_attn",), enable_lora=(True, False, True), **LORA)
-    model = gpt2.build(hf_config.to_dict(), "causal-lm", lora=lora)
-    result = model.load_state_dict(state, strict=False)
-    assert not result.unexpected_keys and all("lora_" in k for k in result.missing_keys)
+    model = from_pretrained(folder, task="causal-lm", lora=lora).train()  # train(): unmerged
     if lora is None:
         model.requires_grad_(False)
     else:
@@ -137,9 +132,8 @@ def timed(step, device, warmup, steps, memory=True):
     return statistics.median(times), mem.peak
 
 
-def run_training(variant, state, device, dtype, ids, warmup, steps) -> dict:
-    model = build(variant, state, device, dtype).train()
-    del state
+def run_training(variant, folder, device, dtype, ids, warmup, steps) -> dict:
+    model = build(variant, folder, device, dtype).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if variant == "frozen":
         model.transformer.drop.register_forward_hook(lambda module, inputs, out: out.requires_grad_())
@@ -157,9 +151,9 @@ def run_training(variant, state, device, dtype, ids, warmup, steps) -> dict:
     return dict(sec=sec, peak=peak, trainable=sum(p.numel() for p in trainable))
 
 
-def run_inference(state, device, dtype, ids, warmup, steps) -> dict:
+def run_inference(folder, device, dtype, ids, warmup, steps) -> dict:
     """Merged LoRA and plain model, timed in alternation so that drifts hit both alike."""
-    models = {name: build(name, state, device, dtype).eval() for name in ("merged", "plain")}
+    models = {name: build(name, folder, device, dtype).eval() for name in ("merged", "plain")}
     assert all(layer.merged for _, layer in __import__("loralib").lora_layers(models["merged"]) if layer.has_lora)
     times = {name: [] for name in models}
     with torch.no_grad():
@@ -172,13 +166,12 @@ def run_inference(state, device, dtype, ids, warmup, steps) -> dict:
 
 def child(args, dtype):
     torch.manual_seed(0)
-    state = torch.load(args._weights, map_location="cpu")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, SHAPE["vocab_size"], (args.batch, args.seq), generator=g).to(args.device)
     if args._child == "inference":
-        res = run_inference(state, args.device, DTYPES[dtype], ids, args.warmup, 2 * args.steps)
+        res = run_inference(args._model, args.device, DTYPES[dtype], ids, args.warmup, max(3, args.steps))
     else:
-        res = run_training(args._child, state, args.device, DTYPES[dtype], ids, args.warmup, args.steps)
+        res = run_training(args._child, args._model, args.device, DTYPES[dtype], ids, args.warmup, args.steps)
     print("RESULT " + json.dumps(res))
 
 
@@ -192,7 +185,7 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--variants", default="ours,peft,frozen,inference")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--_weights", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_model", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cuda = args.device == "cuda"
     args.steps = args.steps or (20 if cuda else 2)
@@ -205,10 +198,9 @@ def main():
     torch.manual_seed(0)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, "gpt2_small_random.pt")
-        torch.save(HFModel(HFConfig(**SHAPE)).state_dict(), weights)
+        HFModel(HFConfig(**SHAPE)).save_pretrained(tmp)  # random weights, in the Hugging Face layout
         for variant in args.variants.split(","):
-            cmd = [sys.executable, os.path.abspath(__file__), "--_child", variant, "--_weights", weights]
+            cmd = [sys.executable, os.path.abspath(__file__), "--_child", variant, "--_model", tmp]
             for flag in ("device", "dtype", "steps", "warmup", "batch", "seq"):
                 cmd += [f"--{flag}", str(getattr(args, flag))]
             out = subprocess.run(cmd, capture_output=True, text=True)

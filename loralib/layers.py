@@ -61,7 +61,9 @@ class LoRALayer:
 
     # -- merging -------------------------------------------------------------------------------
     # Subclasses define `_base_weight()` (the tensor B A is folded into) and `delta_weight()`
-    # (B A * scaling laid out like that tensor, in fp32).
+    # (B A * scaling laid out like that tensor, in at least fp32). Merging keeps a copy of the
+    # (small) factors it folded in, so unmerging subtracts exactly what was added even if the
+    # factors were changed in the meantime (an optimizer step or a copy_ while merged).
     def merge(self) -> None:
         """Fold B A * scaling into the frozen weight (in fp32, cast back). A no-op if already merged.
 
@@ -71,16 +73,35 @@ class LoRALayer:
         if self.has_lora:
             weight = self._base_weight()
             weight.data = (_wide(weight.data) + self.delta_weight()).to(weight.dtype)
+            self._merged_factors = {name: p.detach().clone() for name, p in self._lora_factors().items()}
         self.merged = True
 
     def unmerge(self) -> None:
-        """Subtract B A * scaling from the frozen weight again. A no-op if not merged."""
+        """Subtract the merged B A * scaling from the frozen weight again. A no-op if not merged."""
         if not self.merged:
             return
         if self.has_lora:
             weight = self._base_weight()
-            weight.data = (_wide(weight.data) - self.delta_weight()).to(weight.dtype)
+            weight.data = (_wide(weight.data) - self._merged_delta()).to(weight.dtype)
+            self._merged_factors = None
         self.merged = False
+
+    def _lora_factors(self):
+        return {name: p for name, p in self.named_parameters(recurse=False) if name.startswith("lora_")}
+
+    def _merged_delta(self) -> torch.Tensor:
+        """delta_weight() of the factors as they were when merged."""
+        snapshot = getattr(self, "_merged_factors", None)
+        if snapshot is None:
+            return self.delta_weight()
+        current = {name: p.data for name, p in self._lora_factors().items()}
+        try:
+            for name, p in self._lora_factors().items():
+                p.data = snapshot[name]
+            return self.delta_weight()
+        finally:
+            for name, p in self._lora_factors().items():
+                p.data = current[name]
 
     def rebuild_buffers(self) -> None:
         """Recompute derived buffers (after materialising a layer built on the meta device)."""
@@ -107,7 +128,7 @@ class LoRALayer:
             key = prefix + weight_key
             if module.merged and module.has_lora and key in state_dict:
                 w = module._base_weight()
-                state_dict[key] = (_wide(w.detach()) - module.delta_weight()).to(w.dtype)
+                state_dict[key] = (_wide(w.detach()) - module._merged_delta()).to(w.dtype)
 
         def load_pre_hook(module, state_dict, prefix, *args):
             module._remerge_after_load = module.merged
@@ -383,36 +404,46 @@ class _FusedChunkLoRA(torch.autograd.Function):
         ctx.weight_needs_grad = weight.requires_grad
         ctx.save_for_backward(x if weight.requires_grad else None, x_lora, weight, after_A, lora_A, Bs)
         ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return result
 
     @staticmethod
     def backward(ctx, grad):
+        # Under autocast the forward ran in a lower precision than the saved fp32 tensors: compute in the
+        # gradient's dtype and hand each gradient back in its input's dtype.
         x, x_lora, weight, after_A, lora_A, Bs = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        dt = grad.dtype
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        Bs_dt, a2 = Bs.to(dt), after_A.reshape(-1, after_A.shape[-1]).to(dt)
         grad_after_A = g2.new_zeros((g2.shape[0], after_A.shape[-1]))
-        grad_Bs = torch.zeros_like(Bs) if needs[5] else None
-        a2 = after_A.reshape(-1, after_A.shape[-1])
+        grad_Bs = torch.zeros_like(Bs_dt) if needs[5] else None
         for out_start, lora_start, width in ctx.runs:
             g_run = g2[:, out_start:out_start + width]  # a strided view, no copy
-            grad_after_A += g_run.to(Bs.dtype) @ Bs[:, lora_start:lora_start + width].transpose(0, 1)
+            grad_after_A += g_run @ Bs_dt[:, lora_start:lora_start + width].transpose(0, 1)
             if grad_Bs is not None:
-                grad_Bs[:, lora_start:lora_start + width] = a2.transpose(0, 1) @ g_run.to(Bs.dtype)
+                grad_Bs[:, lora_start:lora_start + width] = a2.transpose(0, 1) @ g_run
         grad_x = grad_x_lora = grad_w = grad_b = grad_A = None
         if needs[1]:
-            grad_x_lora = (grad_after_A @ lora_A).view(x_lora.shape)
+            grad_x_lora = (grad_after_A @ lora_A.to(dt)).view(x_lora.shape)
         if needs[0]:
-            grad_x = grad @ weight.t() if ctx.fan_in_fan_out else grad @ weight
+            w = weight.to(dt)
+            grad_x = grad @ w.t() if ctx.fan_in_fan_out else grad @ w
             if ctx.shared_input and grad_x_lora is not None:
                 grad_x += grad_x_lora
                 grad_x_lora = None
+            grad_x = grad_x.to(x_lora.dtype if ctx.shared_input else grad_x.dtype)
+        if grad_x_lora is not None:
+            grad_x_lora = grad_x_lora.to(x_lora.dtype)
         if needs[2]:
-            x2 = x.reshape(-1, x.shape[-1])
-            grad_w = x2.transpose(0, 1) @ g2 if ctx.fan_in_fan_out else g2.transpose(0, 1) @ x2
+            x2 = x.reshape(-1, x.shape[-1]).to(dt)
+            grad_w = (x2.transpose(0, 1) @ g2 if ctx.fan_in_fan_out else g2.transpose(0, 1) @ x2).to(weight.dtype)
         if ctx.has_bias and needs[3]:
-            grad_b = g2.sum(0)
+            grad_b = g2.sum(0).to(ctx.bias_dtype)
         if needs[4]:
-            grad_A = grad_after_A.transpose(0, 1) @ x_lora.reshape(-1, x_lora.shape[-1])
+            grad_A = (grad_after_A.transpose(0, 1) @ x_lora.reshape(-1, x_lora.shape[-1]).to(dt)).to(lora_A.dtype)
+        if grad_Bs is not None:
+            grad_Bs = grad_Bs.to(Bs.dtype)
         return grad_x, grad_x_lora, grad_w, grad_b, grad_A, grad_Bs, None, None
 
 

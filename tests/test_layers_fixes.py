@@ -204,3 +204,43 @@ def test_merge_keeps_fp64_precision():
     torch.testing.assert_close(layer.weight, w0 + layer.lora_B @ layer.lora_A * layer.scaling, rtol=0, atol=1e-14)
     layer.unmerge()
     torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_merged_linear_trains_under_bf16_autocast(fan_in_fan_out):
+    """The hand-written backward receives bf16 gradients for fp32 weights under autocast."""
+    torch.manual_seed(0)
+    layer = lora.MergedLinear(32, 96, r=4, lora_alpha=8, enable_lora=[True, False, True],
+                              fan_in_fan_out=fan_in_fan_out)
+    _random_B(layer)
+    x = torch.randn(4, 8, 32, requires_grad=True)
+    upstream = torch.randn(4, 8, 96)
+    (layer(x) * upstream).sum().backward()
+    reference = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)]
+    for t in (x, layer.lora_A, layer.lora_B):
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    (out.float() * upstream).sum().backward()
+    for t, ref in zip((x, layer.lora_A, layer.lora_B), reference):
+        assert t.grad.dtype == torch.float32
+        torch.testing.assert_close(t.grad, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+def test_factors_changed_while_merged_unmerge_exactly():
+    """0.1.2 (and PEFT) subtract the *current* B A on unmerge: an optimizer step taken while merged
+    leaves W0 + B_old A_old - B_new A_new in the weight. We subtract what was added."""
+    layer = lora.Linear(8, 6, r=2)
+    _random_B(layer)
+    w0 = layer.weight.detach().clone()
+    layer.eval()  # merged
+    with torch.no_grad():
+        layer.lora_B.add_(1.0)
+        layer.lora_A.mul_(3.0)
+    state = layer.state_dict()
+    torch.testing.assert_close(state["weight"], w0, rtol=0, atol=1e-6)
+    layer.train()  # unmerged
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), x @ w0.T + layer.bias + x @ layer.lora_A.T @ layer.lora_B.T * layer.scaling)

