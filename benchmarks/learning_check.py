@@ -23,9 +23,13 @@ Methods (adapters on fc1, fc2, fc3 and head; s = alpha / r = 2 everywhere):
     lorapro_eff LoRAProAdamW(mode="efficient"), lr = LR
     loraplus    LoRA with lr_B = ratio * lr_A, lr_A = LR, ratio = 16 (create_loraplus_optimizer)
     adalora     SVDLinear r = 8 -> average 4 (RankAllocator), orth. regularizer 0.1, lr = LR_RANK
-    lora2       LoRA2Linear r = 8 -> average 4, k = 4 (LoRA2RankAllocator), regularizer 0.1, lr = LR_RANK
+    lora2       LoRA2Linear r = 8 -> average 4, k = 8 (LoRA2RankAllocator), regularizer 0.1, lr = LR_RANK
 AdaLoRA and LoRA² start from r = 8 per layer and end with the same total budget as LoRA's r = 4
 (16 ranks over 4 layers); their final rank pattern (ranks kept per layer) is reported.
+Learning rates: LR = 1e-3 (AdamW's usual lr for full fine-tuning) for full, LoRA, LoRA-Pro and LoRA+'s A: the
+LoRA-Pro paper compares all of them at one lr, since LoRA-Pro's full mode emulates AdamW on W at that lr.
+LR_RANK = 1e-2 for AdaLoRA and LoRA², whose adapters start at N(0, 0.02) with E = 0 and learn slowly at 1e-3
+(the sweep reruns them at 1e-3, 3e-3, 1e-2 and 3e-2).
 
 The two claims, with their measures:
 (1) LoRA-Pro's loss curve is closer to full fine-tuning's than LoRA's.
@@ -38,8 +42,9 @@ The two claims, with their measures:
     The set loss L* = sqrt(L_lora(0) * L_lora(T)): halfway, on a log axis, from the start to LoRA's final
     loss (so LoRA is sure to reach it). Steps to L*: the first step t with L(t) <= L*. PASS when
     LoRA+ needs fewer steps than LoRA.
-Both are then repeated over 3 learning rates x 3 seeds (and two LoRA+ ratios) so a reader can see how
-robust the verdicts are; nothing is tuned until a claim passes.
+Both are then repeated over 3 learning rates x 3 seeds (and two LoRA+ ratios; full FT always at the same
+lr as LoRA and LoRA-Pro) so a reader can see how robust the verdicts are; AdaLoRA and LoRA² are rerun at
+4 learning rates to show how stable their rank patterns are. Nothing was tuned to make a claim pass.
 
 Outputs (benchmarks/results/, git-ignored): learning_check_curves.png (all methods),
 learning_check_sensitivity.png (claim 1 and 2 over lr and seed), learning_check.json (all curves and numbers).
@@ -52,7 +57,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -156,7 +161,7 @@ class RunConfig:
     alpha: float = 8.0          # s = alpha / r = 2
     ratio: float = 16.0         # LoRA+ lr_B / lr_A
     r_init: int = 8             # AdaLoRA / LoRA²: initial rank per layer, ending at r on average
-    lora2_k: int = 4
+    lora2_k: int = 8             # the released default
     regu_weight: float = 0.1
     seed: int = 0               # adapter init and minibatch order
 
@@ -326,13 +331,13 @@ def markdown_table(runs: Dict[str, dict], run: RunConfig) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m, res in runs.items():
         c = res["curve"]
-        lr = {"full": run.lr, "lora": run.lr, "lorapro": run.lr, "lorapro_eff": run.lr,
-              "loraplus": f"{run.lr:g} (B: {run.lr * run.ratio:g})"}.get(m, run.lr_rank)
-        lines.append(f"| {m} | {lr:g} | {res['trainable']} | " if not isinstance(lr, str) else
-                     f"| {m} | {lr} | {res['trainable']} | ")
-        lines[-1] += " | ".join(f"{c[t]:.4f}" for t in marks)
-        lines[-1] += (f" | {curve_distance(c, ref):.3f} | {_fmt_steps(steps_to(c, 0.5), total)} | "
-                      f"{_fmt_steps(steps_to(c, 0.2), total)} | {res['seconds']:.1f} |")
+        if m == "loraplus":
+            lr = f"{run.lr:g} (B: {run.lr * run.ratio:g})"
+        else:
+            lr = f"{run.lr_rank if m in ('adalora', 'lora2') else run.lr:g}"
+        lines.append(f"| {m} | {lr} | {res['trainable']} | " + " | ".join(f"{c[t]:.4f}" for t in marks) +
+                     f" | {curve_distance(c, ref):.3f} | {_fmt_steps(steps_to(c, 0.5), total)} | "
+                     f"{_fmt_steps(steps_to(c, 0.2), total)} | {res['seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -373,7 +378,11 @@ def plot_sensitivity(sens: dict, path: str) -> None:
             ax1.scatter(row["lr"], row[key], color=color, s=14, label=label if row is sens["claim1"][0] else None)
         ax1.plot(lrs, [sum(r[key] for r in sens["claim1"] if r["lr"] == lr) /
                        sum(1 for r in sens["claim1"] if r["lr"] == lr) for lr in lrs], color=color)
-    ax1.set_xscale("log")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_xticks(lrs)
+        ax.set_xticklabels([f"{lr:g}" for lr in lrs])
+        ax.minorticks_off()
     ax1.set_xlabel("lr (full, LoRA, LoRA-Pro)")
     ax1.set_ylabel("D to full FT: mean |ln L - ln L_full|")
     ax1.set_title("claim 1 (lower = closer to full FT)", fontsize=9)
@@ -385,7 +394,6 @@ def plot_sensitivity(sens: dict, path: str) -> None:
                     [(r["steps_loraplus"] or sens["steps"]) / max(1, r["steps_lora"] or sens["steps"]) for r in rows],
                     marker=marker, label=f"ratio {ratio:g}")
     ax2.axhline(1.0, color="gray", linestyle="--")
-    ax2.set_xscale("log")
     ax2.set_xlabel("lr_A (LoRA and LoRA+)")
     ax2.set_ylabel("steps to L*: LoRA+ / LoRA")
     ax2.set_title("claim 2 (below 1 = LoRA+ faster)", fontsize=9)
@@ -399,9 +407,14 @@ def plot_sensitivity(sens: dict, path: str) -> None:
 # -- main -----------------------------------------------------------------------------------------
 
 def sensitivity(problem: Problem, base: RunConfig, lrs: Sequence[float], seeds: Sequence[int],
-                ratios: Sequence[float]) -> dict:
-    """Both claims for every (lr, seed), and claim 2 for every LoRA+ ratio."""
-    out = {"steps": base.steps, "claim1": [], "claim2": []}
+                ratios: Sequence[float], rank_lrs: Sequence[float] = ()) -> dict:
+    """Both claims for every (lr, seed), claim 2 for every LoRA+ ratio; AdaLoRA and LoRA² (seed of `base`)
+    for every lr in `rank_lrs`: final loss and rank pattern."""
+    out = {"steps": base.steps, "claim1": [], "claim2": [], "rank": []}
+    for lr in rank_lrs:
+        for m in ("adalora", "lora2"):
+            res = train(m, problem, RunConfig(**{**asdict(base), "lr_rank": lr}))
+            out["rank"].append(dict(method=m, lr=lr, final=res["curve"][-1], rank_pattern=res["rank_pattern"]))
     for lr in lrs:
         for seed in seeds:
             run = RunConfig(**{**asdict(base), "lr": lr, "seed": seed})
@@ -430,6 +443,11 @@ def sensitivity_tables(sens: dict) -> str:
                      f"{'PASS' if r['passed'] else 'FAIL'} |")
     n2 = sum(r["passed"] for r in sens["claim2"])
     lines.append(f"\nclaim 2 holds in {n2}/{len(sens['claim2'])} (lr_A, seed, ratio) settings")
+    if sens["rank"]:
+        lines += ["\n| method | lr | final loss | ranks kept (" + ", ".join(LAYERS) + ") |", "|---|---|---|---|"]
+        for r in sens["rank"]:
+            lines.append(f"| {r['method']} | {r['lr']:g} | {r['final']:.4f} | "
+                         f"{', '.join(str(k) for k in r['rank_pattern'].values())} |")
     return "\n".join(lines)
 
 
@@ -445,6 +463,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--sens-lrs", type=float, nargs="*", default=[3e-4, 1e-3, 3e-3])
     parser.add_argument("--sens-seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--sens-ratios", type=float, nargs="*", default=[4.0, 16.0])
+    parser.add_argument("--sens-rank-lrs", type=float, nargs="*", default=[1e-3, 3e-3, 1e-2, 3e-2],
+                        help="lrs for AdaLoRA and LoRA² in the sweep")
     parser.add_argument("--no-sensitivity", action="store_true")
     parser.add_argument("--out", default=RESULTS, help="folder for the PNGs and the JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny matrices: 1 is fastest)")
@@ -486,8 +506,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   energy_at_r={n: energy_at_rank(problem.deltas[n], run.r) for n in LAYERS},
                   runs=runs, claim1=c1, claim2=c2)
     if not args.smoke and not args.no_sensitivity:
-        print(f"\n## Sensitivity: lr in {args.sens_lrs}, seeds {args.sens_seeds}, LoRA+ ratios {args.sens_ratios}\n")
-        sens = sensitivity(problem, run, args.sens_lrs, args.sens_seeds, args.sens_ratios)
+        print(f"\n## Sensitivity: lr in {args.sens_lrs} (full FT at the same lr), seeds {args.sens_seeds}, "
+              f"LoRA+ ratios {args.sens_ratios}; AdaLoRA / LoRA² at lr in {args.sens_rank_lrs}\n")
+        sens = sensitivity(problem, run, args.sens_lrs, args.sens_seeds, args.sens_ratios, args.sens_rank_lrs)
         print(sensitivity_tables(sens))
         report["sensitivity"] = sens
 
