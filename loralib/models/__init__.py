@@ -17,6 +17,13 @@ _EXPORTS = {
     "generate": "generation",
     "download_model": "hub",
     "HubUnreachableError": "hub",
+    "load_nlu_adapter": "released_nlu",
+    "read_nlu_adapter": "released_nlu",
+    "nlu_lora_config": "released_nlu",
+    "load_gpt2_nlg_adapter": "released",
+    "read_gpt2_nlg_adapter": "released",
+    "nlg_lora_config": "released",
+    "infer_gpt2_nlg_adapter_shape": "released",
     "KVCache": "cache",
     "ModelOutput": "outputs",
 }
