@@ -244,3 +244,17 @@ def test_download_model_says_the_hub_is_unreachable(tmp_path, monkeypatch):
 def test_dispatch_table_names_every_family():
     assert loading.FAMILIES == {"gpt2": "gpt2", "llama": "llama", "roberta": "roberta", "bert": "roberta",
                                 "deberta-v2": "deberta_v2"}
+
+
+def test_swapped_init_survives_loading(tmp_path):
+    """LoRAConfig(init_swapped=True), LoRA+'s init: B random, A zero, also after from_pretrained."""
+    folder = save(hf_model(tiny_config()), tmp_path)
+    lora = LoRAConfig(r=2, lora_alpha=4, target_modules=("q_proj",), init_swapped=True)
+    layer = from_pretrained(folder, lora=lora).model.layers[0].self_attn.q_proj
+    assert torch.count_nonzero(layer.lora_A) == 0 and torch.count_nonzero(layer.lora_B) > 0
+
+
+def test_config_overrides_reach_the_model(tmp_path):
+    folder = save(hf_model(tiny_config()), tmp_path)
+    model = from_pretrained(folder, config_overrides={"rms_norm_eps": 0.5})
+    assert model.hf_config["rms_norm_eps"] == 0.5 and model.model.norm.eps == 0.5

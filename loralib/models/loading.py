@@ -326,16 +326,19 @@ def _resolve_dtype(dtype, config: dict) -> Optional[torch.dtype]:
 
 def from_pretrained(path: Union[str, os.PathLike], task: str = "causal-lm", num_labels: Optional[int] = None,
                     lora=None, dtype: Union[None, str, torch.dtype] = None,
-                    device: Union[str, torch.device] = "cpu") -> nn.Module:
+                    device: Union[str, torch.device] = "cpu",
+                    config_overrides: Optional[dict] = None) -> nn.Module:
     """Our model for the Hugging Face folder `path`, weights loaded, in eval() mode.
 
     task: "causal-lm", "sequence-classification" (a new `score`/`classifier` head unless the checkpoint
     has one) or "base". num_labels: the head's outputs (default: config.json's). lora: a LoRAConfig, or
     None for the plain model. dtype: None for float32, "auto" for the checkpoint's dtype, or a torch
-    dtype. Returns the model with `model.loading_info` (see the module docstring) and `model.hf_config`.
+    dtype. config_overrides: config.json entries replaced before the model is built (e.g. cls_dropout).
+    Returns the model with `model.loading_info` (see the module docstring) and `model.hf_config`.
     """
     folder = Path(path)
     hf_config = read_config(folder)
+    hf_config.update(config_overrides or {})
     config_file = str(folder / "config.json")
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not supported; choose one of {list(TASKS)}")
@@ -345,10 +348,25 @@ def from_pretrained(path: Union[str, os.PathLike], task: str = "causal-lm", num_
         model = module.build(hf_config, task, num_labels, lora)
     info = load_state_into(model, checkpoint, _resolve_dtype(dtype, hf_config), device,
                            std=hf_config.get("initializer_range", 0.02))
+    if lora is not None and getattr(lora, "init_swapped", False):
+        _swap_new_factors(model, info["adapter_initialized"])
     _report(folder, model, info)
     model.loading_info = info
     model.hf_config = hf_config
     return model.eval()
+
+
+def _swap_new_factors(model: nn.Module, adapter_keys: Iterable[str]) -> None:
+    """LoRAConfig(init_swapped=True): the layers' own reset gave LoRA's init (A kaiming, B zero) to the
+    factors the checkpoint lacked; give them LoRA+'s swapped one instead (B kaiming, A zero)."""
+    from ..config import _swap_init
+    from ..layers import Linear, MergedLinear
+
+    for module_name in sorted({key.rpartition(".")[0] for key in adapter_keys}):
+        module = model.get_submodule(module_name)
+        if isinstance(module, (Linear, MergedLinear)) and module.has_lora:
+            with torch.no_grad():
+                _swap_init(module)
 
 
 def _report(folder: Path, model: nn.Module, info: dict) -> None:

@@ -1,0 +1,28 @@
+"""LoRA² and AdaLoRA on GLUE with the flags of the released LoRA² / AdaLoRA scripts (DeBERTaV3).
+
+    # AdaLoRA (SVDLinear, rank allocation, orthogonal regularizer)
+    python lora2/run_glue.py --model_name_or_path microsoft/deberta-v3-base --task_name mrpc \
+        --apply_lora --apply_adalora --lora_type svd --target_rank 1 --lora_r 8 --reg_orth_coef 0.1 \
+        --init_warmup 600 --final_warmup 1800 --mask_interval 1 --beta1 0.85 --beta2 0.85 \
+        --lora_module query,key,value,intermediate,layer.output,attention.output --lora_alpha 32 \
+        --do_train --do_eval --max_seq_length 320 --per_device_train_batch_size 32 --learning_rate 1e-3 \
+        --num_train_epochs 30 --warmup_ratio 0.1 --cls_dropout 0.0 --weight_decay 0.01 --seed 6 \
+        --root_output_dir ./output/debertav3-base/mrpc --overwrite_output_dir
+
+    # LoRA²: the same command plus --apply_lora2 (inner rank --lora2_k, 8 in the released code)
+
+--apply_rankselector (the released MRPC scripts' spelling) means --apply_adalora, and --cls_dropout is
+honoured (the released LoRA² code hard-coded 0.15). The final rank pattern is written to
+output_dir/rank_pattern.json. Everything else is loralib.tasks.glue.run; see its docstring.
+"""
+import sys
+
+from loralib.tasks.glue import run
+
+
+def main(argv=None) -> int:
+    return run.main(argv, flavour="lora2", prog="lora2/run_glue.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
