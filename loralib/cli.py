@@ -11,6 +11,8 @@ from typing import List, Optional
 COMMANDS = {
     "download-model": ("loralib.models.hub", "fetch a Hugging Face hub model into models/NAME"),
     "demo": ("loralib.demo", "the offline digits demo (make demo)"),
+    "download": ("loralib.repro.download", "fetch a released adapter (loralib download --list)"),
+    "compare": ("loralib.repro.compare", "reported vs measured: markdown table and bar chart"),
 }
 
 

@@ -1,0 +1,293 @@
+"""`loralib compare RESULTS_DIR [--out chart.png] [--paper lora|adalora|lora2|loraplus|lorapro]`:
+the numbers our runs measured next to the numbers the papers report.
+
+Every folder under RESULTS_DIR that holds an eval_results.json is a run (what loralib/tasks/glue/run.py
+writes into --output_dir):
+
+    eval_results.json   {"task": "mnli", "split": "dev_matched", "num_examples": n, "accuracy": 0.87,
+                         "mnli-mm": {"task": "mnli-mm", "split": "dev_mismatched", ..., "accuracy": 0.86}}
+    run_config.json     {"method": "lora" | "adalora" | "lora2" | "full", "model_name_or_path": ...,
+                         "model_path": ..., "lora": {"r": 8, ...} | null, "loraplus_lr_ratio": ...}
+                        (written by training runs; an evaluation-only run has none: model and method
+                        are then unknown and nothing is matched)
+
+A measured (task, metric) is matched to the registry's reported rows by (model, method, task, metric):
+the model from --model_name_or_path (a hub name, or a folder named like the model), the method from
+run_config (LoRA with a loraplus_lr_ratio counts as loraplus). Where a paper reports several rows for
+one of those (AdaLoRA's LoRA r=8 and r=2), the row with the run's rank r is taken if there is one,
+else every row is shown. Measured fractions are shown x100 where the paper reports per cent.
+The table goes to stdout (markdown); the bar chart (matplotlib, Agg) to --out (default RESULTS_DIR/compare.png).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from .registry import Registry, Reported, load_registry
+
+PAPERS = ("lora", "adalora", "lora2", "loraplus", "lorapro")
+# metrics our GLUE evaluation returns as fractions in [-1, 1]
+FRACTION_METRICS = ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr")
+# fields of eval_results.json that are not metrics
+NOT_METRICS = ("task", "split", "num_examples", "epoch", "step", "global_step")
+METHOD_ALIASES = {"ft": "full", "full_ft": "full", "full-ft": "full", "fft": "full", "lora+": "loraplus",
+                  "lora_plus": "loraplus", "lora-plus": "loraplus", "lora-pro": "lorapro", "lora_pro": "lorapro",
+                  "lora²": "lora2", "lora_ga": "lora-ga"}
+TASK_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli_mismatched": "mnli-mm", "mnli-m": "mnli"}
+
+
+@dataclass
+class Run:
+    """One run folder: what was trained (None where run_config.json is absent) and what it measured."""
+
+    folder: Path
+    name: str                        # the folder relative to RESULTS_DIR
+    model_name: Optional[str]        # --model_name_or_path as given
+    model_path: Optional[str]        # the folder it resolved to
+    method: Optional[str]
+    r: Optional[int]
+    measured: List[tuple] = field(default_factory=list)   # (task, split, metric, value)
+
+
+@dataclass
+class Row:
+    run: Run
+    task: str
+    metric: str
+    value: float                     # as measured (a fraction for GLUE metrics)
+    model: Optional[str]             # registry model key, if the run's model is one of the papers'
+    reported: Optional[Reported]
+
+    @property
+    def shown(self) -> float:
+        """The measured value on the reported row's scale: x100 for a per-cent row (or, unmatched, a
+        GLUE fraction metric), unless it is already above 1 (then it was written in per cent)."""
+        per_cent = self.reported.unit == "%" if self.reported else self.metric in FRACTION_METRICS
+        return self.value * 100 if per_cent and abs(self.value) <= 1 else self.value
+
+    @property
+    def delta(self) -> Optional[float]:
+        if self.reported is None or math.isnan(self.value):
+            return None
+        return self.shown - self.reported.center
+
+
+# -- reading runs -----------------------------------------------------------------------------------
+
+def read_runs(results_dir: os.PathLike | str) -> List[Run]:
+    """Every run under results_dir (each folder holding an eval_results.json), sorted by folder."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results folder not found: {root}")
+    runs = [_read_run(path.parent, root) for path in sorted(root.rglob("eval_results.json"))]
+    if not runs:
+        raise FileNotFoundError(f"{root}: no eval_results.json under it (run_glue.py --do_eval writes one "
+                                "into each --output_dir)")
+    return runs
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_run(folder: Path, root: Path) -> Run:
+    name = folder.relative_to(root).as_posix() if folder != root else folder.name
+    run = Run(folder, name, None, None, None, None)
+    config_file = folder / "run_config.json"
+    if config_file.is_file():
+        cfg = _read_json(config_file)
+        run.model_name, run.model_path = cfg.get("model_name_or_path"), cfg.get("model_path")
+        method = cfg.get("method")
+        if isinstance(method, str):
+            method = METHOD_ALIASES.get(method.lower(), method.lower())
+            if method == "lora" and cfg.get("loraplus_lr_ratio") is not None:
+                method = "loraplus"
+        run.method = method
+        lora = cfg.get("lora")
+        run.r = lora.get("r") if isinstance(lora, dict) else None
+    results_file = folder / "eval_results.json"
+    results = _read_json(results_file)
+    run.measured = _measurements(results, results_file)
+    return run
+
+
+def _measurements(results: dict, source: Path) -> List[tuple]:
+    """(task, split, metric, value) of the top-level evaluation and of nested ones (MNLI's "mnli-mm")."""
+    def one(record: dict, where: str) -> List[tuple]:
+        task = record.get("task")
+        if not isinstance(task, str):
+            raise ValueError(f"{source}: {where} has no \"task\" string")
+        task = TASK_ALIASES.get(task.lower(), task.lower())
+        out = []
+        for key, value in record.items():
+            if key in NOT_METRICS or isinstance(value, dict):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                if value is None:  # a metric that could not be computed
+                    value = float("nan")
+                else:
+                    raise ValueError(f"{source}: {where} field {key!r} is {value!r}, not a number")
+            out.append((task, record.get("split"), key, float(value)))
+        return out
+
+    measured = one(results, "the top level")
+    for key, value in results.items():
+        if isinstance(value, dict):
+            measured += one(value, f"key {key!r}")
+    return measured
+
+
+# -- matching ---------------------------------------------------------------------------------------
+
+def match(registry: Registry, run: Run, task: str, metric: str, paper: Optional[str] = None) -> List[Reported]:
+    """The reported rows for one measured number of a run ([] when no paper reports it)."""
+    model = registry.model_key(run.model_name) or registry.model_key(run.model_path)
+    if model is None or run.method is None:
+        return []
+    rows = registry.find(model=model, method=run.method, task=task, metric=metric, paper=paper)
+    if run.r is not None and any(row.r == run.r for row in rows):
+        rows = [row for row in rows if row.r is None or row.r == run.r]
+    return rows
+
+
+def compare_rows(runs: Sequence[Run], registry: Optional[Registry] = None, paper: Optional[str] = None) -> List[Row]:
+    registry = registry or load_registry()
+    rows = []
+    for run in runs:
+        model = registry.model_key(run.model_name) or registry.model_key(run.model_path)
+        for task, _split, metric, value in run.measured:
+            reported = match(registry, run, task, metric, paper) or [None]
+            rows += [Row(run, task, metric, value, model, rep) for rep in reported]
+    return rows
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+def _fmt(x: Optional[float], sign: bool = False) -> str:
+    if x is None:
+        return ""
+    if math.isnan(x):
+        return "nan"
+    return f"{x:+.2f}" if sign else f"{x:.2f}"
+
+
+def markdown_table(rows: Sequence[Row], registry: Registry, paper: Optional[str] = None) -> str:
+    """The table, then plain sentences: where the reported numbers come from and what '—' means."""
+    lines = ["| run | model | method | task | metric | reported | measured | Δ | reported by |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        run, rep = row.run, row.reported
+        model = row.model or (Path(run.model_name).name if run.model_name else "?")
+        by = "—" if rep is None else rep.paper + (f" ({rep.setting})" if rep.setting else "")
+        lines.append(f"| {run.name} | {model} | {run.method or '?'} | {row.task} | {row.metric} | "
+                     f"{'—' if rep is None else rep.text()} | {_fmt(row.shown)} | {_fmt(row.delta, sign=True)} | {by} |")
+
+    notes = ["", "Measured: each run's eval_results.json, x100 where the paper reports per cent. "
+                 "Δ = measured − reported."]
+    unmatched = [row for row in rows if row.reported is None]
+    if unmatched:
+        tasks = sorted({row.task for row in unmatched})
+        notes.append(f"—: no paper in the registry reports that model / method / task / metric "
+                     f"({len(unmatched)} of {len(rows)} rows; tasks {', '.join(tasks)}). Those rows are our "
+                     "measurements alone: they are not the papers' numbers (the offline demo tasks wn-lex and "
+                     "wn-pair, or a model no paper used, have no reported counterpart).")
+    blind = sorted({row.run.name for row in rows if row.run.method is None})
+    if blind:
+        notes.append(f"No run_config.json (an evaluation-only run), so model and method unknown and nothing "
+                     f"matched: {', '.join(blind)}.")
+    marks = sorted({m for row in rows if row.reported for m in row.reported.marks})
+    meaning = {"unverified": "not checked against the paper's own table",
+               "second-hand": "copied from a later paper's text, not read in the original",
+               "computed": "computed here, not printed in the paper", "metric-assumed": "the source does not name the metric",
+               "headline": "a headline claim, not a table cell", "approximate": "given as approximate"}
+    for mark in marks:
+        notes.append(f"[{mark}]: {meaning.get(mark, mark)}.")
+    if paper is not None:
+        stand_ins = registry.papers[paper].get("baseline_from", [])
+        if stand_ins:
+            notes.append(f"--paper {paper}: its per-task numbers are not in the registry yet; the rows of "
+                         f"{', '.join(stand_ins)} stand in as the baseline.")
+    sources = sorted({(row.reported.paper, row.reported.source) for row in rows if row.reported})
+    if sources:
+        notes.append("Sources:")
+        notes += [f"- {p}: {s}" for p, s in sources]
+    return "\n".join(lines + notes)
+
+
+def write_chart(rows: Sequence[Row], out: os.PathLike | str, title: str = "Reported vs measured") -> Path:
+    """A grouped bar chart: per row, the reported number (with its ± as an error bar) and the measured one."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * n + 2), 4.5))
+    xs = list(range(n))
+    reported = [row.reported.center if row.reported else 0.0 for row in rows]
+    errors = [(row.reported.std or 0.0) if row.reported else 0.0 for row in rows]
+    has_reported = [row.reported is not None for row in rows]
+    ax.bar([x - 0.2 for x, h in zip(xs, has_reported) if h], [v for v, h in zip(reported, has_reported) if h],
+           width=0.4, yerr=[e for e, h in zip(errors, has_reported) if h], capsize=3, color="#9db4d0",
+           label="reported")
+    measured = [0.0 if math.isnan(row.shown) else row.shown for row in rows]
+    ax.bar([x + 0.2 for x in xs], measured, width=0.4, color="#d9822b", label="measured")
+    for x, h in zip(xs, has_reported):
+        if not h:
+            ax.text(x - 0.2, 0, "—", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(xs)
+    labels = [f"{row.run.name}\n{row.task} {row.metric}" + (f"\nvs {row.reported.paper}"
+                                                            + (f" ({row.reported.setting})" if row.reported.setting else "")
+                                                            if row.reported else "") for row in rows]
+    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("score (x100 where reported in per cent)")
+    ax.set_title(title + ("  (— : no reported number)" if not all(has_reported) else ""))
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(".tmp-" + out.name)
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="loralib compare", description=__doc__.splitlines()[0])
+    parser.add_argument("results_dir", help="folder holding run folders (each with eval_results.json)")
+    parser.add_argument("--out", default=None, help="bar chart PNG (default RESULTS_DIR/compare.png)")
+    parser.add_argument("--paper", choices=PAPERS, default=None,
+                        help="compare with this paper's numbers only (default: every paper)")
+    args = parser.parse_args(argv)
+    try:
+        registry = load_registry()
+        rows = compare_rows(read_runs(args.results_dir), registry, args.paper)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(markdown_table(rows, registry, args.paper))
+    out = Path(args.out) if args.out else Path(args.results_dir) / "compare.png"
+    try:
+        write_chart(rows, out, title="Reported vs measured" + (f" ({args.paper})" if args.paper else ""))
+    except ImportError:
+        print("error: the chart needs matplotlib (pip install matplotlib==3.11.2; it is in the nlu and dev "
+              "extras); the table above is complete", file=sys.stderr)
+        return 1
+    print(f"\nchart: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
