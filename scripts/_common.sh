@@ -1,0 +1,135 @@
+# shellcheck shell=bash
+# Sourced by every script in scripts/: flags, environment, the launcher and smoke mode, in one place.
+#
+# A script sets ALL_TASKS, SMOKE_TASKS (run by --smoke without task names), SMOKE_MODELS (hub names) and
+# optionally DEFAULT_TASKS (run without task names; default ALL_TASKS), sources this file, calls
+# `parse_args "$@"`, then `setup_run`, and runs `launch ENTRY FLAGS...` once per task.
+#
+# Environment (each overridable):
+#   NPROC      processes per run (default 1); > 1 launches `python -m torch.distributed.run --nproc_per_node NPROC`
+#   MODEL_DIR  folder holding the models as MODEL_DIR/<hub name> (default: none, the hub name is passed and
+#              run_glue.py looks in models/<hub name>, then downloads)
+#   DATA_DIR   GLUE folder (default data: data/MNLI/train.tsv ... or data/glue/mnli from data/download_glue.py)
+#   OUT_DIR    where the runs go (default outputs/<script name>)
+#   PYTHON     interpreter (default: the repository's .venv/bin/python, else python3)
+#   SMOKE_DIR  smoke mode: where the tiny models and GLUE files are built (default .cache/smoke in the repo)
+set -euo pipefail
+
+SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$SCRIPTS_DIR")
+SCRIPT_NAME=$(basename "$0" .sh)
+if [[ -z ${PYTHON:-} ]]; then
+    if [[ -x $REPO/.venv/bin/python ]]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
+fi
+NPROC=${NPROC:-1}
+SMOKE=0
+TASKS=()
+SMOKE_ARGS=()
+
+die() { echo "$SCRIPT_NAME: error: $*" >&2; exit 2; }
+
+usage() {  # the script's header comment, without the '#'
+    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+}
+
+parse_args() {
+    local arg task
+    for arg in "$@"; do
+        case $arg in
+            --smoke) SMOKE=1 ;;
+            -h|--help) usage; exit 0 ;;
+            -*) die "unknown option $arg (expected --smoke, --help, or task names: ${ALL_TASKS[*]})" ;;
+            all) TASKS+=("${ALL_TASKS[@]}") ;;
+            *)
+                task=${arg,,}
+                [[ " ${ALL_TASKS[*]} " == *" $task "* ]] || die "unknown task '$arg' (expected some of: ${ALL_TASKS[*]}, or all)"
+                TASKS+=("$task") ;;
+        esac
+    done
+    if (( ${#TASKS[@]} == 0 )); then
+        if (( SMOKE )); then
+            TASKS=("${SMOKE_TASKS[@]}")
+        elif [[ -n ${DEFAULT_TASKS[*]+set} ]]; then
+            TASKS=("${DEFAULT_TASKS[@]}")
+        else
+            TASKS=("${ALL_TASKS[@]}")
+        fi
+    fi
+    [[ $NPROC =~ ^[1-9][0-9]*$ ]] || die "NPROC must be a positive integer, got '$NPROC'"
+}
+
+# Smoke mode: build (once) the tiny stand-ins of SMOKE_MODELS and the tiny GLUE folder, and point MODEL_DIR
+# and DATA_DIR at them. Everything else (flags, launcher, chaining, results files) is the real run's; the
+# appended SMOKE_ARGS only cap the run at a few optimizer steps (argparse keeps the last value of a flag).
+setup_smoke() {
+    SMOKE_DIR=${SMOKE_DIR:-$REPO/.cache/smoke}
+    local name missing=()
+    for name in "${SMOKE_MODELS[@]}"; do
+        [[ -f $SMOKE_DIR/models/$name/.smoke-complete ]] || missing+=("$name")
+    done
+    if (( ${#missing[@]} )) || [[ ! -f $SMOKE_DIR/glue/.smoke-complete ]]; then
+        local joined
+        joined=$(IFS=,; echo "${SMOKE_MODELS[*]}")
+        "$PYTHON" "$SCRIPTS_DIR/_smoke_assets.py" --root "$SMOKE_DIR" --models "$joined" >/dev/null
+    fi
+    MODEL_DIR=$SMOKE_DIR/models
+    DATA_DIR=$SMOKE_DIR/glue
+    OUT_DIR=${OUT_DIR:-$SMOKE_DIR/runs/$SCRIPT_NAME}
+    SMOKE_ARGS=(--max_steps 2 --eval_steps 1 --save_steps 1 --logging_steps 1 --dataloader_num_workers 0
+                --disable_tqdm)
+}
+
+# setup_run: the smoke or the real paths, and the environment of the original scripts.
+setup_run() {
+    if (( SMOKE )); then
+        setup_smoke
+    else
+        DATA_DIR=${DATA_DIR:-data}
+        OUT_DIR=${OUT_DIR:-outputs/$SCRIPT_NAME}
+    fi
+    MODEL_DIR=${MODEL_DIR:-}
+    export PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false
+}
+
+# note_nproc TASK N: the per-device batch sizes are the original's, so the global batch is the paper's only
+# with the paper's process count; say so when NPROC differs.
+note_nproc() {
+    if (( ! SMOKE )) && [[ $NPROC != "$2" ]]; then
+        echo "$SCRIPT_NAME: note: the paper ran $1 on $2 process(es); NPROC=$NPROC makes the global batch" \
+             "NPROC x the per-device batch" >&2
+    fi
+}
+
+model_path() {  # hub name -> what --model_name_or_path gets
+    echo "${MODEL_DIR:+$MODEL_DIR/}$1"
+}
+
+# launch ENTRY FLAGS...: one run of ENTRY (a path under the repository), on NPROC processes.
+launch() {
+    local entry=$REPO/$1
+    shift
+    local cmd=("$PYTHON")
+    if (( NPROC > 1 )); then
+        cmd+=(-m torch.distributed.run --standalone --nproc_per_node "$NPROC")
+    fi
+    cmd+=("$entry" "$@" "${SMOKE_ARGS[@]+"${SMOKE_ARGS[@]}"}")
+    printf '+' >&2; printf ' %q' "${cmd[@]}" >&2; echo >&2  # the exact command, ready to paste
+    "${cmd[@]}"
+}
+
+# The paper's MRPC, RTE and STS-B runs start from the MNLI LoRA checkpoint: MNLI_LORA when set (e.g. microsoft's
+# released roberta_base_lora_mnli.bin; ignored in smoke mode, whose tiny models fit no real adapter), else the
+# best adapter (else the last) of this script's own MNLI run.
+mnli_lora() {
+    if [[ -n ${MNLI_LORA:-} ]] && (( ! SMOKE )); then
+        [[ -e $MNLI_LORA ]] || die "MNLI_LORA=$MNLI_LORA does not exist"
+        echo "$MNLI_LORA"
+        return
+    fi
+    local run=$OUT_DIR/mnli/model candidate
+    for candidate in "$run/best_adapter" "$run/adapter"; do
+        if [[ -d $candidate ]]; then echo "$candidate"; return; fi
+    done
+    die "$1 starts from the MNLI LoRA checkpoint, and $run has none: run the mnli task first (same OUT_DIR)," \
+        "or set MNLI_LORA to an adapter (e.g. a released *_lora_mnli.bin)"
+}

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# LoRA (Hu et al. 2021), DeBERTa-v2-XXL (1.5B) on GLUE: the row "DeBERTa XXL LoRA" of the paper's Table 2, with
+# the flags of microsoft/LoRA examples/NLU/deberta_v2_xxlarge_{task}.sh (examples/NLU/run_glue.py here).
+#
+#   scripts/lora_deberta_v2_xxlarge_glue.sh [--smoke] [TASK ...]   TASK: mnli sst2 mrpc cola qnli qqp rte stsb, or all
+#
+#   NPROC=8 scripts/lora_deberta_v2_xxlarge_glue.sh mnli           # the paper's 8 processes
+#   MNLI_LORA=models/deberta_v2_xxlarge_lora_mnli.bin scripts/lora_deberta_v2_xxlarge_glue.sh rte
+#   scripts/lora_deberta_v2_xxlarge_glue.sh --smoke                # mnli, then rte from it, on a tiny model
+#
+# LoRA r 16, alpha 32 on query_proj and value_proj, --fp16 (fp32 with a warning on a machine without a GPU),
+# evaluation and checkpoints every N steps, deterministic algorithms. MRPC, RTE and STS-B start from the MNLI
+# LoRA checkpoint (--lora_path): MNLI_LORA, else OUT_DIR/mnli/model/best_adapter (so run mnli first).
+# Results: OUT_DIR/<task>/model/eval_results.json. Environment: NPROC (default 1), MODEL_DIR, DATA_DIR,
+# OUT_DIR, PYTHON, SMOKE_DIR (see scripts/_common.sh).
+ALL_TASKS=(mnli sst2 mrpc cola qnli qqp rte stsb)
+SMOKE_TASKS=(mnli rte)
+SMOKE_MODELS=(microsoft/deberta-v2-xxlarge)
+source "$(dirname "$0")/_common.sh"
+parse_args "$@"
+setup_run
+export CUBLAS_WORKSPACE_CONFIG=":16:8"
+
+# recipes.md, DeBERTa-v2-XXL, 8 processes for every task; warmup in steps, or ratio:R; every = the original
+# scripts' --eval_steps and --save_steps
+# task  max_seq_length  per-device batch  lr      epochs  warmup     cls_dropout  weight_decay  every
+RECIPE="
+mnli    256             8                 1e-4    5       1000       0.15         0             500
+sst2    128             8                 6e-5    16      1000       0            0.01          100
+mrpc    128             32                2e-4    30      ratio:0.1  0            0.01          10
+cola    64              4                 1.3e-4  10      100        0.1          0             20
+qnli    512             6                 1e-4    8       500        0.1          0.01          500
+qqp     320             8                 1e-4    11      10000      0.2          0.01          500
+rte     320             4                 2.6e-4  11      50         0.2          0.01          20
+stsb    128             4                 2e-4    10      100        0.2          0.1           50
+"
+
+for task in "${TASKS[@]}"; do
+    read -r _ seq batch lr epochs warmup cls_dropout weight_decay every <<<"$(grep -E "^$task " <<<"$RECIPE")"
+    note_nproc "$task" 8
+    case $warmup in
+        ratio:*) warmup_flag=(--warmup_ratio "${warmup#ratio:}") ;;
+        *) warmup_flag=(--warmup_steps "$warmup") ;;
+    esac
+    from_mnli=()
+    case $task in mrpc|rte|stsb) lora=$(mnli_lora "$task"); from_mnli=(--lora_path "$lora") ;; esac
+    out=$OUT_DIR/$task
+    launch examples/NLU/run_glue.py \
+        --model_name_or_path "$(model_path microsoft/deberta-v2-xxlarge)" \
+        "${from_mnli[@]+"${from_mnli[@]}"}" \
+        --task_name "$task" \
+        --data_dir "$DATA_DIR" \
+        --do_train \
+        --do_eval \
+        --max_seq_length "$seq" \
+        --per_device_train_batch_size "$batch" \
+        --learning_rate "$lr" \
+        --num_train_epochs "$epochs" \
+        --output_dir "$out/model" \
+        --overwrite_output_dir \
+        --logging_steps 10 \
+        --logging_dir "$out/log" \
+        --fp16 \
+        --evaluation_strategy steps \
+        --eval_steps "$every" \
+        --save_strategy steps \
+        --save_steps "$every" \
+        "${warmup_flag[@]}" \
+        --cls_dropout "$cls_dropout" \
+        --apply_lora \
+        --lora_r 16 \
+        --lora_alpha 32 \
+        --seed 0 \
+        --weight_decay "$weight_decay" \
+        --use_deterministic_algorithms
+done
