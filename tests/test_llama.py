@@ -214,3 +214,43 @@ def test_decode_step_accepts_a_strided_attention_output(tmp_path, monkeypatch):
         ours(ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True)
         got = ours(ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_lora_training_gradients_match_peft(tmp_path):
+    """The hand-written backward pieces (SwiGLU gate, RMSNorm, chunked LM-head loss) against autograd
+    through transformers + PEFT: same loss and same gradients of every LoRA factor and norm weight."""
+    peft = pytest.importorskip("peft")
+    ref = hf_model(tiny_config())
+    ours = from_pretrained(save(ref, tmp_path), lora=LoRAConfig(r=4, lora_alpha=8, target_modules=ALL_SEVEN)).train()
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    theirs = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, target_modules=names)).train()
+    torch.manual_seed(4)
+    peft_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, layer in lora_layers(ours):
+            if layer.has_lora:
+                layer.lora_B.normal_(0, 0.5)
+                peft_params[f"base_model.model.{name}.lora_A.default.weight"].copy_(layer.lora_A)
+                peft_params[f"base_model.model.{name}.lora_B.default.weight"].copy_(layer.lora_B)
+    norms = [n for n, _ in ours.named_parameters() if n.endswith("norm.weight")]
+    for n, p in ours.named_parameters():
+        p.requires_grad = "lora_" in n or n in norms
+    for n, p in theirs.named_parameters():
+        p.requires_grad = "lora_" in n or n.replace("base_model.model.", "") in norms
+    ids, mask = left_padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, -1] = -100
+    our_loss = ours(ids, attention_mask=mask, labels=labels).loss
+    their_loss = theirs(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask), labels=labels).loss
+    torch.testing.assert_close(our_loss, their_loss, rtol=1e-5, atol=1e-6)
+    our_loss.backward()
+    their_loss.backward()
+    compared = 0
+    for name, p in ours.named_parameters():
+        if not p.requires_grad:
+            continue
+        # ...q_proj.lora_A -> base_model.model....q_proj.lora_A.default.weight; norms keep their names
+        key = f"base_model.model.{name}" + (".default.weight" if "lora_" in name else "")
+        torch.testing.assert_close(p.grad, peft_params[key].grad, rtol=1e-4, atol=1e-6, msg=name)
+        compared += 1
+    assert compared == 2 * 7 * tiny_config().num_hidden_layers + len(norms)

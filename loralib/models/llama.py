@@ -17,9 +17,11 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..config import LoRAConfig, make_linear
 from .cache import KVCache
+from .gpt2 import causal_lm_loss, lm_head_with_loss
 from .outputs import ModelOutput
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -224,9 +226,36 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with its backward written out: it keeps x (in its own dtype, not an fp32 copy) and 1/rms
+    (B, T, 1), and takes fewer passes over (B, T, d) than autograd's pow/mean/rsqrt/mul chain.
+    With x^ = x / rms and gn = the gradient reaching x^ (grad * weight):
+        d/dx = (gn - x^ mean(gn x^)) / rms,   d/dweight = sum over tokens of grad * x^."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = x.float() * rstd
+        grad_weight = grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * x_hat.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            # the forward cast x^ to x.dtype before the weight; its gradient passes through that cast
+            gn = (grad * weight).to(x.dtype).float()
+            dot = (gn * x_hat).mean(-1, keepdim=True)
+            grad_x = gn.sub_(x_hat.mul_(dot)).mul_(rstd).to(x.dtype)
+        return grad_x, grad_weight, None
 
 
 def _proj(lora, path, name, n_in, n_out, bias):
@@ -290,7 +319,28 @@ class MLP(nn.Module):
         self.act = _ACTIVATIONS[c.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is F.silu:
+            return self.down_proj(_SiLUGate.apply(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _SiLUGate(torch.autograd.Function):
+    """silu(g) * u for g, u (B, T, I). Autograd would keep silu(g) as well as g and u for backward;
+    here silu(g) is recomputed from g instead, one (B, T, I) activation less per layer:
+        d/du = grad * silu(g),   d/dg = grad * u * silu'(g)."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g, u)
+        return F.silu(g).mul_(u)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        g, u = ctx.saved_tensors
+        grad_g = torch.ops.aten.silu_backward(grad * u, g) if ctx.needs_input_grad[0] else None
+        grad_u = F.silu(g).mul_(grad) if ctx.needs_input_grad[1] else None
+        return grad_g, grad_u
 
 
 class DecoderLayer(nn.Module):
@@ -409,14 +459,23 @@ class LlamaForCausalLM(nn.Module):
                 position_ids: Optional[torch.Tensor] = None, past_key_values: Optional[KVCache] = None,
                 use_cache: bool = False, logits_to_keep: int = 0) -> ModelOutput:
         """logits (B, T, vocab), or (B, logits_to_keep, vocab) for the last positions only (generation
-        needs just the last one); loss = mean next-token cross-entropy over labels != -100."""
+        needs just the last one); loss = mean next-token cross-entropy over labels != -100 (when it will
+        be differentiated, its gradient is computed in the forward already; logits still carry gradients)."""
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep and labels cannot be combined: the loss needs every position")
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
         hidden = out.hidden_states
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        head = self.lm_head
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=-100)
+        if (labels is not None and torch.is_grad_enabled() and type(head) is nn.Linear and head.bias is None
+                and (hidden.requires_grad or head.weight.requires_grad)):
+            # Training: the loss's gradient is formed chunk by chunk during the forward, so neither the
+            # fp32 log-probabilities nor a (B, T, vocab) gradient is ever kept (see lm_head_with_loss).
+            logits, loss = lm_head_with_loss(hidden, head.weight, labels)
+        else:
+            logits = head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+            if labels is not None:
+                loss = causal_lm_loss(logits, labels)
         return ModelOutput(logits=logits, loss=loss, past_key_values=out.past_key_values, hidden_states=hidden)
 
 
