@@ -106,6 +106,21 @@ class LoRALayer:
     def rebuild_buffers(self) -> None:
         """Recompute derived buffers (after materialising a layer built on the meta device)."""
 
+    def _weight_key(self) -> str:
+        """The state-dict key of the weight B A is folded into (ConvLoRA: "conv.weight")."""
+        return "weight"
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def _linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b + lora_forward(x) for the linear LoRA layers (LoRA, AdaLoRA, LoRA²)."""
+        result = F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
+        if self.has_lora and not self.merged:
+            # In place: F.linear does not keep its output for backward.
+            result += self.lora_forward(x).to(result.dtype)
+        return result
+
     @property
     def has_lora(self) -> bool:
         return self.r > 0 and hasattr(self, "lora_A")
@@ -177,12 +192,6 @@ class Embedding(nn.Embedding, LoRALayer):
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
 
-    def _weight_key(self) -> str:
-        return "weight"
-
-    def _base_weight(self) -> torch.Tensor:
-        return self.weight
-
     def delta_weight(self) -> torch.Tensor:
         """(num_embeddings, embedding_dim), in fp32 (fp64 for fp64 factors)."""
         return (_wide(self.lora_B) @ _wide(self.lora_A)).transpose(0, 1) * self.scaling
@@ -234,12 +243,6 @@ class Linear(nn.Linear, LoRALayer):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
-    def _weight_key(self) -> str:
-        return "weight"
-
-    def _base_weight(self) -> torch.Tensor:
-        return self.weight
-
     def delta_weight(self) -> torch.Tensor:
         """B A * scaling in fp32, laid out like `weight` ((in, out) when fan_in_fan_out)."""
         return _transpose_if(_wide(self.lora_B) @ _wide(self.lora_A), self.fan_in_fan_out) * self.scaling
@@ -256,11 +259,7 @@ class Linear(nn.Linear, LoRALayer):
         return (x @ self.lora_A.transpose(0, 1)) @ (self.lora_B.transpose(0, 1) * self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
-        if self.has_lora and not self.merged:
-            # In place: F.linear does not keep its output for backward.
-            result += self.lora_forward(x).to(result.dtype)
-        return result
+        return self._linear_forward(x)
 
 
 class MergedLinear(nn.Linear, LoRALayer):
@@ -321,12 +320,6 @@ class MergedLinear(nn.Linear, LoRALayer):
     def rebuild_buffers(self) -> None:
         if self.has_lora:
             self.lora_columns = self._enabled_columns()
-
-    def _weight_key(self) -> str:
-        return "weight"
-
-    def _base_weight(self) -> torch.Tensor:
-        return self.weight
 
     def _chunked_factors(self):
         """A as (n, r, in) and B as (n, out_g, r)."""

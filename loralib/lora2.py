@@ -96,12 +96,6 @@ class LoRA2Linear(nn.Linear, LoRALayer):
     def rebuild_buffers(self) -> None:
         _rebuild_rank_buffers(self)
 
-    def _weight_key(self) -> str:
-        return "weight"
-
-    def _base_weight(self) -> torch.Tensor:
-        return self.weight
-
     def _rank_scale(self) -> torch.Tensor:
         return self.scaling / (self.ranknum + 1e-5)
 
@@ -130,10 +124,7 @@ class LoRA2Linear(nn.Linear, LoRALayer):
         return h * self._rank_scale()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
-        if self.has_lora and not self.merged:
-            result += self.lora_forward(x).to(result.dtype)
-        return result
+        return self._linear_forward(x)
 
     # -- what the allocator and the regularizer see ----------------------------------------------
     def scored_factors(self) -> List[Tuple[str, nn.Parameter]]:
