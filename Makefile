@@ -8,7 +8,7 @@ MS_LORALIB  := $(CACHE)/wheels/loralib-0.1.2-py3-none-any.whl
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 
-.PHONY: demo demo-digits test venv bench clean
+.PHONY: demo demo-digits test venv bench clean java-runtime
 
 DEEPSPEED   := deepspeed==0.19.8
 WORDNET_DIR := /usr/share/wordnet
@@ -29,6 +29,21 @@ $(WORDNET_DIR):
 
 venv: $(STAMP)
 
+# The GPT-2 BPE (50257 tokens) with no model hub: the exact vocabulary ships in openai-whisper's source archive
+# (whisper/assets/gpt2.tiktoken); only that file is kept, whisper is never installed.
+GPT2_BPE    := $(CACHE)/gpt2-bpe/gpt2.tiktoken
+WHISPER     := openai-whisper==20250625
+$(GPT2_BPE): | $(STAMP)
+	mkdir -p $(CACHE)/gpt2-bpe $(CACHE)/sdist
+	$(PY) -m pip download -q --no-deps --no-binary :all: $(WHISPER) -d $(CACHE)/sdist
+	tar -xzf $(CACHE)/sdist/openai_whisper-20250625.tar.gz -O openai_whisper-20250625/whisper/assets/gpt2.tiktoken > $@.tmp
+	mv $@.tmp $@
+
+# METEOR 1.5 and the PTB tokenizer of the E2E / WebNLG metrics (pycocoevalcap) run on Java.
+java-runtime:
+	@command -v java >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq default-jre-headless; \
+	else echo "Java missing: apt-get install default-jre-headless (as root); the NLG metric tests will skip"; fi; }
+
 # microsoft's loralib 0.1.2 is a test reference; it installs under the import name `loralib`,
 # so tests load it from the wheel under another name instead of installing it.
 $(MS_LORALIB):
@@ -44,7 +59,7 @@ demo: $(STAMP) $(WORDNET_DIR)
 demo-digits: $(STAMP)
 	$(PY) -m loralib.demo
 
-test: $(STAMP) $(MS_LORALIB) $(WORDNET_DIR)
+test: $(STAMP) $(MS_LORALIB) $(WORDNET_DIR) $(GPT2_BPE) java-runtime
 	LORALIB_REFERENCE_WHEEL=$(MS_LORALIB) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP) $(MS_LORALIB)

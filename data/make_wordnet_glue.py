@@ -51,6 +51,7 @@ class Synset:
     words: tuple[str, ...]     # lower-case lemmas, spaces for underscores, adjective markers removed
     definition: str            # the gloss without its examples
     examples: tuple[str, ...]  # the quoted example sentences of the gloss
+    hypernyms: tuple[str, ...] = ()  # ids of the hypernym and instance-hypernym synsets (pointers "@", "@i")
 
 
 def parse_data_file(path: Path) -> list[Synset]:
@@ -89,6 +90,7 @@ def _parse_line(line: str) -> Synset:
         at = 4 + 2 * w_cnt
         words = tokens[4:at:2]
         p_cnt = int(tokens[at])
+        pointers = [tokens[at + 1 + 4 * i: at + 5 + 4 * i] for i in range(p_cnt)]
         at += 1 + 4 * p_cnt
         if ss_type == "v":  # verb frames: f_cnt then "+ f_num w_num" each
             f_cnt = int(tokens[at])
@@ -101,7 +103,9 @@ def _parse_line(line: str) -> Synset:
     gloss = gloss.strip()
     examples = tuple(e.strip() for e in _QUOTED.findall(gloss) if e.strip())
     definition = gloss.split('"', 1)[0].strip().rstrip(";").strip()
-    return Synset(("a" if ss_type == "s" else ss_type) + offset, LEXNAMES[int(lex)], words, definition, examples)
+    hypernyms = tuple(pos + target for symbol, target, pos, _ in pointers if symbol in ("@", "@i"))
+    return Synset(("a" if ss_type == "s" else ss_type) + offset, LEXNAMES[int(lex)], words, definition, examples,
+                  hypernyms)
 
 
 def read_wordnet(wordnet_dir: Path, parts=PARTS) -> list[Synset]:

@@ -11,7 +11,7 @@
 # layer, rank allocation from --lora_r down to an average --target_rank 1 (init_warmup / final_warmup /
 # mask_interval), orthogonal regularizer, beta1 = beta2 = 0.85. The released MRPC script spelled
 # --apply_adalora as --apply_rankselector (run_glue.py accepts both); its --tb_writter_loginterval (a
-# TensorBoard interval) is left out. Results: OUT_DIR/<task>/model/eval_results.json and rank_pattern.json.
+# TensorBoard interval of the rank logs) is accepted and changes nothing: ranks go to metrics.jsonl. Results: OUT_DIR/<task>/model/eval_results.json and rank_pattern.json.
 # Environment: NPROC (default 1), MODEL_DIR, DATA_DIR, OUT_DIR, PYTHON, SMOKE_DIR (see scripts/_common.sh).
 ALL_TASKS=(mnli sst2 cola qqp qnli rte mrpc stsb)
 SMOKE_TASKS=(mrpc)
@@ -64,7 +64,7 @@ for task in "${TASKS[@]}"; do
         --cls_dropout "$cls" --weight_decay "$wd" \
         --evaluation_strategy steps --eval_steps "$eval" \
         --save_strategy steps --save_steps "$save" \
-        --logging_steps "$log" \
+        --logging_steps "$log" --tb_writter_loginterval "$log" \
         --report_to tensorboard \
         --seed "$seed" \
         --root_output_dir "$OUT_DIR/$task" \

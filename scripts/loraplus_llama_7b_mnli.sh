@@ -13,7 +13,7 @@
 # added (embedding grown, new row = mean) and the score head trained. Constant schedule, AdamW beta2 0.999,
 # weight decay 0, batch 8 x gradient accumulation 4, 1 epoch, --fp16 (fp32 with a warning without a GPU).
 # --gradient_checkpointing is kept from the original (run_glue.py warns that it is not supported); the
-# original's --logging_strategy steps (the default) and its wandb reporting are left out.
+# original's --logging_strategy steps is passed (the default); its wandb reporting is left out (TensorBoard).
 # Results: OUT_DIR/<task>/lr-LR_ratio-LR_RATIO_seed-SEED/eval_results.json. Environment: LR, LR_RATIO, SEED,
 # NPROC (default 1), MODEL_DIR, DATA_DIR, OUT_DIR, PYTHON, SMOKE_DIR (see scripts/_common.sh).
 ALL_TASKS=(mnli sst2 mrpc cola qnli qqp rte stsb)
@@ -50,6 +50,7 @@ for task in "${TASKS[@]}"; do
         --num_train_epochs 1 \
         --evaluation_strategy steps \
         --eval_steps 500 \
+        --logging_strategy steps \
         --logging_steps 10 \
         --save_strategy steps \
         --save_steps 500 \

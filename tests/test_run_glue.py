@@ -384,3 +384,13 @@ def test_fp16_without_gpu_warns_and_trains_in_fp32(files, tmp_path):
         assert NLU.main(_base(files, "roberta", "rte", out, "--do_train", "--apply_lora", "--fp16", "--max_steps", "1",
                               "--save_strategy", "no")) == 0
     assert _json(out / "run_config.json")["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("flavour", ["nlu", "lora2", "loraplus"])
+def test_logging_flags_of_the_original_scripts_are_accepted(files, tmp_path, flavour, capsys):
+    argv = _base(files, "roberta", "rte", tmp_path / "x", "--logging_strategy", "steps", "--tb_writter_loginterval", "50")
+    args = driver.parse_args(argv, flavour)
+    assert (args.logging_strategy, args.tb_writter_loginterval) == ("steps", 50)
+    with pytest.raises(SystemExit):
+        driver.parse_args(_base(files, "roberta", "rte", tmp_path / "x", "--logging_strategy", "hourly"), flavour)
+    assert "--logging_strategy" in capsys.readouterr().err

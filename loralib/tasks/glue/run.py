@@ -42,7 +42,8 @@ Decisions (each one a place where the original scripts were silent, wrong or imp
 - Flags of the original commands that change nothing here are accepted (and named in --help):
   --logging_dir, --report_to (tensorboard turns on TensorBoard in output_dir), --local_rank (from
   torch.distributed.launch), --overwrite_cache, --ignore_mismatched_sizes, --keep_checkpoints, --use_lora,
-  --use_local, --optim adamw_torch/adamw_hf; --gradient_checkpointing is not supported (a warning).
+  --use_local, --optim adamw_torch/adamw_hf, --logging_strategy,
+  --tb_writter_loginterval (AdaLoRA's scripts); --gradient_checkpointing is not supported (a warning).
 - nlu and lora2: --apply_lorapro (with --apply_lora, on LoRA's B A layers) trains with LoRA-Pro
   (loralib.optim.LoRAProAdamW, --lorapro_mode full|efficient) instead of AdamW; method "lorapro" in
   run_config.json. Its weight decay pulls s B A toward 0 and leaves W0 as loaded (decay_base_weight=False),
@@ -165,6 +166,10 @@ def _add_common(parser: argparse.ArgumentParser, flavour: str) -> None:
     c.add_argument("--gradient_checkpointing", action="store_true", help="not supported: a warning")
     c.add_argument("--use_local", action="store_true")
     c.add_argument("--run_name", default=None)
+    c.add_argument("--logging_strategy", default="steps", choices=("no", "steps", "epoch"),
+                   help="the loop logs every --logging_steps steps to metrics.jsonl")
+    c.add_argument("--tb_writter_loginterval", type=int, default=None,
+                   help="AdaLoRA's scripts: the interval of its rank TensorBoard logs (ranks go to metrics.jsonl)")
 
 
 def _add_lora(parser: argparse.ArgumentParser, flavour: str) -> None:
