@@ -18,6 +18,7 @@ BENCHMARKS = {
     "generation": ["bench_generation.py", "--batch", "4", "--new-tokens", "32", "--repeats", "3"],
     "allocator": ["bench_allocator.py"],
     "lorapro": ["bench_lorapro.py"],
+    "lorapro_memory": ["bench_lorapro_memory.py"],
     "learning_check": ["learning_check.py"],
 }
 

@@ -279,7 +279,7 @@ def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = Tru
         layer_config = LoRAConfig(r=rank, lora_alpha=alpha, lora_dropout=float(cfg.get("lora_dropout", 0.0)),
                                   target_modules=re.escape(path), use_rslora=use_rslora,
                                   merge_weights=merge_weights)
-        if not isinstance(modules[path], layers.LoRALayer):
+        if not getattr(modules[path], "has_lora", False):  # a plain module, or a rank-0 loralib Linear
             inject(model, target_modules=None, config=layer_config, freeze=False)
         layer = model.get_submodule(path)
         for name, value in (("lora_A", A), ("lora_B", B)):

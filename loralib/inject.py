@@ -46,11 +46,14 @@ def _lora_layer_for(module: nn.Module, path: str, config: LoRAConfig) -> nn.Modu
     device, dtype = weight.device, weight.dtype
     has_bias = getattr(module, "bias", None) is not None
     chunks = len(config.enable_lora) if config.enable_lora is not None else 1
-    if isinstance(module, layers.LoRALayer):
+    # our model files build every projection as a loralib Linear, rank 0 where no LoRA was asked for: such a
+    # layer is a plain linear map and may be given a rank like an nn.Linear
+    plain_loralib = type(module) is layers.Linear and not module.has_lora
+    if isinstance(module, layers.LoRALayer) and not plain_loralib:
         raise ValueError(f"module {path!r} already carries LoRA ({type(module).__name__}); "
                          "unmerge/remove it before injecting again")
-    if isinstance(module, nn.Linear) or _is_gpt2_conv1d(module):
-        fan_in_fan_out = not isinstance(module, nn.Linear)
+    if isinstance(module, nn.Linear) or _is_gpt2_conv1d(module) or plain_loralib:
+        fan_in_fan_out = module.fan_in_fan_out if plain_loralib else not isinstance(module, nn.Linear)
         in_f, out_f = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
         with torch.device("meta"):
             layer = config.make_linear(path, in_f, out_f, bias=has_bias, fan_in_fan_out=fan_in_fan_out,

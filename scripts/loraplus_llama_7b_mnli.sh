@@ -12,7 +12,7 @@
 # LoRA on all seven projections (q, k, v, o, up, down, gate); B trained with lr x LR_RATIO; a [PAD] token is
 # added (embedding grown, new row = mean) and the score head trained. Constant schedule, AdamW beta2 0.999,
 # weight decay 0, batch 8 x gradient accumulation 4, 1 epoch, --fp16 (fp32 with a warning without a GPU).
-# --gradient_checkpointing is kept from the original (run_glue.py warns that it is not supported); the
+# --gradient_checkpointing as the original (each decoder block recomputed in the backward pass); the
 # original's --logging_strategy steps is passed (the default); its wandb reporting is left out (TensorBoard).
 # Results: OUT_DIR/<task>/lr-LR_ratio-LR_RATIO_seed-SEED/eval_results.json. Environment: LR, LR_RATIO, SEED,
 # NPROC (default 1), MODEL_DIR, DATA_DIR, OUT_DIR, PYTHON, SMOKE_DIR (see scripts/_common.sh).

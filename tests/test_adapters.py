@@ -139,3 +139,23 @@ def test_missing_or_foreign_config_is_reported(tmp_path):
     peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query"])).save_pretrained(str(tmp_path / "p"))
     with pytest.raises(lora.AdapterError, match="looks like a PEFT adapter"):
         lora.load_adapter(tiny_roberta(), tmp_path / "p")
+
+
+def test_import_peft_into_our_own_model_file(tmp_path):
+    """Our model files build every projection as a rank-0 loralib Linear; a PEFT adapter must still import
+    (a regression: import_peft only injected into modules that were not loralib layers)."""
+    peft = pytest.importorskip("peft")
+    from _llama_fixtures import hf_model, save, tiny_config
+    from loralib.models import from_pretrained
+
+    hf = hf_model(tiny_config())
+    save(hf, tmp_path / "base")
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomise_lora(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ours = from_pretrained(tmp_path / "base", task="causal-lm")
+    lora.import_peft(ours, tmp_path / "adapter")
+    assert type(ours.model.layers[0].self_attn.q_proj).__name__ == "Linear" and ours.model.layers[0].self_attn.q_proj.r == 4
+    ids = torch.randint(3, 90, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, peft_model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

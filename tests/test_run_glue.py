@@ -394,3 +394,21 @@ def test_logging_flags_of_the_original_scripts_are_accepted(files, tmp_path, fla
     with pytest.raises(SystemExit):
         driver.parse_args(_base(files, "roberta", "rte", tmp_path / "x", "--logging_strategy", "hourly"), flavour)
     assert "--logging_strategy" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(files, tmp_path):
+    """--gradient_checkpointing (the LoRA+ Llama recipe) recomputes each block and changes no number."""
+    from loralib.models.grad_checkpoint import is_gradient_checkpointing
+
+    def run(out, *extra):
+        argv = _base(files, "llama", "rte", out, "--target_modules", "q_proj, v_proj", "--loraplus_lr_ratio", "4",
+                     "--max_steps", "2", "--save_strategy", "no", "--no_do_eval", *extra)
+        return driver.run_glue(argv, "loraplus").model
+
+    plain, checkpointed = run(tmp_path / "plain"), run(tmp_path / "ckpt", "--gradient_checkpointing")
+    assert is_gradient_checkpointing(checkpointed) and not is_gradient_checkpointing(plain)
+    lora = {k: v for k, v in plain.state_dict().items() if "lora_" in k}
+    assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    for k, v in checkpointed.state_dict().items():
+        if k in lora:
+            torch.testing.assert_close(v, lora[k], rtol=1e-5, atol=1e-6)

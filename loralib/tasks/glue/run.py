@@ -43,7 +43,7 @@ Decisions (each one a place where the original scripts were silent, wrong or imp
   --logging_dir, --report_to (tensorboard turns on TensorBoard in output_dir), --local_rank (from
   torch.distributed.launch), --overwrite_cache, --ignore_mismatched_sizes, --keep_checkpoints, --use_lora,
   --use_local, --optim adamw_torch/adamw_hf, --logging_strategy,
-  --tb_writter_loginterval (AdaLoRA's scripts); --gradient_checkpointing is not supported (a warning).
+  --tb_writter_loginterval (AdaLoRA's scripts).
 - nlu and lora2: --apply_lorapro (with --apply_lora, on LoRA's B A layers) trains with LoRA-Pro
   (loralib.optim.LoRAProAdamW, --lorapro_mode full|efficient) instead of AdamW; method "lorapro" in
   run_config.json. Its weight decay pulls s B A toward 0 and leaves W0 as loaded (decay_base_weight=False),
@@ -76,6 +76,7 @@ from ...config import LoRAConfig
 from ...lora2 import LoRA2RankAllocator, compute_lora2_orth_regu
 from ...optim import LoRAProAdamW, create_loraplus_optimizer
 from ...utils import trainable_summary
+from ...models.grad_checkpoint import enable_gradient_checkpointing
 from .data import GlueData, get_task, load_glue
 from .metrics import compute_metrics, main_metric
 from .tokenize import GlueCollator, encode_examples, ensure_pad_token
@@ -154,6 +155,8 @@ def _add_common(parser: argparse.ArgumentParser, flavour: str) -> None:
     t.add_argument("--dataloader_num_workers", type=int, default=0)
     t.add_argument("--use_deterministic_algorithms", action="store_true")
     t.add_argument("--disable_tqdm", action="store_true")
+    t.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute each encoder/decoder block in the backward pass (less activation memory)")
 
     c = parser.add_argument_group("accepted for the original commands; they change nothing here")
     c.add_argument("--logging_dir", default=None, help="logs go to output_dir/metrics.jsonl (and tensorboard/)")
@@ -163,7 +166,6 @@ def _add_common(parser: argparse.ArgumentParser, flavour: str) -> None:
     c.add_argument("--ignore_mismatched_sizes", action="store_true", help="a new head is always made when needed")
     c.add_argument("--keep_checkpoints", default=None)
     c.add_argument("--optim", default="adamw_torch", choices=("adamw_torch", "adamw_hf", "adamw_torch_fused"))
-    c.add_argument("--gradient_checkpointing", action="store_true", help="not supported: a warning")
     c.add_argument("--use_local", action="store_true")
     c.add_argument("--run_name", default=None)
     c.add_argument("--logging_strategy", default="steps", choices=("no", "steps", "epoch"),
@@ -683,8 +685,6 @@ def prepare(args: argparse.Namespace) -> Prepared:
         raise ValueError(f"--cls_dropout must lie in [0, 1), got {args.cls_dropout}")
     _check_output_dir(out, args)
     precision = _precision(args)
-    if args.gradient_checkpointing:
-        warnings.warn("--gradient_checkpointing is not supported by loralib's model files: ignored", stacklevel=2)
     task = get_task(args.task_name)
 
     # Data first: a missing or malformed file fails in seconds, before any model is read.
@@ -725,6 +725,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
         loaded = load_lora_path(model, adapter, num_labels, training=args.do_train)
         logger.info("loaded %d tensors from %s", len(loaded), adapter.path)
     mark_trainable(model, method, flavour)
+    if args.gradient_checkpointing:  # recompute each block in the backward pass (the LoRA+ Llama-7B recipe)
+        enable_gradient_checkpointing(model)
 
     encode = lambda data, limit: encode_examples(  # noqa: E731
         data.examples[:limit] if limit else data.examples, tokenizer, args.max_seq_length,

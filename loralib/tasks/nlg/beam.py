@@ -1,0 +1,267 @@
+"""gpt2_beam.py: beam search of a LoRA-adapted GPT-2 over an encoded NLG test set, with the original flags.
+
+    torchrun --nproc_per_node=1 examples/NLG/gpt2_beam.py --data data/e2e/test.jsonl --batch_size 1 \
+        --seq_len 512 --eval_len 64 --model_card gpt2.md --init_checkpoint trained_models/GPT2_M/e2e/model.26289.pt \
+        --platform local --lora_dim 4 --lora_alpha 32 --beam 10 --length_penalty 0.8 --no_repeat_ngram_size 4 \
+        --repetition_penalty 1.0 --eos_token_id 628 --work_dir trained_models/GPT2_M/e2e \
+        --output_file predict.26289.b10p08r4.jsonl
+
+Input: encoded JSONL (loralib.tasks.nlg.data.read_encoded); each line's prompt is its context followed by
+<|endoftext|> (once), cut from the left to seq_len - eval_len tokens, as the original. Output:
+WORK_DIR/OUTPUT_FILE, one line per input line, in order: {"id": <line index>, "predict": [generated ids]}
+(the continuation only, up to and including the eos token that ended it; no padding).
+
+Model: the pretrained GPT-2 from --base_checkpoint (default models/<gpt2 | gpt2-medium | gpt2-large> by
+--model_card) with the LoRA factors of --init_checkpoint: a file gpt2_ft.py wrote (model.<step>.pt), one of
+microsoft's released gpt2_{md,lg}_lora_{e2e,dart,webnlg}.pt, or one of loralib's adapter folders. The
+original loaded only --init_checkpoint, so a LoRA-only file ran on a randomly initialised GPT-2, silently.
+A file without LoRA factors is read as a whole GPT-2 (the original's use with --lora_dim 0). LoRA is merged
+into the weights for inference.
+
+Decoding: loralib.models.generation.generate, batched with left padding on a KV cache: --beam beams,
+score sum(log p) / (new tokens) ** --length_penalty, --no_repeat_ngram_size, --repetition_penalty, stop at
+any --eos_token_id (50256 always, as the original's append default), at most --eval_len new tokens.
+It follows transformers' beam search, which differs from the original's home-made loop in two ways: the
+n-gram ban also counts n-grams of the prompt, and search stops when no running beam can beat the finished
+ones (the original always ran eval_len steps).
+
+Each distinct prompt is decoded once (an E2E test file repeats a context once per reference) and its
+continuation written for every line that has it. Several processes (torchrun): rank r decodes every
+WORLD_SIZE-th distinct prompt, rank 0 gathers them and writes the file in the lines' order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .train import EOS, MODEL_CARDS, _write_json, add_gpu_flags, check_vocab, default_checkpoint, load_gpt2, nlg_lora, \
+    read_state_dict, size_name, with_eos
+
+logger = logging.getLogger("loralib.nlg")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpt2_beam.py", description="Beam search of GPT-2 + LoRA on an encoded NLG "
+                                "set (the flags of microsoft/LoRA examples/NLG/src/gpt2_beam.py).")
+    add_gpu_flags(p)
+    p.add_argument("--data", required=True, help="encoded JSONL: {'context': [ids], 'completion': [ids]}")
+    p.add_argument("--batch_size", type=int, default=10, help="inputs per generate() call")
+    p.add_argument("--seq_len", type=int, default=512, help="prompt + generation fit in this many tokens")
+    p.add_argument("--eval_len", type=int, default=256, help="at most this many new tokens")
+    p.add_argument("--min_length", type=int, default=0, help="only 0 is supported")
+    p.add_argument("--model_card", default="gpt2.sm", choices=tuple(MODEL_CARDS))
+    p.add_argument("--init_checkpoint", default=None,
+                   help="LoRA checkpoint: model.<step>.pt of gpt2_ft.py, a released gpt2_*_lora_*.pt, "
+                   "or an adapter/ folder")
+    p.add_argument("--base_checkpoint", default=None, help="the pretrained GPT-2 (folder or file; default "
+                   "models/<gpt2 | gpt2-medium | gpt2-large> by --model_card) (not an original flag)")
+    p.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; 0: read it from the checkpoint")
+    p.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the adapter folder's, "
+                   "else 32, the paper's value for every released adapter; the original defaulted to 128)")
+    p.add_argument("--work_dir", default=os.getenv("PT_OUTPUT_DIR", "gpt2_model"))
+    p.add_argument("--beam", type=int, default=1, help="beam size")
+    p.add_argument("--length_penalty", type=float, default=1.0)
+    p.add_argument("--no_repeat_ngram_size", type=int, default=4)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--eos_token_id", action="append", type=int, default=[EOS],
+                   help="stop tokens; repeatable, added to 50256 (628 is '\\n\\n')")
+    p.add_argument("--output_file", default="beam_prediction.jsonl")
+    return p
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "seq_len", "eval_len", "beam"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.eval_len >= args.seq_len:
+        raise ValueError(f"--eval_len {args.eval_len} leaves no room for the prompt in --seq_len {args.seq_len}")
+    if args.min_length != 0:
+        raise ValueError("--min_length > 0 is not supported (the paper's runs leave it at 0)")
+    if args.lora_dim < 0:
+        raise ValueError(f"--lora_dim must be >= 0, got {args.lora_dim}")
+    if args.no_repeat_ngram_size < 0 or args.repetition_penalty <= 0:
+        raise ValueError("--no_repeat_ngram_size must be >= 0 and --repetition_penalty > 0")
+    if any(t < 0 for t in args.eos_token_id):
+        raise ValueError(f"--eos_token_id must be token ids >= 0, got {args.eos_token_id}")
+    if args.init_checkpoint is None:
+        raise ValueError("--init_checkpoint is required: the LoRA checkpoint to decode with (model.<step>.pt "
+                         "of gpt2_ft.py, a released gpt2_*_lora_*.pt, or an adapter folder)")
+
+
+# -- the model --------------------------------------------------------------------------------------
+
+def _adapter_folder_lora(folder: Path):
+    from ...adapters import read_adapter_config
+    from ...config import LoRAConfig
+
+    meta = read_adapter_config(folder)
+    if not meta.get("lora"):
+        raise ValueError(f"--init_checkpoint {folder}: the adapter records no LoRA config")
+    return LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["lora"].items()})
+
+
+def load_model(args) -> nn.Module:
+    """The base GPT-2 with the adapter of --init_checkpoint loaded (eval mode: LoRA merged)."""
+    from ...adapters import load_adapter
+    from ...models.released import infer_gpt2_nlg_adapter_shape, load_gpt2_nlg_adapter
+
+    source = Path(args.init_checkpoint).expanduser()
+    base = lambda: args.base_checkpoint or default_checkpoint(args.model_card)  # noqa: E731 (after the checks)
+    if source.is_dir():  # loralib's adapter folder
+        lora = _adapter_folder_lora(source)
+        if args.lora_dim and args.lora_dim != lora.r:
+            raise ValueError(f"--lora_dim {args.lora_dim}, but the adapter {source} has r={lora.r}")
+        if args.lora_alpha is not None:
+            lora = lora.replace(lora_alpha=args.lora_alpha)
+        model = load_gpt2(base(), args.model_card, lora, flag="--base_checkpoint")
+        load_adapter(model, source)
+        return model.eval()
+    if not source.is_file():
+        raise FileNotFoundError(f"--init_checkpoint {source}: no such file or folder")
+    state = read_state_dict(source)
+    if not any("lora_" in k for k in state):  # a whole model, as the original's --lora_dim 0 runs
+        if args.lora_dim:
+            raise ValueError(f"--init_checkpoint {source} holds no LoRA factors, but --lora_dim is {args.lora_dim}")
+        return load_gpt2(str(source), args.model_card, None).eval()
+    shape = infer_gpt2_nlg_adapter_shape(state)
+    card_embd, card_layer = MODEL_CARDS[args.model_card][1:3]
+    if args.base_checkpoint is None and (shape.n_embd, shape.n_layer) != (card_embd, card_layer):
+        found = size_name(shape.n_embd, shape.n_layer)
+        raise ValueError(f"--init_checkpoint {source}: LoRA factors for a GPT-2 with n_embd={shape.n_embd}, "
+                         f"n_layer={shape.n_layer}{f' ({found})' if found else ''}, but --model_card is "
+                         f"{args.model_card}: pass the checkpoint's --model_card")
+    if args.lora_dim and args.lora_dim != shape.r:
+        raise ValueError(f"--lora_dim {args.lora_dim}, but --init_checkpoint {source} has LoRA rank {shape.r}")
+    lora = nlg_lora(shape.r, 32 if args.lora_alpha is None else args.lora_alpha, 0.0)
+    model = load_gpt2(base(), args.model_card, lora, flag="--base_checkpoint")
+    if (shape.n_embd, shape.n_layer) != (model.config.n_embd, model.config.n_layer):
+        raise ValueError(f"--init_checkpoint {source}: LoRA factors for a GPT-2 with n_embd={shape.n_embd}, "
+                         f"n_layer={shape.n_layer}, but --base_checkpoint {base()} has n_embd={model.config.n_embd}, "
+                         f"n_layer={model.config.n_layer}")
+    for key in ("lm_head.weight", "lm_head.decoder.weight"):  # tied to wte in a whole checkpoint
+        state.pop(key, None)
+    load_gpt2_nlg_adapter(model, state)
+    return model.eval()
+
+
+# -- decoding ---------------------------------------------------------------------------------------
+
+def prompts(path: str, seq_len: int, eval_len: int) -> List[List[int]]:
+    """Each line's context + <|endoftext|>, its last seq_len - eval_len tokens."""
+    from .data import read_encoded
+
+    records = read_encoded(path)
+    if not records:
+        raise ValueError(f"{path}: no examples")
+    room = seq_len - eval_len
+    return [with_eos(r["context"])[-room:] for r in records]
+
+
+def continuation(row: Sequence[int], eos_ids: Sequence[int]) -> List[int]:
+    """The generated ids up to and including the first eos."""
+    out = []
+    for t in row:
+        out.append(int(t))
+        if t in eos_ids:
+            break
+    return out
+
+
+@torch.no_grad()
+def beam_search(model: nn.Module, queries: Sequence[Sequence[int]], args, device: torch.device) -> List[List[int]]:
+    """generate() over the queries in batches of --batch_size; returns the continuations in the queries'
+    order. Each distinct query is decoded once (an E2E test set repeats every context once per reference,
+    and the search is deterministic), and queries of similar length share a batch (little padding)."""
+    from ...models.generation import generate
+
+    eos_ids = list(dict.fromkeys(args.eos_token_id))
+    distinct = sorted({tuple(q) for q in queries}, key=len)
+    results: Dict[tuple, List[int]] = {}
+    for start in range(0, len(distinct), args.batch_size):
+        chunk = distinct[start:start + args.batch_size]
+        T = len(chunk[-1])
+        ids = torch.full((len(chunk), T), EOS, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for b, q in enumerate(chunk):
+            ids[b, T - len(q):] = torch.tensor(q)
+            mask[b, T - len(q):] = 1
+        out = generate(model, ids.to(device), mask.to(device), max_new_tokens=args.eval_len, num_beams=args.beam,
+                       length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                       repetition_penalty=args.repetition_penalty, eos_token_id=eos_ids, pad_token_id=EOS)
+        for b, q in enumerate(chunk):
+            results[q] = continuation(out[b, T:].tolist(), eos_ids)
+        logger.info("beam search: %d / %d distinct prompts", start + len(chunk), len(distinct))
+    return [results[tuple(q)] for q in queries]
+
+
+def run_config(args, model: nn.Module) -> dict:
+    """What `loralib compare` needs to know of a decoding-only run (gpt2_ft.py writes its own)."""
+    layers = [m for m in model.modules() if getattr(m, "r", 0) > 0]
+    lora = {"r": layers[0].r, "lora_alpha": layers[0].lora_alpha, "target_modules": ["c_attn"],
+            "enable_lora": [True, False, True]} if layers else None
+    return {"method": "lora" if lora else "full", "model_name_or_path": MODEL_CARDS[args.model_card][0],
+            "model_card": args.model_card, "init_checkpoint": args.init_checkpoint,
+            "base_checkpoint": args.base_checkpoint, "lora": lora, "args": vars(args)}
+
+
+def write_predictions(path: Path, predictions: Sequence[Sequence[int]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for i, predict in enumerate(predictions):
+            f.write(json.dumps({"id": i, "predict": list(predict)}) + "\n")
+    os.replace(tmp, path)
+
+
+def run_beam(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
+    """Parse, check, decode and write; returns the predictions file (None on ranks > 0)."""
+    import torch.distributed as dist
+
+    from ...train.distributed import setup
+
+    args = build_parser().parse_args(argv)
+    check_flags(args)
+    queries = prompts(args.data, args.seq_len, args.eval_len)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    model = load_model(args).to(device)
+    check_vocab(queries, model.config.vocab_size, args.data)
+    ctx = setup(device.type)
+
+    # Rank r decodes every world_size-th distinct prompt (by length, so the ranks get similar work).
+    distinct = sorted({tuple(q) for q in queries}, key=len)
+    mine = distinct[ctx.rank::ctx.world_size]
+    found = dict(zip(mine, beam_search(model, mine, args, device)))
+    if ctx.distributed:
+        parts = [None] * ctx.world_size
+        dist.all_gather_object(parts, found)
+        found = {q: p for part in parts for q, p in part.items()}
+    if not ctx.is_main:
+        return None
+    out = Path(args.work_dir) / args.output_file
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_predictions(out, [found[tuple(q)] for q in queries])
+    if not (out.parent / "run_config.json").exists():  # decoding a released adapter: say what was decoded
+        _write_json(out.parent / "run_config.json", run_config(args, model))
+    logger.info("wrote %d predictions to %s", len(queries), out)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: 0 on success; a bad flag, file or checkpoint prints one `error:` line, returns 2."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run_beam(argv)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"gpt2_beam.py: error: {message}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,241 @@
+"""gpt2_decode: beam-search ids -> text, grouped with their references, in the files each metric reads.
+
+Inputs
+    predictions  JSONL from gpt2_beam.py, one line per line of the encoded --data file:
+                 {"id": <line index>, "predict": [ids of the generated continuation only]}
+    input file   the formatted JSONL the encoded file was made from (same lines, same order)
+Grouping (as the LoRA repo's gpt2_decode.py): lines with the same context are one input whose
+references are their completions, in order of first appearance; with --ref_unique_file (one integer a
+line, one line per input line) that integer is the key instead. A group's hypothesis is the decoded
+prediction of (the last predicted) one of its lines, so a beam file that holds one line per group is
+enough. Text is cut at the first "<|endoftext|>" and then at the first blank line ("\\n\\n"), both
+for predictions and references.
+Outputs
+    e2e            --output_ref_file: each group's references one a line, a blank line after each group
+                   (the E2E measure_scores.py layout); --output_pred_file: one hypothesis a line
+    webnlg, dart   --output_ref_file is a folder of reference0 .. reference{ref_num-1}: line i of file k
+                   is group i's k-th reference, or its first one when it has fewer (GenerationEval's -nr)
+--lower lower-cases, --tokenize splits every non-word character off (both on references and hypotheses).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .bpe import EOS_TOKEN, GPT2BPE, check_ids, load_bpe
+from .data import SEEN_CATEGORIES, DataFormatError, read_formatted
+
+FILTERS = ("all", "seen", "unseen")
+
+
+@dataclass
+class Group:
+    """One input: its references and, once decoded, its hypothesis."""
+    key: object
+    references: List[str] = field(default_factory=list)
+    category: Optional[str] = None     # WebNLG: the DBpedia category, or "seen"/"unseen" from a "cate" flag
+    hypothesis: Optional[str] = None
+    first_line: int = 0                # 0-based line of the input file where the group starts
+
+
+def cut_at_stop(text: str) -> str:
+    """The text before the first <|endoftext|>, then before the first blank line, stripped."""
+    return text.split(EOS_TOKEN)[0].split("\n\n")[0].strip()
+
+
+def standard_tokenize(text: str) -> str:
+    """Every non-word character becomes its own token; whitespace collapses to single spaces."""
+    return " ".join(" ".join(re.split(r"(\W)", text)).split())
+
+
+def post_process(text: str, tokenize: bool = False, lower: bool = False) -> str:
+    if lower:
+        text = text.lower()
+    return standard_tokenize(text) if tokenize else text
+
+
+def is_seen(record: dict, where: str) -> bool:
+    """WebNLG seen/unseen from "category" (ours) or the boolean "cate" (the LoRA repo's formatted files)."""
+    if isinstance(record.get("category"), str):
+        return record["category"] in SEEN_CATEGORIES
+    if isinstance(record.get("cate"), bool):
+        return record["cate"]
+    raise DataFormatError(f"{where}: --filter seen/unseen needs a \"category\" (or \"cate\") on every line")
+
+
+def read_ref_unique(path, num_lines: int) -> List[int]:
+    keys = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                keys.append(int(line.strip()))
+            except ValueError:
+                raise DataFormatError(f"{path}:{lineno}: expected an integer, got {line.strip()!r}") from None
+    if len(keys) != num_lines:
+        raise DataFormatError(f"{path}: {len(keys)} lines, the input file has {num_lines}")
+    return keys
+
+
+def group_references(records: Sequence[dict], filter: str = "all", ref_unique: Optional[Sequence[int]] = None,
+                     source: str = "input") -> Dict[object, Group]:
+    """Input records -> {key: Group} in order of first appearance, keeping only `filter`'s categories."""
+    if filter not in FILTERS:
+        raise ValueError(f"--filter {filter!r}: expected one of {', '.join(FILTERS)}")
+    groups: Dict[object, Group] = {}
+    for i, r in enumerate(records):
+        if filter != "all" and is_seen(r, f"{source}:{i + 1}") != (filter == "seen"):
+            continue
+        key = r["context"] if ref_unique is None else ref_unique[i]
+        if key not in groups:
+            category = r.get("category")
+            if category is None and isinstance(r.get("cate"), bool):
+                category = "seen" if r["cate"] else "unseen"
+            groups[key] = Group(key, category=category, first_line=i)
+        groups[key].references.append(cut_at_stop(r["completion"]))
+    return groups
+
+
+def read_predictions(path, vocab_size: int, num_lines: int) -> Dict[int, List[int]]:
+    """Beam output -> {input line index: ids}; a later line for the same index replaces an earlier one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (--sample_file)")
+    predictions = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{where}: not valid JSON ({e.msg})") from None
+            idx, ids = (obj.get("id"), obj.get("predict")) if isinstance(obj, dict) else (None, None)
+            if isinstance(idx, bool) or not isinstance(idx, int) or not isinstance(ids, list):
+                raise DataFormatError(f"{where}: expected {{\"id\": int, \"predict\": [ids]}}")
+            if not 0 <= idx < num_lines:
+                raise DataFormatError(f"{where}: id {idx} is not a line of the input file (0..{num_lines - 1}); "
+                                      f"--sample_file and --input_file do not belong together")
+            check_ids(ids, vocab_size, where)
+            predictions[idx] = ids
+    return predictions
+
+
+def attach_hypotheses(groups: Dict[object, Group], records: Sequence[dict], predictions: Dict[int, List[int]],
+                      bpe: GPT2BPE, ref_unique: Optional[Sequence[int]] = None, source: str = "sample") -> List[Group]:
+    """Decode each prediction into its line's group (the last one wins); every kept group needs one."""
+    for idx in sorted(predictions):
+        key = records[idx]["context"] if ref_unique is None else ref_unique[idx]
+        if key in groups:
+            groups[key].hypothesis = cut_at_stop(bpe.decode(predictions[idx]))
+    missing = [g for g in groups.values() if g.hypothesis is None]
+    if missing:
+        raise DataFormatError(f"{source}: no prediction for {len(missing)} of {len(groups)} inputs, the first "
+                              f"at input line {missing[0].first_line + 1} ({str(missing[0].key)[:60]!r})")
+    return list(groups.values())
+
+
+def decode_beam(records: Sequence[dict], predictions: Dict[int, List[int]], bpe: GPT2BPE, filter: str = "all",
+           ref_unique: Optional[Sequence[int]] = None, source: str = "sample") -> List[Group]:
+    """Grouped references with their decoded hypotheses, in order of first appearance."""
+    groups = group_references(records, filter, ref_unique, source="input")
+    return attach_hypotheses(groups, records, predictions, bpe, ref_unique, source)
+
+
+def padded_references(references: Sequence[str], ref_num: int) -> List[str]:
+    """Exactly `ref_num` references: the first `ref_num`, then the first one repeated (GenerationEval's -nr)."""
+    return [references[k] if k < len(references) else references[0] for k in range(ref_num)]
+
+
+# -- writing ------------------------------------------------------------------------------------------
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def e2e_reference_text(groups: Sequence[Group], tokenize: bool = False, lower: bool = False) -> str:
+    return "".join("".join(post_process(r, tokenize, lower) + "\n" for r in g.references) + "\n" for g in groups)
+
+
+def hypothesis_text(groups: Sequence[Group], tokenize: bool = False, lower: bool = False) -> str:
+    return "".join(post_process(g.hypothesis, tokenize, lower) + "\n" for g in groups)
+
+
+def multi_reference_texts(groups: Sequence[Group], ref_num: int, tokenize: bool = False,
+                          lower: bool = False) -> List[str]:
+    """Contents of reference0 .. reference{ref_num-1}."""
+    if ref_num < 1:
+        raise ValueError(f"--ref_num {ref_num}: must be at least 1")
+    columns = [padded_references(g.references, ref_num) for g in groups]
+    return ["".join(post_process(refs[k], tokenize, lower) + "\n" for refs in columns) for k in range(ref_num)]
+
+
+def write_outputs(groups: Sequence[Group], ref_type: str, output_ref_file, output_pred_file, ref_num: int = 4,
+                  tokenize: bool = False, lower: bool = False, output_category_file=None) -> None:
+    """Write the reference file (e2e) or folder (webnlg, dart) and the hypothesis file; each file appears
+    whole or not at all."""
+    if ref_type == "e2e":
+        files = {Path(output_ref_file): e2e_reference_text(groups, tokenize, lower)}
+    elif ref_type in ("webnlg", "dart"):
+        texts = multi_reference_texts(groups, ref_num, tokenize, lower)
+        files = {Path(output_ref_file) / f"reference{k}": t for k, t in enumerate(texts)}
+    else:
+        raise ValueError(f"--ref_type {ref_type!r}: expected e2e, webnlg or dart")
+    files[Path(output_pred_file)] = hypothesis_text(groups, tokenize, lower)
+    if output_category_file is not None:
+        if any(g.category is None for g in groups):
+            raise DataFormatError("--output_category_file: the input file has no \"category\" on some lines")
+        files[Path(output_category_file)] = "".join(g.category + "\n" for g in groups)
+    for path, text in files.items():
+        _write_text_atomic(path, text)
+
+
+# -- command line (examples/NLG/gpt2_decode.py) -------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Decode gpt2_beam.py output into reference and hypothesis files.")
+    p.add_argument("--vocab", default=None, help="GPT-2 vocabulary: the vocab/ folder (encoder.json + vocab.bpe), "
+                   "a *.tiktoken file or a tokenizer.json folder (default .cache/gpt2-bpe/gpt2.tiktoken)")
+    p.add_argument("--sample_file", required=True, help="gpt2_beam.py output (JSONL: id, predict)")
+    p.add_argument("--input_file", required=True, help="the formatted JSONL of the decoded split")
+    p.add_argument("--output_ref_file", required=True, help="e2e: a file; webnlg/dart: a folder")
+    p.add_argument("--output_pred_file", required=True)
+    p.add_argument("--ref_unique_file", default=None, help="one group key (integer) per input line")
+    p.add_argument("--ref_type", default="e2e", choices=["e2e", "webnlg", "dart"])
+    p.add_argument("--ref_num", default=4, type=int, help="webnlg/dart: number of reference files")
+    p.add_argument("--tokenize", action="store_true", help="split non-word characters off")
+    p.add_argument("--lower", action="store_true", help="lower-case")
+    p.add_argument("--filter", default="all", choices=list(FILTERS),
+                   help="webnlg: keep the categories seen in training, the unseen ones, or all")
+    p.add_argument("--output_category_file", default=None,
+                   help="(ours) webnlg: also write each group's category, one a line, for eval_nlg.py")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    bpe = load_bpe(args.vocab)
+    records = read_formatted(args.input_file)
+    ref_unique = read_ref_unique(args.ref_unique_file, len(records)) if args.ref_unique_file else None
+    predictions = read_predictions(args.sample_file, bpe.vocab_size, len(records))
+    groups = decode_beam(records, predictions, bpe, args.filter, ref_unique, source=args.sample_file)
+    write_outputs(groups, args.ref_type, args.output_ref_file, args.output_pred_file, args.ref_num,
+                  args.tokenize, args.lower, args.output_category_file)
+    print(f"{len(records)} input lines, {len(groups)} inputs ({args.filter}) -> {args.output_pred_file}, "
+          f"{args.output_ref_file}")
+    return 0

@@ -1,0 +1,22 @@
+"""LoRA-Pro (Wang et al., ICLR 2025) and its baselines on instruction data, with the released scripts' flags
+(`--lora lora-pro-full --seed 0 --lr 0.00002`) and the run command's hyper-parameters as flags.
+
+    python lorapro/train.py --lora lora-pro --dataset metamath --data_path data/instruct/metamath.jsonl \
+        --eval_data_path data/instruct/gsm8k_test.jsonl --seed 0 --output_dir outputs/gsm8k/lora-pro/seed0 --do_eval
+    torchrun --nproc_per_node 8 lorapro/train.py --lora rslora-pro ...        # DDP, global batch still 32
+    torchrun --nproc_per_node 8 lorapro/train.py --lora lora-pro --deepspeed ds_zero2.json ...  # efficient mode
+
+--lora: lora, rslora, lora-pro (= lora-pro-full), rslora-pro, loraplus, adalora, lora2, full. Everything else,
+and what lands in --output_dir, is loralib.tasks.instruct.run; see its docstring or --help.
+"""
+import sys
+
+from loralib.tasks.instruct import run
+
+
+def main(argv=None) -> int:
+    return run.main(argv, prog="lorapro/train.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

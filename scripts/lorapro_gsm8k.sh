@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# LoRA-Pro (Wang et al., ICLR 2025), Llama-2-7B on MetaMathQA -> GSM8K: the paper's rows (lora, rslora, lora-pro,
+# rslora-pro; seeds 0 1 2) with the hyper-parameters of recipes.md, through lorapro/train.py.
+#
+#   scripts/lorapro_gsm8k.sh [--smoke] [METHOD ...]   METHOD: lora rslora lora-pro rslora-pro (default: these four),
+#                                                  loraplus adalora lora2 full (the baselines), or all
+#
+#   scripts/lorapro_gsm8k.sh                              # four methods x seeds 0 1 2, one process each
+#   NPROC=8 scripts/lorapro_gsm8k.sh lora-pro             # torchrun, 8 processes: per device 1 x accumulation 4
+#   NPROC=8 DEEPSPEED=ds_zero2.json scripts/lorapro_gsm8k.sh lora-pro   # DeepSpeed ZeRO-2 (LoRA-Pro's efficient mode)
+#   SEEDS=0 scripts/lorapro_gsm8k.sh --smoke              # tiny random Llama + tiny files, seconds
+#
+# r 8, alpha 16, dropout 0 on q,k,v,o,up,down,gate; lr 2e-5, 1 epoch, cosine, warmup ratio 0.03, global batch 32
+# (per device 1, accumulation 32 / NPROC), weight decay 0; bf16 and gradient checkpointing on a GPU.
+# Data: DATA_DIR/metamath.jsonl (MetaMathQA, GSM rows, under 512 tokens, first 100k) and gsm8k_test.jsonl.
+# Results: OUT_DIR/<method>/seed<seed>/{eval_results.json,run_config.json,adapter/,peft_adapter/}.
+# Environment: SEEDS ("0 1 2"), LR (2e-5), NPROC (1), DEEPSPEED (a DeepSpeed JSON config, passed as --deepspeed),
+# MODEL_DIR (folder holding meta-llama/Llama-2-7b-hf; default: models/, else a download), DATA_DIR (data/instruct),
+# OUT_DIR (outputs/lorapro_gsm8k), PYTHON, SMOKE_DIR (.cache/smoke).
+ALL_TASKS=(lora rslora lora-pro rslora-pro loraplus adalora lora2 full)
+DEFAULT_TASKS=(lora rslora lora-pro rslora-pro)
+SMOKE_TASKS=(lora-pro)
+source "$(dirname "$0")/_common.sh"
+parse_args "$@"
+
+SEEDS=${SEEDS:-0 1 2}
+LR=${LR:-0.00002}
+if (( SMOKE )); then
+    SMOKE_DIR=${SMOKE_DIR:-$REPO/.cache/smoke}
+    "$PYTHON" -c 'import sys; from loralib.tasks.instruct.run import build_smoke_assets; build_smoke_assets(sys.argv[1])' \
+        "$SMOKE_DIR" >/dev/null 2>&1 || die "could not build the smoke assets in $SMOKE_DIR"
+    MODEL_DIR=$SMOKE_DIR/models
+    DATA_DIR=$SMOKE_DIR/instruct
+    OUT_DIR=${OUT_DIR:-$SMOKE_DIR/runs/$SCRIPT_NAME}
+    # Only caps: a few steps on a few examples, short generations (argparse keeps a flag's last value).
+    SMOKE_ARGS=(--max_steps 2 --n_train 8 --n_eval 2 --global_batch_size 4 --max_length 400 --max_new_tokens 8
+                --max_eval_samples 2 --eval_batch_size 2 --logging_steps 1 --disable_tqdm --overwrite_output_dir)
+else
+    DATA_DIR=${DATA_DIR:-data/instruct}
+    OUT_DIR=${OUT_DIR:-outputs/$SCRIPT_NAME}
+fi
+MODEL_DIR=${MODEL_DIR:-}
+export PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false
+DS_ARGS=()
+if [[ -n ${DEEPSPEED:-} ]]; then
+    [[ -f $DEEPSPEED ]] || die "DEEPSPEED=$DEEPSPEED: no such file"
+    DS_ARGS=(--deepspeed "$DEEPSPEED")
+fi
+EVAL_ARGS=(--eval_data_path "$DATA_DIR/gsm8k_test.jsonl")
+[[ -e $DATA_DIR/gsm8k_test.jsonl ]] || die "$DATA_DIR/gsm8k_test.jsonl is missing: python data/download_instruct.py --tasks gsm8k"
+[[ -e $DATA_DIR/metamath.jsonl ]] || die "$DATA_DIR/metamath.jsonl is missing: python data/download_instruct.py --tasks metamath,gsm8k"
+
+for method in "${TASKS[@]}"; do
+    for seed in $SEEDS; do
+        launch lorapro/train.py \
+            --model_name_or_path "$(model_path meta-llama/Llama-2-7b-hf)" \
+            --lora "$method" \
+            --dataset metamath \
+            --data_path "$DATA_DIR/metamath.jsonl" \
+            --eval_task gsm8k \
+            "${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"}" \
+            --max_length 512 \
+            --n_train 100000 \
+            --n_eval 10000 \
+            --lora_r 8 \
+            --lora_alpha 16 \
+            --lora_dropout 0 \
+            --target_modules q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj \
+            --lr "$LR" \
+            --num_train_epochs 1 \
+            --per_device_train_batch_size 1 \
+            --global_batch_size 32 \
+            --warmup_ratio 0.03 \
+            --lr_scheduler_type cosine \
+            --weight_decay 0 \
+            --max_new_tokens 512 \
+            --seed "$seed" \
+            --output_dir "$OUT_DIR/$method/seed$seed" \
+            --do_eval \
+            "${DS_ARGS[@]+"${DS_ARGS[@]}"}"
+    done
+done
