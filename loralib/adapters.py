@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from . import layers
 from .config import LoRAConfig
+from .files import write_json_atomic
 from .utils import lora_layers, mark_only_lora_as_trainable
 
 FORMAT = "loralib-adapter"
@@ -51,9 +52,7 @@ def _atomic_write_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _atomic_write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, sort_keys=True)
 
 
 def _read_json(path: Path) -> dict:

@@ -73,6 +73,7 @@ from safetensors.torch import load_file
 from ...adalora import RankAllocator, adalora_state, apply_rank_pattern, compute_orth_regu, trim_ranks
 from ...adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
 from ...config import LoRAConfig
+from ...files import write_json_atomic
 from ...lora2 import LoRA2RankAllocator, compute_lora2_orth_regu
 from ...optim import LoRAProAdamW, create_loraplus_optimizer
 from ...utils import trainable_summary
@@ -755,12 +756,6 @@ def prepare(args: argparse.Namespace) -> Prepared:
     return prepared
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _clear_previous_run(out: Path, training: bool) -> None:
     """--overwrite_output_dir: remove what an earlier run of this driver wrote (eval results only, when
     this run only evaluates), and nothing else."""
@@ -834,7 +829,7 @@ def execute(p: Prepared) -> RunResult:
         config = _train_config(p)
         if main_process:
             p.output_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(p.output_dir / "run_config.json", _run_config(p))
+            write_json_atomic(p.output_dir / "run_config.json", _run_config(p))
         data, features = p.dev[0] if p.dev else (None, None)
         eval_fn = None
         if config.eval_strategy != "no":
@@ -868,11 +863,11 @@ def execute(p: Prepared) -> RunResult:
                                 "best_adapter_dir": outcome.best_adapter_dir,
                                 "last_checkpoint": outcome.last_checkpoint, "param_groups": result.param_groups}
         if main_process:
-            _write_json(p.output_dir / "train_results.json", result.train_results)
+            write_json_atomic(p.output_dir / "train_results.json", result.train_results)
             if p.allocator is not None:
                 state = adalora_state(p.model)
-                _write_json(p.output_dir / "rank_pattern.json", state)
-                _write_json(Path(outcome.adapter_dir) / "rank_pattern.json", state)
+                write_json_atomic(p.output_dir / "rank_pattern.json", state)
+                write_json_atomic(Path(outcome.adapter_dir) / "rank_pattern.json", state)
                 kept = sum(sum(v) for v in state["rank_pattern"].values())
                 logger.info("final rank budget %d of %d", kept, sum(len(v) for v in state["rank_pattern"].values()))
 
@@ -891,8 +886,8 @@ def execute(p: Prepared) -> RunResult:
         if main_process:
             p.output_dir.mkdir(parents=True, exist_ok=True)
             if not (p.output_dir / "run_config.json").exists():  # evaluation only: say what was evaluated
-                _write_json(p.output_dir / "run_config.json", _run_config(p))
-            _write_json(p.output_dir / "eval_results.json", results)
+                write_json_atomic(p.output_dir / "run_config.json", _run_config(p))
+            write_json_atomic(p.output_dir / "eval_results.json", results)
     return result
 
 

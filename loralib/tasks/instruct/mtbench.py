@@ -23,11 +23,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ...files import write_jsonl_atomic
 from .data import DataError
 from .generate import generate_texts
 from .prompts import ALPACA_PROMPT, TEMPLATES, render_chat, require_chat_template
@@ -81,21 +81,9 @@ def write_mtbench_answers(path: str | os.PathLike, answers, model_id: str) -> Pa
     if not model_id or not isinstance(model_id, str):
         raise ValueError("model_id must be a non-empty string")
     items = sorted(_as_answer_list(answers), key=lambda item: item[0])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for qid, turns in items:
-                row = {"question_id": qid, "answer_id": secrets.token_urlsafe(16), "model_id": model_id,
-                       "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    rows = ({"question_id": qid, "answer_id": secrets.token_urlsafe(16), "model_id": model_id,
+             "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()} for qid, turns in items)
+    return write_jsonl_atomic(path, rows)
 
 
 def generate_mtbench_answers(model, tokenizer, questions: Sequence[dict], template: str = "alpaca",

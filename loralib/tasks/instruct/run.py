@@ -70,6 +70,7 @@ import torch
 import torch.nn as nn
 
 from ...config import LoRAConfig
+from ...files import write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger("loralib.instruct")
 
@@ -515,18 +516,6 @@ def _allocator(model: nn.Module, method: Method, args, steps: int):
 
 # -- running ------------------------------------------------------------------------------------------
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
 def _clear_previous_run(out: Path) -> None:
     if not out.is_dir():
         return
@@ -603,7 +592,7 @@ def execute(p: Prepared) -> dict:
             _clear_previous_run(p.output_dir)
         if main_process:
             p.output_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(p.output_dir / "run_config.json", run_config(p))
+            write_json_atomic(p.output_dir / "run_config.json", run_config(p))
         collate = InstructCollator(pad_id(p.tokenizer))
         config = train_config(p)
         eval_fn = (lambda m: eval_loss(m, p.dev_examples, collate)) if p.dev_examples else None  # noqa: E731
@@ -638,8 +627,8 @@ def execute(p: Prepared) -> dict:
             if p.allocator is not None:
                 from ...adalora import adalora_state
 
-                _write_json(p.output_dir / "rank_pattern.json", adalora_state(p.model))
-            _write_json(p.output_dir / "train_results.json", results["train"])
+                write_json_atomic(p.output_dir / "rank_pattern.json", adalora_state(p.model))
+            write_json_atomic(p.output_dir / "train_results.json", results["train"])
     if a.do_eval:
         results["eval"] = evaluate(p)
     return results
@@ -677,10 +666,10 @@ def evaluate(p: Prepared) -> dict:
                       "answers_file": str(answers_file), "model_id": model_id,
                       "judge": "score with FastChat's llm_judge (gen_judgment.py, GPT-4)"}
     if rows is not None:
-        _write_jsonl(p.output_dir / "predictions.jsonl", rows)
+        write_jsonl_atomic(p.output_dir / "predictions.jsonl", rows)
     if not (p.output_dir / "run_config.json").exists():  # evaluation only: say what was evaluated
-        _write_json(p.output_dir / "run_config.json", run_config(p))
-    _write_json(p.output_dir / "eval_results.json", record)
+        write_json_atomic(p.output_dir / "run_config.json", run_config(p))
+    write_json_atomic(p.output_dir / "eval_results.json", record)
     logger.info("eval %s: %s", p.eval_task, record)
     return record
 
@@ -707,7 +696,7 @@ def prepare_evaluation(args: argparse.Namespace) -> Prepared:
     if args.eval_task is None:
         raise ValueError("--eval_task is required: gsm8k, humaneval or mt-bench")
     model_path = resolve_model_path(args.model_name_or_path)
-    model_type = read_config(model_path).get("model_type")
+    read_config(model_path)  # a folder without a readable config.json fails here, before any weight is read
     lora, peft, run = None, False, {}
     if args.lora_path:
         folder = Path(args.lora_path)
@@ -829,6 +818,6 @@ def build_smoke_assets(root) -> Dict[str, str]:
                                     for i, (q, _) in enumerate(SMOKE_QA[:2])],
     }
     for name, rows in files.items():
-        _write_jsonl(data / name, rows)
+        write_jsonl_atomic(data / name, rows)
         paths[name] = data / name
     return {k: str(v) for k, v in paths.items()}

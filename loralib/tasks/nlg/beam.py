@@ -32,7 +32,6 @@ WORLD_SIZE-th distinct prompt, rank 0 gathers them and writes the file in the li
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -42,7 +41,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .train import EOS, MODEL_CARDS, _write_json, add_gpu_flags, check_vocab, default_checkpoint, load_gpt2, nlg_lora, \
+from ...files import write_json_atomic, write_jsonl_atomic
+from .train import EOS, MODEL_CARDS, add_gpu_flags, check_vocab, default_checkpoint, load_gpt2, nlg_lora, \
     read_state_dict, size_name, with_eos
 
 logger = logging.getLogger("loralib.nlg")
@@ -213,11 +213,8 @@ def run_config(args, model: nn.Module) -> dict:
 
 
 def write_predictions(path: Path, predictions: Sequence[Sequence[int]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for i, predict in enumerate(predictions):
-            f.write(json.dumps({"id": i, "predict": list(predict)}) + "\n")
-    os.replace(tmp, path)
+    """The contract's beam output: {"id": line index, "predict": [generated ids]} a line."""
+    write_jsonl_atomic(path, ({"id": i, "predict": list(p)} for i, p in enumerate(predictions)))
 
 
 def run_beam(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
@@ -249,7 +246,7 @@ def run_beam(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_predictions(out, [found[tuple(q)] for q in queries])
     if not (out.parent / "run_config.json").exists():  # decoding a released adapter: say what was decoded
-        _write_json(out.parent / "run_config.json", run_config(args, model))
+        write_json_atomic(out.parent / "run_config.json", run_config(args, model))
     logger.info("wrote %d predictions to %s", len(queries), out)
     return out
 

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 from xml.parsers import expat
 
+from ...files import write_jsonl_atomic
 from .bpe import EOS_ID, GPT2BPE, check_ids
 
 TASKS = ("e2e", "webnlg", "dart")
@@ -259,19 +258,7 @@ def add_group_ids(records: List[dict]) -> List[dict]:
 
 def write_jsonl(records: Iterable[dict], path) -> Path:
     """One JSON object a line, written to a temporary file and renamed, so no half-written file is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_jsonl_atomic(path, records)
 
 
 def _read_jsonl(path) -> Iterable[tuple]:

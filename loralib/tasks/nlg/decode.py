@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ...files import write_text_atomic
 from .bpe import EOS_TOKEN, GPT2BPE, check_ids, load_bpe
 from .data import SEEN_CATEGORIES, DataFormatError, read_formatted
 
@@ -155,17 +154,6 @@ def padded_references(references: Sequence[str], ref_num: int) -> List[str]:
 
 # -- writing ------------------------------------------------------------------------------------------
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def e2e_reference_text(groups: Sequence[Group], tokenize: bool = False, lower: bool = False) -> str:
@@ -202,7 +190,7 @@ def write_outputs(groups: Sequence[Group], ref_type: str, output_ref_file, outpu
             raise DataFormatError("--output_category_file: the input file has no \"category\" on some lines")
         files[Path(output_category_file)] = "".join(g.category + "\n" for g in groups)
     for path, text in files.items():
-        _write_text_atomic(path, text)
+        write_text_atomic(path, text)
 
 
 # -- command line (examples/NLG/gpt2_decode.py) -------------------------------------------------------

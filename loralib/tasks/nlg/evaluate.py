@@ -14,11 +14,10 @@ input directly (evaluate_predictions, which decodes in memory with each task's d
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ...files import write_json_atomic
 from .data import TASKS, DataFormatError
 
 # Decode settings the LoRA README uses per task: (tokenize, lower, ref_num).
@@ -63,20 +62,7 @@ def results_record(task: str, metrics: Dict[str, float], num_examples: int, spli
 
 def write_eval_results(run_dir, record: dict) -> Path:
     """<run_dir>/eval_results.json, written whole or not at all."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "eval_results.json"
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".eval_results.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_json_atomic(Path(run_dir) / "eval_results.json", record)
 
 
 # -- reading gpt2_decode.py's files -------------------------------------------------------------------

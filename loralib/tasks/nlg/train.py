@@ -49,7 +49,6 @@ Decisions where the original was silent, wrong or impossible here:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -64,6 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...config import LoRAConfig
+from ...files import write_json_atomic
 from ...models.outputs import ModelOutput
 from ...models.released import ENABLE_QV
 
@@ -463,12 +463,6 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def original_state_dict(model: nn.Module, full: bool) -> Dict[str, torch.Tensor]:
     """What the original wrote as model.<step>.pt's "model_state_dict": the LoRA factors (or everything)
     under the keys of its DDP-wrapped GPT2LMModel, module.transformer.h.N.attn.c_attn.lora_A ..., which its
@@ -575,7 +569,7 @@ def train_nlg(argv: Optional[Sequence[str]] = None):
         work_dir.mkdir(parents=True, exist_ok=True)
         if args.overwrite_work_dir and not args.resume_from_checkpoint:
             _clear_previous_run(work_dir)
-        _write_json(work_dir / "run_config.json", run_config(args, lora, checkpoint))
+        write_json_atomic(work_dir / "run_config.json", run_config(args, lora, checkpoint))
 
     def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
         return GPT2FTAdamW(parameter_groups(m, args.weight_decay, args.no_decay_bias), lr=args.lr,
@@ -587,7 +581,7 @@ def train_nlg(argv: Optional[Sequence[str]] = None):
                    optimizer_factory=make_optimizer,
                    callbacks=[OriginalCheckpoints(model, work_dir, full=lora is None)])
     if _rank() == 0:
-        _write_json(work_dir / "train_results.json", {
+        write_json_atomic(work_dir / "train_results.json", {
             "global_step": result.global_step, "epoch": result.epoch, "train_loss": result.train_loss,
             "valid": result.eval_metrics, "adapter_dir": result.adapter_dir,
             "last_checkpoint": result.last_checkpoint,

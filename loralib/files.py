@@ -1,0 +1,38 @@
+"""Whole-or-nothing text files: every run output (run_config.json, eval_results.json, predictions, answer
+files) is written to a temporary file beside its final name and renamed over it, so a crash or a full disk
+leaves the previous file, or none, never half of one."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path`, creating its folder; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(path: PathLike, obj: Any, sort_keys: bool = False) -> Path:
+    """One JSON document, indented; values JSON cannot hold (paths, dtypes) are written as str()."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
+
+
+def write_jsonl_atomic(path: PathLike, rows: Iterable[Any]) -> Path:
+    """JSON Lines: one object a line, non-ASCII text kept as is."""
+    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
