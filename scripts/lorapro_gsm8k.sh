@@ -23,29 +23,7 @@ SMOKE_TASKS=(lora-pro)
 source "$(dirname "$0")/_common.sh"
 parse_args "$@"
 
-SEEDS=${SEEDS:-0 1 2}
-LR=${LR:-0.00002}
-if (( SMOKE )); then
-    SMOKE_DIR=${SMOKE_DIR:-$REPO/.cache/smoke}
-    "$PYTHON" -c 'import sys; from loralib.tasks.instruct.run import build_smoke_assets; build_smoke_assets(sys.argv[1])' \
-        "$SMOKE_DIR" >/dev/null 2>&1 || die "could not build the smoke assets in $SMOKE_DIR"
-    MODEL_DIR=$SMOKE_DIR/models
-    DATA_DIR=$SMOKE_DIR/instruct
-    OUT_DIR=${OUT_DIR:-$SMOKE_DIR/runs/$SCRIPT_NAME}
-    # Only caps: a few steps on a few examples, short generations (argparse keeps a flag's last value).
-    SMOKE_ARGS=(--max_steps 2 --n_train 8 --n_eval 2 --global_batch_size 4 --max_length 400 --max_new_tokens 8
-                --max_eval_samples 2 --eval_batch_size 2 --logging_steps 1 --disable_tqdm --overwrite_output_dir)
-else
-    DATA_DIR=${DATA_DIR:-data/instruct}
-    OUT_DIR=${OUT_DIR:-outputs/$SCRIPT_NAME}
-fi
-MODEL_DIR=${MODEL_DIR:-}
-export PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false
-DS_ARGS=()
-if [[ -n ${DEEPSPEED:-} ]]; then
-    [[ -f $DEEPSPEED ]] || die "DEEPSPEED=$DEEPSPEED: no such file"
-    DS_ARGS=(--deepspeed "$DEEPSPEED")
-fi
+source "$SCRIPTS_DIR/_lorapro_common.sh"   # SEEDS, LR, smoke assets, DATA_DIR, OUT_DIR, DS_ARGS
 EVAL_ARGS=(--eval_data_path "$DATA_DIR/gsm8k_test.jsonl")
 [[ -e $DATA_DIR/gsm8k_test.jsonl ]] || die "$DATA_DIR/gsm8k_test.jsonl is missing: python data/download_instruct.py --tasks gsm8k"
 [[ -e $DATA_DIR/metamath.jsonl ]] || die "$DATA_DIR/metamath.jsonl is missing: python data/download_instruct.py --tasks metamath,gsm8k"

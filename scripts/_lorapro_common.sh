@@ -1,0 +1,27 @@
+# Sourced by scripts/lorapro_{gsm8k,humaneval,mtbench}.sh after _common.sh's parse_args: what the three rows
+# share. Sets SEEDS ("0 1 2"), LR (the paper's 2e-5), DATA_DIR / OUT_DIR / MODEL_DIR, SMOKE_ARGS (in smoke mode:
+# a tiny random Llama and tiny data files, built by loralib.tasks.instruct.run.build_smoke_assets, and flags
+# that only cap the work) and DS_ARGS (--deepspeed DEEPSPEED when set).
+SEEDS=${SEEDS:-0 1 2}
+LR=${LR:-0.00002}
+if (( SMOKE )); then
+    SMOKE_DIR=${SMOKE_DIR:-$REPO/.cache/smoke}
+    "$PYTHON" -c 'import sys; from loralib.tasks.instruct.run import build_smoke_assets; build_smoke_assets(sys.argv[1])' \
+        "$SMOKE_DIR" >/dev/null 2>&1 || die "could not build the smoke assets in $SMOKE_DIR"
+    MODEL_DIR=$SMOKE_DIR/models
+    DATA_DIR=$SMOKE_DIR/instruct
+    OUT_DIR=${OUT_DIR:-$SMOKE_DIR/runs/$SCRIPT_NAME}
+    # Only caps: a few steps on a few examples, short generations (argparse keeps a flag's last value).
+    SMOKE_ARGS=(--max_steps 2 --n_train 8 --n_eval 2 --global_batch_size 4 --max_length 400 --max_new_tokens 8
+                --max_eval_samples 2 --eval_batch_size 2 --logging_steps 1 --disable_tqdm --overwrite_output_dir)
+else
+    DATA_DIR=${DATA_DIR:-data/instruct}
+    OUT_DIR=${OUT_DIR:-outputs/$SCRIPT_NAME}
+fi
+MODEL_DIR=${MODEL_DIR:-}
+export PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false
+DS_ARGS=()
+if [[ -n ${DEEPSPEED:-} ]]; then
+    [[ -f $DEEPSPEED ]] || die "DEEPSPEED=$DEEPSPEED: no such file"
+    DS_ARGS=(--deepspeed "$DEEPSPEED")
+fi
