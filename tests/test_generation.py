@@ -199,3 +199,80 @@ def test_smollm2_chat_generation_matches_transformers():
                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     assert torch.equal(got, expected)
     assert "4" in tok.decode(got[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """transformers' tiny GPT-2 and ours from its folder, a left-padded batch, and two eos ids taken
+    from the beams transformers finds without eos (so inputs finish at different steps)."""
+    pytest.importorskip("loralib.models.gpt2")
+    config = transformers.GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(3)
+    ref = transformers.GPT2LMHeadModel(config).eval()
+    ref.generation_config.eos_token_id = ref.generation_config.bos_token_id = None
+    folder = tmp_path_factory.mktemp("gpt2")
+    ref.save_pretrained(folder)
+    ours = from_pretrained(folder)
+    ids, mask = left_padded_batch(vocab=64, lengths=(9, 5, 2, 7), seed=5)
+    free = ref.generate(ids, attention_mask=mask, max_new_tokens=20, num_beams=10, pad_token_id=PAD)
+    new = free[:, ids.shape[1]:]
+    eos = [int(new[0, 3]), int(new[2, 9])]
+    return ref, ours, ids, mask, eos
+
+
+class _RowCounter(nn.Module):
+    """Wraps a model and records the batch size of every forward call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, []
+
+    def forward(self, input_ids, **kwargs):
+        self.rows.append(input_ids.shape[0])
+        return self.model(input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("settings", [
+    {"length_penalty": 0.8},                                   # the LoRA paper's NLG decoding
+    {"length_penalty": 1.0, "early_stopping": True},
+    {"length_penalty": 0.8, "early_stopping": "never"},
+], ids=str)
+def test_paper_beam_search_on_gpt2_matches_transformers(tiny_gpt2, settings):
+    """num_beams 10, no_repeat_ngram_size 4, two eos ids, left padding: token-identical output, and
+    inputs whose beams are done leave the batch (the model runs on fewer rows afterwards)."""
+    ref, ours, ids, mask, eos = tiny_gpt2
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, num_beams=10, no_repeat_ngram_size=4,
+                  repetition_penalty=1.0, eos_token_id=eos, pad_token_id=PAD + 3, **settings)
+    # (pad PAD + 3: transformers' beam search pads with eos_token_id[0] when pad_token_id is 0)
+    expected = ref.generate(ids, do_sample=False, **kwargs)
+    counter = _RowCounter(ours)
+    got = generate(counter, ids, **kwargs)
+    assert got.shape == expected.shape and torch.equal(got, expected), (got, expected)
+    if settings == {"length_penalty": 0.8}:
+        assert torch.isin(got[:, ids.shape[1]:], torch.tensor(eos)).any()  # eos did end the best beams
+    assert counter.rows[0] == ids.shape[0] and counter.rows[1] == 10 * ids.shape[0]  # prefill once per input
+    if settings.get("early_stopping") != "never":
+        assert min(counter.rows) < 10 * ids.shape[0], counter.rows  # a finished input left the batch
+
+
+def test_kv_cache_reorder():
+    """reorder = index_select of the filled positions (the batch may shrink or grow; later updates
+    append after them, in every layer); `capacity` sizes the buffer once."""
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(capacity=12)
+    k, v = torch.randn(4, 2, 5, 3, generator=g), torch.randn(4, 2, 5, 3, generator=g)
+    cache.update(0, k, v)
+    cache.update(1, 2 * k, 2 * v)
+    cache.advance(5)
+    assert cache._k[0].shape[2] == 12
+    for index in (torch.tensor([2, 2, 0, 1]), torch.tensor([3, 1]), torch.tensor([1, 0, 0, 1, 1, 0])):
+        cache.reorder(index)
+        k, v = k[index], v[index]
+        new_k, new_v = torch.randn(len(index), 2, 1, 3, generator=g), torch.randn(len(index), 2, 1, 3, generator=g)
+        got_k, got_v = cache.update(0, new_k, new_v)
+        k, v = torch.cat([k, new_k], 2), torch.cat([v, new_v], 2)
+        assert torch.equal(got_k, k) and torch.equal(got_v, v)
+        got_k, got_v = cache.update(1, 2 * new_k, 2 * new_v)
+        assert torch.equal(got_k, 2 * k) and torch.equal(got_v, 2 * v)
+        cache.advance(1)
+    assert cache._k[0].shape[2] == 12  # never regrown

@@ -14,6 +14,11 @@ The decoding rules follow transformers' `generate`, so outputs are token-identic
   ones, a finished beam scoring sum(log p) / (new tokens, eos included) ** length_penalty; it stops when
   no running beam can beat the worst finished one (early_stopping=False: judged at the current length;
   True: as soon as num_beams beams finished; "never": judged at the longest reachable length).
+
+Speed (the outputs do not change): the prompt is run once per input, not once per beam; the cache is
+sized for the final length up front and follows the beams by copying only its filled positions into a
+spare buffer (no allocation per step); an input whose beams are done leaves the batch, so the model
+runs on the inputs still decoding only; one host sync per step.
 """
 from __future__ import annotations
 
@@ -51,7 +56,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional
         pad_token_id = eos[0] if eos else 0
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    decoder = _Decoder(model, input_ids.device, eos, repetition_penalty, no_repeat_ngram_size)
+    decoder = _Decoder(model, input_ids.device, eos, repetition_penalty, no_repeat_ngram_size,
+                       capacity=input_ids.shape[1] + max_new_tokens)
     sampling = (temperature, top_k, top_p) if do_sample else None
     if max_new_tokens == 0:
         return input_ids.clone()
@@ -101,7 +107,8 @@ def _check_args(input_ids, attention_mask, max_new_tokens, do_sample, temperatur
 class _Decoder:
     """One forward step on the cache, and the score processing shared by every strategy."""
 
-    def __init__(self, model, device, eos: List[int], repetition_penalty: float, ngram: int):
+    def __init__(self, model, device, eos: List[int], repetition_penalty: float, ngram: int,
+                 capacity: Optional[int] = None):
         self.model = model
         self.eos = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
         self.repetition_penalty = repetition_penalty
@@ -110,7 +117,7 @@ class _Decoder:
             self.last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
             self.last_only = False
-        self.cache = KVCache()
+        self.cache = KVCache(capacity=capacity)
 
     def next_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) new tokens, (B, S) mask over cached + new -> (B, vocab) fp32 logits of the last position."""
@@ -221,19 +228,25 @@ def _beam_search(decoder: _Decoder, input_ids, attention_mask, max_new_tokens, K
     Each step, the running beams' continuations are ranked by total log-probability; the best
     C = max(2, 1 + #eos) * K are kept so that K of them still run even if many end in eos. Candidates
     that end (eos, or the length limit) among the first K ranks become finished beams with the
-    length-normalised score; the K best non-ending candidates run on."""
+    length-normalised score; the K best non-ending candidates run on.
+
+    An input whose finished beams can no longer change is done: its best beam is written out and its
+    rows leave the batch (the model then runs on fewer rows). The state below holds the A inputs
+    still decoding, `alive` (A,) their indices in the batch. (Sampling keeps every input: dropping some
+    would change how the random stream is consumed, and so the samples.)"""
     B, T = input_ids.shape
     device = input_ids.device
     n_eos = 0 if decoder.eos is None else decoder.eos.numel()
     C = max(2, 1 + n_eos) * K
     max_len = T + max_new_tokens
+    prune = sampling is None
 
     # Prefill once per input, then copy the cache to its K beams.
     logits = decoder.next_logits(input_ids, attention_mask)
     beam_rows = torch.arange(B, device=device).repeat_interleave(K)
     decoder.cache.reorder(beam_rows)
     logits = logits[beam_rows]
-    mask = attention_mask[beam_rows]                                   # (B*K, T)
+    mask = attention_mask[beam_rows]                                   # (A*K, T)
     running = input_ids[beam_rows].view(B, K, T)
     prompt_start = mask.argmax(-1)
     # Only beam 0 may extend at the first step, or the K identical beams would pick the same tokens.
@@ -246,31 +259,34 @@ def _beam_search(decoder: _Decoder, input_ids, attention_mask, max_new_tokens, K
     is_finished = torch.zeros((B, K), dtype=torch.bool, device=device)
     improvable = torch.ones((B, 1), dtype=torch.bool, device=device)
     top_ranks = torch.arange(C, device=device) < K                     # (C,)
+    alive = torch.arange(B, device=device)
+    best = torch.full((B, max_len), pad_token_id, dtype=torch.long, device=device)
+    best_len = torch.zeros(B, dtype=torch.long, device=device)
 
     for step in range(max_new_tokens):
-        cur_len = T + step
-        flat = running.view(B * K, cur_len)
+        A, cur_len = running.shape[0], T + step
+        flat = running.view(A * K, cur_len)
         log_probs = decoder.process(flat, F.log_softmax(logits, dim=-1), prompt_start)
         if sampling is not None:
             log_probs = warp_for_sampling(log_probs, *sampling, keep_at_least=1 + max(n_eos, 1))
         V = log_probs.shape[-1]
-        total = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
+        total = (log_probs.view(A, K, V) + running_scores[:, :, None]).view(A, K * V)
 
         if sampling is not None:
             picked = torch.multinomial(total.softmax(-1), C, generator=generator)
             cand_scores = total.gather(1, picked)
         else:
-            cand_scores, picked = torch.topk(total, C, dim=1)           # (B, C), best first
+            cand_scores, picked = torch.topk(total, C, dim=1)           # (A, C), best first
         cand_beam, cand_token = picked // V, picked % V
-        cand_seqs = torch.cat([running.gather(1, cand_beam[..., None].expand(B, C, cur_len)),
-                               cand_token[..., None]], dim=2)          # (B, C, cur_len + 1)
+        cand_seqs = torch.cat([running.gather(1, cand_beam[..., None].expand(A, C, cur_len)),
+                               cand_token[..., None]], dim=2)          # (A, C, cur_len + 1)
         ends = decoder.is_eos(cand_token) | (cur_len + 1 >= max_len)
 
         # The K best candidates that do not end run on.
         keep_scores, keep = torch.topk(cand_scores + ends.float() * _NEG, K, dim=1)
-        running = cand_seqs.gather(1, keep[..., None].expand(B, K, cur_len + 1))
+        running = cand_seqs.gather(1, keep[..., None].expand(A, K, cur_len + 1))
         running_scores = keep_scores
-        source_beam = cand_beam.gather(1, keep)                         # (B, K)
+        source_beam = cand_beam.gather(1, keep)                         # (A, K)
 
         # Ending candidates among the first K ranks compete for the finished slots.
         new_len = cur_len + 1 - T
@@ -278,31 +294,45 @@ def _beam_search(decoder: _Decoder, input_ids, attention_mask, max_new_tokens, K
         if early_stopping is True:
             eligible &= ~is_finished.all(dim=1, keepdim=True)
         final_scores = torch.where(eligible, cand_scores / (new_len ** length_penalty), _NEG)
-        pool_scores = torch.cat([finished_scores, final_scores], dim=1)  # (B, K + C)
+        pool_scores = torch.cat([finished_scores, final_scores], dim=1)  # (A, K + C)
         pool_seqs = torch.cat([finished, F.pad(cand_seqs, (0, max_len - cur_len - 1), value=pad_token_id)], 1)
-        pool_len = torch.cat([finished_len, torch.full((B, C), new_len, device=device)], dim=1)
+        pool_len = torch.cat([finished_len, torch.full((A, C), new_len, device=device)], dim=1)
         pool_done = torch.cat([is_finished, eligible], dim=1)
-        finished_scores, best = torch.topk(pool_scores, K, dim=1)
-        finished = pool_seqs.gather(1, best[..., None].expand(B, K, max_len))
-        finished_len = pool_len.gather(1, best)
-        is_finished = pool_done.gather(1, best)
+        finished_scores, top = torch.topk(pool_scores, K, dim=1)
+        finished = pool_seqs.gather(1, top[..., None].expand(A, K, max_len))
+        finished_len = pool_len.gather(1, top)
+        is_finished = pool_done.gather(1, top)
 
         # Can a running beam still beat the worst finished one? (Once not, the input is done.)
         if early_stopping == "never" and length_penalty > 0.0:
-            best_len = max_new_tokens
+            best_len_reachable = max_new_tokens
         else:
-            best_len = new_len
-        best_running = running_scores[:, :1] / (best_len ** length_penalty)
+            best_len_reachable = new_len
+        best_running = running_scores[:, :1] / (best_len_reachable ** length_penalty)
         worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, _NEG)
         improvable &= (best_running > worst_finished).any(dim=1, keepdim=True)
+        done = ~improvable[:, 0]
+        if early_stopping is True:
+            done |= is_finished.all(dim=1)
 
-        all_done = not bool(improvable.any()) or (early_stopping is True and bool(is_finished.all())) \
-            or bool(ends.all())
-        if all_done:
+        # One host sync per step: is every input done, did every candidate end, is some input done?
+        all_done, all_end, some_done = torch.stack([done.all(), ends.all(), done.any()]).tolist()
+        if all_done or all_end:
             break
-        decoder.cache.reorder((source_beam + torch.arange(B, device=device)[:, None] * K).flatten())
-        mask = torch.cat([mask, mask.new_ones((B * K, 1))], dim=1)
-        logits = decoder.next_logits(running[:, :, -1].reshape(B * K, 1), mask)
+        rows = source_beam + torch.arange(A, device=device)[:, None] * K  # cache row of each new beam
+        if prune and some_done:
+            gone, kept = done.nonzero().flatten(), (~done).nonzero().flatten()
+            best[alive[gone]], best_len[alive[gone]] = finished[gone, 0], finished_len[gone, 0]
+            alive, rows = alive[kept], rows[kept]
+            running, running_scores, improvable = running[kept], running_scores[kept], improvable[kept]
+            finished, finished_scores = finished[kept], finished_scores[kept]
+            finished_len, is_finished = finished_len[kept], is_finished[kept]
+            beam_rows = (kept[:, None] * K + torch.arange(K, device=device)).flatten()
+            mask, prompt_start = mask[beam_rows], prompt_start[beam_rows]
+            A = kept.numel()
+        decoder.cache.reorder(rows.flatten())
+        mask = torch.cat([mask, mask.new_ones((A * K, 1))], dim=1)
+        logits = decoder.next_logits(running[:, :, -1].reshape(A * K, 1), mask)
 
-    out_len = T + int(finished_len[:, 0].max())
-    return finished[:, 0, :out_len]
+    best[alive], best_len[alive] = finished[:, 0], finished_len[:, 0]
+    return best[:, :T + int(best_len.max())]
