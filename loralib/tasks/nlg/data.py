@@ -261,10 +261,12 @@ def write_jsonl(records: Iterable[dict], path) -> Path:
     return write_jsonl_atomic(path, records)
 
 
-def _read_jsonl(path) -> Iterable[tuple]:
+def read_jsonl_objects(path, flag: str = "") -> Iterable[tuple]:
+    """("file:line", object) for each non-blank line of a JSON Lines file; a line that is not a JSON object is a
+    DataFormatError naming file:line. `flag` names the command-line flag the file came from, for the message."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: no such file" + (f" ({flag})" if flag else ""))
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -283,7 +285,7 @@ def read_formatted(path) -> List[dict]:
     """Formatted JSONL -> records; "context" and "completion" must be strings. Lines of the LoRA repo's
     formatted WebNLG files carry "cate" (seen or not) instead of "category"; both are kept as they are."""
     records = []
-    for where, obj in _read_jsonl(path):
+    for where, obj in read_jsonl_objects(path):
         for key in ("context", "completion"):
             if not isinstance(obj.get(key), str):
                 raise DataFormatError(f"{where}: {key!r} must be a string, got {obj.get(key)!r:.60}")
@@ -295,7 +297,7 @@ def read_encoded(path, vocab_size: Optional[int] = None) -> List[dict]:
     """Encoded JSONL -> [{"context": [ids], "completion": [ids]}]; with `vocab_size`, every id is checked
     to index the model's vocabulary."""
     records = []
-    for where, obj in _read_jsonl(path):
+    for where, obj in read_jsonl_objects(path):
         for key in ("context", "completion"):
             ids = obj.get(key)
             if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):

@@ -20,7 +20,6 @@ Outputs
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ...files import write_text_atomic
 from .bpe import EOS_TOKEN, GPT2BPE, check_ids, load_bpe
-from .data import SEEN_CATEGORIES, DataFormatError, read_formatted
+from .data import SEEN_CATEGORIES, DataFormatError, read_formatted, read_jsonl_objects
 
 FILTERS = ("all", "seen", "unseen")
 
@@ -102,27 +101,16 @@ def group_references(records: Sequence[dict], filter: str = "all", ref_unique: O
 
 def read_predictions(path, vocab_size: int, num_lines: int) -> Dict[int, List[int]]:
     """Beam output -> {input line index: ids}; a later line for the same index replaces an earlier one."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (--sample_file)")
     predictions = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: not valid JSON ({e.msg})") from None
-            idx, ids = (obj.get("id"), obj.get("predict")) if isinstance(obj, dict) else (None, None)
-            if isinstance(idx, bool) or not isinstance(idx, int) or not isinstance(ids, list):
-                raise DataFormatError(f"{where}: expected {{\"id\": int, \"predict\": [ids]}}")
-            if not 0 <= idx < num_lines:
-                raise DataFormatError(f"{where}: id {idx} is not a line of the input file (0..{num_lines - 1}); "
-                                      f"--sample_file and --input_file do not belong together")
-            check_ids(ids, vocab_size, where)
-            predictions[idx] = ids
+    for where, obj in read_jsonl_objects(path, "--sample_file"):
+        idx, ids = obj.get("id"), obj.get("predict")
+        if isinstance(idx, bool) or not isinstance(idx, int) or not isinstance(ids, list):
+            raise DataFormatError(f"{where}: expected {{\"id\": int, \"predict\": [ids]}}")
+        if not 0 <= idx < num_lines:
+            raise DataFormatError(f"{where}: id {idx} is not a line of the input file (0..{num_lines - 1}); "
+                                  f"--sample_file and --input_file do not belong together")
+        check_ids(ids, vocab_size, where)
+        predictions[idx] = ids
     return predictions
 
 
