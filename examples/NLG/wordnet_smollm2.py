@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,8 @@ sys.path.insert(0, str(REPO))
 
 import loralib as lora  # noqa: E402
 from loralib.models import from_pretrained, generate  # noqa: E402
+from loralib.models.generation import left_pad  # noqa: E402
+from loralib.tasks.instruct import InstructCollator  # noqa: E402
 from loralib.tasks.nlg.data import read_raw  # noqa: E402
 from loralib.tasks.nlg.decode import cut_at_stop  # noqa: E402
 from loralib.tasks.nlg.evaluate import results_record, score, write_eval_results  # noqa: E402
@@ -62,18 +63,6 @@ def encode(records: Sequence[dict], tokenizer, eos: int, max_len: int) -> List[d
     return out
 
 
-def collate(batch: Sequence[dict], pad: int) -> Dict[str, torch.Tensor]:
-    """Right padding: (B, T) input_ids, attention_mask and labels (-100 on padding)."""
-    T = max(len(f["input_ids"]) for f in batch)
-    ids = torch.full((len(batch), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    labels = torch.full((len(batch), T), -100, dtype=torch.long)
-    for b, f in enumerate(batch):
-        n = len(f["input_ids"])
-        ids[b, :n], mask[b, :n], labels[b, :n] = torch.tensor(f["input_ids"]), 1, torch.tensor(f["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 @torch.no_grad()
 def beam_decode(model, tokenizer, contexts: Sequence[str], eos: int, args) -> List[str]:
     """The paper's beam search over left-padded batches of contexts; the cut text of each."""
@@ -84,11 +73,8 @@ def beam_decode(model, tokenizer, contexts: Sequence[str], eos: int, args) -> Li
     texts: List[str] = [""] * len(queries)
     for start in range(0, len(order), args.batch_size):
         chunk = order[start:start + args.batch_size]
-        T = max(len(queries[i]) for i in chunk)
-        ids = torch.full((len(chunk), T), eos, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for b, i in enumerate(chunk):
-            ids[b, T - len(queries[i]):], mask[b, T - len(queries[i]):] = torch.tensor(queries[i]), 1
+        ids, mask = left_pad([queries[i] for i in chunk], eos)
+        T = ids.shape[1]
         out = generate(model, ids.to(device), mask.to(device), max_new_tokens=args.eval_len, num_beams=args.beam,
                        length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                        eos_token_id=[eos], pad_token_id=eos)
@@ -161,7 +147,7 @@ def main(argv=None) -> int:
     lora.mark_only_lora_as_trainable(model)
     features = encode(train_records, tokenizer, eos, args.seq_len)
     precision = "bf16" if args.device.startswith("cuda") else "fp32"
-    result = train(model, features, lambda b: collate(b, eos),
+    result = train(model, features, InstructCollator(eos),
                    TrainConfig(output_dir=str(out / "lora" / "train"), max_steps=args.max_steps,
                                per_device_batch_size=args.train_batch_size, lr=args.lr, schedule="linear",
                                warmup_ratio=0.06, weight_decay=0.01, precision=precision, save_strategy="no",

@@ -68,6 +68,19 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional
                         early_stopping, sampling, pad_token_id, generator)
 
 
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (input_ids, attention_mask), both (B, T) long, pads on the left."""
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        if len(s) == 0:
+            raise ValueError(f"prompt {row} tokenises to nothing")
+        ids[row, T - len(s):] = torch.tensor(list(s), dtype=torch.long)
+        mask[row, T - len(s):] = 1
+    return ids, mask
+
+
 def _as_id_list(ids, name: str) -> List[int]:
     if ids is None:
         return []

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
-from loralib.models.generation import generate
+from loralib.models.generation import generate, left_pad
 
 
 def _pad_id(tokenizer, eos_ids: list[int]) -> int:
@@ -24,19 +22,6 @@ def _pad_id(tokenizer, eos_ids: list[int]) -> int:
     if eos_ids:
         return eos_ids[0]
     raise ValueError("the tokenizer has neither a pad nor an eos token; pass pad_token_id")
-
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> (input_ids, attention_mask), both (B, T) long, pads on the left."""
-    T = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), T), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        if len(s) == 0:
-            raise ValueError(f"prompt {row} tokenises to nothing")
-        ids[row, T - len(s):] = torch.tensor(list(s), dtype=torch.long)
-        mask[row, T - len(s):] = 1
-    return ids, mask
 
 
 def _cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:

@@ -180,19 +180,15 @@ def beam_search(model: nn.Module, queries: Sequence[Sequence[int]], args, device
     """generate() over the queries in batches of --batch_size; returns the continuations in the queries'
     order. Each distinct query is decoded once (an E2E test set repeats every context once per reference,
     and the search is deterministic), and queries of similar length share a batch (little padding)."""
-    from ...models.generation import generate
+    from ...models.generation import generate, left_pad
 
     eos_ids = list(dict.fromkeys(args.eos_token_id))
     distinct = sorted({tuple(q) for q in queries}, key=len)
     results: Dict[tuple, List[int]] = {}
     for start in range(0, len(distinct), args.batch_size):
         chunk = distinct[start:start + args.batch_size]
-        T = len(chunk[-1])
-        ids = torch.full((len(chunk), T), EOS, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for b, q in enumerate(chunk):
-            ids[b, T - len(q):] = torch.tensor(q)
-            mask[b, T - len(q):] = 1
+        ids, mask = left_pad(chunk, EOS)
+        T = ids.shape[1]
         out = generate(model, ids.to(device), mask.to(device), max_new_tokens=args.eval_len, num_beams=args.beam,
                        length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                        repetition_penalty=args.repetition_penalty, eos_token_id=eos_ids, pad_token_id=EOS)
