@@ -1,6 +1,5 @@
 """Fine-tune GPT-2 with LoRA on E2E / DART / WebNLG, with the flags of microsoft/LoRA examples/NLG/src/gpt2_ft.py.
 
-
 The original command line works as it is (an example: examples/NLG/README.md).
 Writes WORK_DIR/model.<step>.pt (the LoRA factors, readable by the original gpt2_beam.py and ours),
 adapter/, checkpoint-<step>/ and run_config.json. Everything is loralib.tasks.nlg.train; see its docstring.
