@@ -75,18 +75,23 @@ def _extra_keys(model: nn.Module, include: Optional[Iterable[str]]) -> List[str]
 
 
 def save_adapter(model: nn.Module, directory: PathLike, config: Optional[LoRAConfig] = None,
-                 include: Optional[Iterable[str]] = None, metadata: Optional[dict] = None) -> Path:
-    """Write the model's adapter (LoRA factors + trained extras) into `directory`."""
+                 include: Optional[Iterable[str]] = None, metadata: Optional[dict] = None,
+                 state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+    """Write the model's adapter (LoRA factors + trained extras) into `directory`.
+
+    state_dict: the tensors to read instead of model.state_dict(), when the model cannot give them whole
+    (DeepSpeed ZeRO-3: loralib.train.zero3.gathered_state_dict)."""
     config = config or getattr(model, "loralib_config", None)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
+    state = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v for k, v in state.items() if "lora_" in k}
     extras = _extra_keys(model, include)
     tensors.update({k: state[k] for k in extras})
     layer_info = {
         path: {"type": type(layer).__name__, "r": layer.r,
-               "weight_shape": list(layer._base_weight().shape)}
+               # ds_shape: the whole shape of a ZeRO-3-partitioned weight
+               "weight_shape": list(getattr(layer._base_weight(), "ds_shape", layer._base_weight().shape))}
         for path, layer in lora_layers(model) if layer.has_lora}
     _atomic_write_tensors(tensors, directory / ADAPTER_WEIGHTS)
     _atomic_write_json({"format": FORMAT, "format_version": FORMAT_VERSION,

@@ -1,5 +1,5 @@
 """LoRA-Pro under data parallelism on CPU (gloo, loopback): 2 processes == 1 process with the same global
-batch. DDP (torchrun's engine) for LoRAProAdamW's two modes; DeepSpeed ZeRO-1/2 (CPU accelerator) for the
+batch. DDP (torchrun's engine) for LoRAProAdamW's two modes; DeepSpeed ZeRO-1/2/3 (CPU accelerator) for the
 gradient-adjustment path of loralib.optim.deepspeed_lorapro."""
 from __future__ import annotations
 
@@ -109,16 +109,19 @@ def _deepspeed_worker(rank, world, port, out):
     deepspeed.ops.__compatible_ops__ = dict(deepspeed.ops.__compatible_ops__, deepspeed_shm_comm=False)
     deepspeed.init_distributed(dist_backend="gloo")
     from loralib.optim.deepspeed_lorapro import lorapro_zero_step
+    from loralib.train.zero3 import gathered_state_dict, is_partitioned
 
     results = {}
     micro = GLOBAL_BATCH // 2                       # per-rank micro-batch
     accumulation = GLOBAL_BATCH // (micro * world)  # 1 process: two micro-batches accumulated
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         model = _model(torch.float32)
         client = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
         # DeepSpeed clips at norm 1.0 unless told otherwise; the reference does not clip.
         config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
-                  "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0}
+                  "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,  # see test_zero3
+                                        "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0},
+                  "gradient_clipping": 0.0}
         engine, *_ = deepspeed.initialize(model=model, optimizer=client, config=config)
         for step in range(STEPS):
             x, y = _batch(step, torch.float32)
@@ -127,7 +130,8 @@ def _deepspeed_worker(rank, world, port, out):
                 xs, ys = shards[rank * accumulation + k]
                 engine.backward(F.mse_loss(engine(xs), ys))
                 lorapro_zero_step(engine)
-        results[stage] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        assert is_partitioned(engine.module) == (stage == 3)  # ZeRO-3 partitions A and B themselves
+        results[stage] = {k: v.detach().clone() for k, v in gathered_state_dict(engine.module).items()}
 
     # What does not work, and must say so: LoRAProAdamW as ZeRO's client optimizer (ZeRO flattens its
     # parameters into partitions; the released code then paired A and B by position in them).
@@ -145,16 +149,20 @@ def _deepspeed_worker(rank, world, port, out):
         results["client"] = str(err)
     if rank == 0:
         torch.save(results, out)
+    # Leave together, with the group torn down: a rank that exits while the other still talks to it, or with
+    # gloo's threads alive, can abort ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
-def test_deepspeed_zero_one_and_two_processes(world, tmp_path):
+def test_deepspeed_zero_stages_one_to_three_one_and_two_processes(world, tmp_path):
     pytest.importorskip("deepspeed")
     out = str(tmp_path / "ds.pt")
     mp.spawn(_deepspeed_worker, args=(world, _free_port(), out), nprocs=world, join=True)
     results = torch.load(out)
     want = _reference("efficient", torch.float32)  # efficient LoRA-Pro = adjusted gradients + Adam
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         _assert_same(results[stage], want, atol=2e-6)
     assert "ZeRO" in results["client"]

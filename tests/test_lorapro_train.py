@@ -193,7 +193,7 @@ def _write(path: Path, obj) -> str:
     (["--lora", "lora", "--target_rank", "2"], "--target_rank / --init_rank apply"),
     (["--lora", "lora-pro", "--lorapro_mode", "full", "--deepspeed", "DS2"], "--lorapro_mode full with --deepspeed"),
     (["--lora", "adalora", "--deepspeed", "DS2"], "with --deepspeed is not supported"),
-    (["--lora", "lora", "--deepspeed", "DS3"], "stage=3"),
+    (["--lora", "lora", "--deepspeed", "DS4"], "stage=4"),
     (["--lora", "lora", "--deepspeed", "missing.json"], "no such file"),
     (["--per_device_train_batch_size", "3"], "not a multiple"),
     (["--gradient_accumulation_steps", "3"], "!= --global_batch_size"),
@@ -204,8 +204,8 @@ def _write(path: Path, obj) -> str:
 ])
 def test_bad_flags_give_one_clear_error_and_write_nothing(assets, tmp_path, capsys, extra, message):
     ds2 = _write(tmp_path / "ds2.json", {"zero_optimization": {"stage": 2}})
-    ds3 = _write(tmp_path / "ds3.json", {"zero_optimization": {"stage": 3}})
-    extra = [{"DS2": ds2, "DS3": ds3}.get(e, e) for e in extra]
+    ds4 = _write(tmp_path / "ds4.json", {"zero_optimization": {"stage": 4}})
+    extra = [{"DS2": ds2, "DS4": ds4}.get(e, e) for e in extra]
     out = tmp_path / "out"
     assert run.main(argv(assets, out, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -274,6 +274,10 @@ def test_training_then_gsm8k_evaluation_writes_the_contract_files(assets, tmp_pa
 
 # -- several processes (subprocesses: DDP and DeepSpeed keep a process group) -----------------------------
 
+# ZeRO-3 with every parameter partitioned and released after each use (by default DeepSpeed keeps tensors
+# under 1e5 elements whole, and keeps gathered ones that are soon used again: a tiny model would never be
+# partitioned when it matters)
+PARTITION_ALL = {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}
 _DS_PRELUDE = ("import deepspeed.ops, sys; "
                # test-machine choice: skip the JIT build of DeepSpeed's shared-memory op (gloo instead)
                "deepspeed.ops.__compatible_ops__ = dict(deepspeed.ops.__compatible_ops__, deepspeed_shm_comm=False); "
@@ -310,17 +314,47 @@ def test_lorapro_on_two_processes_equals_one(assets, tmp_path, mode):
 
 
 @pytest.mark.slow
-def test_lorapro_under_deepspeed_zero2_equals_the_efficient_mode(assets, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lorapro_under_deepspeed_equals_the_efficient_mode(assets, tmp_path, stage):
     pytest.importorskip("deepspeed")
     common = ["--lora", "lora-pro", "--lr", "1e-2", "--max_steps", "2", "--max_grad_norm", "0"]
     plain = tmp_path / "plain"
     run.run_training(argv(assets, plain, *common, "--lorapro_mode", "efficient"))
     ds = tmp_path / "ds"
-    config = _write(tmp_path / "ds.json", {"zero_optimization": {"stage": 2}})
+    config = _write(tmp_path / "ds.json", {"zero_optimization": {"stage": stage, **PARTITION_ALL}})
     _subprocess(["-c", _DS_PRELUDE, *argv(assets, ds, *common, "--deepspeed", config)])
     assert json.loads((ds / "run_config.json").read_text())["lorapro_mode"] == "efficient"
     a, b = _adapter(plain), _adapter(ds)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_zero3_on_two_processes_equals_one_process_and_evaluates(assets, tmp_path, method):
+    """ZeRO-3 partitions the model, LoRA factors included, over 2 processes (with gradient checkpointing):
+    the adapter written whole equals the one-process run's, and rank 0's evaluation and PEFT export, which
+    read the base again with the trained adapter, give the same files."""
+    pytest.importorskip("deepspeed")
+    common = ["--lora", method, "--lr", "1e-2" if method == "lora" else "2e-3", "--max_steps", "2",
+              "--max_grad_norm", "0", "--gradient_checkpointing", "--do_eval", "--eval_data_path", assets["gsm8k"],
+              "--max_new_tokens", "6"]
+    one = tmp_path / "one"
+    run.run_training(argv(assets, one, *common))
+    two = tmp_path / "two"
+    config = _write(tmp_path / "ds3.json", {"zero_optimization": {"stage": 3, **PARTITION_ALL}})
+    script = tmp_path / "train_ds.py"
+    script.write_text(_DS_PRELUDE.replace("; ", "\n"))
+    _subprocess(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                 *argv(assets, two, *common, "--deepspeed", config)])
+    a, b = _adapter(one), _adapter(two)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(not torch.equal(a[k], b[k].new_zeros(b[k].shape)) for k in a)
+    assert (json.loads((two / "eval_results.json").read_text())
+            == json.loads((one / "eval_results.json").read_text()))
+    assert (two / "predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()
+    if method == "lora":
+        peft_one = (one / "peft_adapter" / "adapter_model.safetensors").read_bytes()
+        assert len(peft_one) > 0 and (two / "peft_adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_evaluate_py_loads_our_adapter_and_the_peft_one_into_the_trained_model(assets, tmp_path):

@@ -100,6 +100,20 @@ def train_once(out_dir, batch_size, dtype=torch.float64, deepspeed_config=None, 
     return train(model, make_data(dtype), collate, config, eval_fn=eval_fn, callbacks=callbacks)
 
 
+class RecordPartitioning:
+    """Writes <out>/partitioned.txt: whether the model's own parameters were ZeRO-3 partitioned in training."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+
+    def on_before_optimizer_step(self, state, engine, optimizer):
+        from loralib.train.zero3 import is_partitioned
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "partitioned.txt").write_text(str(is_partitioned(engine.module)))
+
+
 class StopAt:
     def __init__(self, step):
         self.step = step
@@ -120,12 +134,16 @@ SCRIPT = textwrap.dedent("""
         import deepspeed.ops
         # Test-machine choice: skip the JIT build of DeepSpeed's shared-memory all-reduce (minutes of g++).
         deepspeed.ops.__compatible_ops__ = dict(deepspeed.ops.__compatible_ops__, deepspeed_shm_comm=False)
-        ds = {{"zero_optimization": {{"stage": 2}}, "train_batch_size": "auto"}}
+        # ZeRO-3: every parameter partitioned and released after use (see test_zero3.ZERO3)
+        ds = {{"zero_optimization": {{"stage": int(mode[-1]), "stage3_param_persistence_threshold": 0,
+                                      "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}},
+               "train_batch_size": "auto"}}
         try:  # stopped after step 5, resumed from checkpoint-4 in the same processes
             t.train_once(out, batch_size=2, dtype=torch.float32, deepspeed_config=ds, callbacks=[t.StopAt(5)])
         except KeyboardInterrupt:
             pass
-        t.train_once(out, batch_size=2, dtype=torch.float32, deepspeed_config=ds, resume_from="latest")
+        t.train_once(out, batch_size=2, dtype=torch.float32, deepspeed_config=ds, resume_from="latest",
+                     callbacks=[t.RecordPartitioning(out)])
 """)
 
 
@@ -170,9 +188,17 @@ def test_ddp_two_processes_equal_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_two_processes_equal_one_across_a_resume(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_processes_equal_one_across_a_resume(stage, tmp_path):
+    """ZeRO-2, and ZeRO-3 where the adapter itself is partitioned: the adapter folders (final, best and
+    each checkpoint's) are written whole, and the resume restores the partitions."""
     pytest.importorskip("deepspeed")
-    two = _torchrun(tmp_path, "deepspeed")
+    two = _torchrun(tmp_path, f"deepspeed{stage}")
     train_once(tmp_path / "one", batch_size=4, dtype=torch.float32)
     _assert_close(two, tmp_path / "one", atol=2e-6)
     assert (two / "checkpoint-8" / "deepspeed").is_dir()
+    assert (two / "partitioned.txt").read_text() == str(stage == 3)
+    for folder in (two / "best_adapter", two / "checkpoint-8" / "adapter"):
+        saved = load_file(str(folder / "adapter.safetensors"))
+        assert saved.keys() == load_file(str(two / "adapter" / "adapter.safetensors")).keys()
+        assert all(t.numel() > 0 for t in saved.values())

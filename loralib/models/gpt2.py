@@ -317,7 +317,8 @@ class GPT2LMHeadModel(nn.Module):
                                position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache)
         h = out.hidden_states
         loss = None
-        if labels is not None and torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad):
+        if (labels is not None and torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)
+                and fused_head_applies(self.lm_head.weight)):
             logits, loss = lm_head_with_loss(h, self.lm_head.weight, labels)
         else:
             logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
@@ -377,6 +378,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     (a -100 appended) rather than the logits, so the (B, T, V) logits are not copied."""
     shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
     return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
+
+
+def fused_head_applies(weight: torch.Tensor) -> bool:
+    """Whether lm_head_with_loss may take this head weight. Not a trained weight that DeepSpeed ZeRO-3 has
+    partitioned (it carries ds_id): that one is whole only while its own module runs, and the fused path
+    hands autograd its gradient outside the module, where the partition it would be added to is empty."""
+    return not (weight.requires_grad and hasattr(weight, "ds_id"))
 
 
 def lm_head_with_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

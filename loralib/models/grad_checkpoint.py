@@ -16,7 +16,8 @@ would do twice). Evaluation and generation are therefore unchanged.
 
 How: the block instance gets a `forward` attribute (Python looks it up before the class's method), a
 wrapper around the class's own forward. Parameter names, state dicts, hooks and the model files stay as
-they are. Works under DDP (non-reentrant checkpointing supports it) and under DeepSpeed ZeRO-1/2.
+they are. Works under DDP (non-reentrant checkpointing supports it) and under DeepSpeed ZeRO-1/2/3 (the recomputed
+forward calls the submodules again, so ZeRO-3's hooks gather their weights again).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from ..config import LoRAConfig, make_linear
 from .cache import KVCache
-from .gpt2 import causal_lm_loss, lm_head_with_loss
+from .gpt2 import causal_lm_loss, fused_head_applies, lm_head_with_loss
 from .outputs import ModelOutput
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -468,7 +468,7 @@ class LlamaForCausalLM(nn.Module):
         head = self.lm_head
         loss = None
         if (labels is not None and torch.is_grad_enabled() and type(head) is nn.Linear and head.bias is None
-                and (hidden.requires_grad or head.weight.requires_grad)):
+                and (hidden.requires_grad or head.weight.requires_grad) and fused_head_applies(head.weight)):
             # Training: the loss's gradient is formed chunk by chunk during the forward, so neither the
             # fp32 log-probabilities nor a (B, T, vocab) gradient is ever kept (see lm_head_with_loss).
             logits, loss = lm_head_with_loss(hidden, head.weight, labels)

@@ -273,7 +273,7 @@ class _LoRAProBase(torch.optim.Optimizer):
         if self._lora_group is not None and [id(p) for p in self._lora_group["params"]] != self._expected_ids:
             raise RuntimeError(
                 f"{type(self).__name__}: its parameters were replaced (DeepSpeed ZeRO flattens a client "
-                "optimizer's parameters). Use loralib.optim.deepspeed_lorapro with a ZeRO-1/2 engine instead.")
+                "optimizer's parameters). Use loralib.optim.deepspeed_lorapro with the ZeRO engine instead.")
 
     def _pairs_with_grads(self):
         """(pair, g_A, g_B) for the pairs that received a gradient; a missing one counts as zero."""

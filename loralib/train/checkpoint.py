@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 
 from ..adapters import ADAPTER_WEIGHTS, save_adapter
 from .distributed import DistContext, barrier
+from .zero3 import gathered_state_dict
 
 try:
     import numpy as np
@@ -94,11 +95,12 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def save_adapter_atomic(model: nn.Module, directory: Path, metadata: Optional[dict] = None) -> Path:
+def save_adapter_atomic(model: nn.Module, directory: Path, metadata: Optional[dict] = None,
+                        state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Path:
     """loralib.save_adapter into a temporary folder, published by one rename."""
     directory = Path(directory)
     tmp = _fresh_dir(directory.with_name(f".tmp-{directory.name}"))
-    save_adapter(model, tmp, metadata=metadata)
+    save_adapter(model, tmp, metadata=metadata, state_dict=state_dict)
     _publish(tmp, directory)
     return directory
 
@@ -128,9 +130,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 # -- model tensors ---------------------------------------------------------------------------------
-def _model_extra(model: nn.Module, full: bool) -> Dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, full: bool = False) -> Dict[str, torch.Tensor]:
+    """The state dict the adapter files read: under ZeRO-3 its LoRA factors and trainable parameters (all
+    parameters with full) gathered whole. Call on every rank (collective under ZeRO-3)."""
+    return gathered_state_dict(model, lambda name, p: full or "lora_" in name or p.requires_grad)
+
+
+def _model_extra(model: nn.Module, full: bool, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Model tensors an exact resume needs beyond the adapter: persistent buffers, or everything."""
-    state = model.state_dict()
     if full:
         return state
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
@@ -168,9 +175,10 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, ctx: DistCont
     if engine is not None:
         engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
                                exclude_frozen_parameters=True)
+    state = adapter_state_dict(model, full=save_full_model)
     if ctx.is_main:
-        save_adapter(model, tmp / "adapter", metadata={"global_step": step})
-        torch.save(_model_extra(model, save_full_model), tmp / MODEL_EXTRA)
+        save_adapter(model, tmp / "adapter", metadata={"global_step": step}, state_dict=state)
+        torch.save(_model_extra(model, save_full_model, state), tmp / MODEL_EXTRA)
         torch.save(training_state, tmp / TRAINING_STATE)
     barrier(ctx)  # every rank's files are in tmp
     if ctx.is_main:

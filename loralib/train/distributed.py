@@ -165,7 +165,8 @@ def _free_port() -> int:
 def deepspeed_config(config, world_size: int, has_factory: bool) -> dict:
     """The DeepSpeed config of `config.deepspeed_config` (a path or a dict), completed from the TrainConfig:
     batch sizes, accumulation, clipping and precision are the loop's; a value that contradicts them, a
-    'scheduler' section, an 'optimizer' section next to optimizer_factory, or ZeRO-3 is a ValueError."""
+    'scheduler' section, an 'optimizer' section next to optimizer_factory, or a ZeRO stage other than
+    0-3 is a ValueError."""
     source = config.deepspeed_config
     if isinstance(source, dict):
         ds = json.loads(json.dumps(source))
@@ -201,9 +202,8 @@ def deepspeed_config(config, world_size: int, has_factory: bool) -> dict:
         raise ValueError("deepspeed_config has an 'optimizer' section and train() got optimizer_factory: "
                          "use one or the other")
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        raise ValueError(f"deepspeed_config zero_optimization.stage={stage!r}: the loop supports stages 0-2 "
-                         "(stage 3 partitions the adapter itself, which the adapter checkpoints need whole)")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed_config zero_optimization.stage={stage!r}: ZeRO stages are 0, 1, 2 and 3")
     return ds
 
 

@@ -25,7 +25,11 @@ epoch's end):
 `step` passed to the allocator is the number of optimizer steps completed before this one (0 on the first),
 as in AdaLoRA's released trainer. Several processes: `torchrun --nproc_per_node N script.py` (DDP, gloo on
 CPU), or `deepspeed_config="ds.json"` (deepspeed.initialize; batch size, accumulation, clipping and
-precision are filled in from this config and must not contradict it). Resume: `resume_from="latest"`.
+precision are filled in from this config and must not contradict it; ZeRO stages 0-3). Under ZeRO-3 the
+model is partitioned by deepspeed.initialize and stays so after train(): LoRA layers are kept unmerged,
+eval_fn must run the same forwards on every rank (its gathers are collectives), and the adapter folders
+are written whole; for single-process inference load `result.adapter_dir` into a fresh model.
+Resume: `resume_from="latest"`.
 Callbacks are objects with any of on_train_begin(state), on_before_optimizer_step(state, model,
 optimizer), on_step_end(state, logs), on_evaluate(state, metrics), on_save(state, path),
 on_train_end(state); an exception raised in one stops training (the last checkpoint stays good).
@@ -51,6 +55,7 @@ from torch.utils.data import DataLoader
 
 from ..layers import LoRALayer
 from . import checkpoint as ckpt
+from . import zero3
 from .distributed import (DistContext, ShardedBatches, all_reduce_mean, barrier, broadcast_object,
                           deepspeed_config, deepspeed_engine, no_sync, setup, wrap_ddp)
 from .schedules import SCHEDULES, build_scheduler, scheduler_factory
@@ -426,6 +431,9 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
         if optimizer is None and "optimizer" not in ds:
             optimizer = default_optimizer(model, config)
         make_scheduler = scheduler_factory(config.schedule, total_steps, config.warmup_steps, config.warmup_ratio)
+        if (ds.get("zero_optimization") or {}).get("stage") == 3:
+            model.train()  # unmerged: ZeRO-3 is about to partition W, which B A can no longer be added to
+            zero3.disable_merging(model)
         engine, optimizer, scheduler = deepspeed_engine(model, optimizer, make_scheduler, ds)
         forward_model = engine
     else:
@@ -501,9 +509,10 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
                                                    else value < state.best_metric)
             if better:
                 state.best_metric, state.best_step = value, state.global_step
+                tensors = ckpt.adapter_state_dict(model)
                 if ctx.is_main:
                     ckpt.save_adapter_atomic(model, best_dir, metadata={"global_step": state.global_step,
-                                                                        "metrics": metrics})
+                                                                        "metrics": metrics}, state_dict=tensors)
                 barrier(ctx)
         last_metrics = metrics
         if ctx.is_main:
@@ -637,11 +646,13 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
         if config.save_strategy != "no" and state.last_save_step != state.global_step:
             save()
         if config.load_best_at_end and state.best_step is not None:
-            ckpt.load_adapter_weights(best_dir, model)
+            with zero3.writable(model, [n for n, p in model.named_parameters() if "lora_" in n or p.requires_grad]):
+                ckpt.load_adapter_weights(best_dir, model)
         adapter_dir = output_dir / "adapter"
+        tensors = ckpt.adapter_state_dict(model)
         if ctx.is_main:
             ckpt.save_adapter_atomic(model, adapter_dir, metadata={"global_step": state.global_step,
-                                                                   "best_step": state.best_step})
+                                                                   "best_step": state.best_step}, state_dict=tensors)
         barrier(ctx)
         _call(callbacks, "on_train_end", state)
     finally:

@@ -37,12 +37,14 @@ decay 0, bf16 and gradient checkpointing on a GPU (fp32 without one), max length
 Decisions:
 - bf16: the frozen base weights are loaded in bf16 and the trained ones kept in fp32, under bf16 autocast
   (DeepSpeed: its bf16 mode with fp32 master weights). The LoRA-Pro state is fp32 in every case.
-- DeepSpeed (ZeRO-1/2): LoRA-Pro runs as its efficient variant through loralib.optim.deepspeed_lorapro
+- DeepSpeed (ZeRO-1/2/3): LoRA-Pro runs as its efficient variant through loralib.optim.deepspeed_lorapro
   (gradients adjusted by module on every rank, then DeepSpeed's partitioned Adam): under --deepspeed
   --lorapro_mode defaults to efficient and full is refused, since the full variant's m x n moments are no
-  parameter state ZeRO could partition (use torchrun for it). ZeRO-3 is refused (the loop does not support
-  it). AdaLoRA / LoRA² with --deepspeed are refused (DeepSpeed zeroes the gradients before rank allocation
-  reads them).
+  parameter state ZeRO could partition (use torchrun for it). AdaLoRA / LoRA² with --deepspeed are refused
+  (DeepSpeed zeroes the gradients before rank allocation reads them). ZeRO-3 partitions the model itself
+  (for models that do not fit on one device, or --lora full): LoRA layers stay unmerged, the adapter
+  folders are gathered whole, and the evaluation and the PEFT export (rank 0) read the base again with the
+  trained adapter loaded into it.
 - Gradient checkpointing (loralib.models.grad_checkpoint): every decoder block recomputed in the backward
   pass; same gradients, activation memory of one block instead of all.
 - lorapro/evaluate.py --lora_path: our adapter folder, or a PEFT LoRA folder (its r / alpha / targets /
@@ -168,7 +170,7 @@ def build_parser(prog: Optional[str] = None, training: bool = True) -> argparse.
     t.add_argument("--max_grad_norm", type=float, default=1.0)
     t.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="checkpoint each decoder block (default: on with a GPU)")
-    t.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (ZeRO-1/2)")
+    t.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (ZeRO stage 0-3)")
     t.add_argument("--logging_steps", type=int, default=10)
     t.add_argument("--eval_steps", type=int, default=None, help="eval loss on the held-out split every N steps")
     t.add_argument("--save_steps", type=int, default=None, help="checkpoint every N steps (default: at the end)")
@@ -397,9 +399,8 @@ def _check_deepspeed(path: Optional[str]) -> None:
     except json.JSONDecodeError as e:
         raise ValueError(f"--deepspeed {path}: not valid JSON ({e})") from None
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        raise ValueError(f"--deepspeed {path}: zero_optimization.stage={stage!r}; the training loop supports "
-                         "ZeRO stages 0-2 (stage 3 partitions the adapter the checkpoints need whole)")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"--deepspeed {path}: zero_optimization.stage={stage!r}; ZeRO stages are 0, 1, 2 and 3")
 
 
 def load_eval_records(task: str, path: Optional[str], limit: Optional[int]) -> list:
@@ -621,6 +622,7 @@ def execute(p: Prepared) -> dict:
                             "adapter_dir": outcome.adapter_dir, "last_checkpoint": outcome.last_checkpoint,
                             "param_groups": groups}
         if main_process:
+            p.model = _whole_model(p, outcome.adapter_dir)
             if p.method.name in PLAIN_LORA:
                 export_peft(p.model, p.output_dir / "peft_adapter", base_model_name_or_path=a.model_name_or_path,
                             task_type="CAUSAL_LM")
@@ -632,6 +634,21 @@ def execute(p: Prepared) -> dict:
     if a.do_eval:
         results["eval"] = evaluate(p)
     return results
+
+
+def _whole_model(p: Prepared, adapter_dir: str) -> nn.Module:
+    """The trained model, whole on this process. Under ZeRO-3 the training copy stays partitioned (a forward
+    on rank 0 alone would wait for the other ranks' gathers), so the base is read again and the saved
+    adapter, which the loop wrote whole, loaded into it."""
+    from ...train import load_adapter_weights
+    from ...train.zero3 import is_partitioned
+
+    if not is_partitioned(p.model):
+        return p.model
+    model = load_model(p.model_path, p.method.lora, p.precision)
+    mark_trainable(model, p.method)  # --lora full trains fp32 weights
+    load_adapter_weights(adapter_dir, model)
+    return model
 
 
 def evaluate(p: Prepared) -> dict:
