@@ -321,7 +321,9 @@ def test_lorapro_under_deepspeed_equals_the_efficient_mode(assets, tmp_path, sta
     plain = tmp_path / "plain"
     run.run_training(argv(assets, plain, *common, "--lorapro_mode", "efficient"))
     ds = tmp_path / "ds"
-    config = _write(tmp_path / "ds.json", {"zero_optimization": {"stage": stage, **PARTITION_ALL}})
+    shipped = json.loads((Path(run.__file__).resolve().parents[3] / "lorapro" / f"ds_zero{stage}.json").read_text())
+    shipped["zero_optimization"].update(PARTITION_ALL if stage == 3 else {})
+    config = _write(tmp_path / "ds.json", shipped)  # the configs lorapro/README.md points to
     _subprocess(["-c", _DS_PRELUDE, *argv(assets, ds, *common, "--deepspeed", config)])
     assert json.loads((ds / "run_config.json").read_text())["lorapro_mode"] == "efficient"
     a, b = _adapter(plain), _adapter(ds)

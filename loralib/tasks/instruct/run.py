@@ -5,7 +5,7 @@ Llama-2-7B on MetaMathQA -> GSM8K, CodeFeedback -> HumanEval, WizardLM -> MT-Ben
         --eval_data_path data/instruct/gsm8k_test.jsonl --model_name_or_path meta-llama/Llama-2-7b-hf \
         --seed 0 --output_dir outputs/lorapro/gsm8k/lora-pro/seed0 --do_eval
     torchrun --nproc_per_node 8 lorapro/train.py ...            # DDP: the global batch stays 32
-    torchrun --nproc_per_node 8 lorapro/train.py --deepspeed ds_zero2.json --lorapro_mode efficient ...
+    torchrun --nproc_per_node 8 lorapro/train.py --deepspeed lorapro/ds_zero2.json ...  # or ds_zero3.json
 
 argparse -> prepare() (flags checked, data read and tokenised, model built; nothing written) -> execute()
 (loralib.train.train, the one loop; then the task's evaluation) -> files in --output_dir:
