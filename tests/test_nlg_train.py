@@ -266,7 +266,7 @@ def test_beam_search_is_transformers_generate_on_the_merged_weights(tmp_path, ba
     argv = ["--data", str(data), "--batch_size", "4", "--seq_len", "40", "--eval_len", "12", "--model_card",
             "gpt2.md", "--init_checkpoint", str(lora), "--base_checkpoint", str(base_dir), "--lora_alpha", "32",
             "--beam", "4", "--length_penalty", "0.8", "--no_repeat_ngram_size", "2", "--eos_token_id", "628",
-            "--work_dir", str(tmp_path), "--output_file", "predict.jsonl"]
+            "--decoding", "transformers", "--work_dir", str(tmp_path), "--output_file", "predict.jsonl"]
     out = beam.run_beam(argv)
     got = _predictions(out)
     assert [p["id"] for p in got] == list(range(len(lines)))

@@ -7,8 +7,9 @@ data-to-text set in the E2E format built from WordNet, before and after a LoRA f
 
 The same pieces as the GPT-2 runs: the E2E converter (loralib.tasks.nlg.data.read_raw) turns the challenge-
 format CSVs into "name : dog | type : canine | ..." contexts grouped by MR; training is the one loop
-(loralib.train) with the loss on the completion only; decoding is loralib's beam search with the paper's
-settings (beam 10, length penalty 0.8, no repeated 4-grams, at most 64 new tokens); outputs are cut as
+(loralib.train) with the loss on the completion only; decoding is the LoRA repo's beam search
+(loralib.tasks.nlg.lora_repo_beam, as gpt2_beam.py; --decoding transformers for transformers' search) with the
+paper's settings (beam 10, length penalty 0.8, no repeated 4-grams, at most 64 new tokens); outputs are cut as
 gpt2_decode.py cuts them and scored by all five E2E metrics (loralib.tasks.nlg.evaluate.score). What differs
 from the GPT-2 entry points is only what SmolLM2 needs: its own tokenizer and end-of-text id instead of
 GPT-2's BPE and 50256, and no label smoothing (our Llama computes the plain loss).
@@ -37,6 +38,7 @@ from loralib.tasks.instruct import InstructCollator  # noqa: E402
 from loralib.tasks.nlg.data import read_raw  # noqa: E402
 from loralib.tasks.nlg.decode import cut_at_stop  # noqa: E402
 from loralib.tasks.nlg.evaluate import results_record, score, write_eval_results  # noqa: E402
+from loralib.tasks.nlg.lora_repo_beam import lora_repo_beam_search  # noqa: E402
 from loralib.train import TrainConfig, train  # noqa: E402
 
 SPLIT_FILES = {"train": "trainset.csv", "test": "testset_w_refs.csv"}
@@ -74,12 +76,17 @@ def beam_decode(model, tokenizer, contexts: Sequence[str], eos: int, args) -> Li
     for start in range(0, len(order), args.batch_size):
         chunk = order[start:start + args.batch_size]
         ids, mask = left_pad([queries[i] for i in chunk], eos)
-        T = ids.shape[1]
-        out = generate(model, ids.to(device), mask.to(device), max_new_tokens=args.eval_len, num_beams=args.beam,
-                       length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                       eos_token_id=[eos], pad_token_id=eos)
+        ids, mask = ids.to(device), mask.to(device)
+        if args.decoding == "lora_repo":
+            found = lora_repo_beam_search(model, ids, mask, num_beams=args.beam, max_new_tokens=args.eval_len,
+                                          length_penalty=args.length_penalty,
+                                          no_repeat_ngram_size=args.no_repeat_ngram_size, eos_token_id=[eos])
+        else:
+            found = generate(model, ids, mask, max_new_tokens=args.eval_len, num_beams=args.beam,
+                             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                             eos_token_id=[eos], pad_token_id=eos)[:, ids.shape[1]:].tolist()
         for b, i in enumerate(chunk):
-            texts[i] = cut_at_stop(tokenizer.decode(out[b, T:].tolist(), skip_special_tokens=True))
+            texts[i] = cut_at_stop(tokenizer.decode(found[b], skip_special_tokens=True))
     return texts
 
 
@@ -120,6 +127,8 @@ def main(argv=None) -> int:
     p.add_argument("--length_penalty", type=float, default=0.8)
     p.add_argument("--no_repeat_ngram_size", type=int, default=4)
     p.add_argument("--eval_len", type=int, default=64)
+    p.add_argument("--decoding", choices=("lora_repo", "transformers"), default="lora_repo",
+                   help="the LoRA repo's beam search (gpt2_beam.py's default) or transformers'")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     model_dir, data_dir, out = Path(args.model), Path(args.data_dir), Path(args.output_dir)
@@ -134,7 +143,8 @@ def main(argv=None) -> int:
     train_records = read_raw("e2e", data_dir / SPLIT_FILES["train"])
     test_records = read_raw("e2e", data_dir / SPLIT_FILES["test"])
     config = {"model_name_or_path": str(model_dir), "task": "wordnet-e2e", "beam": args.beam,
-              "length_penalty": args.length_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
+              "length_penalty": args.length_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size,
+              "decoding": args.decoding}
 
     torch.manual_seed(args.seed)
     base = from_pretrained(model_dir, task="causal-lm", device=args.device)

@@ -18,12 +18,13 @@ original loaded only --init_checkpoint, so a LoRA-only file ran on a randomly in
 A file without LoRA factors is read as a whole GPT-2 (the original's use with --lora_dim 0). LoRA is merged
 into the weights for inference.
 
-Decoding: loralib.models.generation.generate, batched with left padding on a KV cache: --beam beams,
-score sum(log p) / (new tokens) ** --length_penalty, --no_repeat_ngram_size, --repetition_penalty, stop at
-any --eos_token_id (50256 always, as the original's append default), at most --eval_len new tokens.
-It follows transformers' beam search, which differs from the original's home-made loop in two ways: the
-n-gram ban also counts n-grams of the prompt, and search stops when no running beam can beat the finished
-ones (the original always ran eval_len steps).
+Decoding, batched with left padding on a KV cache: --beam beams, score sum(log p) / (new tokens) **
+--length_penalty, --no_repeat_ngram_size, --repetition_penalty, stop at any --eos_token_id (50256 always,
+as the original's append default), at most --eval_len new tokens. --decoding lora_repo (default) is the
+original's own beam search, with which the paper's numbers were decoded (loralib.tasks.nlg.lora_repo_beam:
+n-gram ban over the generated tokens only, eval_len steps, the best finished beam); --decoding transformers
+is loralib.models.generation.generate, token-identical to transformers' beam search. The table of their
+differences is in lora_repo_beam's docstring.
 
 Each distinct prompt is decoded once (an E2E test file repeats a context once per reference) and its
 continuation written for every line that has it. Several processes (torchrun): rank r decodes every
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eos_token_id", action="append", type=int, default=[EOS],
                    help="stop tokens; repeatable, added to 50256 (628 is '\\n\\n')")
     p.add_argument("--output_file", default="beam_prediction.jsonl")
+    p.add_argument("--decoding", choices=("lora_repo", "transformers"), default="lora_repo",
+                   help="lora_repo: the original gpt2_beam.py's search (the paper's numbers); transformers: "
+                   "transformers' beam search (not an original flag)")
     return p
 
 
@@ -177,10 +181,11 @@ def continuation(row: Sequence[int], eos_ids: Sequence[int]) -> List[int]:
 
 @torch.no_grad()
 def beam_search(model: nn.Module, queries: Sequence[Sequence[int]], args, device: torch.device) -> List[List[int]]:
-    """generate() over the queries in batches of --batch_size; returns the continuations in the queries'
-    order. Each distinct query is decoded once (an E2E test set repeats every context once per reference,
-    and the search is deterministic), and queries of similar length share a batch (little padding)."""
+    """--decoding's search over the queries in batches of --batch_size; returns the continuations in the
+    queries' order. Each distinct query is decoded once (an E2E test set repeats every context once per
+    reference, and the search is deterministic), and queries of similar length share a batch (little padding)."""
     from ...models.generation import generate, left_pad
+    from .lora_repo_beam import lora_repo_beam_search
 
     eos_ids = list(dict.fromkeys(args.eos_token_id))
     distinct = sorted({tuple(q) for q in queries}, key=len)
@@ -188,12 +193,19 @@ def beam_search(model: nn.Module, queries: Sequence[Sequence[int]], args, device
     for start in range(0, len(distinct), args.batch_size):
         chunk = distinct[start:start + args.batch_size]
         ids, mask = left_pad(chunk, EOS)
-        T = ids.shape[1]
-        out = generate(model, ids.to(device), mask.to(device), max_new_tokens=args.eval_len, num_beams=args.beam,
-                       length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                       repetition_penalty=args.repetition_penalty, eos_token_id=eos_ids, pad_token_id=EOS)
-        for b, q in enumerate(chunk):
-            results[q] = continuation(out[b, T:].tolist(), eos_ids)
+        ids, mask = ids.to(device), mask.to(device)
+        if args.decoding == "lora_repo":
+            found = lora_repo_beam_search(model, ids, mask, num_beams=args.beam, max_new_tokens=args.eval_len,
+                                          length_penalty=args.length_penalty,
+                                          no_repeat_ngram_size=args.no_repeat_ngram_size,
+                                          repetition=args.repetition_penalty, eos_token_id=eos_ids)
+        else:
+            out = generate(model, ids, mask, max_new_tokens=args.eval_len, num_beams=args.beam,
+                           length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                           repetition_penalty=args.repetition_penalty, eos_token_id=eos_ids, pad_token_id=EOS)
+            found = [continuation(row, eos_ids) for row in out[:, ids.shape[1]:].tolist()]
+        for q, continued in zip(chunk, found):
+            results[q] = continued
         logger.info("beam search: %d / %d distinct prompts", start + len(chunk), len(distinct))
     return [results[tuple(q)] for q in queries]
 
