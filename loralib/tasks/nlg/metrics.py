@@ -143,15 +143,17 @@ def _sentence_splitter() -> Callable[[str], list[str]]:
         return sent_tokenize
     except LookupError:
         warnings.warn("nltk data 'punkt_tab' not found: sentences for METEOR/TER are split by untrained Punkt "
-                      "(`python -m nltk.downloader punkt_tab` makes this exactly nltk.word_tokenize)")
+                      "(`make test` installs it offline through data/fetch_punkt_tab.py; "
+                      "`python -m nltk.downloader punkt_tab` where nltk's server is reachable)")
         return PunktSentenceTokenizer().tokenize
 
 
 def nltk_word_tokenize(text: str) -> list[str]:
     """``nltk.word_tokenize`` (Punkt sentences, then Treebank words), as GenerationEval tokenises.
 
-    Without nltk's ``punkt_tab`` data (not installable offline), Punkt runs untrained: the same algorithm
-    without the English abbreviation list, so "St. Louis" may split differently.
+    Without nltk's ``punkt_tab`` data (the Makefile installs it offline: data/fetch_punkt_tab.py), Punkt
+    runs untrained: the same algorithm without the English abbreviation list, so "St. Louis" may split
+    differently.
     """
     from nltk.tokenize import NLTKWordTokenizer
 
