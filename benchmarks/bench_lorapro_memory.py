@@ -6,9 +6,10 @@ Part 1 (no hardware needed): bytes of optimizer state for Llama-2-7B (32 blocks,
   - LoRA-Pro efficient: the same (adjusted gradients, ordinary Adam on A and B);
   - LoRA-Pro full: two fp32 moments of the m x n equivalent gradient per adapted matrix (ours), against the
     released code's bf16 moments (~26 GB, whose second moment cannot decay in bf16);
-  - per GPU under ZeRO-2 on N GPUs, where optimizer state is partitioned N ways (LoRA, efficient LoRA-Pro,
-    and the released full mode, which kept its m x n moments inside DeepSpeed's partitions). Our full mode
-    runs under DDP (torchrun), where every rank holds the whole state.
+  - per GPU under ZeRO on N GPUs, where optimizer state is partitioned N ways (LoRA, efficient LoRA-Pro,
+    and the released full mode, which kept its m x n moments inside DeepSpeed's partitions); our full mode
+    under DeepSpeed (loralib.optim.deepspeed_lorapro.ZeROLoRAProFull) deals whole pairs to ranks, so the
+    figure is the largest rank's share under its dealing rule; under DDP every rank holds the whole state.
 Part 2 (measured): one training step (forward + backward under bf16 autocast with gradient checkpointing,
 optimizer step, zero_grad) of a stack of Llama-2-7B-shaped decoder blocks with random bf16 weights and fp32
 LoRA factors: step time, peak GPU memory and measured optimizer-state bytes for LoRA, LoRA-Pro full and
@@ -31,6 +32,7 @@ from loralib import LoRAConfig, mark_only_lora_as_trainable
 from loralib.models.grad_checkpoint import enable_gradient_checkpointing
 from loralib.models.loading import build_model
 from loralib.optim import LoRAProAdamW
+from loralib.optim.deepspeed_lorapro import deal_by_size
 
 HIDDEN, INTERMEDIATE, LAYERS_7B, R = 4096, 11008, 32, 8
 # (m, n) = (out, in) of the seven adapted projections of one block
@@ -52,9 +54,16 @@ def analytic(layers: int = LAYERS_7B, r: int = R, gpus=(1, 2, 4, 8)) -> dict:
         "lorapro_full_fp32": 2 * full_elems * FP32,
         "lorapro_full_bf16_released": 2 * full_elems * BF16,
     }
+    pair_sizes = [m * n for _ in range(layers) for m, n in SHAPES.values()]
+
+    def largest_share(n: int) -> int:  # fp32 moments (2 per element) of the rank holding the most pairs
+        owners = deal_by_size(pair_sizes, n)
+        return max(sum(s for s, o in zip(pair_sizes, owners) if o == rank) for rank in range(n)) * 2 * FP32
+
     per_gpu = {f"zero2_{n}gpu": {"lora_adamw": rows["lora_adamw"] / n,
                                  "lorapro_efficient": rows["lorapro_efficient"] / n,
                                  "lorapro_full_bf16_released": rows["lorapro_full_bf16_released"] / n,
+                                 "lorapro_full_fp32_zero_sharded": largest_share(n),
                                  "lorapro_full_fp32_ddp": rows["lorapro_full_fp32"]} for n in gpus}
     return {"layers": layers, "r": r, "adapted_matrices": layers * len(SHAPES), "lora_params": lora_elems,
             "sum_mn": full_elems, "state_bytes": rows, "per_gpu_bytes": per_gpu}
@@ -66,11 +75,12 @@ def print_analytic(table: dict) -> None:
     print(f"{'optimizer state':<34}{'bytes':>16}{'GB':>10}")
     for name, value in table["state_bytes"].items():
         print(f"{name:<34}{value:>16,.0f}{value / GB:>10.2f}")
-    print("per GPU under ZeRO-2 (state partitioned N ways; our full mode runs under DDP: not partitioned)")
+    print("per GPU under ZeRO (state partitioned N ways; our full mode: pairs dealt to ranks under DeepSpeed, "
+          "the whole state on every rank under DDP)")
     names = list(next(iter(table["per_gpu_bytes"].values())))
-    print(f"{'GPUs':<8}" + "".join(f"{n:>30}" for n in names))
+    print(f"{'GPUs':<8}" + "".join(f"{n:>33}" for n in names))
     for key, row in table["per_gpu_bytes"].items():
-        print(f"{key.split('_')[1]:<8}" + "".join(f"{row[n] / GB:>27.3f} GB" for n in names))
+        print(f"{key.split('_')[1]:<8}" + "".join(f"{row[n] / GB:>30.3f} GB" for n in names))
 
 
 # -- measured -----------------------------------------------------------------------------------------

@@ -534,3 +534,14 @@ def test_flattened_parameters_detected():
     opt.param_groups[0]["params"] = [torch.zeros(10, requires_grad=True)]
     with pytest.raises(RuntimeError, match="ZeRO"):
         opt.step()
+
+
+def test_full_mode_state_is_dealt_to_ranks_largest_first_to_the_least_loaded():
+    from loralib.optim.deepspeed_lorapro import deal_by_size
+
+    assert deal_by_size([5, 3, 3, 1], 2) == [0, 1, 1, 0]       # loads 6 and 6
+    assert deal_by_size([4, 4, 4, 4], 4) == [0, 1, 2, 3]
+    assert deal_by_size([2, 7], 1) == [0, 0]
+    sizes = [16, 45, 16, 45, 16, 45, 16] * 8                   # Llama-like blocks over 8 ranks: even shares
+    owners = deal_by_size(sizes, 8)
+    assert len({sum(s for s, o in zip(sizes, owners) if o == r) for r in range(8)}) == 1

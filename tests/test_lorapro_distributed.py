@@ -108,7 +108,7 @@ def _deepspeed_worker(rank, world, port, out):
     # all-reduce op (minutes of g++ on a fresh machine); DeepSpeed then uses plain gloo, as off Linux.
     deepspeed.ops.__compatible_ops__ = dict(deepspeed.ops.__compatible_ops__, deepspeed_shm_comm=False)
     deepspeed.init_distributed(dist_backend="gloo")
-    from loralib.optim.deepspeed_lorapro import lorapro_zero_step
+    from loralib.optim.deepspeed_lorapro import ZeROLoRAProFull, lorapro_zero_step, sgd_for_full_mode
     from loralib.train.zero3 import gathered_state_dict, is_partitioned
 
     results = {}
@@ -132,6 +132,23 @@ def _deepspeed_worker(rank, world, port, out):
                 lorapro_zero_step(engine)
         assert is_partitioned(engine.module) == (stage == 3)  # ZeRO-3 partitions A and B themselves
         results[stage] = {k: v.detach().clone() for k, v in gathered_state_dict(engine.module).items()}
+
+        # The full variant: its m x n moments sharded by pair over the ranks, DeepSpeed running plain SGD.
+        model = _model(torch.float32)
+        config = dict(config, zero_allow_untested_optimizer=True)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=sgd_for_full_mode(model, lr=1e-2), config=config)
+        full = ZeROLoRAProFull()
+        for step in range(STEPS):
+            x, y = _batch(step, torch.float32)
+            shards = list(zip(x.chunk(world * accumulation), y.chunk(world * accumulation)))
+            for k in range(accumulation):
+                xs, ys = shards[rank * accumulation + k]
+                engine.backward(F.mse_loss(engine(xs), ys))
+                if engine.is_gradient_accumulation_boundary():
+                    assert full.adjust(engine) == 3
+                engine.step()
+        results[f"full{stage}"] = {k: v.detach().clone() for k, v in gathered_state_dict(engine.module).items()}
+        results[f"full{stage}-units"] = sorted(full.state)  # this rank's share of the moments
 
     # What does not work, and must say so: LoRAProAdamW as ZeRO's client optimizer (ZeRO flattens its
     # parameters into partitions; the released code then paired A and B by position in them).
@@ -165,4 +182,9 @@ def test_deepspeed_zero_stages_one_to_three_one_and_two_processes(world, tmp_pat
     want = _reference("efficient", torch.float32)  # efficient LoRA-Pro = adjusted gradients + Adam
     for stage in (1, 2, 3):
         _assert_same(results[stage], want, atol=2e-6)
+    full = _reference("full", torch.float32)   # LoRAProAdamW(mode="full") on one process
+    for stage in (1, 2, 3):
+        _assert_same(results[f"full{stage}"], full, atol=2e-6)
+        # rank 0 holds part of the state when there are two ranks, all of it alone (3 pairs + the head's 2)
+        assert len(results[f"full{stage}-units"]) == (5 if world == 1 else 2)
     assert "ZeRO" in results["client"]

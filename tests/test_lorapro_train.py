@@ -191,7 +191,7 @@ def _write(path: Path, obj) -> str:
     (["--lora", "lora", "--lorapro_mode", "efficient"], "--lorapro_mode applies"),
     (["--lora", "lora-pro", "--loraplus_lr_ratio", "4"], "--loraplus_lr_ratio applies"),
     (["--lora", "lora", "--target_rank", "2"], "--target_rank / --init_rank apply"),
-    (["--lora", "lora-pro", "--lorapro_mode", "full", "--deepspeed", "DS2"], "--lorapro_mode full with --deepspeed"),
+    (["--lora", "lora-pro", "--weight_decay", "0.1", "--deepspeed", "DS2"], "--lorapro_mode full under --deepspeed"),
     (["--lora", "adalora", "--deepspeed", "DS2"], "with --deepspeed is not supported"),
     (["--lora", "lora", "--deepspeed", "DS4"], "stage=4"),
     (["--lora", "lora", "--deepspeed", "missing.json"], "no such file"),
@@ -324,7 +324,7 @@ def test_lorapro_under_deepspeed_equals_the_efficient_mode(assets, tmp_path, sta
     shipped = json.loads((Path(run.__file__).resolve().parents[3] / "lorapro" / f"ds_zero{stage}.json").read_text())
     shipped["zero_optimization"].update(PARTITION_ALL if stage == 3 else {})
     config = _write(tmp_path / "ds.json", shipped)  # the configs lorapro/README.md points to
-    _subprocess(["-c", _DS_PRELUDE, *argv(assets, ds, *common, "--deepspeed", config)])
+    _subprocess(["-c", _DS_PRELUDE, *argv(assets, ds, *common, "--lorapro_mode", "efficient", "--deepspeed", config)])
     assert json.loads((ds / "run_config.json").read_text())["lorapro_mode"] == "efficient"
     a, b = _adapter(plain), _adapter(ds)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
@@ -357,6 +357,37 @@ def test_zero3_on_two_processes_equals_one_process_and_evaluates(assets, tmp_pat
     if method == "lora":
         peft_one = (one / "peft_adapter" / "adapter_model.safetensors").read_bytes()
         assert len(peft_one) > 0 and (two / "peft_adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_full_lorapro_under_deepspeed_on_two_processes_equals_one_and_resumes(assets, tmp_path):
+    """The paper's variant (m x n Adam moments) under ZeRO-2 on 2 processes, its moments sharded by pair:
+    the same adapter as LoRAProAdamW(mode="full") on one process (gradient clipping at 1.0 in both), and a
+    run resumed from its step-2 checkpoint (each rank's moments restored) ends where the whole run did."""
+    pytest.importorskip("deepspeed")
+    import shutil
+
+    common = ["--lora", "lora-pro", "--lr", "1e-2", "--max_steps", "4", "--save_steps", "2"]
+    one = tmp_path / "one"
+    run.run_training(argv(assets, one, *common))
+    config = _write(tmp_path / "ds2.json", {"zero_optimization": {"stage": 2}})
+    script = tmp_path / "train_ds.py"
+    script.write_text(_DS_PRELUDE.replace("; ", "\n"))
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    two = tmp_path / "two"
+    _subprocess([*launch, *argv(assets, two, *common, "--deepspeed", config)])
+    assert json.loads((two / "run_config.json").read_text())["lorapro_mode"] == "full"
+    a, b = _adapter(one), _adapter(two)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert {p.name for p in (two / "checkpoint-2").glob("callbacks_*.pt")} == {"callbacks_0.pt", "callbacks_1.pt"}
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    for late in ("checkpoint-4", "adapter", "peft_adapter"):
+        shutil.rmtree(resumed / late)
+    _subprocess([*launch, *argv(assets, resumed, *common, "--deepspeed", config, "--resume_from_checkpoint", "latest")])
+    c = _adapter(resumed)
+    assert all(torch.allclose(b[k], c[k], atol=1e-7) for k in b)
 
 
 def test_evaluate_py_loads_our_adapter_and_the_peft_one_into_the_trained_model(assets, tmp_path):

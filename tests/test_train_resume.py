@@ -232,3 +232,38 @@ def test_save_total_limit_and_stale_folders(tmp_path):
     os.rename(best, tmp_path / ".old-adapter")
     ckpt.remove_stale(tmp_path)
     assert (best / "adapter.safetensors").is_file()
+
+
+class StepCounter:
+    """A callback with state: the optimizer steps it saw, as a tensor."""
+
+    def __init__(self):
+        self.seen = torch.zeros(())
+
+    def on_before_optimizer_step(self, state, model, optimizer):
+        self.seen += 1
+
+    def state_dict(self):
+        return {"seen": self.seen.clone()}
+
+    def load_state_dict(self, saved):
+        self.seen = saved["seen"].clone()
+
+
+def test_a_callback_state_is_checkpointed_per_process_and_restored(tmp_path):
+    counter = StepCounter()
+    with pytest.raises(Crash):
+        run(tmp_path, callbacks=[counter, CrashAt(8)])
+    assert int(counter.seen) == 8
+    saved = torch.load(tmp_path / "checkpoint-6" / "callbacks_0.pt", weights_only=True)
+    assert int(saved["0:StepCounter"]["seen"]) == 6
+    resumed = StepCounter()
+    run(tmp_path, resume="latest", callbacks=[resumed])
+    assert int(resumed.seen) == 12  # 6 restored + the 6 steps after the checkpoint
+
+
+def test_resuming_with_a_stateful_callback_the_checkpoint_lacks_is_refused(tmp_path):
+    with pytest.raises(Crash):
+        run(tmp_path, callbacks=[CrashAt(4)])
+    with pytest.raises(ValueError, match="no state for callback '0:StepCounter'"):
+        run(tmp_path, resume="latest", callbacks=[StepCounter()])

@@ -25,8 +25,9 @@ as optimizer states, and LoRA-Pro only needs the small LoRA gradients gathered: 
 of r n and m r values. ZeRO-3 (needed when the frozen model itself does not fit on one device) adds two
 gathers of the factors per pair and step. Tested on DeepSpeed's CPU accelerator (gloo) in fp32 with 1 and
 2 processes for stages 1, 2 and 3, and run in bf16 (fp32 gradient buffers and master weights) in 1
-process. The "full" variant is not available here: its m x n Adam moments are not parameter states, so
-ZeRO cannot partition them; use `LoRAProAdamW(mode="full")` under DDP (torchrun) instead.
+process. The "full" variant (m x n Adam moments, which are no parameter state ZeRO could partition) is
+`ZeROLoRAProFull` below: the moments sharded by pair over the ranks, DeepSpeed running plain SGD on the
+directions it writes.
 
 Weight decay here is the ZeRO optimizer's (decoupled on each factor, as AdamW), not LoRA-Pro's decay of
 W; the paper's runs used weight decay 0. DeepSpeed clips gradients at norm 1.0 unless the config sets
@@ -35,10 +36,13 @@ explicitly (0.0 turns it off).
 """
 from __future__ import annotations
 
+import math
+from typing import List, Sequence
+
 import torch
 import torch.nn as nn
 
-from .lorapro import lora_pairs, lorapro_gradients
+from .lorapro import LoRAPair, full_mode_direction, lora_pairs, lorapro_gradients
 
 
 def _model_of(engine_or_model) -> nn.Module:
@@ -46,13 +50,12 @@ def _model_of(engine_or_model) -> nn.Module:
 
 
 def _whole(p: torch.Tensor) -> torch.Tensor:
-    """A factor's whole value: the fp32 master copy of a ZeRO-3 partitioned parameter (gathered), else
-    the parameter itself."""
-    if hasattr(p, "ds_id"):
-        from deepspeed.utils import safe_get_full_fp32_param
+    """A factor's whole value from DeepSpeed's fp32 master copy (gathered from the ranks' partitions; under
+    bf16 more exact than the module's bf16 copy, and under ZeRO-3 the only whole copy), else the parameter."""
+    from deepspeed.utils import safe_get_full_fp32_param
 
-        return safe_get_full_fp32_param(p)
-    return p.detach()
+    value = safe_get_full_fp32_param(p)
+    return p.detach() if value is None else value
 
 
 def _set_whole_grad(p: torch.Tensor, value: torch.Tensor) -> None:
@@ -97,3 +100,147 @@ def lorapro_zero_step(engine) -> None:
     if engine.is_gradient_accumulation_boundary():
         adjust_zero_gradients(engine)
     engine.step()
+
+
+# -- the full variant, its state sharded by pair ------------------------------------------------------
+
+class ZeROLoRAProFull:
+    """LoRAProAdamW(mode="full") under DeepSpeed ZeRO-1/2/3, its m x n fp32 Adam moments sharded by pair.
+
+    DeepSpeed must run plain SGD (`sgd_for_full_mode(model, lr)`: momentum 0, no weight decay; the
+    loop's schedule sets its lr) and no gradient clipping; `adjust(engine)` runs between engine.backward()
+    and engine.step() on accumulation boundaries (the training loop's on_before_optimizer_step hook calls
+    it). For each LoRA pair, in module order, every rank reads the reduced gradients and the fp32 factors
+    (collectives); the pair's owner updates its moments of the equivalent gradient g~ and maps Adam's
+    direction d back to (d_A, d_B) (loralib.optim.lorapro.full_mode_direction), broadcasts them, and every
+    rank writes them as the pair's gradients; SGD then moves A by -lr d_A and B by -lr d_B, which is
+    LoRAProAdamW's full step. Other trainable parameters (a classifier head) get Adam's direction the same
+    way (AdamW without decay). `max_grad_norm` clips the raw gradients first, as the loop clips them before
+    LoRAProAdamW.step() under DDP.
+
+    Memory: a pair's moments live on its owner only. Units (pairs, other parameters) are dealt largest
+    first, each to the rank holding the fewest state elements so far, so each rank keeps about 1/world of
+    the full variant's state (the released code kept it wherever ZeRO's flat partitions put A and B, and
+    paired A with B by position there). state_dict() / load_state_dict(): this rank's moments, which the
+    loop writes to each checkpoint per rank. Weight decay is not supported (the paper's runs use 0).
+    """
+
+    def __init__(self, betas=(0.9, 0.999), eps: float = 1e-8, max_grad_norm: float = 0.0):
+        self.betas, self.eps, self.max_grad_norm = tuple(betas), float(eps), float(max_grad_norm or 0.0)
+        self.state: dict = {}  # unit name -> {"step", "exp_avg", "exp_avg_sq"}, the units this rank owns
+        self._owner = None  # unit name -> owner rank, dealt at the first step
+
+    # the training loop's hooks
+    def on_before_optimizer_step(self, state, engine, optimizer) -> None:
+        if hasattr(engine, "is_gradient_accumulation_boundary"):
+            self.adjust(engine)
+
+    def state_dict(self) -> dict:
+        return {"state": self.state, "betas": list(self.betas), "eps": self.eps}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.state = {name: dict(entry) for name, entry in saved["state"].items()}
+
+    def _units(self, model: nn.Module):
+        """[(name, pair or parameter, state elements)] in module order."""
+        pairs = lora_pairs(model)
+        in_pairs = {id(p) for pair in pairs for p in (pair.A, pair.B)}
+        units = [(pair.name, pair, _pair_state_elements(pair)) for pair in pairs]
+        units += [(name, p, _numel(p)) for name, p in model.named_parameters()
+                  if p.requires_grad and id(p) not in in_pairs]
+        return units
+
+    @torch.no_grad()
+    def adjust(self, engine) -> int:
+        """Write Adam's full-variant directions as the gradients of every unit; returns the number of pairs."""
+        import torch.distributed as dist
+        from deepspeed.utils import safe_get_full_grad
+
+        model = _model_of(engine)
+        units = self._units(model)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if self._owner is None:
+            owners = deal_by_size([size for _, _, size in units], world)
+            self._owner = {name: owner for (name, _, _), owner in zip(units, owners)}
+        grads = {}
+        for name, unit, _ in units:
+            params = (unit.A, unit.B) if isinstance(unit, LoRAPair) else (unit,)
+            found = [safe_get_full_grad(p) for p in params]
+            if any(g is None for g in found):
+                raise RuntimeError(f"no gradient for {name!r}: call adjust() right after engine.backward() on an "
+                                   "accumulation boundary, before engine.step()")
+            grads[name] = [g.float() for g in found]
+        if self.max_grad_norm > 0:  # the raw gradients' global norm, as torch.nn.utils.clip_grad_norm_
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for gs in grads.values()
+                                                         for g in gs]))
+            coefficient = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+            grads = {name: [g * coefficient for g in gs] for name, gs in grads.items()}
+        count = 0
+        for name, unit, _ in units:
+            mine = self._owner[name] == rank
+            if isinstance(unit, LoRAPair):
+                A, B = unit.stacked(_whole(unit.A), _whole(unit.B))  # collectives: every rank
+                if mine:
+                    dA, dB = full_mode_direction(A, B, *unit.stacked(*grads[name]), unit.scaling,
+                                                 self.state.setdefault(name, {}), self.betas, self.eps)
+                    directions = [dA.reshape(grads[name][0].shape), dB.reshape(grads[name][1].shape)]
+                else:
+                    directions = [torch.empty_like(g) for g in grads[name]]
+                params = (unit.A, unit.B)
+                count += 1
+            else:
+                directions = [_adam_direction(grads[name][0], self.state.setdefault(name, {}), self.betas, self.eps)
+                              if mine else torch.empty_like(grads[name][0])]
+                params = (unit,)
+            for p, d in zip(params, directions):
+                d = d.float().contiguous()
+                if world > 1:
+                    dist.broadcast(d, src=self._owner[name])
+                _set_whole_grad(p, d)
+        return count
+
+
+def deal_by_size(sizes: Sequence[int], world: int) -> List[int]:
+    """The owner rank of each unit: largest first, each to the rank holding the fewest elements so far
+    (ties: the lower index, the lower rank), so every rank computes the same split."""
+    load, owners = [0] * world, [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[index] = rank
+        load[rank] += sizes[index]
+    return owners
+
+
+def _shape(p: torch.Tensor) -> torch.Size:
+    return torch.Size(getattr(p, "ds_shape", p.shape))  # the whole shape of a ZeRO-3-partitioned parameter
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(_shape(p).numel())
+
+
+def _pair_state_elements(pair: LoRAPair) -> int:
+    """Elements of one moment of the pair's equivalent gradient, chunks x m x n = rows of B x columns of A."""
+    return _shape(pair.B)[0] * _shape(pair.A)[-1]
+
+
+def _adam_direction(grad: torch.Tensor, state: dict, betas, eps: float) -> torch.Tensor:
+    """Adam's bias-corrected direction m / (sqrt(v) + eps) for one parameter, fp32 moments in `state`."""
+    beta1, beta2 = betas
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(grad)
+        state["exp_avg_sq"] = torch.zeros_like(grad)
+    state["step"] += 1
+    step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return m / (v.sqrt() / math.sqrt(1 - beta2 ** step) + eps) / (1 - beta1 ** step)
+
+
+def sgd_for_full_mode(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The optimizer DeepSpeed runs under ZeROLoRAProFull: SGD on every trainable parameter, momentum 0,
+    no weight decay (the directions it applies are Adam's already)."""
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.0,
+                           weight_decay=0.0)

@@ -452,33 +452,39 @@ class LoRAProAdamW(_LoRAProBase):
 
     def _full_step(self, pair: LoRAPair, gA, gB, group: dict) -> None:
         A, B = pair.stacked(pair.A.detach(), pair.B.detach())
-        gA, gB = pair.stacked(gA, gB)
-        s = pair.scaling
-        beta1, beta2 = group["betas"]
-        # The projected full gradient g~ (any X gives the same one; X = 0 skips the Sylvester solve).
-        new_gA, new_gB = lorapro_gradients(A, B, gA, gB, s, solve_x=False)
-        dtype = new_gA.dtype
-        A32, B32 = A.to(dtype), B.to(dtype)
-        g_equiv = equivalent_gradient(A32, B32, new_gA, new_gB, s)                  # (chunks, m, n)
-        state = self.state[pair.A]  # the pair's state lives under its A
-        if "exp_avg" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(g_equiv)
-            state["exp_avg_sq"] = torch.zeros_like(g_equiv)
-        state["step"] += 1
-        step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-        m.lerp_(g_equiv, 1 - beta1)
-        v.mul_(beta2).addcmul_(g_equiv, g_equiv, value=1 - beta2)
-        # Adam's direction d, computed in g_equiv's buffer (one m x n temporary in all).
-        direction = torch.sqrt(v, out=g_equiv).div_(math.sqrt(1 - beta2 ** step)).add_(group["eps"])
-        direction = torch.div(m, direction, out=direction).div_(1 - beta1 ** step)
-        # Map d back to A and B as if it were a full-weight gradient.
-        dA, dB = lorapro_gradients(A32, B32, s * (B32.transpose(-1, -2) @ direction),
-                                   s * (direction @ A32.transpose(-1, -2)), s)
-        del direction, g_equiv
+        # the pair's state lives under its A
+        dA, dB = full_mode_direction(A, B, *pair.stacked(gA, gB), pair.scaling, self.state[pair.A],
+                                     group["betas"], group["eps"])
         self._decay_W(pair, group["lr"], group["weight_decay"])
         self._write(pair.A, dA.reshape(pair.A.shape).mul_(-group["lr"]))
         self._write(pair.B, dB.reshape(pair.B.shape).mul_(-group["lr"]))
+
+
+def full_mode_direction(A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor, scaling,
+                        state: dict, betas: Tuple[float, float], eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One Adam step of the full variant for a stacked pair, A (c, r, n), B (c, m, r), grads alike: updates
+    state's fp32 moments of the m x n equivalent gradient g~ ("step", "exp_avg", "exp_avg_sq"; created at
+    the first call) and returns Adam's direction d mapped back to (d_A, d_B); the step is -lr times them."""
+    beta1, beta2 = betas
+    # The projected full gradient g~ (any X gives the same one; X = 0 skips the Sylvester solve).
+    new_gA, new_gB = lorapro_gradients(A, B, grad_A, grad_B, scaling, solve_x=False)
+    dtype = new_gA.dtype
+    A32, B32 = A.to(dtype), B.to(dtype)
+    g_equiv = equivalent_gradient(A32, B32, new_gA, new_gB, scaling)                # (chunks, m, n)
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(g_equiv)
+        state["exp_avg_sq"] = torch.zeros_like(g_equiv)
+    state["step"] += 1
+    step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+    m.lerp_(g_equiv, 1 - beta1)
+    v.mul_(beta2).addcmul_(g_equiv, g_equiv, value=1 - beta2)
+    # Adam's direction d, computed in g_equiv's buffer (one m x n temporary in all).
+    direction = torch.sqrt(v, out=g_equiv).div_(math.sqrt(1 - beta2 ** step)).add_(eps)
+    direction = torch.div(m, direction, out=direction).div_(1 - beta1 ** step)
+    # Map d back to A and B as if it were a full-weight gradient.
+    return lorapro_gradients(A32, B32, scaling * (B32.transpose(-1, -2) @ direction),
+                             scaling * (direction @ A32.transpose(-1, -2)), scaling)
 
 
 class LoRAProSGD(_LoRAProBase):

@@ -8,6 +8,8 @@ Layout under output_dir:
                                the whole state dict with save_full_model (LoRA-Pro decays the frozen W0)
       training_state.pt        optimizer, lr scheduler, grad scaler, allocator, loop position
       rng_state_<rank>.pt      python / numpy / torch CPU / CUDA generator states of each process
+      callbacks_<rank>.pt      each process's callback state (callbacks with state_dict(), e.g. the
+                               sharded moments of LoRA-Pro's full variant under DeepSpeed)
       deepspeed/               engine.save_checkpoint's folder (DeepSpeed runs: optimizer partitions)
       checkpoint.json          step, epoch, best metric; written last
     best_adapter/              the adapter of the best evaluation so far
@@ -158,12 +160,13 @@ def _load_model_tensors(model: nn.Module, tensors: Dict[str, torch.Tensor], sour
 
 # -- save ------------------------------------------------------------------------------------------
 def save_checkpoint(output_dir: Path, step: int, model: nn.Module, ctx: DistContext, training_state: dict,
-                    meta: dict, engine=None, save_full_model: bool = False, total_limit: Optional[int] = None
-                    ) -> Path:
+                    meta: dict, engine=None, save_full_model: bool = False, total_limit: Optional[int] = None,
+                    rank_state: Optional[dict] = None) -> Path:
     """Write checkpoint-<step> atomically. Call on every rank (collective under DDP / DeepSpeed).
 
     model: the unwrapped module; training_state: optimizer / scheduler / scaler / allocator state dicts
-    and the loop position (rank 0's is written); meta: small JSON-able summary for checkpoint.json.
+    and the loop position (rank 0's is written); meta: small JSON-able summary for checkpoint.json;
+    rank_state: this process's own state (every rank's is written, as callbacks_<rank>.pt).
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{step}"
@@ -172,6 +175,8 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, ctx: DistCont
         _fresh_dir(tmp)
     barrier(ctx)
     torch.save(rng_state(), tmp / f"rng_state_{ctx.rank}.pt")
+    if rank_state:
+        torch.save(rank_state, tmp / f"callbacks_{ctx.rank}.pt")
     if engine is not None:
         engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
                                exclude_frozen_parameters=True)
@@ -257,6 +262,12 @@ def load_rng(path: Path, rank: int) -> None:
         raise ValueError(f"{file}: missing; the checkpoint was written by fewer processes than this run's rank "
                          f"{rank} needs (exact resume needs the same world size)")
     set_rng_state(torch.load(file, map_location="cpu", weights_only=True))
+
+
+def load_rank_state(path: Path, rank: int) -> dict:
+    """This process's callbacks_<rank>.pt of checkpoint `path` ({} when the run had none)."""
+    file = Path(path) / f"callbacks_{rank}.pt"
+    return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else {}
 
 
 def load_deepspeed(path: Path, engine) -> None:

@@ -32,7 +32,8 @@ are written whole; for single-process inference load `result.adapter_dir` into a
 Resume: `resume_from="latest"`.
 Callbacks are objects with any of on_train_begin(state), on_before_optimizer_step(state, model,
 optimizer), on_step_end(state, logs), on_evaluate(state, metrics), on_save(state, path),
-on_train_end(state); an exception raised in one stops training (the last checkpoint stays good).
+on_train_end(state); an exception raised in one stops training (the last checkpoint stays good). A callback
+with state_dict() / load_state_dict() has its state saved per process in each checkpoint and restored on resume.
 """
 from __future__ import annotations
 
@@ -277,6 +278,13 @@ def default_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
 
 
+def _stateful(callbacks) -> List[Tuple[str, Any]]:
+    """(key, callback) for the callbacks whose state a checkpoint keeps (they have state_dict and
+    load_state_dict); the key is "<position>:<class name>", so a resumed run must pass the same ones."""
+    return [(f"{i}:{type(cb).__name__}", cb) for i, cb in enumerate(callbacks)
+            if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))]
+
+
 @contextlib.contextmanager
 def _evaluation(model: nn.Module, forward_model: nn.Module, merge: bool):
     """Eval mode for eval_fn, without touching training: the RNG streams are restored afterwards and,
@@ -456,6 +464,12 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
                              f"{'none' if allocator is None else 'one'}")
         if allocator is not None:
             allocator.load_state_dict(saved["allocator"])
+        saved_callbacks = ckpt.load_rank_state(resume_path, ctx.rank)
+        for key, callback in _stateful(callbacks):
+            if key not in saved_callbacks:
+                raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint holds no state for callback "
+                                 f"{key!r} (it was written by a run without it)")
+            callback.load_state_dict(saved_callbacks[key])
         state = TrainState(**saved["loop"])
         if state.total_steps != total_steps:
             raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint's run has {state.total_steps} steps, "
@@ -535,7 +549,8 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
                 "num_samples": len(dataset), "drop_last": config.drop_last, "seed": config.seed,
                 "config": {k: v for k, v in config.to_dict().items() if k != "deepspeed_config"}}
         path = ckpt.save_checkpoint(output_dir, state.global_step, model, ctx, training_state, meta, engine=engine,
-                                    save_full_model=config.save_full_model, total_limit=config.save_total_limit)
+                                    save_full_model=config.save_full_model, total_limit=config.save_total_limit,
+                                    rank_state={key: cb.state_dict() for key, cb in _stateful(callbacks)})
         state.last_save_step = state.global_step
         last_checkpoint = path
         _call(callbacks, "on_save", state, path)

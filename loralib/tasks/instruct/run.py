@@ -37,11 +37,12 @@ decay 0, bf16 and gradient checkpointing on a GPU (fp32 without one), max length
 Decisions:
 - bf16: the frozen base weights are loaded in bf16 and the trained ones kept in fp32, under bf16 autocast
   (DeepSpeed: its bf16 mode with fp32 master weights). The LoRA-Pro state is fp32 in every case.
-- DeepSpeed (ZeRO-1/2/3): LoRA-Pro runs as its efficient variant through loralib.optim.deepspeed_lorapro
-  (gradients adjusted by module on every rank, then DeepSpeed's partitioned Adam): under --deepspeed
-  --lorapro_mode defaults to efficient and full is refused, since the full variant's m x n moments are no
-  parameter state ZeRO could partition (use torchrun for it). AdaLoRA / LoRA² with --deepspeed are refused
-  (DeepSpeed zeroes the gradients before rank allocation reads them). ZeRO-3 partitions the model itself
+- DeepSpeed (ZeRO-1/2/3), loralib.optim.deepspeed_lorapro: LoRA-Pro's full variant keeps its m x n fp32
+  moments sharded by pair over the ranks (each pair's on one owner) and hands DeepSpeed Adam's directions
+  to apply with plain SGD (weight decay refused; the raw gradients clipped first, as under DDP); the
+  efficient variant adjusts the reduced gradients by module, then DeepSpeed's partitioned AdamW steps.
+  AdaLoRA / LoRA² with --deepspeed are refused (DeepSpeed zeroes the gradients before rank allocation
+  reads them). ZeRO-3 partitions the model itself
   (for models that do not fit on one device, or --lora full): LoRA layers stay unmerged, the adapter
   folders are gathered whole, and the evaluation and the PEFT export (rank 0) read the base again with the
   trained adapter loaded into it.
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -137,7 +139,7 @@ def build_parser(prog: Optional[str] = None, training: bool = True) -> argparse.
     m = parser.add_argument_group("method")
     m.add_argument("--lora", type=_method, default="lora", help=f"one of {', '.join(METHODS)}")
     m.add_argument("--lorapro_mode", choices=("full", "efficient"), default=None,
-                   help="LoRA-Pro variant (default full; efficient under --deepspeed)")
+                   help="LoRA-Pro variant (default full)")
     m.add_argument("--lora_r", "--lora_rank", dest="lora_r", type=int, default=8)
     m.add_argument("--lora_alpha", type=float, default=16)
     m.add_argument("--lora_dropout", type=float, default=0.0)
@@ -223,11 +225,11 @@ def resolve_method(args, model_type: str) -> Method:
     if args.deepspeed and adaptive:
         raise ValueError(f"--lora {name} with --deepspeed is not supported (DeepSpeed zeroes the gradients "
                          "before rank allocation reads them); use torchrun")
-    mode = args.lorapro_mode or ("efficient" if args.deepspeed else "full") if pro else None
-    if args.deepspeed and mode == "full":
-        raise ValueError("--lorapro_mode full with --deepspeed: the full variant's m x n Adam moments are not "
-                         "parameter state ZeRO can partition; use --lorapro_mode efficient, or torchrun without "
-                         "--deepspeed for the full variant")
+    mode = (args.lorapro_mode or "full") if pro else None
+    if args.deepspeed and mode == "full" and args.weight_decay:
+        raise ValueError(f"--weight_decay {args.weight_decay} with --lorapro_mode full under --deepspeed is not "
+                         "supported (DeepSpeed runs plain SGD on the full variant's directions); use weight decay 0, "
+                         "the paper's setting, or --lorapro_mode efficient, or torchrun")
     for flag in ("lora_r", "mask_interval", "lora2_k"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -612,11 +614,21 @@ def execute(p: Prepared) -> dict:
 
             orth = compute_lora2_orth_regu if p.method.name == "lora2" else compute_orth_regu
             regularizer = lambda m: orth(m, regu_weight=p.method.reg_orth_coef)  # noqa: E731
-        # Under DeepSpeed, LoRA-Pro = DeepSpeed's own (partitioned) AdamW on gradients adjusted by the callback.
-        zero_lorapro = a.deepspeed is not None and p.method.lorapro_mode is not None
-        outcome = train(p.model, p.train_examples, collate, config, eval_fn=eval_fn,
-                        optimizer_factory=None if zero_lorapro else factory, regularizer=regularizer,
-                        allocator=p.allocator, callbacks=[LoRAProZeROCallback()] if zero_lorapro else None)
+        callbacks = None
+        if a.deepspeed is not None and p.method.lorapro_mode == "efficient":
+            # DeepSpeed's own (partitioned) AdamW on gradients the callback adjusts.
+            factory, callbacks = None, [LoRAProZeROCallback()]
+        elif a.deepspeed is not None and p.method.lorapro_mode == "full":
+            # DeepSpeed runs SGD on Adam's full-variant directions, which the callback computes with the m x n
+            # moments sharded over the ranks; it clips the raw gradients itself, so DeepSpeed must not.
+            from ...optim.deepspeed_lorapro import ZeROLoRAProFull, sgd_for_full_mode
+
+            ds = dict(json.loads(Path(a.deepspeed).read_text()), zero_allow_untested_optimizer=True)
+            config = dataclasses.replace(config, max_grad_norm=0.0, deepspeed_config=ds)
+            factory = lambda m: sgd_for_full_mode(m, a.lr)  # noqa: E731
+            callbacks = [ZeROLoRAProFull((a.adam_beta1, a.adam_beta2), a.adam_epsilon, a.max_grad_norm)]
+        outcome = train(p.model, p.train_examples, collate, config, eval_fn=eval_fn, optimizer_factory=factory,
+                        regularizer=regularizer, allocator=p.allocator, callbacks=callbacks)
         results["train"] = {"global_step": outcome.global_step, "epoch": outcome.epoch,
                             "train_loss": outcome.train_loss, "eval_metrics": outcome.eval_metrics,
                             "adapter_dir": outcome.adapter_dir, "last_checkpoint": outcome.last_checkpoint,
