@@ -99,6 +99,17 @@ def test_ddp_two_processes_equal_one(mode, tmp_path):
 
 # -- DeepSpeed ----------------------------------------------------------------------------------------
 
+def _train_engine(engine, world, rank, accumulation, step_fn):
+    """STEPS global batches, this rank's micro-batches of each, step_fn(engine) after every backward."""
+    for step in range(STEPS):
+        x, y = _batch(step, torch.float32)
+        shards = list(zip(x.chunk(world * accumulation), y.chunk(world * accumulation)))
+        for k in range(accumulation):
+            xs, ys = shards[rank * accumulation + k]
+            engine.backward(F.mse_loss(engine(xs), ys))
+            step_fn(engine)
+
+
 def _deepspeed_worker(rank, world, port, out):
     _env(rank, world, port)
     import deepspeed
@@ -123,13 +134,7 @@ def _deepspeed_worker(rank, world, port, out):
                                         "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0},
                   "gradient_clipping": 0.0}
         engine, *_ = deepspeed.initialize(model=model, optimizer=client, config=config)
-        for step in range(STEPS):
-            x, y = _batch(step, torch.float32)
-            shards = list(zip(x.chunk(world * accumulation), y.chunk(world * accumulation)))
-            for k in range(accumulation):
-                xs, ys = shards[rank * accumulation + k]
-                engine.backward(F.mse_loss(engine(xs), ys))
-                lorapro_zero_step(engine)
+        _train_engine(engine, world, rank, accumulation, lorapro_zero_step)
         assert is_partitioned(engine.module) == (stage == 3)  # ZeRO-3 partitions A and B themselves
         results[stage] = {k: v.detach().clone() for k, v in gathered_state_dict(engine.module).items()}
 
@@ -138,15 +143,13 @@ def _deepspeed_worker(rank, world, port, out):
         config = dict(config, zero_allow_untested_optimizer=True)
         engine, *_ = deepspeed.initialize(model=model, optimizer=sgd_for_full_mode(model, lr=1e-2), config=config)
         full = ZeROLoRAProFull()
-        for step in range(STEPS):
-            x, y = _batch(step, torch.float32)
-            shards = list(zip(x.chunk(world * accumulation), y.chunk(world * accumulation)))
-            for k in range(accumulation):
-                xs, ys = shards[rank * accumulation + k]
-                engine.backward(F.mse_loss(engine(xs), ys))
-                if engine.is_gradient_accumulation_boundary():
-                    assert full.adjust(engine) == 3
-                engine.step()
+
+        def full_step(engine):
+            if engine.is_gradient_accumulation_boundary():
+                assert full.adjust(engine) == 3
+            engine.step()
+
+        _train_engine(engine, world, rank, accumulation, full_step)
         results[f"full{stage}"] = {k: v.detach().clone() for k, v in gathered_state_dict(engine.module).items()}
         results[f"full{stage}-units"] = sorted(full.state)  # this rank's share of the moments
 

@@ -42,7 +42,7 @@ from typing import List, Sequence
 import torch
 import torch.nn as nn
 
-from .lorapro import LoRAPair, full_mode_direction, lora_pairs, lorapro_gradients
+from .lorapro import LoRAPair, full_mode_direction, lora_pairs, lorapro_gradients, update_adam_moments
 
 
 def _model_of(engine_or_model) -> nn.Module:
@@ -227,16 +227,8 @@ def _pair_state_elements(pair: LoRAPair) -> int:
 
 def _adam_direction(grad: torch.Tensor, state: dict, betas, eps: float) -> torch.Tensor:
     """Adam's bias-corrected direction m / (sqrt(v) + eps) for one parameter, fp32 moments in `state`."""
-    beta1, beta2 = betas
-    if "exp_avg" not in state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(grad)
-        state["exp_avg_sq"] = torch.zeros_like(grad)
-    state["step"] += 1
-    step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-    m.lerp_(grad, 1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    return m / (v.sqrt() / math.sqrt(1 - beta2 ** step) + eps) / (1 - beta1 ** step)
+    step, m, v = update_adam_moments(grad, state, betas)
+    return m / (v.sqrt() / math.sqrt(1 - betas[1] ** step) + eps) / (1 - betas[0] ** step)
 
 
 def sgd_for_full_mode(model: nn.Module, lr: float) -> torch.optim.Optimizer:

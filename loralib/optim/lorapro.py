@@ -460,6 +460,21 @@ class LoRAProAdamW(_LoRAProBase):
         self._write(pair.B, dB.reshape(pair.B.shape).mul_(-group["lr"]))
 
 
+def update_adam_moments(grad: torch.Tensor, state: dict, betas: Tuple[float, float]):
+    """Adam's moment update in `state` ("step", "exp_avg", "exp_avg_sq", created like grad at the first
+    call): m <- beta1 m + (1 - beta1) g, v <- beta2 v + (1 - beta2) g^2. Returns (step, m, v)."""
+    beta1, beta2 = betas
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(grad)
+        state["exp_avg_sq"] = torch.zeros_like(grad)
+    state["step"] += 1
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return state["step"], m, v
+
+
 def full_mode_direction(A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor, scaling,
                         state: dict, betas: Tuple[float, float], eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """One Adam step of the full variant for a stacked pair, A (c, r, n), B (c, m, r), grads alike: updates
@@ -471,14 +486,7 @@ def full_mode_direction(A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, 
     dtype = new_gA.dtype
     A32, B32 = A.to(dtype), B.to(dtype)
     g_equiv = equivalent_gradient(A32, B32, new_gA, new_gB, scaling)                # (chunks, m, n)
-    if "exp_avg" not in state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(g_equiv)
-        state["exp_avg_sq"] = torch.zeros_like(g_equiv)
-    state["step"] += 1
-    step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-    m.lerp_(g_equiv, 1 - beta1)
-    v.mul_(beta2).addcmul_(g_equiv, g_equiv, value=1 - beta2)
+    step, m, v = update_adam_moments(g_equiv, state, betas)
     # Adam's direction d, computed in g_equiv's buffer (one m x n temporary in all).
     direction = torch.sqrt(v, out=g_equiv).div_(math.sqrt(1 - beta2 ** step)).add_(eps)
     direction = torch.div(m, direction, out=direction).div_(1 - beta1 ** step)
