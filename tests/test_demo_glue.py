@@ -97,12 +97,63 @@ def test_lorapro_optimizer_is_the_one_in_the_loop(files, tmp_path):
     ("nlu", ["--apply_lorapro"], "add --apply_lora"),
     ("lora2", ["--apply_lora", "--apply_lorapro", "--lora_type", "svd"], "SVD-form"),
     ("lora2", ["--apply_lorapro", "--apply_lora2", "--apply_lora"], "SVD-form"),
-    ("nlu", ["--apply_lora", "--apply_lorapro", "--deepspeed", "ds.json"], "--deepspeed"),
+    ("nlu", ["--apply_lora", "--apply_lorapro", "--deepspeed", "ds.json", "--weight_decay", "0.1"], "--weight_decay 0.1"),
 ])
 def test_lorapro_bad_flags_are_refused(files, tmp_path, flavour, flags, match):
     with pytest.raises(ValueError, match=match):
         driver.prepare(driver.parse_args(_argv(files, tmp_path / "o", "--do_train", *flags), flavour))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, clip", [("full", "1.0"), ("efficient", "0")])
+def test_lorapro_under_deepspeed_on_two_processes_equals_lorapro_adamw(files, tmp_path, mode, clip):
+    """run_glue.py --apply_lorapro under DeepSpeed ZeRO-2 on 2 processes trains the adapter and head that
+    LoRAProAdamW trains on one process with the same global batch. Both start from an adapter with random
+    factors: from B = 0 (or a B grown from a few low-rank gradients) LoRA-Pro solves with a nearly singular
+    B^T B, where rounding-level differences of the reduced gradients grow to whole units (plain DDP against
+    one process as well), so the comparison needs well-conditioned factors. The efficient variant runs
+    unclipped: DeepSpeed clips the adjusted gradients, the loop the raw ones."""
+    pytest.importorskip("deepspeed")
+    import os
+    import subprocess
+
+    torch.manual_seed(0)  # no dropout: the two runs draw different random numbers per process
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=80, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    bert.save_pretrained(tmp_path / "bert")
+    make_tokenizer("bert").save_pretrained(tmp_path / "bert")
+    files = dict(files, bert=tmp_path / "bert")
+    driver.run_glue(_argv(files, tmp_path / "lora", "--do_train", "--apply_lora", "--lora_r", "4", "--max_steps", "1"),
+                    "nlu")
+    from safetensors.torch import load_file, save_file
+
+    start = tmp_path / "lora" / "adapter" / "adapter.safetensors"
+    gen = torch.Generator().manual_seed(1)
+    tensors = {k: (0.3 * torch.randn(v.shape, generator=gen) if "lora_" in k else v)
+               for k, v in load_file(str(start)).items()}
+    save_file(tensors, str(start))
+    common = ["--do_train", "--apply_lora", "--lora_r", "4", "--lora_path", str(tmp_path / "lora" / "adapter"),
+              "--apply_lorapro", "--lorapro_mode", mode, "--max_steps", "3", "--max_grad_norm", clip]
+    driver.run_glue(_argv(files, tmp_path / "one", *common, "--per_device_train_batch_size", "4"), "nlu")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    script = tmp_path / "worker.py"
+    script.write_text("import deepspeed.ops, sys\n"
+                      # test-machine choice: skip the JIT build of DeepSpeed's shared-memory op (gloo instead)
+                      "deepspeed.ops.__compatible_ops__ = dict(deepspeed.ops.__compatible_ops__, deepspeed_shm_comm=False)\n"
+                      "from loralib.tasks.glue import run\nsys.exit(run.main(sys.argv[1:], 'nlu'))\n")
+    argv = _argv(files, tmp_path / "two", *common, "--per_device_train_batch_size", "2", "--deepspeed", str(ds))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "adapter" / "adapter.safetensors"))
+    two = load_file(str(tmp_path / "two" / "adapter" / "adapter.safetensors"))
+    assert one.keys() == two.keys() and any("classifier" in k for k in one)  # the head (Adam) and the pairs
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-5), (key, (one[key] - two[key]).abs().max())
 
 
 def test_lorapro_mode_choices(files, tmp_path):

@@ -236,3 +236,46 @@ def sgd_for_full_mode(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     no weight decay (the directions it applies are Adam's already)."""
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.0,
                            weight_decay=0.0)
+
+
+# -- for the training loop ------------------------------------------------------------------------------
+
+class ZeROLoRAProEfficient:
+    """The loop callback of the efficient variant: adjust the reduced gradients right before engine.step()
+    (the loop calls on_before_optimizer_step only on accumulation boundaries)."""
+
+    def on_before_optimizer_step(self, state, engine, optimizer) -> None:
+        if hasattr(engine, "is_gradient_accumulation_boundary"):
+            adjust_zero_gradients(engine)
+
+
+def lorapro_under_deepspeed(config, mode: str, betas=(0.9, 0.999), eps: float = 1e-8):
+    """What loralib.train.train needs to run LoRA-Pro under DeepSpeed: (config, optimizer_factory,
+    callbacks) for a TrainConfig whose deepspeed_config is set.
+
+    efficient: DeepSpeed's partitioned AdamW (the loop's default optimizer) on gradients adjusted by
+        ZeROLoRAProEfficient; the config is unchanged (DeepSpeed clips the adjusted gradients).
+    full: DeepSpeed runs sgd_for_full_mode on the directions ZeROLoRAProFull writes, which clips the raw
+        gradients at config.max_grad_norm itself, so DeepSpeed's clipping is turned off; ZeRO is told to
+        accept SGD (zero_allow_untested_optimizer). A weight decay > 0 is a ValueError.
+    """
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    if mode == "efficient":
+        return config, None, [ZeROLoRAProEfficient()]
+    if mode != "full":
+        raise ValueError(f"LoRA-Pro mode must be 'full' or 'efficient', got {mode!r}")
+    if config.weight_decay:
+        raise ValueError(f"weight_decay={config.weight_decay} with LoRA-Pro's full variant under DeepSpeed is not "
+                         "supported (DeepSpeed runs plain SGD on its directions): use 0, the paper's setting, the "
+                         "efficient variant, or torchrun")
+    source = config.deepspeed_config
+    if not isinstance(source, dict) and not Path(source).is_file():
+        raise FileNotFoundError(f"deepspeed_config={str(source)!r}: no such file")
+    ds = dict(source) if isinstance(source, dict) else json.loads(Path(source).read_text())
+    ds["zero_allow_untested_optimizer"] = True
+    callback = ZeROLoRAProFull(betas, eps, max_grad_norm=config.max_grad_norm)  # the raw gradients' clipping
+    config = dataclasses.replace(config, max_grad_norm=0.0, deepspeed_config=ds)
+    return config, (lambda model: sgd_for_full_mode(model, config.lr)), [callback]

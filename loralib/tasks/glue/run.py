@@ -47,7 +47,9 @@ Decisions (each one a place where the original scripts were silent, wrong or imp
 - nlu and lora2: --apply_lorapro (with --apply_lora, on LoRA's B A layers) trains with LoRA-Pro
   (loralib.optim.LoRAProAdamW, --lorapro_mode full|efficient) instead of AdamW; method "lorapro" in
   run_config.json. Its weight decay pulls s B A toward 0 and leaves W0 as loaded (decay_base_weight=False),
-  because the adapter folders hold only the LoRA factors and the head. Not with --deepspeed.
+  because the adapter folders hold only the LoRA factors and the head. With --deepspeed it runs through
+  loralib.optim.deepspeed_lorapro (full: moments sharded by pair, weight decay refused; efficient:
+  adjusted gradients, DeepSpeed's AdamW).
 - An evaluation-only run writes run_config.json too when output_dir has none (so `loralib compare` knows
   the model and method); it never replaces a training run's.
 """
@@ -296,8 +298,10 @@ def resolve_method(args: argparse.Namespace, adapter_lora: Optional[LoRAConfig])
         if method.name != "lora":
             raise ValueError(f"--apply_lorapro works on LoRA's B A layers, not {method.name}'s SVD-form ones: "
                              "drop --apply_adalora / --apply_lora2 / --lora_type svd")
-        if getattr(args, "deepspeed", None):
-            raise ValueError("--apply_lorapro with --deepspeed is not supported here; use torchrun")
+        if getattr(args, "deepspeed", None) and args.lorapro_mode == "full" and args.weight_decay:
+            raise ValueError(f"--weight_decay {args.weight_decay} with --apply_lorapro --lorapro_mode full under "
+                             "--deepspeed is not supported (DeepSpeed runs plain SGD on the full variant's "
+                             "directions): use 0, --lorapro_mode efficient, or torchrun")
         method.name, method.lorapro_mode = "lorapro", args.lorapro_mode
     return method
 
@@ -855,8 +859,14 @@ def execute(p: Prepared) -> RunResult:
             orth = compute_lora2_orth_regu if p.method.name == "lora2" else compute_orth_regu
             regularizer = lambda m: orth(m, regu_weight=p.method.reg_orth_coef)  # noqa: E731
         factory = make_optimizer if (a.deepspeed is None or p.method.loraplus_ratio is not None) else None
+        callbacks = None
+        if a.deepspeed is not None and p.method.lorapro_mode is not None:
+            from ...optim.deepspeed_lorapro import lorapro_under_deepspeed
+
+            config, factory, callbacks = lorapro_under_deepspeed(config, p.method.lorapro_mode,
+                                                                 (a.adam_beta1, a.adam_beta2), a.adam_epsilon)
         outcome = train(p.model, p.train_features, collate, config, eval_fn=eval_fn, optimizer_factory=factory,
-                        regularizer=regularizer, allocator=p.allocator)
+                        regularizer=regularizer, allocator=p.allocator, callbacks=callbacks)
         result.train_results = {"global_step": outcome.global_step, "epoch": outcome.epoch,
                                 "train_loss": outcome.train_loss, "best_metric": outcome.best_metric,
                                 "best_step": outcome.best_step, "adapter_dir": outcome.adapter_dir,

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -267,17 +266,6 @@ def make_optimizer(model: nn.Module, method: Method, args) -> torch.optim.Optimi
     groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     return torch.optim.AdamW(groups, lr=args.lr, betas=betas, eps=eps)
-
-
-class LoRAProZeROCallback:
-    """LoRA-Pro under DeepSpeed: adjust the reduced, partitioned gradients by module right before
-    engine.step() (the loop calls this hook only on accumulation boundaries)."""
-
-    def on_before_optimizer_step(self, state, engine, optimizer) -> None:
-        from ...optim.deepspeed_lorapro import adjust_zero_gradients
-
-        if hasattr(engine, "is_gradient_accumulation_boundary"):
-            adjust_zero_gradients(engine)
 
 
 # -- model, data --------------------------------------------------------------------------------------
@@ -615,18 +603,11 @@ def execute(p: Prepared) -> dict:
             orth = compute_lora2_orth_regu if p.method.name == "lora2" else compute_orth_regu
             regularizer = lambda m: orth(m, regu_weight=p.method.reg_orth_coef)  # noqa: E731
         callbacks = None
-        if a.deepspeed is not None and p.method.lorapro_mode == "efficient":
-            # DeepSpeed's own (partitioned) AdamW on gradients the callback adjusts.
-            factory, callbacks = None, [LoRAProZeROCallback()]
-        elif a.deepspeed is not None and p.method.lorapro_mode == "full":
-            # DeepSpeed runs SGD on Adam's full-variant directions, which the callback computes with the m x n
-            # moments sharded over the ranks; it clips the raw gradients itself, so DeepSpeed must not.
-            from ...optim.deepspeed_lorapro import ZeROLoRAProFull, sgd_for_full_mode
+        if a.deepspeed is not None and p.method.lorapro_mode is not None:
+            from ...optim.deepspeed_lorapro import lorapro_under_deepspeed
 
-            ds = dict(json.loads(Path(a.deepspeed).read_text()), zero_allow_untested_optimizer=True)
-            config = dataclasses.replace(config, max_grad_norm=0.0, deepspeed_config=ds)
-            factory = lambda m: sgd_for_full_mode(m, a.lr)  # noqa: E731
-            callbacks = [ZeROLoRAProFull((a.adam_beta1, a.adam_beta2), a.adam_epsilon, a.max_grad_norm)]
+            config, factory, callbacks = lorapro_under_deepspeed(config, p.method.lorapro_mode,
+                                                                 (a.adam_beta1, a.adam_beta2), a.adam_epsilon)
         outcome = train(p.model, p.train_examples, collate, config, eval_fn=eval_fn, optimizer_factory=factory,
                         regularizer=regularizer, allocator=p.allocator, callbacks=callbacks)
         results["train"] = {"global_step": outcome.global_step, "epoch": outcome.epoch,
