@@ -7,7 +7,7 @@
 #
 #   scripts/lorapro_humaneval.sh                              # four methods x seeds 0 1 2, one process each
 #   NPROC=8 scripts/lorapro_humaneval.sh lora-pro             # torchrun, 8 processes: per device 1 x accumulation 4
-#   NPROC=8 DEEPSPEED=ds_zero2.json scripts/lorapro_humaneval.sh lora-pro   # DeepSpeed ZeRO-2 (LoRA-Pro's efficient mode)
+#   NPROC=8 DEEPSPEED=lorapro/ds_zero2.json scripts/lorapro_humaneval.sh lora-pro   # DeepSpeed ZeRO-2 (moments sharded)
 #   SEEDS=0 scripts/lorapro_humaneval.sh --smoke              # tiny random Llama + tiny files, seconds
 #
 # r 8, alpha 16, dropout 0 on q,k,v,o,up,down,gate; lr 2e-5, 1 epoch, cosine, warmup ratio 0.03, global batch 32
