@@ -37,7 +37,6 @@ def test_helpers_are_the_plain_operations_without_zero3():
     state = zero3.gathered_state_dict(model)
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert zero3.full_shape(model[0].weight) == (6, 4)
     with zero3.writable(model, ["0.lora_A"]):
         with torch.no_grad():
             model[0].lora_A.fill_(0.5)

@@ -30,11 +30,6 @@ def is_partitioned(model: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
-def full_shape(p: torch.Tensor) -> torch.Size:
-    """The whole shape of a parameter, partitioned or not."""
-    return p.ds_shape if hasattr(p, "ds_id") else p.shape
-
-
 def _gather(params, modifier_rank: Optional[int] = None):
     params = [p for p in params if hasattr(p, "ds_id")]
     if not params:
