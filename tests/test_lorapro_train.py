@@ -192,7 +192,7 @@ def _write(path: Path, obj) -> str:
     (["--lora", "lora-pro", "--loraplus_lr_ratio", "4"], "--loraplus_lr_ratio applies"),
     (["--lora", "lora", "--target_rank", "2"], "--target_rank / --init_rank apply"),
     (["--lora", "lora-pro", "--weight_decay", "0.1", "--deepspeed", "DS2"], "--lorapro_mode full under --deepspeed"),
-    (["--lora", "adalora", "--deepspeed", "DS2"], "with --deepspeed is not supported"),
+    (["--lora", "adalora", "--deepspeed", "DS3"], "with a ZeRO-3 --deepspeed config is not supported"),
     (["--lora", "lora", "--deepspeed", "DS4"], "stage=4"),
     (["--lora", "lora", "--deepspeed", "missing.json"], "no such file"),
     (["--per_device_train_batch_size", "3"], "not a multiple"),
@@ -204,8 +204,9 @@ def _write(path: Path, obj) -> str:
 ])
 def test_bad_flags_give_one_clear_error_and_write_nothing(assets, tmp_path, capsys, extra, message):
     ds2 = _write(tmp_path / "ds2.json", {"zero_optimization": {"stage": 2}})
+    ds3 = _write(tmp_path / "ds3.json", {"zero_optimization": {"stage": 3}})
     ds4 = _write(tmp_path / "ds4.json", {"zero_optimization": {"stage": 4}})
-    extra = [{"DS2": ds2, "DS4": ds4}.get(e, e) for e in extra]
+    extra = [{"DS2": ds2, "DS3": ds3, "DS4": ds4}.get(e, e) for e in extra]
     out = tmp_path / "out"
     assert run.main(argv(assets, out, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -388,6 +389,27 @@ def test_full_lorapro_under_deepspeed_on_two_processes_equals_one_and_resumes(as
     _subprocess([*launch, *argv(assets, resumed, *common, "--deepspeed", config, "--resume_from_checkpoint", "latest")])
     c = _adapter(resumed)
     assert all(torch.allclose(b[k], c[k], atol=1e-7) for k in b)
+
+
+@pytest.mark.slow
+def test_adalora_under_deepspeed_zero2_on_two_processes_equals_one(assets, tmp_path):
+    pytest.importorskip("deepspeed")
+    common = ["--lora", "adalora", "--lr", "2e-2", "--max_steps", "6", "--init_warmup_ratio", "0.2",
+              "--final_warmup_ratio", "0.3", "--mask_interval", "1"]
+    one = tmp_path / "one"
+    run.run_training(argv(assets, one, *common))
+    config = _write(tmp_path / "ds2.json", {"zero_optimization": {"stage": 2}})
+    script = tmp_path / "train_ds.py"
+    script.write_text(_DS_PRELUDE.replace("; ", "\n"))
+    two = tmp_path / "two"
+    _subprocess(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                 *argv(assets, two, *common, "--deepspeed", config)])
+    a, b = _adapter(one), _adapter(two)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    pattern = json.loads((one / "rank_pattern.json").read_text())
+    assert json.loads((two / "rank_pattern.json").read_text()) == pattern
+    kept = [bit for bits in pattern["rank_pattern"].values() for bit in bits]
+    assert 0 < sum(kept) < len(kept)  # the allocator pruned
 
 
 def test_evaluate_py_loads_our_adapter_and_the_peft_one_into_the_trained_model(assets, tmp_path):

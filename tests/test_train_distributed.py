@@ -84,9 +84,34 @@ def collate(items):
     return {"x": torch.stack([d["x"] for d in items]), "labels": torch.stack([d["labels"] for d in items])}
 
 
-def train_once(out_dir, batch_size, dtype=torch.float64, deepspeed_config=None, resume_from=None, callbacks=()):
-    """Global batch 8 per step: batch_size x processes x 2 accumulation steps; 2 epochs, eval every 3 steps."""
-    model = build(dtype)
+def build_adalora(dtype):
+    """AdaLoRA layers (SVD form) in place of the LoRA ones, E non-zero so that masking changes the output."""
+    from loralib.adalora import SVDLinear
+
+    torch.manual_seed(11)
+    model = nn.Sequential()
+    model.l1 = SVDLinear(IN, 12, r=4, lora_alpha=8)
+    model.l2 = SVDLinear(12, 8, r=4, lora_alpha=4)
+    model.head = nn.Linear(8, CLASSES)
+    loralib.mark_only_lora_as_trainable(model)
+    for p in model.head.parameters():
+        p.requires_grad = True
+    with torch.no_grad():
+        model.l1.lora_E.normal_(std=0.5)
+        model.l2.lora_E.normal_(std=0.5)
+    return Classifier(model).to(dtype)
+
+
+def train_once(out_dir, batch_size, dtype=torch.float64, deepspeed_config=None, resume_from=None, callbacks=(),
+               adalora=False):
+    """Global batch 8 per step: batch_size x processes x 2 accumulation steps; 2 epochs, eval every 3 steps.
+    adalora: SVD-form layers with AdaLoRA's rank allocator (8 ranks -> 4) and its orthogonal regulariser."""
+    from loralib.adalora import RankAllocator, compute_orth_regu
+
+    model = build_adalora(dtype) if adalora else build(dtype)
+    allocator = RankAllocator(model, lora_r=4, target_rank=2, init_warmup=1, final_warmup=2, mask_interval=1,
+                              beta1=0.85, beta2=0.85) if adalora else None
+    regularizer = (lambda m: compute_orth_regu(m, 0.1)) if adalora else None
     config = TrainConfig(output_dir=str(out_dir), num_epochs=2, per_device_batch_size=batch_size, grad_accum_steps=2,
                          lr=2e-2, weight_decay=0.05, warmup_steps=2, max_grad_norm=1.0, eval_every=3,
                          metric_for_best="loss", save_every=4, progress_bar=False, log_every=2,
@@ -97,7 +122,8 @@ def train_once(out_dir, batch_size, dtype=torch.float64, deepspeed_config=None, 
         with torch.no_grad():
             return {"loss": m(**items)["loss"].item()}
 
-    return train(model, make_data(dtype), collate, config, eval_fn=eval_fn, callbacks=callbacks)
+    return train(model, make_data(dtype), collate, config, eval_fn=eval_fn, callbacks=callbacks, allocator=allocator,
+                 regularizer=regularizer)
 
 
 class RecordPartitioning:
@@ -138,12 +164,14 @@ SCRIPT = textwrap.dedent("""
         ds = {{"zero_optimization": {{"stage": int(mode[-1]), "stage3_param_persistence_threshold": 0,
                                       "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}},
                "train_batch_size": "auto"}}
+        adalora = "adalora" in mode
         try:  # stopped after step 5, resumed from checkpoint-4 in the same processes
-            t.train_once(out, batch_size=2, dtype=torch.float32, deepspeed_config=ds, callbacks=[t.StopAt(5)])
+            t.train_once(out, batch_size=2, dtype=torch.float32, deepspeed_config=ds, callbacks=[t.StopAt(5)],
+                         adalora=adalora)
         except KeyboardInterrupt:
             pass
         t.train_once(out, batch_size=2, dtype=torch.float32, deepspeed_config=ds, resume_from="latest",
-                     callbacks=[t.RecordPartitioning(out)])
+                     callbacks=[t.RecordPartitioning(out)], adalora=adalora)
 """)
 
 
@@ -202,3 +230,20 @@ def test_deepspeed_two_processes_equal_one_across_a_resume(stage, tmp_path):
         saved = load_file(str(folder / "adapter.safetensors"))
         assert saved.keys() == load_file(str(two / "adapter" / "adapter.safetensors")).keys()
         assert all(t.numel() > 0 for t in saved.values())
+
+
+@pytest.mark.slow
+def test_adalora_rank_allocation_under_deepspeed_on_two_processes_equals_one_across_a_resume(tmp_path):
+    """AdaLoRA's allocator under ZeRO-2 (it reads the gradients DeepSpeed keeps partitioned and zeroes in
+    engine.step(), and masks E, which DeepSpeed's fp32 master copy must follow): the same masks and factors as
+    one plain process, across a stop and resume."""
+    pytest.importorskip("deepspeed")
+    two = _torchrun(tmp_path, "deepspeed-adalora2")
+    train_once(tmp_path / "one", batch_size=4, dtype=torch.float32, adalora=True)
+    _assert_close(two, tmp_path / "one", atol=2e-6)  # E included: the same triplets masked
+    one = load_file(str(tmp_path / "one" / "adapter" / "adapter.safetensors"))
+    two_E = load_file(str(two / "adapter" / "adapter.safetensors"))
+    masked = {k: (one[k] == 0).flatten() for k in one if k.endswith("lora_E")}
+    assert 0 < sum(int(m.sum()) for m in masked.values()) < 8  # ranks were pruned, so the masking mattered
+    for key, zero in masked.items():  # exactly 0 in DeepSpeed's run too: its fp32 master copy stayed masked
+        assert torch.all(two_E[key].flatten()[zero] == 0), key

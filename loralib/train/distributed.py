@@ -162,22 +162,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def read_deepspeed_config(source) -> dict:
+    """A DeepSpeed config from a JSON file or a dict (a copy); a missing or malformed file is named."""
+    if isinstance(source, dict):
+        return json.loads(json.dumps(source))
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"deepspeed_config={str(source)!r}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"deepspeed_config {path}: not valid JSON ({e})") from None
+
+
+def zero_stage(source) -> int:
+    """The ZeRO stage of a DeepSpeed config (file or dict); 0 when it names none."""
+    return (read_deepspeed_config(source).get("zero_optimization") or {}).get("stage", 0)
+
+
 def deepspeed_config(config, world_size: int, has_factory: bool) -> dict:
     """The DeepSpeed config of `config.deepspeed_config` (a path or a dict), completed from the TrainConfig:
     batch sizes, accumulation, clipping and precision are the loop's; a value that contradicts them, a
     'scheduler' section, an 'optimizer' section next to optimizer_factory, or a ZeRO stage other than
     0-3 is a ValueError."""
-    source = config.deepspeed_config
-    if isinstance(source, dict):
-        ds = json.loads(json.dumps(source))
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"deepspeed_config={str(source)!r}: no such file")
-        try:
-            ds = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"deepspeed_config {path}: not valid JSON ({e})") from None
+    ds = read_deepspeed_config(config.deepspeed_config)
     ours = {"train_micro_batch_size_per_gpu": config.per_device_batch_size,
             "gradient_accumulation_steps": config.grad_accum_steps,
             "train_batch_size": config.per_device_batch_size * config.grad_accum_steps * world_size,

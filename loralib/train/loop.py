@@ -23,7 +23,7 @@ epoch's end):
     clip -> optimizer.step -> scheduler.step -> allocator.update_and_mask(model, step) -> zero_grad
 
 `step` passed to the allocator is the number of optimizer steps completed before this one (0 on the first),
-as in AdaLoRA's released trainer. Several processes: `torchrun --nproc_per_node N script.py` (DDP, gloo on
+as in AdaLoRA's released trainer (under DeepSpeed ZeRO-1/2 too: loralib.train.deepspeed_ranks). Several processes: `torchrun --nproc_per_node N script.py` (DDP, gloo on
 CPU), or `deepspeed_config="ds.json"` (deepspeed.initialize; batch size, accumulation, clipping and
 precision are filled in from this config and must not contradict it; ZeRO stages 0-3). Under ZeRO-3 the
 model is partitioned by deepspeed.initialize and stays so after train(): LoRA layers are kept unmerged,
@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader
 
 from ..layers import LoRALayer
 from . import checkpoint as ckpt
-from . import zero3
+from . import deepspeed_ranks, zero3
 from .distributed import (DistContext, ShardedBatches, all_reduce_mean, barrier, broadcast_object,
                           deepspeed_config, deepspeed_engine, no_sync, setup, wrap_ddp)
 from .schedules import SCHEDULES, build_scheduler, scheduler_factory
@@ -379,9 +379,7 @@ def train(model: nn.Module, train_dataset, collate_fn: Callable, config: TrainCo
         raise ValueError(f"TrainConfig.eval_strategy={config.eval_strategy!r} needs eval_fn")
     if allocator is not None and not callable(getattr(allocator, "update_and_mask", None)):
         raise ValueError(f"train: allocator ({type(allocator).__name__}) has no update_and_mask(model, step)")
-    if allocator is not None and config.deepspeed_config is not None:
-        raise ValueError("train: an allocator with deepspeed_config is not supported: DeepSpeed zeroes the "
-                         "gradients inside engine.step(), before rank allocation can read them; use torchrun (DDP)")
+
     callbacks = list(callbacks or [])
     use_deepspeed = config.deepspeed_config is not None
 
@@ -439,6 +437,9 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
         if optimizer is None and "optimizer" not in ds:
             optimizer = default_optimizer(model, config)
         make_scheduler = scheduler_factory(config.schedule, total_steps, config.warmup_steps, config.warmup_ratio)
+        if (ds.get("zero_optimization") or {}).get("stage") == 3 and allocator is not None:
+            raise ValueError("train: rank allocation (an allocator) under DeepSpeed ZeRO-3 is not supported: the "
+                             "factors it scores and masks are partitioned there; use ZeRO-1/2 or torchrun (DDP)")
         if (ds.get("zero_optimization") or {}).get("stage") == 3:
             model.train()  # unmerged: ZeRO-3 is about to partition W, which B A can no longer be added to
             zero3.disable_merging(model)
@@ -598,8 +599,12 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
                 grad_norm = None
                 if engine is not None:
                     _call(callbacks, "on_before_optimizer_step", state, engine, optimizer)
+                    scored = deepspeed_ranks.gather_scored_gradients(allocator) if allocator is not None else None
+                    skipped = getattr(engine, "skipped_steps", 0)
                     engine.step()  # DeepSpeed clips, steps, zeroes the gradients, then steps the scheduler
                     grad_norm = engine.get_global_grad_norm()
+                    if allocator is not None and getattr(engine, "skipped_steps", 0) == skipped:
+                        deepspeed_ranks.allocate(allocator, model, state.global_step, scored)
                 else:
                     if scaler is not None:
                         scaler.unscale_(optimizer)

@@ -80,6 +80,7 @@ from ...lora2 import LoRA2RankAllocator, compute_lora2_orth_regu
 from ...optim import LoRAProAdamW, create_loraplus_optimizer
 from ...utils import trainable_summary
 from ...models.grad_checkpoint import enable_gradient_checkpointing
+from ...train.distributed import zero_stage
 from .data import GlueData, get_task, load_glue
 from .metrics import compute_metrics, main_metric
 from .tokenize import GlueCollator, encode_examples, ensure_pad_token
@@ -754,9 +755,9 @@ def prepare(args: argparse.Namespace) -> Prepared:
                                      init_warmup=args.init_warmup, final_warmup=args.final_warmup,
                                      mask_interval=args.mask_interval, beta1=args.beta1, beta2=args.beta2,
                                      total_step=prepared.total_steps, target_total_rank=args.target_total_rank)
-        if args.deepspeed and prepared.allocator is not None:
-            raise ValueError("--apply_adalora with --deepspeed is not supported (DeepSpeed zeroes the gradients "
-                             "before rank allocation reads them); use torchrun")
+        if args.deepspeed and prepared.allocator is not None and zero_stage(args.deepspeed) == 3:
+            raise ValueError("--apply_adalora with a ZeRO-3 --deepspeed config is not supported (the factors rank "
+                             "allocation scores and masks are partitioned there); use ZeRO-1/2 or torchrun")
     return prepared
 
 

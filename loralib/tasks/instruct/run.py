@@ -41,8 +41,8 @@ Decisions:
   moments sharded by pair over the ranks (each pair's on one owner) and hands DeepSpeed Adam's directions
   to apply with plain SGD (weight decay refused; the raw gradients clipped first, as under DDP); the
   efficient variant adjusts the reduced gradients by module, then DeepSpeed's partitioned AdamW steps.
-  AdaLoRA / LoRA² with --deepspeed are refused (DeepSpeed zeroes the gradients before rank allocation
-  reads them). ZeRO-3 partitions the model itself
+  AdaLoRA / LoRA² run under ZeRO-1/2 (loralib.train.deepspeed_ranks: the reduced gradients gathered before
+  engine.step(), E's masks written into DeepSpeed's fp32 masters), not under ZeRO-3. ZeRO-3 partitions the model itself
   (for models that do not fit on one device, or --lora full): LoRA layers stay unmerged, the adapter
   folders are gathered whole, and the evaluation and the PEFT export (rank 0) read the base again with the
   trained adapter loaded into it.
@@ -222,8 +222,11 @@ def resolve_method(args, model_type: str) -> Method:
     if (args.target_rank is not None or args.init_rank is not None) and not adaptive:
         raise ValueError(f"--target_rank / --init_rank apply to --lora adalora / lora2, not --lora {name}")
     if args.deepspeed and adaptive:
-        raise ValueError(f"--lora {name} with --deepspeed is not supported (DeepSpeed zeroes the gradients "
-                         "before rank allocation reads them); use torchrun")
+        from ...train.distributed import zero_stage
+
+        if zero_stage(args.deepspeed) == 3:
+            raise ValueError(f"--lora {name} with a ZeRO-3 --deepspeed config is not supported (the factors rank "
+                             "allocation scores and masks are partitioned there); use ZeRO-1/2 or torchrun")
     mode = (args.lorapro_mode or "full") if pro else None
     if args.deepspeed and mode == "full" and args.weight_decay:
         raise ValueError(f"--weight_decay {args.weight_decay} with --lorapro_mode full under --deepspeed is not "
