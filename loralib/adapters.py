@@ -14,7 +14,6 @@ never leaves a config pointing at a half-written tensor file.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from . import layers
 from .config import LoRAConfig
-from .files import write_json_atomic
+from .files import read_json, write_json_atomic
 from .utils import lora_layers, mark_only_lora_as_trainable
 
 FORMAT = "loralib-adapter"
@@ -56,12 +55,7 @@ def _atomic_write_json(obj: dict, path: Path) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such adapter config")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path, f"{path}: no such adapter config", AdapterError)
 
 
 # -- our format ------------------------------------------------------------------------------------

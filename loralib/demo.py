@@ -10,7 +10,6 @@ Run: python -m loralib.demo [--epochs N] [--rank R] [--seed S]
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 import time
 

@@ -1,6 +1,6 @@
 """Whole-or-nothing text files: every run output (run_config.json, eval_results.json, predictions, answer
 files) is written to a temporary file beside its final name and renamed over it, so a crash or a full disk
-leaves the previous file, or none, never half of one."""
+leaves the previous file, or none, never half of one. And the one JSON reader whose errors name the file."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,18 @@ from pathlib import Path
 from typing import Any, Iterable, Union
 
 PathLike = Union[str, os.PathLike]
+
+
+def read_json(path: PathLike, missing: str, error: type = ValueError) -> Any:
+    """The JSON document of `path`: FileNotFoundError(missing) when there is no such file, `error` naming the
+    file and the position when it is not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
 
 
 def write_text_atomic(path: PathLike, text: str) -> Path:

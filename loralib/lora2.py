@@ -40,7 +40,6 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .adalora import (RankAllocator, _check_config_for, _effective_alpha, _init_rank_state, _orth_gap,
                       _orth_regu, _rebuild_rank_buffers, rank_adaptive_layers)

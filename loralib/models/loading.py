@@ -30,6 +30,8 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..files import read_json
+
 logger = logging.getLogger(__name__)
 
 # model_type in config.json -> module under loralib.models (imported only when asked for)
@@ -58,13 +60,7 @@ def read_config(path: Union[str, os.PathLike]) -> dict:
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"model folder {str(folder)!r} has no config.json")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    return read_json(folder / "config.json", f"model folder {str(folder)!r} has no config.json")
 
 
 def family_module(model_type: Optional[str], source: str = "config.json"):

@@ -22,12 +22,13 @@ import json
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, List
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from ..files import read_json
 
 
 @dataclass
@@ -166,13 +167,7 @@ def read_deepspeed_config(source) -> dict:
     """A DeepSpeed config from a JSON file or a dict (a copy); a missing or malformed file is named."""
     if isinstance(source, dict):
         return json.loads(json.dumps(source))
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"deepspeed_config={str(source)!r}: no such file")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"deepspeed_config {path}: not valid JSON ({e})") from None
+    return read_json(source, f"deepspeed_config={str(source)!r}: no such file")
 
 
 def zero_stage(source) -> int:

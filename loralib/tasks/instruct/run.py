@@ -592,7 +592,7 @@ def execute(p: Prepared) -> dict:
         eval_fn = (lambda m: eval_loss(m, p.dev_examples, collate)) if p.dev_examples else None  # noqa: E731
         groups: List[dict] = []
 
-        def factory(model: nn.Module) -> torch.optim.Optimizer:
+        def recorded_optimizer(model: nn.Module) -> torch.optim.Optimizer:
             optimizer = make_optimizer(model, p.method, a)
             groups.extend({"name": g.get("name", f"group{i}"), "lr": g["lr"], "num_tensors": len(g["params"]),
                            "numel": sum(t.numel() for t in g["params"])} for i, g in enumerate(optimizer.param_groups))
@@ -605,7 +605,7 @@ def execute(p: Prepared) -> dict:
 
             orth = compute_lora2_orth_regu if p.method.name == "lora2" else compute_orth_regu
             regularizer = lambda m: orth(m, regu_weight=p.method.reg_orth_coef)  # noqa: E731
-        callbacks = None
+        factory, callbacks = recorded_optimizer, None
         if a.deepspeed is not None and p.method.lorapro_mode is not None:
             from ...optim.deepspeed_lorapro import lorapro_under_deepspeed
 
@@ -826,7 +826,7 @@ def build_smoke_assets(root) -> Dict[str, str]:
         "gsm8k_test.jsonl": [{"question": q, "answer": f"{a}\n#### {a[-1]}"} for q, a in SMOKE_QA],
         "humaneval.jsonl": [{"task_id": f"Smoke/{i}", "prompt": f"def add{i}(a, b):\n    \"\"\"Add.\"\"\"\n",
                              "entry_point": f"add{i}", "canonical_solution": "    return a + b\n",
-                             "test": f"def check(candidate):\n    assert candidate(1, 2) == 3\n"} for i in range(2)],
+                             "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"} for i in range(2)],
         "mt_bench_question.jsonl": [{"question_id": 81 + i, "category": "writing", "turns": [q, "Say it again."]}
                                     for i, (q, _) in enumerate(SMOKE_QA[:2])],
     }
