@@ -48,18 +48,24 @@ def test_padding_and_drop_last():
 
 # -- the same run on 1 and 2 processes ----------------------------------------------------------------
 
-def build(dtype):
+def build(dtype, adalora=False):
+    """LoRA layers with B non-zero, or AdaLoRA's SVD-form layers with E non-zero (so masking changes the
+    output); a trained head."""
+    from loralib.adalora import SVDLinear
+
     torch.manual_seed(11)
     model = nn.Sequential()
-    model.l1 = loralib.Linear(IN, 12, r=4, lora_alpha=8)
-    model.l2 = loralib.Linear(12, 8, r=2, lora_alpha=2)
+    if adalora:
+        model.l1, model.l2 = SVDLinear(IN, 12, r=4, lora_alpha=8), SVDLinear(12, 8, r=4, lora_alpha=4)
+    else:
+        model.l1, model.l2 = loralib.Linear(IN, 12, r=4, lora_alpha=8), loralib.Linear(12, 8, r=2, lora_alpha=2)
     model.head = nn.Linear(8, CLASSES)
     loralib.mark_only_lora_as_trainable(model)
     for p in model.head.parameters():
         p.requires_grad = True
     with torch.no_grad():
-        model.l1.lora_B.normal_(std=0.3)
-        model.l2.lora_B.normal_(std=0.3)
+        for layer in (model.l1, model.l2):
+            (layer.lora_E.normal_(std=0.5) if adalora else layer.lora_B.normal_(std=0.3))
     return Classifier(model).to(dtype)
 
 
@@ -84,31 +90,13 @@ def collate(items):
     return {"x": torch.stack([d["x"] for d in items]), "labels": torch.stack([d["labels"] for d in items])}
 
 
-def build_adalora(dtype):
-    """AdaLoRA layers (SVD form) in place of the LoRA ones, E non-zero so that masking changes the output."""
-    from loralib.adalora import SVDLinear
-
-    torch.manual_seed(11)
-    model = nn.Sequential()
-    model.l1 = SVDLinear(IN, 12, r=4, lora_alpha=8)
-    model.l2 = SVDLinear(12, 8, r=4, lora_alpha=4)
-    model.head = nn.Linear(8, CLASSES)
-    loralib.mark_only_lora_as_trainable(model)
-    for p in model.head.parameters():
-        p.requires_grad = True
-    with torch.no_grad():
-        model.l1.lora_E.normal_(std=0.5)
-        model.l2.lora_E.normal_(std=0.5)
-    return Classifier(model).to(dtype)
-
-
 def train_once(out_dir, batch_size, dtype=torch.float64, deepspeed_config=None, resume_from=None, callbacks=(),
                adalora=False):
     """Global batch 8 per step: batch_size x processes x 2 accumulation steps; 2 epochs, eval every 3 steps.
     adalora: SVD-form layers with AdaLoRA's rank allocator (8 ranks -> 4) and its orthogonal regulariser."""
     from loralib.adalora import RankAllocator, compute_orth_regu
 
-    model = build_adalora(dtype) if adalora else build(dtype)
+    model = build(dtype, adalora)
     allocator = RankAllocator(model, lora_r=4, target_rank=2, init_warmup=1, final_warmup=2, mask_interval=1,
                               beta1=0.85, beta2=0.85) if adalora else None
     regularizer = (lambda m: compute_orth_regu(m, 0.1)) if adalora else None
