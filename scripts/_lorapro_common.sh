@@ -25,3 +25,34 @@ if [[ -n ${DEEPSPEED:-} ]]; then
     [[ -f $DEEPSPEED ]] || die "DEEPSPEED=$DEEPSPEED: no such file"
     DS_ARGS=(--deepspeed "$DEEPSPEED")
 fi
+
+# run_rows ROW_FLAGS...: every METHOD x every seed through lorapro/train.py, with the settings the paper's three
+# tasks share (recipes.md §LoRA-Pro: r 8, alpha 16, dropout 0 on the seven projections, lr LR, 1 epoch, cosine,
+# warmup 0.03, global batch 32 of per-device 1, weight decay 0) and the row's own flags (dataset, data and eval
+# files, lengths, split sizes). Each run writes OUT_DIR/<method>/seed<seed>/.
+run_rows() {
+    local method seed
+    for method in "${TASKS[@]}"; do
+        for seed in $SEEDS; do
+            launch lorapro/train.py \
+                --model_name_or_path "$(model_path meta-llama/Llama-2-7b-hf)" \
+                --lora "$method" \
+                "$@" \
+                --lora_r 8 \
+                --lora_alpha 16 \
+                --lora_dropout 0 \
+                --target_modules q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj \
+                --lr "$LR" \
+                --num_train_epochs 1 \
+                --per_device_train_batch_size 1 \
+                --global_batch_size 32 \
+                --warmup_ratio 0.03 \
+                --lr_scheduler_type cosine \
+                --weight_decay 0 \
+                --seed "$seed" \
+                --output_dir "$OUT_DIR/$method/seed$seed" \
+                --do_eval \
+                "${DS_ARGS[@]+"${DS_ARGS[@]}"}"
+        done
+    done
+}

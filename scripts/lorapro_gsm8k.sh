@@ -28,33 +28,12 @@ EVAL_ARGS=(--eval_data_path "$DATA_DIR/gsm8k_test.jsonl")
 [[ -e $DATA_DIR/gsm8k_test.jsonl ]] || die "$DATA_DIR/gsm8k_test.jsonl is missing: python data/download_instruct.py --tasks gsm8k"
 [[ -e $DATA_DIR/metamath.jsonl ]] || die "$DATA_DIR/metamath.jsonl is missing: python data/download_instruct.py --tasks metamath,gsm8k"
 
-for method in "${TASKS[@]}"; do
-    for seed in $SEEDS; do
-        launch lorapro/train.py \
-            --model_name_or_path "$(model_path meta-llama/Llama-2-7b-hf)" \
-            --lora "$method" \
-            --dataset metamath \
-            --data_path "$DATA_DIR/metamath.jsonl" \
-            --eval_task gsm8k \
-            "${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"}" \
-            --max_length 512 \
-            --n_train 100000 \
-            --n_eval 10000 \
-            --lora_r 8 \
-            --lora_alpha 16 \
-            --lora_dropout 0 \
-            --target_modules q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj \
-            --lr "$LR" \
-            --num_train_epochs 1 \
-            --per_device_train_batch_size 1 \
-            --global_batch_size 32 \
-            --warmup_ratio 0.03 \
-            --lr_scheduler_type cosine \
-            --weight_decay 0 \
-            --max_new_tokens 512 \
-            --seed "$seed" \
-            --output_dir "$OUT_DIR/$method/seed$seed" \
-            --do_eval \
-            "${DS_ARGS[@]+"${DS_ARGS[@]}"}"
-    done
-done
+run_rows \
+    --dataset metamath \
+    --data_path "$DATA_DIR/metamath.jsonl" \
+    --eval_task gsm8k \
+    "${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"}" \
+    --max_length 512 \
+    --n_train 100000 \
+    --n_eval 10000 \
+    --max_new_tokens 512

@@ -32,33 +32,12 @@ MTBENCH_QUESTIONS=${MTBENCH_QUESTIONS:-data/mt_bench/question.jsonl}
 EVAL_ARGS=(--eval_data_path "$MTBENCH_QUESTIONS")
 [[ -e $DATA_DIR/wizardlm.jsonl ]] || die "$DATA_DIR/wizardlm.jsonl is missing: python data/download_instruct.py --tasks wizardlm"
 
-for method in "${TASKS[@]}"; do
-    for seed in $SEEDS; do
-        launch lorapro/train.py \
-            --model_name_or_path "$(model_path meta-llama/Llama-2-7b-hf)" \
-            --lora "$method" \
-            --dataset wizardlm \
-            --data_path "$DATA_DIR/wizardlm.jsonl" \
-            --eval_task mt-bench \
-            "${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"}" \
-            --max_length 1024 \
-            --n_train 52000 \
-            --n_eval 18000 \
-            --lora_r 8 \
-            --lora_alpha 16 \
-            --lora_dropout 0 \
-            --target_modules q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj \
-            --lr "$LR" \
-            --num_train_epochs 1 \
-            --per_device_train_batch_size 1 \
-            --global_batch_size 32 \
-            --warmup_ratio 0.03 \
-            --lr_scheduler_type cosine \
-            --weight_decay 0 \
-            --max_new_tokens 1024 \
-            --seed "$seed" \
-            --output_dir "$OUT_DIR/$method/seed$seed" \
-            --do_eval \
-            "${DS_ARGS[@]+"${DS_ARGS[@]}"}"
-    done
-done
+run_rows \
+    --dataset wizardlm \
+    --data_path "$DATA_DIR/wizardlm.jsonl" \
+    --eval_task mt-bench \
+    "${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"}" \
+    --max_length 1024 \
+    --n_train 52000 \
+    --n_eval 18000 \
+    --max_new_tokens 1024
