@@ -5,8 +5,26 @@
 """
 from __future__ import annotations
 
+import logging
 import sys
-from typing import List, Optional
+from typing import Any, Callable, List, Optional, Tuple
+
+INPUT_ERRORS: Tuple[type, ...] = (ValueError, FileNotFoundError, KeyError)
+
+
+def run_entry_point(run: Callable[[], Any], prog: str, errors: Tuple[type, ...] = INPUT_ERRORS) -> int:
+    """The command-line behaviour of every entry point (run_glue.py, gpt2_ft.py, lorapro/train.py, ...):
+    INFO logging unless the caller set some up; 0 on success; bad input (one of `errors`: a flag, file or
+    key at fault) prints one `PROG: error: ...` line and returns 2. Other exceptions propagate."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run()
+    except errors as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
 
 COMMANDS = {
     "download-model": ("loralib.models.hub", "fetch a Hugging Face hub model into models/NAME"),

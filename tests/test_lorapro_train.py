@@ -278,11 +278,19 @@ def test_training_then_gsm8k_evaluation_writes_the_contract_files(assets, tmp_pa
 # ZeRO-3 with every parameter partitioned and released after each use (by default DeepSpeed keeps tensors
 # under 1e5 elements whole, and keeps gathered ones that are soon used again: a tiny model would never be
 # partitioned when it matters)
-PARTITION_ALL = {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}
+PARTITION_ALL = {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
+                 "stage3_prefetch_bucket_size": 0}
 _DS_PRELUDE = ("import deepspeed.ops, sys; "
                # test-machine choice: skip the JIT build of DeepSpeed's shared-memory op (gloo instead)
                "deepspeed.ops.__compatible_ops__ = dict(deepspeed.ops.__compatible_ops__, deepspeed_shm_comm=False); "
                "from loralib.tasks.instruct import run; sys.exit(run.main(sys.argv[1:]))")
+
+
+def _torchrun_deepspeed(tmp_path: Path, args) -> None:
+    """lorapro/train.py's driver on 2 processes (torchrun), with the test-machine prelude of _DS_PRELUDE."""
+    script = tmp_path / "train_ds.py"
+    script.write_text(_DS_PRELUDE.replace("; ", "\n"))
+    _subprocess(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args])
 
 
 def _adapter(folder: Path) -> dict:
@@ -345,10 +353,7 @@ def test_zero3_on_two_processes_equals_one_process_and_evaluates(assets, tmp_pat
     run.run_training(argv(assets, one, *common))
     two = tmp_path / "two"
     config = _write(tmp_path / "ds3.json", {"zero_optimization": {"stage": 3, **PARTITION_ALL}})
-    script = tmp_path / "train_ds.py"
-    script.write_text(_DS_PRELUDE.replace("; ", "\n"))
-    _subprocess(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                 *argv(assets, two, *common, "--deepspeed", config)])
+    _torchrun_deepspeed(tmp_path, argv(assets, two, *common, "--deepspeed", config))
     a, b = _adapter(one), _adapter(two)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert any(not torch.equal(a[k], b[k].new_zeros(b[k].shape)) for k in a)
@@ -372,11 +377,8 @@ def test_full_lorapro_under_deepspeed_on_two_processes_equals_one_and_resumes(as
     one = tmp_path / "one"
     run.run_training(argv(assets, one, *common))
     config = _write(tmp_path / "ds2.json", {"zero_optimization": {"stage": 2}})
-    script = tmp_path / "train_ds.py"
-    script.write_text(_DS_PRELUDE.replace("; ", "\n"))
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     two = tmp_path / "two"
-    _subprocess([*launch, *argv(assets, two, *common, "--deepspeed", config)])
+    _torchrun_deepspeed(tmp_path, argv(assets, two, *common, "--deepspeed", config))
     assert json.loads((two / "run_config.json").read_text())["lorapro_mode"] == "full"
     a, b = _adapter(one), _adapter(two)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
@@ -386,7 +388,8 @@ def test_full_lorapro_under_deepspeed_on_two_processes_equals_one_and_resumes(as
     shutil.copytree(two, resumed)
     for late in ("checkpoint-4", "adapter", "peft_adapter"):
         shutil.rmtree(resumed / late)
-    _subprocess([*launch, *argv(assets, resumed, *common, "--deepspeed", config, "--resume_from_checkpoint", "latest")])
+    _torchrun_deepspeed(tmp_path, argv(assets, resumed, *common, "--deepspeed", config,
+                                       "--resume_from_checkpoint", "latest"))
     c = _adapter(resumed)
     assert all(torch.allclose(b[k], c[k], atol=1e-7) for k in b)
 
@@ -399,11 +402,8 @@ def test_adalora_under_deepspeed_zero2_on_two_processes_equals_one(assets, tmp_p
     one = tmp_path / "one"
     run.run_training(argv(assets, one, *common))
     config = _write(tmp_path / "ds2.json", {"zero_optimization": {"stage": 2}})
-    script = tmp_path / "train_ds.py"
-    script.write_text(_DS_PRELUDE.replace("; ", "\n"))
     two = tmp_path / "two"
-    _subprocess(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                 *argv(assets, two, *common, "--deepspeed", config)])
+    _torchrun_deepspeed(tmp_path, argv(assets, two, *common, "--deepspeed", config))
     a, b = _adapter(one), _adapter(two)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     pattern = json.loads((one / "rank_pattern.json").read_text())

@@ -32,13 +32,13 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import loralib as lora  # noqa: E402
-from loralib.models import from_pretrained, generate  # noqa: E402
+from loralib.models import from_pretrained  # noqa: E402
 from loralib.models.generation import left_pad  # noqa: E402
 from loralib.tasks.instruct import InstructCollator  # noqa: E402
 from loralib.tasks.nlg.data import read_raw  # noqa: E402
 from loralib.tasks.nlg.decode import cut_at_stop  # noqa: E402
 from loralib.tasks.nlg.evaluate import results_record, score, write_eval_results  # noqa: E402
-from loralib.tasks.nlg.lora_repo_beam import lora_repo_beam_search  # noqa: E402
+from loralib.tasks.nlg.beam import beam_continuations  # noqa: E402
 from loralib.train import TrainConfig, train  # noqa: E402
 
 SPLIT_FILES = {"train": "trainset.csv", "test": "testset_w_refs.csv"}
@@ -76,15 +76,8 @@ def beam_decode(model, tokenizer, contexts: Sequence[str], eos: int, args) -> Li
     for start in range(0, len(order), args.batch_size):
         chunk = order[start:start + args.batch_size]
         ids, mask = left_pad([queries[i] for i in chunk], eos)
-        ids, mask = ids.to(device), mask.to(device)
-        if args.decoding == "lora_repo":
-            found = lora_repo_beam_search(model, ids, mask, num_beams=args.beam, max_new_tokens=args.eval_len,
-                                          length_penalty=args.length_penalty,
-                                          no_repeat_ngram_size=args.no_repeat_ngram_size, eos_token_id=[eos])
-        else:
-            found = generate(model, ids, mask, max_new_tokens=args.eval_len, num_beams=args.beam,
-                             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                             eos_token_id=[eos], pad_token_id=eos)[:, ids.shape[1]:].tolist()
+        found = beam_continuations(model, ids.to(device), mask.to(device), args.decoding, args.beam, args.eval_len,
+                                   args.length_penalty, args.no_repeat_ngram_size, 1.0, [eos], eos)
         for b, i in enumerate(chunk):
             texts[i] = cut_at_stop(tokenizer.decode(found[b], skip_special_tokens=True))
     return texts

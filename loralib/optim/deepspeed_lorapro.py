@@ -128,7 +128,7 @@ class ZeROLoRAProFull:
     def __init__(self, betas=(0.9, 0.999), eps: float = 1e-8, max_grad_norm: float = 0.0):
         self.betas, self.eps, self.max_grad_norm = tuple(betas), float(eps), float(max_grad_norm or 0.0)
         self.state: dict = {}  # unit name -> {"step", "exp_avg", "exp_avg_sq"}, the units this rank owns
-        self._owner = None  # unit name -> owner rank, dealt at the first step
+        self._units = None  # [(name, pair or parameter, owner rank)], found and dealt at the first step
 
     # the training loop's hooks
     def on_before_optimizer_step(self, state, engine, optimizer) -> None:
@@ -141,14 +141,17 @@ class ZeROLoRAProFull:
     def load_state_dict(self, saved: dict) -> None:
         self.state = {name: dict(entry) for name, entry in saved["state"].items()}
 
-    def _units(self, model: nn.Module):
-        """[(name, pair or parameter, state elements)] in module order."""
+    @staticmethod
+    def _deal(model: nn.Module, world: int):
+        """[(name, pair or parameter, owner rank)] in module order: the LoRA pairs, then the other trainable
+        parameters, dealt to ranks by the size of their state."""
         pairs = lora_pairs(model)
         in_pairs = {id(p) for pair in pairs for p in (pair.A, pair.B)}
         units = [(pair.name, pair, _pair_state_elements(pair)) for pair in pairs]
         units += [(name, p, _numel(p)) for name, p in model.named_parameters()
                   if p.requires_grad and id(p) not in in_pairs]
-        return units
+        owners = deal_by_size([size for _, _, size in units], world)
+        return [(name, unit, owner) for (name, unit, _), owner in zip(units, owners)]
 
     @torch.no_grad()
     def adjust(self, engine) -> int:
@@ -156,15 +159,12 @@ class ZeROLoRAProFull:
         import torch.distributed as dist
         from deepspeed.utils import safe_get_full_grad
 
-        model = _model_of(engine)
-        units = self._units(model)
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        if self._owner is None:
-            owners = deal_by_size([size for _, _, size in units], world)
-            self._owner = {name: owner for (name, _, _), owner in zip(units, owners)}
+        if self._units is None:
+            self._units = self._deal(_model_of(engine), world)
         grads = {}
-        for name, unit, _ in units:
+        for name, unit, owner in self._units:
             params = (unit.A, unit.B) if isinstance(unit, LoRAPair) else (unit,)
             found = [safe_get_full_grad(p) for p in params]
             if any(g is None for g in found):
@@ -177,8 +177,8 @@ class ZeROLoRAProFull:
             coefficient = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
             grads = {name: [g * coefficient for g in gs] for name, gs in grads.items()}
         count = 0
-        for name, unit, _ in units:
-            mine = self._owner[name] == rank
+        for name, unit, owner in self._units:
+            mine = owner == rank
             if isinstance(unit, LoRAPair):
                 A, B = unit.stacked(_whole(unit.A), _whole(unit.B))  # collectives: every rank
                 if mine:
@@ -196,7 +196,7 @@ class ZeROLoRAProFull:
             for p, d in zip(params, directions):
                 d = d.float().contiguous()
                 if world > 1:
-                    dist.broadcast(d, src=self._owner[name])
+                    dist.broadcast(d, src=owner)
                 _set_whole_grad(p, d)
         return count
 
@@ -260,8 +260,8 @@ def lorapro_under_deepspeed(config, mode: str, betas=(0.9, 0.999), eps: float = 
         accept SGD (zero_allow_untested_optimizer). A weight decay > 0 is a ValueError.
     """
     import dataclasses
-    import json
-    from pathlib import Path
+
+    from ..train.distributed import read_deepspeed_config
 
     if mode == "efficient":
         return config, None, [ZeROLoRAProEfficient()]
@@ -271,11 +271,7 @@ def lorapro_under_deepspeed(config, mode: str, betas=(0.9, 0.999), eps: float = 
         raise ValueError(f"weight_decay={config.weight_decay} with LoRA-Pro's full variant under DeepSpeed is not "
                          "supported (DeepSpeed runs plain SGD on its directions): use 0, the paper's setting, the "
                          "efficient variant, or torchrun")
-    source = config.deepspeed_config
-    if not isinstance(source, dict) and not Path(source).is_file():
-        raise FileNotFoundError(f"deepspeed_config={str(source)!r}: no such file")
-    ds = dict(source) if isinstance(source, dict) else json.loads(Path(source).read_text())
-    ds["zero_allow_untested_optimizer"] = True
+    ds = dict(read_deepspeed_config(config.deepspeed_config), zero_allow_untested_optimizer=True)
     callback = ZeROLoRAProFull(betas, eps, max_grad_norm=config.max_grad_norm)  # the raw gradients' clipping
     config = dataclasses.replace(config, max_grad_norm=0.0, deepspeed_config=ds)
     return config, (lambda model: sgd_for_full_mode(model, config.lr)), [callback]

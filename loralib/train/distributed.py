@@ -172,7 +172,8 @@ def read_deepspeed_config(source) -> dict:
 
 def zero_stage(source) -> int:
     """The ZeRO stage of a DeepSpeed config (file or dict); 0 when it names none."""
-    return (read_deepspeed_config(source).get("zero_optimization") or {}).get("stage", 0)
+    ds = source if isinstance(source, dict) else read_deepspeed_config(source)
+    return (ds.get("zero_optimization") or {}).get("stage", 0)
 
 
 def deepspeed_config(config, world_size: int, has_factory: bool) -> dict:
@@ -204,7 +205,7 @@ def deepspeed_config(config, world_size: int, has_factory: bool) -> dict:
     if "optimizer" in ds and has_factory:
         raise ValueError("deepspeed_config has an 'optimizer' section and train() got optimizer_factory: "
                          "use one or the other")
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    stage = zero_stage(ds)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed_config zero_optimization.stage={stage!r}: ZeRO stages are 0, 1, 2 and 3")
     return ds

@@ -58,7 +58,7 @@ from ..layers import LoRALayer
 from . import checkpoint as ckpt
 from . import deepspeed_ranks, zero3
 from .distributed import (DistContext, ShardedBatches, all_reduce_mean, barrier, broadcast_object,
-                          deepspeed_config, deepspeed_engine, no_sync, setup, wrap_ddp)
+                          deepspeed_config, deepspeed_engine, no_sync, setup, wrap_ddp, zero_stage)
 from .schedules import SCHEDULES, build_scheduler, scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -437,10 +437,10 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
         if optimizer is None and "optimizer" not in ds:
             optimizer = default_optimizer(model, config)
         make_scheduler = scheduler_factory(config.schedule, total_steps, config.warmup_steps, config.warmup_ratio)
-        if (ds.get("zero_optimization") or {}).get("stage") == 3 and allocator is not None:
+        if zero_stage(ds) == 3 and allocator is not None:
             raise ValueError("train: rank allocation (an allocator) under DeepSpeed ZeRO-3 is not supported: the "
                              "factors it scores and masks are partitioned there; use ZeRO-1/2 or torchrun (DDP)")
-        if (ds.get("zero_optimization") or {}).get("stage") == 3:
+        if zero_stage(ds) == 3:
             model.train()  # unmerged: ZeRO-3 is about to partition W, which B A can no longer be added to
             zero3.disable_merging(model)
         engine, optimizer, scheduler = deepspeed_engine(model, optimizer, make_scheduler, ds)

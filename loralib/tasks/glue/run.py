@@ -62,7 +62,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -909,14 +908,8 @@ def run_glue(argv: Optional[Sequence[str]], flavour: str, prog: Optional[str] = 
 
 def main(argv: Optional[Sequence[str]] = None, flavour: str = "nlu", prog: Optional[str] = None) -> int:
     """The command line: 0 on success; a bad flag, file or adapter prints one `error:` line and returns 2."""
+    from ...cli import INPUT_ERRORS, run_entry_point
     from ...models.hub import HubUnreachableError
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run_glue(argv, flavour, prog)
-    except (ValueError, FileNotFoundError, KeyError, HubUnreachableError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"{prog or 'run_glue.py'}: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point(lambda: run_glue(argv, flavour, prog), prog or "run_glue.py",
+                           INPUT_ERRORS + (HubUnreachableError,))

@@ -73,7 +73,7 @@ import torch
 import torch.nn as nn
 
 from ...config import LoRAConfig
-from ...files import write_json_atomic, write_jsonl_atomic
+from ...files import read_json, write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger("loralib.instruct")
 
@@ -383,15 +383,11 @@ def _check_output_dir(out: Path, args) -> None:
 
 
 def _check_deepspeed(path: Optional[str]) -> None:
+    from ...train.distributed import zero_stage
+
     if path is None:
         return
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--deepspeed {path!r}: no such file")
-    try:
-        ds = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--deepspeed {path}: not valid JSON ({e})") from None
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    stage = zero_stage(read_json(path, f"--deepspeed {path!r}: no such file"))
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"--deepspeed {path}: zero_optimization.stage={stage!r}; ZeRO stages are 0, 1, 2 and 3")
 
@@ -755,17 +751,10 @@ def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> ar
 
 
 def _main(run, prog: str) -> int:
+    from ...cli import INPUT_ERRORS, run_entry_point
     from ...models.hub import HubUnreachableError
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run()
-    except (ValueError, FileNotFoundError, KeyError, HubUnreachableError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point(run, prog, INPUT_ERRORS + (HubUnreachableError,))
 
 
 def run_training(argv: Optional[Sequence[str]] = None, prog: str = "lorapro/train.py") -> dict:

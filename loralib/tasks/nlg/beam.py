@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -180,12 +179,30 @@ def continuation(row: Sequence[int], eos_ids: Sequence[int]) -> List[int]:
 
 
 @torch.no_grad()
+def beam_continuations(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, decoding: str, num_beams: int,
+                       max_new_tokens: int, length_penalty: float, no_repeat_ngram_size: int,
+                       repetition_penalty: float, eos_ids: Sequence[int], pad_id: int) -> List[List[int]]:
+    """The best continuation of each left-padded row of ids (B, T), up to and including its eos token, by
+    `decoding`: "lora_repo" (the LoRA repo's beam search) or "transformers" (generate())."""
+    from ...models.generation import generate
+    from .lora_repo_beam import lora_repo_beam_search
+
+    if decoding == "lora_repo":
+        return lora_repo_beam_search(model, ids, mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                     length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                                     repetition=repetition_penalty, eos_token_id=eos_ids)
+    out = generate(model, ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                   length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                   repetition_penalty=repetition_penalty, eos_token_id=list(eos_ids), pad_token_id=pad_id)
+    return [continuation(row, eos_ids) for row in out[:, ids.shape[1]:].tolist()]
+
+
+@torch.no_grad()
 def beam_search(model: nn.Module, queries: Sequence[Sequence[int]], args, device: torch.device) -> List[List[int]]:
     """--decoding's search over the queries in batches of --batch_size; returns the continuations in the
     queries' order. Each distinct query is decoded once (an E2E test set repeats every context once per
     reference, and the search is deterministic), and queries of similar length share a batch (little padding)."""
-    from ...models.generation import generate, left_pad
-    from .lora_repo_beam import lora_repo_beam_search
+    from ...models.generation import left_pad
 
     eos_ids = list(dict.fromkeys(args.eos_token_id))
     distinct = sorted({tuple(q) for q in queries}, key=len)
@@ -193,17 +210,9 @@ def beam_search(model: nn.Module, queries: Sequence[Sequence[int]], args, device
     for start in range(0, len(distinct), args.batch_size):
         chunk = distinct[start:start + args.batch_size]
         ids, mask = left_pad(chunk, EOS)
-        ids, mask = ids.to(device), mask.to(device)
-        if args.decoding == "lora_repo":
-            found = lora_repo_beam_search(model, ids, mask, num_beams=args.beam, max_new_tokens=args.eval_len,
-                                          length_penalty=args.length_penalty,
-                                          no_repeat_ngram_size=args.no_repeat_ngram_size,
-                                          repetition=args.repetition_penalty, eos_token_id=eos_ids)
-        else:
-            out = generate(model, ids, mask, max_new_tokens=args.eval_len, num_beams=args.beam,
-                           length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                           repetition_penalty=args.repetition_penalty, eos_token_id=eos_ids, pad_token_id=EOS)
-            found = [continuation(row, eos_ids) for row in out[:, ids.shape[1]:].tolist()]
+        found = beam_continuations(model, ids.to(device), mask.to(device), args.decoding, args.beam, args.eval_len,
+                                   args.length_penalty, args.no_repeat_ngram_size, args.repetition_penalty,
+                                   eos_ids, EOS)
         for q, continued in zip(chunk, found):
             results[q] = continued
         logger.info("beam search: %d / %d distinct prompts", start + len(chunk), len(distinct))
@@ -261,12 +270,6 @@ def run_beam(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line: 0 on success; a bad flag, file or checkpoint prints one `error:` line, returns 2."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run_beam(argv)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"gpt2_beam.py: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    from ...cli import run_entry_point
+
+    return run_entry_point(lambda: run_beam(argv), "gpt2_beam.py")

@@ -603,12 +603,6 @@ def _clear_previous_run(work_dir: Path) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line: 0 on success; a bad flag, file or checkpoint prints one `error:` line, returns 2."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        train_nlg(argv)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"gpt2_ft.py: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    from ...cli import run_entry_point
+
+    return run_entry_point(lambda: train_nlg(argv), "gpt2_ft.py")
