@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _glue_fixtures import make_tokenizer, write_glue_tsv, write_wndb  # noqa: E402
+from _torchrun import entry_point_body, torchrun, write_worker  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,8 +116,6 @@ def test_lorapro_under_deepspeed_on_two_processes_equals_lorapro_adamw(files, tm
     one process as well), so the comparison needs well-conditioned factors. The efficient variant runs
     unclipped: DeepSpeed clips the adjusted gradients, the loop the raw ones."""
     pytest.importorskip("deepspeed")
-    import os
-    import subprocess
 
     torch.manual_seed(0)  # no dropout: the two runs draw different random numbers per process
     bert = transformers.BertModel(transformers.BertConfig(
@@ -139,16 +138,9 @@ def test_lorapro_under_deepspeed_on_two_processes_equals_lorapro_adamw(files, tm
     driver.run_glue(_argv(files, tmp_path / "one", *common, "--per_device_train_batch_size", "4"), "nlu")
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    script = tmp_path / "worker.py"
-    script.write_text("import deepspeed.ops, sys\n"
-                      # test-machine choice: skip the JIT build of DeepSpeed's shared-memory op (gloo instead)
-                      "deepspeed.ops.__compatible_ops__ = dict(deepspeed.ops.__compatible_ops__, deepspeed_shm_comm=False)\n"
-                      "from loralib.tasks.glue import run\nsys.exit(run.main(sys.argv[1:], 'nlu'))\n")
-    argv = _argv(files, tmp_path / "two", *common, "--per_device_train_batch_size", "2", "--deepspeed", str(ds))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), *argv], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    script = write_worker(tmp_path / "worker.py",
+                          entry_point_body("loralib.tasks.glue.run", "main(sys.argv[1:], 'nlu')"))
+    torchrun(script, _argv(files, tmp_path / "two", *common, "--per_device_train_batch_size", "2", "--deepspeed", ds))
     one = load_file(str(tmp_path / "one" / "adapter" / "adapter.safetensors"))
     two = load_file(str(tmp_path / "two" / "adapter" / "adapter.safetensors"))
     assert one.keys() == two.keys() and any("classifier" in k for k in one)  # the head (Adam) and the pairs

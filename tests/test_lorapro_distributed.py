@@ -4,7 +4,8 @@ gradient-adjustment path of loralib.optim.deepspeed_lorapro."""
 from __future__ import annotations
 
 import os
-import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +17,10 @@ import torch.nn.functional as F
 import loralib
 from loralib.optim import LoRAProAdamW
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _torchrun import free_port  # noqa: E402
+
 GLOBAL_BATCH, STEPS = 8, 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(rank: int, world: int, port: int) -> None:
@@ -93,7 +91,7 @@ def _ddp_worker(rank, world, port, mode, out):
 @pytest.mark.parametrize("mode", ["full", "efficient"])
 def test_ddp_two_processes_equal_one(mode, tmp_path):
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), mode, out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), mode, out), nprocs=2, join=True)
     _assert_same(torch.load(out), _reference(mode, torch.float64), atol=1e-12)
 
 
@@ -180,7 +178,7 @@ def _deepspeed_worker(rank, world, port, out):
 def test_deepspeed_zero_stages_one_to_three_one_and_two_processes(world, tmp_path):
     pytest.importorskip("deepspeed")
     out = str(tmp_path / "ds.pt")
-    mp.spawn(_deepspeed_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+    mp.spawn(_deepspeed_worker, args=(world, free_port(), out), nprocs=world, join=True)
     results = torch.load(out)
     want = _reference("efficient", torch.float32)  # efficient LoRA-Pro = adjusted gradients + Adam
     for stage in (1, 2, 3):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import string
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from loralib.tasks.instruct import InstructCollator, run  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _torchrun import entry_point_body, torchrun, write_worker  # noqa: E402
 
 QA = [("What is 2 plus 3?", "2 + 3 = 5. The answer is: 5"), ("What is 4 times 2?", "4 * 2 = 8. The answer is: 8"),
       ("What is 9 minus 7?", "9 - 7 = 2. The answer is: 2"), ("What is 6 plus 1?", "6 + 1 = 7. The answer is: 7"),
@@ -280,17 +284,14 @@ def test_training_then_gsm8k_evaluation_writes_the_contract_files(assets, tmp_pa
 # partitioned when it matters)
 PARTITION_ALL = {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
                  "stage3_prefetch_bucket_size": 0}
-_DS_PRELUDE = ("import deepspeed.ops, sys; "
-               # test-machine choice: skip the JIT build of DeepSpeed's shared-memory op (gloo instead)
-               "deepspeed.ops.__compatible_ops__ = dict(deepspeed.ops.__compatible_ops__, deepspeed_shm_comm=False); "
-               "from loralib.tasks.instruct import run; sys.exit(run.main(sys.argv[1:]))")
+def _deepspeed_worker(tmp_path: Path) -> Path:
+    """lorapro/train.py's driver behind the DeepSpeed test-machine prelude and the quiet exit of _torchrun."""
+    return write_worker(tmp_path / "train_ds.py", entry_point_body("loralib.tasks.instruct.run"))
 
 
 def _torchrun_deepspeed(tmp_path: Path, args) -> None:
-    """lorapro/train.py's driver on 2 processes (torchrun), with the test-machine prelude of _DS_PRELUDE."""
-    script = tmp_path / "train_ds.py"
-    script.write_text(_DS_PRELUDE.replace("; ", "\n"))
-    _subprocess(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args])
+    """lorapro/train.py's driver on 2 processes (torchrun)."""
+    torchrun(_deepspeed_worker(tmp_path), args)
 
 
 def _adapter(folder: Path) -> dict:
@@ -301,7 +302,6 @@ def _adapter(folder: Path) -> dict:
 def _subprocess(cmd, **env):
     import os
     import subprocess
-    import sys
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **env)
     done = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=full_env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -333,7 +333,8 @@ def test_lorapro_under_deepspeed_equals_the_efficient_mode(assets, tmp_path, sta
     shipped = json.loads((Path(run.__file__).resolve().parents[3] / "lorapro" / f"ds_zero{stage}.json").read_text())
     shipped["zero_optimization"].update(PARTITION_ALL if stage == 3 else {})
     config = _write(tmp_path / "ds.json", shipped)  # the configs lorapro/README.md points to
-    _subprocess(["-c", _DS_PRELUDE, *argv(assets, ds, *common, "--lorapro_mode", "efficient", "--deepspeed", config)])
+    _subprocess([str(_deepspeed_worker(tmp_path)),
+                 *argv(assets, ds, *common, "--lorapro_mode", "efficient", "--deepspeed", config)])
     assert json.loads((ds / "run_config.json").read_text())["lorapro_mode"] == "efficient"
     a, b = _adapter(plain), _adapter(ds)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -3,8 +3,6 @@ torch.distributed.run == 1 process with the same global batch, through DDP and t
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -17,6 +15,9 @@ from safetensors.torch import load_file
 
 import loralib
 from loralib.train import ShardedBatches, TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _torchrun import torchrun, write_worker  # noqa: E402
 
 IN, CLASSES, N_SAMPLES = 6, 3, 32
 
@@ -145,9 +146,6 @@ SCRIPT = textwrap.dedent("""
     if mode == "ddp":
         t.train_once(out, batch_size=2)
     else:
-        import deepspeed.ops
-        # Test-machine choice: skip the JIT build of DeepSpeed's shared-memory all-reduce (minutes of g++).
-        deepspeed.ops.__compatible_ops__ = dict(deepspeed.ops.__compatible_ops__, deepspeed_shm_comm=False)
         # ZeRO-3: every parameter partitioned and released after use (see test_zero3.ZERO3)
         ds = {{"zero_optimization": {{"stage": int(mode[-1]), "stage3_param_persistence_threshold": 0,
                                       "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}},
@@ -163,22 +161,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(tmp_path, mode):
-    script = tmp_path / "worker.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
+    script = write_worker(tmp_path / "worker.py", SCRIPT.format(tests=str(Path(__file__).parent)),
+                          deepspeed=mode != "ddp")
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(out), mode]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
-               DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")  # a CPU test, also on a machine with GPUs
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(script, [out, mode])
     return out
 
 

@@ -5,8 +5,6 @@ test_lorapro_train.py."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -21,7 +19,8 @@ from loralib.models.gpt2 import GPT2Config, GPT2LMHeadModel, fused_head_applies
 from loralib.train import TrainConfig, train
 from loralib.train import zero3
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _torchrun import torchrun, write_worker  # noqa: E402
 
 
 def _lora_model():
@@ -69,10 +68,7 @@ ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold":
                                "stage3_prefetch_bucket_size": 0}}
 
 SCRIPT = textwrap.dedent("""
-    import os, sys, torch
-    import deepspeed.ops
-    # Test-machine choice: skip the JIT build of DeepSpeed's shared-memory all-reduce (gloo instead).
-    deepspeed.ops.__compatible_ops__ = dict(deepspeed.ops.__compatible_ops__, deepspeed_shm_comm=False)
+    import sys
     sys.path.insert(0, {tests!r})
     import test_zero3 as t
     t.train_gpt2(sys.argv[1], zero3=True)
@@ -109,22 +105,10 @@ def train_gpt2(out_dir, zero3: bool = False):
     return train(model, data, collate, config, eval_fn=eval_fn)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_full_fine_tuning_with_a_tied_head_under_zero3_on_two_processes_equals_one(tmp_path):
     pytest.importorskip("deepspeed")
-    script = tmp_path / "worker.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(tmp_path / "two")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(write_worker(tmp_path / "worker.py", SCRIPT.format(tests=str(Path(__file__).parent))), [tmp_path / "two"])
     result = train_gpt2(tmp_path / "one")
     assert result.best_step is not None and result.best_step < 3  # the final adapter is an earlier step's
     one = load_file(str(tmp_path / "one" / "adapter" / "adapter.safetensors"))
