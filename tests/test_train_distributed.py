@@ -17,7 +17,7 @@ import loralib
 from loralib.train import ShardedBatches, TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _torchrun import torchrun, write_worker  # noqa: E402
+from _torchrun import DEEPSPEED_PRELUDE, torchrun, write_worker  # noqa: E402
 
 IN, CLASSES, N_SAMPLES = 6, 3, 32
 
@@ -222,3 +222,29 @@ def test_adalora_rank_allocation_under_deepspeed_on_two_processes_equals_one_acr
     assert 0 < sum(int(m.sum()) for m in masked.values()) < 8  # ranks were pruned, so the masking mattered
     for key, zero in masked.items():  # exactly 0 in DeepSpeed's run too: its fp32 master copy stayed masked
         assert torch.all(two_E[key].flatten()[zero] == 0), key
+
+
+@pytest.mark.slow
+def test_the_group_deepspeed_makes_for_one_process_is_destroyed_at_exit(tmp_path):
+    """One process without a launcher: DeepSpeed makes the (1-process) group itself; the loop has it destroyed
+    when the process exits, before interpreter finalization would free it."""
+    pytest.importorskip("deepspeed")
+    import subprocess
+
+    script = tmp_path / "one.py"
+    script.write_text(DEEPSPEED_PRELUDE + textwrap.dedent(f"""
+        import atexit, sys, torch, torch.distributed as dist
+        atexit.register(lambda: print("at exit:", dist.is_initialized()))  # registered first, so it runs last
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import test_train_distributed as t
+        t.train_once(sys.argv[1], batch_size=4, dtype=torch.float32,
+                     deepspeed_config={{"zero_optimization": {{"stage": 2}}, "train_batch_size": "auto"}})
+        print("after training:", dist.is_initialized())
+    """))
+    launcher_keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # set by in-process runs
+    env = {k: v for k, v in os.environ.items() if k not in launcher_keys}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "after training: True" in proc.stdout and "at exit: False" in proc.stdout, proc.stdout[-2000:]

@@ -3,7 +3,8 @@
 Under `torchrun --nproc_per_node N` (or `python -m torch.distributed.run`), RANK / WORLD_SIZE /
 LOCAL_RANK are set; `setup()` joins the process group (nccl on GPU, gloo on CPU) unless the caller
 already did. Without them everything runs as rank 0 of 1. A group joined here stays up for later calls
-(DeepSpeed keeps references to it) and is destroyed when the process exits.
+(DeepSpeed keeps references to it) and is destroyed when the process exits, as is the 1-process group that
+DeepSpeed makes when `deepspeed_engine` runs without a launcher.
 
 Data order (`ShardedBatches`): one permutation of the dataset per epoch, drawn from a generator seeded
 with seed + epoch and nothing else, so a resumed run sees the same order. The permutation is cut into
@@ -59,8 +60,20 @@ def setup(device_type: str) -> DistContext:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend)
-    atexit.register(_destroy)
+    _destroy_at_exit()
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, initialized_here=True)
+
+
+_DESTROY_REGISTERED = False
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process group when the process exits (once), before interpreter finalization: a group
+    left to be freed there can abort the process ("terminate called without an active exception")."""
+    global _DESTROY_REGISTERED
+    if not _DESTROY_REGISTERED:
+        atexit.register(_destroy)
+        _DESTROY_REGISTERED = True
 
 
 def _destroy() -> None:
@@ -225,4 +238,5 @@ def deepspeed_engine(model: nn.Module, optimizer, make_scheduler, ds: dict):
         model=model, optimizer=None if own_optimizer else optimizer,
         model_parameters=[p for p in model.parameters() if p.requires_grad] if own_optimizer else None,
         lr_scheduler=make_scheduler, config=ds)
+    _destroy_at_exit()  # also the 1-process group DeepSpeed has just made
     return engine, engine.optimizer, scheduler
