@@ -8,6 +8,12 @@ PEFT's format: adapter_model.safetensors (keys "base_model.model.<path>.lora_A.w
 A MergedLinear with some chunks disabled (GPT-2's c_attn with q and v) is exported exactly as a PEFT LoRA of
 rank r * n_enabled on the whole projection, whose A stacks the chunks' A and whose B is block-structured with
 zeros for the disabled chunks; `rank_pattern` / `alpha_pattern` carry its rank and scaling.
+AdaLoRA and LoRA² layers are exported exactly as plain PEFT LoRAs too (any PEFT LoRA loader reads them):
+    AdaLoRA  delta-W = B diag(E) A * s         -> A' = (E * A)[kept] (r', in),  B' = B[:, kept] (out, r')
+    LoRA²    delta-W = bb aa diag(E) B A * s   -> A' = (aa' diag(E') B') A (k, in), B' = bb (out, k),
+                                                 or A' = diag(E') B' A, B' = bb aa' when r' < k (rank r')
+with s = alpha / (ranknum + 1e-5), and primes / kept = the ranks with E != 0 (pruned ones add nothing); a
+layer with none left adds nothing and is left out.
 
 Files are written to a temporary name and renamed into place, the config last, so an interrupted save
 never leaves a config pointing at a half-written tensor file.
@@ -25,7 +31,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from . import layers
+from .adalora import SVDLinear
 from .config import LoRAConfig
+from .lora2 import LoRA2Linear
 from .files import read_json, write_json_atomic
 from .utils import lora_layers, mark_only_lora_as_trainable
 
@@ -147,7 +155,8 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
 
 # -- PEFT ------------------------------------------------------------------------------------------
 def _peft_factors(layer: nn.Module):
-    """(A, B, scaling) of a layer as a PEFT LoRA on the whole projection, or None if not expressible."""
+    """(A (r, in), B (out, r), scaling) of a layer as a PEFT LoRA on the whole projection, with
+    delta-W = B A * scaling exactly; r may be 0 (an AdaLoRA layer whose triplets were all pruned)."""
     if isinstance(layer, layers.MergedLinear):
         A_chunks, B_chunks = layer._chunked_factors()  # (n, r, in), (n, out_g, r)
         n, r = layer.n_enabled, layer.r
@@ -155,40 +164,49 @@ def _peft_factors(layer: nn.Module):
         B = layer.lora_B.new_zeros((layer.out_features, n * r))
         for i, g in enumerate(g for g, on in enumerate(layer.enable_lora) if on):
             B[g * layer.chunk_size:(g + 1) * layer.chunk_size, i * r:(i + 1) * r] = B_chunks[i]
-        return A, B
+        return A, B, layer.scaling
     if isinstance(layer, (layers.Linear, layers.Embedding)):
-        return layer.lora_A, layer.lora_B
-    return None
+        return layer.lora_A, layer.lora_B, layer.scaling
+    if isinstance(layer, SVDLinear):
+        kept = layer.lora_E.view(-1) != 0
+        return (layer.lora_E * layer.lora_A)[kept], layer.lora_B[:, kept], float(layer._rank_scale())
+    if isinstance(layer, LoRA2Linear):
+        kept = layer.lora_E.view(-1) != 0
+        output_plane, input_plane = layer.lora_aa[:, kept], (layer.lora_E * layer.lora_B)[kept]  # (k, r'), (r', k)
+        if int(kept.sum()) < layer.k:  # rank r' < k: bb aa' | diag(E') B' A
+            return input_plane @ layer.lora_A, layer.lora_bb @ output_plane, float(layer._rank_scale())
+        return (output_plane @ input_plane) @ layer.lora_A, layer.lora_bb, float(layer._rank_scale())
+    raise AdapterError(f"export_peft: a {type(layer).__name__} has no PEFT LoRA form (Linear, fused Linear, "
+                       "Embedding, AdaLoRA and LoRA² layers do)")
 
 
 def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: Optional[str] = None,
                 task_type: Optional[str] = None, modules_to_save: Optional[List[str]] = None) -> Path:
-    """Write the model's plain-LoRA adapter in PEFT's format, loadable with PeftModel.from_pretrained on
-    the same (transformers) model. modules_to_save: names of trained non-LoRA modules (a classifier head);
+    """Write the model's adapter as a PEFT LoRA (from LoRA, fused, AdaLoRA or LoRA² layers: see the module
+    docstring), loadable with PeftModel.from_pretrained on the same (transformers) model. modules_to_save: names of trained non-LoRA modules (a classifier head);
     by default the top-level modules that hold trainable non-LoRA parameters."""
     adapted = [(p, l) for p, l in lora_layers(model) if l.has_lora]
     if not adapted:
         raise AdapterError("export_peft: the model has no LoRA layers")
-    r_global = adapted[0][1].r
-    alpha_global = adapted[0][1].lora_alpha
-    use_rslora = adapted[0][1].use_rslora
-    tensors: Dict[str, torch.Tensor] = {}
-    rank_pattern, alpha_pattern = {}, {}
-    fan_in_fan_out = False
+    use_rslora = getattr(adapted[0][1], "use_rslora", False)
+    factors = {}
     for path, layer in adapted:
-        if type(layer) not in (layers.Linear, layers.MergedLinear, layers.Embedding):
-            raise AdapterError(f"export_peft: {path!r} is a {type(layer).__name__}; PEFT's LoRA format "
-                               "holds Linear, fused Linear and Embedding adapters only")
-        if layer.use_rslora != use_rslora:
+        if getattr(layer, "use_rslora", False) != use_rslora:
             raise AdapterError(f"export_peft: {path!r} mixes rsLoRA and LoRA scaling")
-        A, B = _peft_factors(layer)
-        rank = A.shape[0]
-        # PEFT scales by alpha / r (or alpha / sqrt r): choose alpha so the scaling stays the layer's.
-        alpha = layer.scaling * (math.sqrt(rank) if use_rslora else rank)
-        if rank != r_global:
-            rank_pattern[path] = rank
-        if not math.isclose(alpha, alpha_global):
-            alpha_pattern[path] = alpha
+        A, B, scaling = _peft_factors(layer)
+        if A.shape[0] > 0:
+            factors[path] = (A.detach(), B.detach(), scaling, layer)
+    if not factors:
+        raise AdapterError("export_peft: every LoRA layer of the model has rank 0 left (all its triplets pruned)")
+    # PEFT scales by alpha / r (or alpha / sqrt r): each layer's alpha is chosen so its scaling stays the same.
+    alphas = {path: scaling * (math.sqrt(A.shape[0]) if use_rslora else A.shape[0])
+              for path, (A, _, scaling, _) in factors.items()}
+    r_global, alpha_global = adapted[0][1].r, adapted[0][1].lora_alpha
+    tensors: Dict[str, torch.Tensor] = {}
+    rank_pattern = {path: A.shape[0] for path, (A, *_) in factors.items() if A.shape[0] != r_global}
+    alpha_pattern = {path: alpha for path, alpha in alphas.items() if not math.isclose(alpha, alpha_global)}
+    fan_in_fan_out = False
+    for path, (A, B, _, layer) in factors.items():
         if isinstance(layer, layers.Embedding):
             tensors[f"{PEFT_PREFIX}{path}.lora_embedding_A"] = A
             tensors[f"{PEFT_PREFIX}{path}.lora_embedding_B"] = B
@@ -211,7 +229,7 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": r_global, "lora_alpha": alpha_global, "lora_dropout": float(getattr(
             adapted[0][1].lora_dropout, "p", 0.0)),
-        "target_modules": sorted(p for p, _ in adapted), "rank_pattern": rank_pattern,
+        "target_modules": sorted(factors), "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern, "use_rslora": use_rslora, "fan_in_fan_out": fan_in_fan_out,
         "bias": "none", "modules_to_save": modules_to_save, "init_lora_weights": True,
         "inference_mode": True, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
@@ -285,12 +303,15 @@ def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = Tru
             if tuple(target.shape) != tuple(value.shape):
                 raise AdapterError(f"{weights_path}: {path}.{name} has shape {tuple(value.shape)}, the model "
                                    f"expects {tuple(target.shape)}")
-            with torch.no_grad():
-                was_merged = layer.merged
-                layer.unmerge()
-                target.copy_(value.to(target.dtype))
-                if was_merged:
-                    layer.merge()
+        with torch.no_grad():
+            was_merged = layer.merged
+            layer.unmerge()
+            layer.lora_A.copy_(A.to(layer.lora_A.dtype))
+            layer.lora_B.copy_(B.to(layer.lora_B.dtype))
+            # a layer built beforehand (from the global r / alpha) takes this module's alpha_pattern value
+            layer.lora_alpha, layer.scaling = alpha, layers.lora_scaling(rank, alpha, use_rslora)
+            if was_merged:
+                layer.merge()
     if extras:
         state = model.state_dict()
         for key, value in extras.items():

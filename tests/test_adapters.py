@@ -71,6 +71,44 @@ def test_export_peft_fused_qv_projection_is_exact(tmp_path, use_rslora):
     torch.testing.assert_close(_logits(loaded, ids, mask), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["adalora", "lora2"])
+def test_export_peft_of_rank_adaptive_layers_is_an_exact_plain_lora(tmp_path, method):
+    """AdaLoRA and LoRA² layers, some AdaLoRA triplets pruned (E = 0) and one layer pruned whole, become a
+    plain PEFT LoRA with the same outputs; loaded back by PEFT and by import_peft."""
+    base = tiny_gpt2()
+    model = lora.inject(copy.deepcopy(base), None, config=lora.LoRAConfig(
+        r=4, lora_alpha=6, target_modules=("c_attn", "c_proj", "c_fc"), method=method, lora2_k=2))
+    randomise_lora(model)
+    layers = [layer for _, layer in lora.lora_layers(model) if layer.has_lora]
+    with torch.no_grad():
+        layers[0].lora_E[1:3] = 0  # two triplets pruned: rank 2 left
+        layers[1].lora_E.zero_()   # every triplet pruned: nothing to export
+        layers[2].lora_E[1:] = 0   # rank 1 left (for LoRA², below its inner rank k = 2)
+    model.eval()
+    ids, mask = token_batch()
+    expected = _logits(model, ids, mask)
+    lora.export_peft(model, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    paths = [path for path, layer in lora.lora_layers(model) if layer.has_lora]
+    assert cfg["peft_type"] == "LORA" and paths[1] not in cfg["target_modules"]
+    assert len(cfg["target_modules"]) == len(paths) - 1
+    if method == "adalora":
+        assert cfg["rank_pattern"] == {paths[0]: 2, paths[2]: 1}  # the others keep r = 4
+    else:  # LoRA²'s update has rank min(k = 2, ranks left)
+        assert cfg["rank_pattern"] == {p: 1 if p == paths[2] else 2 for p in cfg["target_modules"]}
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft"))
+    torch.testing.assert_close(_logits(loaded, ids, mask), expected, rtol=1e-5, atol=1e-5)
+    back = lora.import_peft(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(_logits(back, ids, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_peft_refuses_an_adapter_with_every_triplet_pruned(tmp_path):
+    model = lora.inject(tiny_gpt2(), None, config=lora.LoRAConfig(r=2, target_modules=("c_attn",), method="adalora"))
+    with pytest.raises(lora.AdapterError, match="rank 0 left"):
+        lora.export_peft(model, tmp_path / "peft")  # E = 0 at initialisation
+    assert not (tmp_path / "peft").exists()
+
+
 def test_import_peft_adapter_with_head_and_embedding(tmp_path):
     base = tiny_roberta()
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
@@ -89,6 +127,22 @@ def test_import_peft_adapter_with_head_and_embedding(tmp_path):
     value = ours.roberta.encoder.layer[0].attention.self.value
     assert value.r == 3 and value.scaling == pytest.approx(3.0)
     assert ours.classifier.out_proj.weight.requires_grad
+
+
+def test_import_peft_into_layers_built_beforehand_takes_the_alpha_pattern(tmp_path):
+    """LoRA layers built from the adapter's global r / alpha (as lorapro/evaluate.py does) take each
+    module's own alpha_pattern value when the factors are imported."""
+    base = tiny_roberta()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, lora_alpha=6, target_modules=["query", "value"], alpha_pattern={"value": 9}))
+    randomise_lora(theirs)
+    ids, mask = token_batch()
+    expected = _logits(theirs, ids, mask)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours = lora.inject(copy.deepcopy(base), ["query", "value"], r=2, lora_alpha=6)
+    lora.import_peft(ours, tmp_path / "peft")
+    assert ours.roberta.encoder.layer[0].attention.self.value.scaling == pytest.approx(4.5)
+    torch.testing.assert_close(_logits(ours, ids, mask), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_peft_round_trip_through_both_formats(tmp_path):

@@ -103,7 +103,7 @@ def test_every_method_lowers_the_loss(assets, tmp_path, method):
     if method != "full":
         assert config["lora"]["use_rslora"] == method.startswith("rslora")
     assert (out / "adapter" / "adapter.safetensors").is_file()
-    assert (out / "peft_adapter").is_dir() == (method in run.PLAIN_LORA)
+    assert (out / "peft_adapter").is_dir() == (method != "full")
     if method in ("adalora", "lora2"):
         assert (out / "rank_pattern.json").is_file()
 
@@ -413,9 +413,13 @@ def test_adalora_under_deepspeed_zero2_on_two_processes_equals_one(assets, tmp_p
     assert 0 < sum(kept) < len(kept)  # the allocator pruned
 
 
-def test_evaluate_py_loads_our_adapter_and_the_peft_one_into_the_trained_model(assets, tmp_path):
+@pytest.mark.parametrize("method", ["rslora", "adalora"])
+def test_evaluate_py_loads_our_adapter_and_the_peft_one_into_the_trained_model(assets, tmp_path, method):
+    """AdaLoRA's PEFT folder is its exact plain-LoRA form, with a pruned rank pattern."""
     out = tmp_path / "t"
-    args = run.build_parser().parse_args(argv(assets, out, "--lora", "rslora", "--lr", "2e-2", "--max_steps", "2"))
+    extra = ["--init_warmup_ratio", "0.2", "--final_warmup_ratio", "0.3", "--mask_interval", "1"]
+    args = run.build_parser().parse_args(argv(assets, out, "--lora", method, "--lr", "2e-2", "--max_steps", "6",
+                                              *(extra if method == "adalora" else [])))
     p = run.prepare(args)
     run.execute(p)
     ids = torch.tensor([p.train_examples[1]["input_ids"]])
@@ -427,4 +431,10 @@ def test_evaluate_py_loads_our_adapter_and_the_peft_one_into_the_trained_model(a
         q = run.prepare_evaluation(eval_args)
         got = q.model.eval()(ids).logits
         assert torch.allclose(got, want, atol=1e-5), (folder, (got - want).abs().max())
+        if method == "adalora" and folder == "peft_adapter":
+            config = json.loads((out / folder / "adapter_config.json").read_text())
+            kept = json.loads((out / "rank_pattern.json").read_text())["rank_pattern"]
+            assert {path: sum(bits) for path, bits in kept.items() if sum(bits)} == {  # pruned ranks left out
+                path: config["rank_pattern"].get(path, config["r"]) for path in config["target_modules"]}
+            assert 0 < sum(map(sum, kept.values())) < sum(map(len, kept.values()))
         assert len(q.eval_records) == 3 and q.eval_records[0]["target"] == "5"

@@ -11,7 +11,7 @@ argparse -> prepare() (flags checked, data read and tokenised, model built; noth
 (loralib.train.train, the one loop; then the task's evaluation) -> files in --output_dir:
     run_config.json      {"method", "model_name_or_path", "lora", "task", "dataset", "precision", "args", ...}
     metrics.jsonl, checkpoint-<step>/, adapter/    the loop's log, checkpoints and final adapter (our format)
-    peft_adapter/        the same adapter in PEFT's format (plain-LoRA methods; PeftModel.from_pretrained)
+    peft_adapter/        the same adapter as a PEFT LoRA (PeftModel.from_pretrained; AdaLoRA / LoRA²: exact plain-LoRA form)
     train_results.json   steps, mean loss, eval loss, the optimizer's parameter groups
     eval_results.json    {"task": "gsm8k"|"humaneval"|"mt-bench", "split": "test", "num_examples", "accuracy" |
                          "pass@1" | "answers_file"}; predictions.jsonl or mtbench_answers.jsonl beside it
@@ -48,8 +48,8 @@ Decisions:
   trained adapter loaded into it.
 - Gradient checkpointing (loralib.models.grad_checkpoint): every decoder block recomputed in the backward
   pass; same gradients, activation memory of one block instead of all.
-- lorapro/evaluate.py --lora_path: our adapter folder, or a PEFT LoRA folder (its r / alpha / targets /
-  use_rslora build the layers; per-module rank_pattern entries are not supported there).
+- lorapro/evaluate.py --lora_path: our adapter folder, or a PEFT LoRA folder (import_peft builds each layer
+  with its own rank and alpha, rank_pattern / alpha_pattern included).
 - LoRA-Pro's weight decay (0 in the paper) pulls s B A toward 0 and leaves W0 as loaded
   (decay_base_weight=False), because the adapter folders hold only the LoRA factors.
 - An --output_dir holding files is refused unless --overwrite_output_dir or --resume_from_checkpoint.
@@ -80,7 +80,6 @@ logger = logging.getLogger("loralib.instruct")
 METHODS = ("lora", "rslora", "lora-pro", "rslora-pro", "loraplus", "adalora", "lora2", "full")
 ALIASES = {"lora-pro-full": "lora-pro", "lorapro": "lora-pro", "rslora-pro-full": "rslora-pro"}
 RUN_CONFIG_NAME = {"lora-pro": "lorapro"}  # the contract's method names in run_config.json
-PLAIN_LORA = ("lora", "rslora", "lora-pro", "rslora-pro", "loraplus")
 DATASETS = ("metamath", "codefeedback", "wizardlm")
 EVAL_TASKS = ("gsm8k", "humaneval", "mt-bench")
 # dataset -> (evaluation task, max length, n_train, n_eval): recipes.md §LoRA-Pro
@@ -615,7 +614,7 @@ def execute(p: Prepared) -> dict:
                             "param_groups": groups}
         if main_process:
             p.model = _whole_model(p, outcome.adapter_dir)
-            if p.method.name in PLAIN_LORA:
+            if p.method.lora is not None:  # every method but full fine-tuning; AdaLoRA / LoRA² as plain LoRA
                 export_peft(p.model, p.output_dir / "peft_adapter", base_model_name_or_path=a.model_name_or_path,
                             task_type="CAUSAL_LM")
             if p.allocator is not None:
@@ -715,8 +714,8 @@ def prepare_evaluation(args: argparse.Namespace) -> Prepared:
         raw = json.loads(config_file.read_text())
         peft = "peft_type" in raw
         if peft:
-            # Build the LoRA layers from PEFT's config (import_peft then fills them): our model files make
-            # every projection a LoRA layer of rank 0, which import_peft does not re-inject.
+            # The run's record; the layers themselves are made by import_peft, each with its own rank and
+            # alpha (rank_pattern / alpha_pattern: an exported AdaLoRA or LoRA² adapter has several ranks).
             targets = raw.get("target_modules") or ()
             lora = LoRAConfig(r=int(raw["r"]), lora_alpha=float(raw["lora_alpha"]),
                               target_modules=targets if isinstance(targets, str) else tuple(targets),
@@ -731,7 +730,7 @@ def prepare_evaluation(args: argparse.Namespace) -> Prepared:
     precision = _precision(args)
     tokenizer = load_tokenizer(model_path)
     records = load_eval_records(args.eval_task, args.eval_data_path, args.max_eval_samples)
-    model = load_model(model_path, lora, precision)
+    model = load_model(model_path, None if peft else lora, precision)
     if args.lora_path:
         import_peft(model, args.lora_path) if peft else load_adapter(model, args.lora_path)
     name = run.get("method") or ("lora" if args.lora_path else "base")
