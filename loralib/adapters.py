@@ -188,10 +188,10 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
     adapted = [(p, l) for p, l in lora_layers(model) if l.has_lora]
     if not adapted:
         raise AdapterError("export_peft: the model has no LoRA layers")
-    use_rslora = getattr(adapted[0][1], "use_rslora", False)
+    use_rslora = adapted[0][1].use_rslora
     factors = {}
     for path, layer in adapted:
-        if getattr(layer, "use_rslora", False) != use_rslora:
+        if layer.use_rslora != use_rslora:
             raise AdapterError(f"export_peft: {path!r} mixes rsLoRA and LoRA scaling")
         A, B, scaling = _peft_factors(layer)
         if A.shape[0] > 0:

@@ -64,16 +64,11 @@ def setup(device_type: str) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, initialized_here=True)
 
 
-_DESTROY_REGISTERED = False
-
-
 def _destroy_at_exit() -> None:
     """Destroy the process group when the process exits (once), before interpreter finalization: a group
     left to be freed there can abort the process ("terminate called without an active exception")."""
-    global _DESTROY_REGISTERED
-    if not _DESTROY_REGISTERED:
-        atexit.register(_destroy)
-        _DESTROY_REGISTERED = True
+    atexit.unregister(_destroy)  # registered at most once, however many groups or engines were made
+    atexit.register(_destroy)
 
 
 def _destroy() -> None:
