@@ -10,7 +10,7 @@ loralib.train.train (the one loop) and evaluates on the dev split. Files in outp
     metrics.jsonl, checkpoint-<step>/, adapter/       the loop's log, checkpoints and final adapter
     peft_adapter/       the adapter as a PEFT LoRA (task_type SEQ_2_SEQ_LM; AdaLoRA / LoRA²: the plain-LoRA form)
     train_results.json  steps, mean loss, the optimizer's parameter groups
-    eval_results.json   {"task", "split", "num_examples", "accuracy"[, "matthews_correlation" for CoLA], "eval_mode"}
+    eval_results.json   {"task", "split", "num_examples", "accuracy"[, "matthews_correlation" for CoLA]}
     predictions.jsonl   per dev example: gold and predicted label word
 
 The setting (LoRA-GA, reproduce/run_exp.py + reproduce/utils.py at commit 7cbdd68 and conf/model/t5base.yaml,
@@ -290,8 +290,9 @@ def evaluate_dev(p: Prepared) -> dict:
     model = p.model.to(device)
     with _autocast(model, device):
         scores, rows = evaluate(model, task, p.tokenizer, p.dev_examples, p.spec.eval_mode, p.spec.eval_batch_size)
-    record = {"task": task.name, "split": task.dev_split, "num_examples": len(p.dev_examples), **scores,
-              "eval_mode": p.spec.eval_mode}
+    # numbers only besides task / split (loralib compare reads every other field as a metric); the eval mode
+    # is in run_config.json's args
+    record = {"task": task.name, "split": task.dev_split, "num_examples": len(p.dev_examples), **scores}
     p.output_dir.mkdir(parents=True, exist_ok=True)
     if not (p.output_dir / "run_config.json").exists():
         write_json_atomic(p.output_dir / "run_config.json", run_config(p))
