@@ -33,6 +33,7 @@ Decisions (where ours differs from the released code, the switch that restores i
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -244,22 +245,14 @@ def execute(p: Prepared) -> Dict[str, Any]:
             write_json_atomic(p.output_dir / "run_config.json", run_config(p))
         groups: List[dict] = []
 
-        def recorded_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+        def optimizer_factory(model: nn.Module) -> torch.optim.Optimizer:
             optimizer = make_optimizer(model, p.method, s)
-            groups.extend({"name": g.get("name", f"group{i}"), "lr": g["lr"], "num_tensors": len(g["params"]),
-                           "numel": sum(t.numel() for t in g["params"])} for i, g in enumerate(optimizer.param_groups))
+            groups.extend(_group_summary(optimizer))
             return optimizer
 
-        regularizer = None
-        if p.method.reg_orth_coef > 0:
-            from ...adalora import compute_orth_regu
-            from ...lora2 import compute_lora2_orth_regu
-
-            orth = compute_lora2_orth_regu if p.method.name == "lora2" else compute_orth_regu
-            regularizer = lambda m: orth(m, regu_weight=p.method.reg_orth_coef)  # noqa: E731
         collate = T5GlueCollator(p.model.config.pad_token_id, s.mask_label_padding)
-        outcome = train(p.model, p.train_examples, collate, train_config(p), optimizer_factory=recorded_optimizer,
-                        regularizer=regularizer, allocator=p.allocator)
+        outcome = train(p.model, p.train_examples, collate, train_config(p), optimizer_factory=optimizer_factory,
+                        regularizer=orthogonal_regularizer(p.method), allocator=p.allocator)
         results["train"] = {"global_step": outcome.global_step, "epoch": outcome.epoch,
                             "train_loss": outcome.train_loss, "adapter_dir": outcome.adapter_dir,
                             "last_checkpoint": outcome.last_checkpoint, "param_groups": groups}
@@ -275,6 +268,23 @@ def execute(p: Prepared) -> Dict[str, Any]:
     if s.do_eval and main_process:
         results["eval"] = evaluate_dev(p)
     return results
+
+
+def _group_summary(optimizer: torch.optim.Optimizer) -> List[dict]:
+    """What train_results.json records of the optimizer: each group's name, lr and size."""
+    return [dict(name=group.get("name", f"group{i}"), lr=group["lr"], num_tensors=len(group["params"]),
+                 numel=sum(t.numel() for t in group["params"])) for i, group in enumerate(optimizer.param_groups)]
+
+
+def orthogonal_regularizer(method):
+    """AdaLoRA's (or LoRA²'s) orthogonal regulariser of the method, None for the others."""
+    if method.reg_orth_coef <= 0:
+        return None
+    from ...adalora import compute_orth_regu
+    from ...lora2 import compute_lora2_orth_regu
+
+    return functools.partial(compute_lora2_orth_regu if method.name == "lora2" else compute_orth_regu,
+                             regu_weight=method.reg_orth_coef)
 
 
 def _autocast(model: nn.Module, device: torch.device):
