@@ -149,3 +149,18 @@ def test_bad_configs_and_tasks_are_refused(tmp_path):
     _, _ = _pair(tmp_path, "v1.0")
     with pytest.raises(ValueError, match="not a T5 task"):
         from_pretrained(tmp_path / "model", "causal-lm")
+
+
+def test_base_task_gives_the_decoder_states(tmp_path):
+    from loralib.models.t5 import T5Model, shift_right
+
+    ref, _ = _pair(tmp_path, "v1.0")
+    base = from_pretrained(tmp_path / "model", "base")
+    assert type(base) is T5Model and not hasattr(base, "lm_head")
+    ids, mask = padded_batch()
+    labels, dmask = label_batch()
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=dmask,
+                       output_hidden_states=True).decoder_hidden_states[-1]
+        got = base(ids, mask, decoder_input_ids=shift_right(labels, 0, 0), decoder_attention_mask=dmask).hidden_states
+    assert (got - expected)[dmask.bool()].abs().max() < 1e-5

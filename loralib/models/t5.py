@@ -322,8 +322,9 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
     return shifted.masked_fill(shifted == -100, pad_id)
 
 
-class T5ForConditionalGeneration(nn.Module):
-    """shared (the token embedding of both stacks), encoder, decoder, lm_head (tied to shared in v1.0)."""
+class T5Model(nn.Module):
+    """The bare encoder-decoder ("base" task): shared (the token embedding of both stacks), encoder, decoder.
+    forward returns the decoder's final hidden states (B, T, d) as `hidden_states` and `logits`."""
 
     base_model_prefix = ""
     # Old v1.0 checkpoints carry a relative-bias table for the cross-attention that no computation reads.
@@ -335,16 +336,47 @@ class T5ForConditionalGeneration(nn.Module):
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = Stack(config, self.shared, "encoder", lora, is_decoder=False)
         self.decoder = Stack(config, self.shared, "decoder", lora, is_decoder=True)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The encoder's output (B, S, d)."""
+        return self.encoder(input_ids, attention_mask)
+
+    def decode(self, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
+               decoder_input_ids: torch.Tensor, decoder_attention_mask: Optional[torch.Tensor],
+               encoder_outputs: Optional[torch.Tensor], cache: Optional[Seq2SeqCache]) -> torch.Tensor:
+        """The decoder's final hidden states (B, T, d), encoding input_ids first unless encoder_outputs is given."""
+        if encoder_outputs is None:
+            if input_ids is None:
+                raise ValueError("T5: give input_ids or encoder_outputs")
+            encoder_outputs = self.encode(input_ids, attention_mask)
+        return self.decoder(decoder_input_ids, decoder_attention_mask, encoder_outputs, attention_mask, cache)
+
+    def _cache(self, past_key_values: Optional[Seq2SeqCache], use_cache: bool) -> Optional[Seq2SeqCache]:
+        if past_key_values is None and use_cache:
+            return Seq2SeqCache(len(self.decoder.block))
+        return past_key_values
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                labels=None, encoder_outputs=None, past_key_values=None, use_cache=False) -> ModelOutput:
+        if decoder_input_ids is None:
+            raise ValueError("T5Model: give decoder_input_ids")
+        cache = self._cache(past_key_values, use_cache)
+        hidden = self.decode(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
+                             cache)
+        return ModelOutput(logits=hidden, past_key_values=cache if use_cache else None, hidden_states=hidden)
+
+
+class T5ForConditionalGeneration(T5Model):
+    """T5Model plus lm_head (d -> vocab, no bias; tied to shared in v1.0, so both keys appear in state_dict())."""
+
+    def __init__(self, config: T5Config, lora: Optional[LoRAConfig] = None):
+        super().__init__(config, lora)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
-
-    def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The encoder's output (B, S, d)."""
-        return self.encoder(input_ids, attention_mask)
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 decoder_input_ids: Optional[torch.Tensor] = None,
@@ -354,18 +386,13 @@ class T5ForConditionalGeneration(nn.Module):
         """logits (B, T, vocab) of the decoder tokens; with labels (B, T) and no decoder_input_ids, the decoder
         reads the labels shifted right and loss = mean cross-entropy over labels != -100 (pad ids included
         when the caller left them as ids, as transformers does). encoder_outputs: a precomputed encode()."""
-        if encoder_outputs is None:
-            if input_ids is None:
-                raise ValueError("T5: give input_ids or encoder_outputs")
-            encoder_outputs = self.encode(input_ids, attention_mask)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("T5: give decoder_input_ids or labels")
             decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
-        cache = past_key_values
-        if cache is None and use_cache:
-            cache = Seq2SeqCache(len(self.decoder.block))
-        hidden = self.decoder(decoder_input_ids, decoder_attention_mask, encoder_outputs, attention_mask, cache)
+        cache = self._cache(past_key_values, use_cache)
+        hidden = self.decode(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
+                             cache)
         if self.config.scale_decoder_outputs:
             hidden = hidden * self.config.d_model ** -0.5        # Mesh TensorFlow's rescale before the tied head
         logits = self.lm_head(hidden)
@@ -398,29 +425,6 @@ class T5ForConditionalGeneration(nn.Module):
             if bool(done.all()):
                 break
         return out
-
-
-class T5Model(T5ForConditionalGeneration):
-    """The bare encoder-decoder ("base" task): forward returns the decoder's hidden states as logits too."""
-
-    def __init__(self, config: T5Config, lora: Optional[LoRAConfig] = None):
-        nn.Module.__init__(self)
-        self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.encoder = Stack(config, self.shared, "encoder", lora, is_decoder=False)
-        self.decoder = Stack(config, self.shared, "decoder", lora, is_decoder=True)
-
-    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                labels=None, encoder_outputs=None, past_key_values=None, use_cache=False) -> ModelOutput:
-        if encoder_outputs is None:
-            encoder_outputs = self.encode(input_ids, attention_mask)
-        cache = past_key_values if past_key_values is not None else (
-            Seq2SeqCache(len(self.decoder.block)) if use_cache else None)
-        hidden = self.decoder(decoder_input_ids, decoder_attention_mask, encoder_outputs, attention_mask, cache)
-        return ModelOutput(logits=hidden, past_key_values=cache if use_cache else None, hidden_states=hidden)
-
-    def generate(self, *args, **kwargs):
-        raise TypeError("T5Model has no LM head; load task='seq2seq-lm' to generate")
 
 
 TASKS = {"seq2seq-lm": T5ForConditionalGeneration, "base": T5Model}
