@@ -113,10 +113,10 @@ def test_metrics_are_accuracy_plus_mcc_for_cola():
     assert cola["accuracy"] == 0.75 and abs(cola["matthews_correlation"] - 1 / 3 ** 0.5) < 1e-12
 
 
-@pytest.mark.parametrize("method", t5glue.METHODS)
-def test_every_method_trains_a_row_on_t5(assets, tmp_path, method):
+@pytest.mark.parametrize("method,mode", [(m, None) for m in t5glue.METHODS] + [("lora-pro", "efficient")])
+def test_every_method_trains_a_row_on_t5(assets, tmp_path, method, mode):
     spec = t5glue.T5GlueRun(model_name_or_path=assets["model"], task="mrpc", data_dir=assets["glue"],
-                            output_dir=str(tmp_path / method), lora=method, max_steps=2,
+                            output_dir=str(tmp_path / method), lora=method, lorapro_mode=mode, max_steps=2,
                             per_device_train_batch_size=2, global_batch_size=4, disable_tqdm=True,
                             adalora_allocate=method == "adalora")
     p = t5glue.prepare(spec)
@@ -129,6 +129,7 @@ def test_every_method_trains_a_row_on_t5(assets, tmp_path, method):
     assert record["task"] == "mrpc" and record["num_examples"] > 0 and 0 <= record["accuracy"] <= 1
     config = json.loads((tmp_path / method / "run_config.json").read_text())
     assert config["method"] == {"lora-pro": "lorapro"}.get(method, method)
+    assert config["lorapro_mode"] == ("full" if method.endswith("-pro") and mode is None else mode)
     if method == "full":
         assert config["lora"] is None and not (tmp_path / method / "peft_adapter").exists()
     else:  # all linear layers of a relu T5, the setting's "all"
