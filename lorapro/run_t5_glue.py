@@ -20,6 +20,16 @@ HIDDEN = ("given", "deepspeed")  # filled in here / not offered
 CHOICES = {"lora": t5glue.METHODS, "task": ("mnli", "sst2", "cola", "qnli", "mrpc"),
            "lorapro_mode": ("full", "efficient"), "eval_mode": ("score", "generate"),
            "lr_scheduler_type": ("cosine", "linear", "constant")}
+HELP = {"model_name_or_path": "a T5 model folder, or a hub name looked up in models/NAME",
+        "data_dir": "GLUE folder: official TSVs (data/MNLI/train.tsv) or data/download_glue.py's save_to_disk folders",
+        "lora": "the method", "lorapro_mode": "LoRA-Pro variant (default full)",
+        "target_modules": "comma list (default: every linear layer but the head: q,k,v,o,wi[,wi_0,wi_1],wo)",
+        "loraplus_lr_ratio": "loraplus: lr_B / lr_A (default 16)",
+        "adalora_allocate": "adalora: run the rank allocator (the released Trainer never did)",
+        "mask_label_padding": "ignore padded label positions in the loss (released: trained as pad tokens)",
+        "eval_mode": "score the label words' first tokens (the setting) or generate them",
+        "max_train_samples": "first N training examples (default all)", "max_eval_samples": "first N dev examples",
+        "bf16": "bf16 frozen weights + autocast (the setting: fp32)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,13 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
         kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
         required = f.default is dataclasses.MISSING
         if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                help=HELP.get(f.name))
         elif f.name == "lora":
             parser.add_argument("--lora", type=lambda s: ALIASES.get(s.lower(), s.lower()), default=f.default,
-                                choices=CHOICES["lora"])
+                                choices=CHOICES["lora"], help=HELP["lora"])
         else:
             parser.add_argument(f"--{f.name}", type=kind, required=required, choices=CHOICES.get(f.name),
-                                default=None if required else f.default)
+                                default=None if required else f.default, help=HELP.get(f.name))
     return parser
 
 
