@@ -138,7 +138,7 @@ def test_unsupported_model_type_lists_the_supported(tmp_path):
     config = tiny_config().to_dict()
     config["model_type"] = "mamba"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"model_type='mamba'.*\['bert', 'deberta-v2', 'gpt2', 'llama', 'roberta'\]"):
+    with pytest.raises(ValueError, match=r"model_type='mamba'.*\['bert', 'deberta-v2', 'gpt2', 'llama', 'roberta', 't5'\]"):
         from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="task='summarize'"):
         from_pretrained(tmp_path, task="summarize")
@@ -243,7 +243,7 @@ def test_download_model_says_the_hub_is_unreachable(tmp_path, monkeypatch):
 
 def test_dispatch_table_names_every_family():
     assert loading.FAMILIES == {"gpt2": "gpt2", "llama": "llama", "roberta": "roberta", "bert": "roberta",
-                                "deberta-v2": "deberta_v2"}
+                                "deberta-v2": "deberta_v2", "t5": "t5"}
 
 
 def test_swapped_init_survives_loading(tmp_path):

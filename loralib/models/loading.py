@@ -41,8 +41,9 @@ FAMILIES: Dict[str, str] = {
     "roberta": "roberta",
     "bert": "roberta",
     "deberta-v2": "deberta_v2",
+    "t5": "t5",
 }
-TASKS = ("causal-lm", "sequence-classification", "base")
+TASKS = ("causal-lm", "sequence-classification", "seq2seq-lm", "base")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
@@ -327,7 +328,7 @@ def from_pretrained(path: Union[str, os.PathLike], task: str = "causal-lm", num_
     """Our model for the Hugging Face folder `path`, weights loaded, in eval() mode.
 
     task: "causal-lm", "sequence-classification" (a new `score`/`classifier` head unless the checkpoint
-    has one) or "base". num_labels: the head's outputs (default: config.json's). lora: a LoRAConfig, or
+    has one), "seq2seq-lm" (encoder-decoder families: T5) or "base". num_labels: the head's outputs (default: config.json's). lora: a LoRAConfig, or
     None for the plain model. dtype: None for float32, "auto" for the checkpoint's dtype, or a torch
     dtype. config_overrides: config.json entries replaced before the model is built (e.g. cls_dropout).
     Returns the model with `model.loading_info` (see the module docstring) and `model.hf_config`.

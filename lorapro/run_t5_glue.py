@@ -1,0 +1,68 @@
+"""LoRA-Pro's T5-base GLUE table (the LoRA-GA setting): one (method, task, seed) row, text-to-text.
+
+    python lorapro/run_t5_glue.py --model_name_or_path t5-base --task mnli --data_dir data --lora lora-pro \
+        --seed 0 --output_dir outputs/lorapro_t5_glue/mnli/lora-pro/seed0
+
+--task: mnli, sst2, cola, qnli, mrpc. --lora: lora, rslora, lora-pro (= lora-pro-full), rslora-pro, loraplus,
+adalora, lora2, full. Every flag is a field of loralib.tasks.t5glue.run.T5GlueRun (same name, same default: the
+setting's hyper-parameters); what is written to --output_dir, and the decisions, are in that module's docstring.
+"""
+import argparse
+import dataclasses
+import sys
+import typing
+
+from loralib.cli import run_entry_point
+from loralib.tasks.instruct.run import ALIASES
+from loralib.tasks.t5glue import run as t5glue
+
+HIDDEN = ("given", "deepspeed")  # filled in here / not offered
+CHOICES = {"lora": t5glue.METHODS, "task": ("mnli", "sst2", "cola", "qnli", "mrpc"),
+           "lorapro_mode": ("full", "efficient"), "eval_mode": ("score", "generate"),
+           "lr_scheduler_type": ("cosine", "linear", "constant")}
+HELP = {"model_name_or_path": "a T5 model folder, or a hub name looked up in models/NAME",
+        "data_dir": "GLUE folder: official TSVs (data/MNLI/train.tsv) or data/download_glue.py's save_to_disk folders",
+        "lora": "the method", "lorapro_mode": "LoRA-Pro variant (default full)",
+        "target_modules": "comma list (default: every linear layer but the head: q,k,v,o,wi[,wi_0,wi_1],wo)",
+        "loraplus_lr_ratio": "loraplus: lr_B / lr_A (default 16)",
+        "adalora_allocate": "adalora: run the rank allocator (the released Trainer never did)",
+        "mask_label_padding": "ignore padded label positions in the loss (released: trained as pad tokens)",
+        "eval_mode": "score the label words' first tokens (the setting) or generate them",
+        "max_train_samples": "first N training examples (default all)", "max_eval_samples": "first N dev examples",
+        "bf16": "bf16 frozen weights + autocast (the setting: fp32)"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorapro/run_t5_glue.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(t5glue.T5GlueRun)
+    for f in dataclasses.fields(t5glue.T5GlueRun):
+        if f.name in HIDDEN:
+            continue
+        kind = hints[f.name]
+        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
+        required = f.default is dataclasses.MISSING
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                help=HELP.get(f.name))
+        elif f.name == "lora":
+            parser.add_argument("--lora", type=lambda s: ALIASES.get(s.lower(), s.lower()), default=f.default,
+                                choices=CHOICES["lora"], help=HELP["lora"])
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, required=required, choices=CHOICES.get(f.name),
+                                default=None if required else f.default, help=HELP.get(f.name))
+    return parser
+
+
+def spec_from_argv(argv=None) -> "t5glue.T5GlueRun":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = vars(build_parser().parse_args(argv))
+    return t5glue.T5GlueRun(**args, given=tuple(a.split("=")[0] for a in argv if a.startswith("--")))
+
+
+def main(argv=None) -> int:
+    return run_entry_point(lambda: t5glue.execute(t5glue.prepare(spec_from_argv(argv))), "lorapro/run_t5_glue.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
