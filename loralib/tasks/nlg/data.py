@@ -294,6 +294,10 @@ def read_formatted(path, flag: str = "") -> List[dict]:
         for key in ("context", "completion"):
             if not isinstance(obj.get(key), str):
                 raise DataFormatError(f"{where}: {key!r} must be a string, got {obj.get(key)!r:.60}")
+        if "category" in obj and not isinstance(obj["category"], str):
+            raise DataFormatError(f"{where}: 'category' must be a string, got {obj['category']!r:.60}")
+        if "cate" in obj and not isinstance(obj["cate"], bool):
+            raise DataFormatError(f"{where}: 'cate' (seen in training) must be true or false, got {obj['cate']!r:.60}")
         records.append(obj)
     return records
 

@@ -28,6 +28,8 @@ def read_utf8(path, flag: str = "") -> str:
     """The text of `path`; bytes that are not UTF-8 are a DataFormatError naming file:line and the byte.
     `flag` names the command-line flag the file came from, for a missing file's message."""
     path = Path(path)
+    if path.is_dir():
+        raise DataFormatError(f"{path}: a folder, expected a file" + (f" ({flag})" if flag else ""))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file" + (f" ({flag})" if flag else ""))
     raw = path.read_bytes()
