@@ -165,14 +165,19 @@ def fake_metrics(monkeypatch):
         calls["e2e"] = (hyps, refs)
         return {"BLEU": 0.5, "NIST": 7.0, "METEOR": 0.4, "ROUGE_L": 0.6, "CIDEr": 2.0}
 
-    def webnlg_metrics(hyps, refs, categories=None, num_refs=None, ter="eval_py"):
-        assert num_refs == 6 and ter == "eval_py"  # the LoRA repository's multi-bleu-detok -nr 6, eval.py's TER
-        calls["webnlg"] = (hyps, refs, categories)
-        return {"bleu": 50.0, "meteor": 0.4, "ter": 0.5, "bleu_seen": 60.0, "bleu_unseen": 40.0, "bleu_all": 50.0}
+    ter_key = {"eval_py": "ter", "sacrebleu": "ter_sacrebleu"}
 
-    fake = types.SimpleNamespace(e2e_metrics=e2e_metrics, webnlg_metrics=webnlg_metrics,
-                                 dart_metrics=lambda h, r, num_refs=None, ter="eval_py": {"bleu": 40.0, "meteor": 0.3,
-                                                                                          "ter": 0.6})
+    def webnlg_metrics(hyps, refs, categories=None, num_refs=None, ter="eval_py"):
+        assert num_refs == 6  # the LoRA repository's multi-bleu-detok -nr 6
+        calls["webnlg"], calls["ter"] = (hyps, refs, categories), ter
+        return {"bleu": 50.0, "meteor": 0.4, ter_key[ter]: 0.5, "bleu_seen": 60.0, "bleu_unseen": 40.0,
+                "bleu_all": 50.0}
+
+    def dart_metrics(hyps, refs, num_refs=None, ter="eval_py"):
+        calls["dart"], calls["ter"] = (hyps, refs), ter
+        return {"bleu": 40.0, "meteor": 0.3, ter_key[ter]: 0.6}
+
+    fake = types.SimpleNamespace(e2e_metrics=e2e_metrics, webnlg_metrics=webnlg_metrics, dart_metrics=dart_metrics)
     monkeypatch.setattr(ev, "_metrics", lambda: fake)
     return calls
 

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from loralib.tasks.nlg import decode as dec
 from loralib.tasks.nlg.data import DataFormatError, read_encoded, read_raw, write_jsonl
 from loralib.tasks.nlg.lines import EXTRA_LINE_BREAKS, eval_py_lines, parse_e2e_references
 from loralib.tasks.nlg.ter import ReferenceDistance, eval_py_sentence_ter, pyter_ter
+from test_nlg_decode import fake_metrics as recorded  # noqa: F401 (the metric functions replaced by recorders)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LORALIB_SHARED_DATA") or ROOT.parent / "shared" / "data" / "real")
@@ -73,27 +73,6 @@ def eval_py_parse(path):
         return f.read().split("\n")
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """The metric functions replaced by recorders: what evaluate_files hands the metrics."""
-    calls = {}
-
-    def e2e_metrics(hyps, refs):
-        calls["e2e"] = (hyps, refs)
-        return {"BLEU": 0.5, "NIST": 7.0, "METEOR": 0.4, "ROUGE_L": 0.6, "CIDEr": 2.0}
-
-    def webnlg_metrics(hyps, refs, categories=None, num_refs=None, ter="eval_py"):
-        calls["webnlg"] = (hyps, refs, ter)
-        return {"bleu": 50.0, "meteor": 0.4, {"eval_py": "ter", "sacrebleu": "ter_sacrebleu"}[ter]: 0.5}
-
-    def dart_metrics(hyps, refs, num_refs=None, ter="eval_py"):
-        return webnlg_metrics(hyps, refs, None, num_refs, ter)
-
-    monkeypatch.setattr(ev, "_metrics", lambda: types.SimpleNamespace(
-        e2e_metrics=e2e_metrics, webnlg_metrics=webnlg_metrics, dart_metrics=dart_metrics))
-    return calls
-
-
 # -- (1) line splitting -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("char", BREAKS + ("\x1f", "\xa0"), ids=lambda c: f"U+{ord(c):04X}")
@@ -137,7 +116,7 @@ def test_webnlg_and_dart_files_are_cut_as_eval_py_cuts_them(tmp_path, recorded, 
         (tmp_path / "refs" / f"reference{k}").write_text(text, encoding="utf-8", newline="")
     (tmp_path / "hyp").write_text(f"one{char}hyp\ntwo\n", encoding="utf-8", newline="")
     ev.evaluate_files("dart", tmp_path / "refs", tmp_path / "hyp")
-    hyps, refs, ter = recorded["webnlg"]
+    (hyps, refs), ter = recorded["dart"], recorded["ter"]
     # eval.py's pieces, less the empty one after the final newline (its METEOR bug, not reproduced)
     official_hyps = eval_py_parse(tmp_path / "hyp")
     assert official_hyps[-1] == "" and hyps == official_hyps[:-1] == [f"one{char}hyp", "two"]
@@ -300,7 +279,7 @@ def test_eval_nlg_records_the_ter_definition(tmp_path, recorded):
                               str(tmp_path / "hyp"), "--output_dir", str(out), *flag]) == 0
         record = json.loads((out / "eval_results.json").read_text())
         assert key in record and ({"ter", "ter_sacrebleu"} - {key}).isdisjoint(record)
-        assert recorded["webnlg"][2] == ("sacrebleu" if flag else "eval_py")
+        assert recorded["ter"] == ("sacrebleu" if flag else "eval_py")
 
 
 # -- issue 13 §6: bad input named by file and line, nothing written -------------------------------------
