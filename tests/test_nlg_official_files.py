@@ -21,6 +21,7 @@ import pytest
 
 from loralib.tasks.nlg import evaluate as ev
 from loralib.tasks.nlg import decode as dec
+from loralib.tasks.nlg.bpe import GPT2BPE
 from loralib.tasks.nlg.data import DataFormatError, read_encoded, read_raw, write_jsonl
 from loralib.tasks.nlg.lines import EXTRA_LINE_BREAKS, eval_py_lines, parse_e2e_references
 from loralib.tasks.nlg.ter import ReferenceDistance, eval_py_sentence_ter, pyter_ter
@@ -165,8 +166,6 @@ def original_samples(records, sample_lines, bpe):
 
 @needs_bpe
 def test_the_last_prediction_in_the_sample_file_wins(tmp_path):
-    from loralib.tasks.nlg.bpe import GPT2BPE
-
     bpe = GPT2BPE.from_path(TIKTOKEN_FILE)
     records = [{"context": "name : A", "completion": "A one.", "id": 0},
                {"context": "name : B", "completion": "B one.", "id": 1},
@@ -294,12 +293,18 @@ BAD = b"caf\xe9"  # Latin-1, not UTF-8
     ("dart.json", b'[\n\n"' + BAD + b'"]', 3, lambda p: read_raw("dart", p)),
     ("test.jsonl", b'{"context": [1], "completion": [2]}\n{"context": [' + BAD + b"]}\n", 2, read_encoded),
     ("ref.txt", b"a\n\n" + BAD + b"\n", 3, lambda p: ev.evaluate_files("e2e", p, p)),
+    ("encoder.json", b'{"a": 0,\n"' + BAD + b'": 1}', 2, lambda p: (p.with_name("vocab.bpe").write_text("#version\n"),
+                                                                GPT2BPE.from_path(p.parent))),
 ])
 def test_bytes_that_are_not_utf8_are_named_by_file_and_line(tmp_path, name, content, line, read):
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(DataFormatError, match=rf"{name}:{line}: not UTF-8 text \(byte 0xe9 at column \d+\)"):
         read(path)
+    # WebNLG XML without an encoding declaration is UTF-8 to the XML parser, which names the line too
+    (tmp_path / "bad.xml").write_bytes(b'<benchmark>\n<entries>\n<entry category="City">' + BAD + b"</entry>\n")
+    with pytest.raises(DataFormatError, match=r"bad\.xml:3: not well-formed XML"):
+        read_raw("webnlg", tmp_path / "bad.xml")
 
 
 @pytest.mark.parametrize("text, line", [
