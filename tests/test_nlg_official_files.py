@@ -182,6 +182,14 @@ def test_the_last_prediction_in_the_sample_file_wins(tmp_path):
         want = original_samples(records, sample, bpe)
         assert (tmp_path / "h.txt").read_text(encoding="utf-8").splitlines() == want
     assert want[0] == "line 2 again" and original_samples(records, lines, bpe)[0] == "from line 0, last in the file"
+    # a prediction the scorer would read as two lines is written as the original wrote it, with a warning
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": 1, "predict": bpe.encode(" B\u2028b")}) + "\n" + lines[2] + "\n",
+                                      encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"input line 2: its prediction holds U\+2028, a line break to the e2e"):
+        dec.run(["--vocab", str(TIKTOKEN_FILE), "--sample_file", str(tmp_path / "p.jsonl"), "--input_file",
+                 str(tmp_path / "in.jsonl"), "--output_ref_file", str(tmp_path / "r.txt"), "--output_pred_file",
+                 str(tmp_path / "h.txt")])
+    assert (tmp_path / "h.txt").read_text(encoding="utf-8") == "from line 0, last in the file\nB\u2028b\n"
 
 
 # -- (5) TER as eval.py computes it ------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -29,7 +30,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from ...files import write_text_atomic
 from .bpe import EOS_TOKEN, GPT2BPE, check_ids, load_bpe
 from .data import SEEN_CATEGORIES, DataFormatError, read_formatted, read_jsonl_objects
-from .lines import read_utf8, universal_lines
+from .lines import EXTRA_LINE_BREAKS, read_utf8, universal_lines
 
 FILTERS = ("all", "seen", "unseen")
 
@@ -168,6 +169,20 @@ def multi_reference_texts(groups: Sequence[Group], ref_num: int, tokenize: bool 
     return ["".join(post_process(refs[k], tokenize, lower) + "\n" for refs in columns) for k in range(ref_num)]
 
 
+def warn_split_lines(groups: Sequence[Group], ref_type: str, tokenize: bool = False, lower: bool = False) -> None:
+    """Warn when a text holds a character the task's scorer ends lines at (E2E's measure_scores.py: any
+    str.splitlines() break; eval.py: \n): written as is, as the original did, it becomes two lines there,
+    and the scorer refuses the files for their line counts. Names the input line of the first such text."""
+    breaks = {"\n"} if ref_type != "e2e" else {"\n", "\r", *EXTRA_LINE_BREAKS}
+    for g in groups:
+        for kind, text in [("prediction", g.hypothesis or "")] + [("reference", r) for r in g.references]:
+            found = [c for c in post_process(text, tokenize, lower) if c in breaks]
+            if found:
+                warnings.warn(f"input line {g.first_line + 1}: its {kind} holds U+{ord(found[0]):04X}, a line break "
+                              f"to the {ref_type} scorer, which will read it as two lines", stacklevel=3)
+                return
+
+
 def write_outputs(groups: Sequence[Group], ref_type: str, output_ref_file, output_pred_file, ref_num: int = 4,
                   tokenize: bool = False, lower: bool = False, output_category_file=None) -> None:
     """Write the reference file (e2e) or folder (webnlg, dart) and the hypothesis file; each file appears
@@ -180,6 +195,7 @@ def write_outputs(groups: Sequence[Group], ref_type: str, output_ref_file, outpu
     else:
         raise ValueError(f"--ref_type {ref_type!r}: expected e2e, webnlg or dart")
     files[Path(output_pred_file)] = hypothesis_text(groups, tokenize, lower)
+    warn_split_lines(groups, ref_type, tokenize, lower)
     if output_category_file is not None:
         if any(g.category is None for g in groups):
             raise DataFormatError("--output_category_file: the input file has no \"category\" on some lines")
