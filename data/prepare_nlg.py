@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     except Offline as e:
         print(f"prepare_nlg: {e}", file=sys.stderr)
         return 1
+    except (ValueError, OSError) as e:  # malformed or unreadable raw data: one line naming the file (and line)
+        print(f"prepare_nlg.py: error: {e}", file=sys.stderr)
+        return 2
     for split, n in counts.items():
         print(f"{args.task} {split}: {n} lines -> {Path(args.out_dir) / f'{split}.jsonl'}")
     return 0

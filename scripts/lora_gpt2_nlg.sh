@@ -19,7 +19,8 @@
 # Inputs: MODEL_DIR/<gpt2-medium | gpt2-large> (default models/; `python -m loralib.models.hub gpt2-medium`),
 # DATA_DIR/<e2e | webnlg | dart>/{train,valid,test}.jsonl and test_formatted.jsonl (default data/nlg; made by
 # `python data/prepare_nlg.py --task e2e --raw_dir data/raw/e2e --out_dir data/nlg/e2e --download`).
-# Results: OUT_DIR/<md|lg>/<task>/ holds the training run (model.<step>.pt, adapter/, checkpoints),
+# Results: OUT_DIR/<md|lg>/<task>/ holds the training run (model.<step>.pt: the last one the whole model,
+# model.<step>.lora.pt beside it, adapter/, checkpoints),
 # predict.jsonl, the decoded references / hypotheses and eval_results.json. Environment: NPROC (default 1),
 # MODEL_DIR, DATA_DIR, OUT_DIR, PYTHON, SMOKE_DIR, LENGTH_PENALTY (see scripts/_common.sh).
 ALL_TASKS=(e2e webnlg dart)

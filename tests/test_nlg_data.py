@@ -182,6 +182,10 @@ def test_formatted_and_encoded_readers_refuse_bad_lines(tmp_path):
     f.write_text('{"context": "a", "completion": "b"}\n{"context": "a"}\n', encoding="utf-8")
     with pytest.raises(DataFormatError, match=r"x\.jsonl:2: 'completion' must be a string"):
         read_formatted(f)
+    for extra, message in (('"category": 5', "'category' must be a string"), ('"cate": "yes"', "'cate'")):
+        f.write_text('{"context": "a", "completion": "b", %s}\n' % extra, encoding="utf-8")
+        with pytest.raises(DataFormatError, match=rf"x\.jsonl:1: {message}"):
+            read_formatted(f)
     f.write_text('{"context": [1, 2], "completion": [3, 50256]}\nnot json\n', encoding="utf-8")
     with pytest.raises(DataFormatError, match=r"x\.jsonl:2: not valid JSON"):
         read_encoded(f)
@@ -192,6 +196,8 @@ def test_formatted_and_encoded_readers_refuse_bad_lines(tmp_path):
         read_encoded(f, vocab_size=50257)
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_encoded(tmp_path / "nope.jsonl")
+    with pytest.raises(DataFormatError, match="a folder, expected a file"):
+        read_encoded(tmp_path)
 
 
 # -- GPT-2 BPE ----------------------------------------------------------------------------------------

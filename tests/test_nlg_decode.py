@@ -124,7 +124,7 @@ def test_ref_unique_file_sets_the_groups(tmp_path, bpe):
     assert (tmp_path / "h.txt").read_text(encoding="utf-8") == "first\nsecond\n"
 
 
-def test_bad_beam_output_is_refused_and_nothing_is_written(tmp_path, bpe):
+def test_bad_beam_output_is_refused_and_nothing_is_written(tmp_path, bpe, capsys):
     import gpt2_decode
 
     write_jsonl(E2E_INPUT, tmp_path / "in.jsonl")
@@ -142,7 +142,10 @@ def test_bad_beam_output_is_refused_and_nothing_is_written(tmp_path, bpe):
     for text, error, message in cases:
         (tmp_path / "p.jsonl").write_text(text, encoding="utf-8")
         with pytest.raises(error, match=message):
-            gpt2_decode.main(args)
+            dec.run(args)
+        assert gpt2_decode.main(args) == 2   # the command line: one line naming the file, no traceback
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("gpt2_decode.py: error: ") and "\n" not in err and "Traceback" not in err
         assert not (tmp_path / "r.txt").exists() and not (tmp_path / "h.txt").exists()
     with pytest.raises(DataFormatError, match="needs a \"category\""):
         dec.decode_beam(E2E_INPUT, {0: [1], 2: [1], 4: [1]}, bpe, filter="seen")
@@ -162,23 +165,24 @@ def fake_metrics(monkeypatch):
         calls["e2e"] = (hyps, refs)
         return {"BLEU": 0.5, "NIST": 7.0, "METEOR": 0.4, "ROUGE_L": 0.6, "CIDEr": 2.0}
 
-    def webnlg_metrics(hyps, refs, categories=None, num_refs=None):
+    ter_key = {"eval_py": "ter", "sacrebleu": "ter_sacrebleu"}
+
+    def webnlg_metrics(hyps, refs, categories=None, num_refs=None, ter="eval_py"):
         assert num_refs == 6  # the LoRA repository's multi-bleu-detok -nr 6
-        calls["webnlg"] = (hyps, refs, categories)
-        return {"bleu": 50.0, "meteor": 0.4, "ter": 0.5, "bleu_seen": 60.0, "bleu_unseen": 40.0, "bleu_all": 50.0}
+        calls["webnlg"], calls["ter"] = (hyps, refs, categories), ter
+        return {"bleu": 50.0, "meteor": 0.4, ter_key[ter]: 0.5, "bleu_seen": 60.0, "bleu_unseen": 40.0,
+                "bleu_all": 50.0}
 
-    def read_e2e_references(path):
-        blocks = Path(path).read_text(encoding="utf-8").strip("\n").split("\n\n")
-        return [b.split("\n") for b in blocks]
+    def dart_metrics(hyps, refs, num_refs=None, ter="eval_py"):
+        calls["dart"], calls["ter"] = (hyps, refs), ter
+        return {"bleu": 40.0, "meteor": 0.3, ter_key[ter]: 0.6}
 
-    fake = types.SimpleNamespace(e2e_metrics=e2e_metrics, webnlg_metrics=webnlg_metrics,
-                                 dart_metrics=lambda h, r, num_refs=None: {"bleu": 40.0, "meteor": 0.3, "ter": 0.6},
-                                 read_e2e_references=read_e2e_references)
+    fake = types.SimpleNamespace(e2e_metrics=e2e_metrics, webnlg_metrics=webnlg_metrics, dart_metrics=dart_metrics)
     monkeypatch.setattr(ev, "_metrics", lambda: fake)
     return calls
 
 
-def test_eval_nlg_writes_eval_results_from_decoded_files(tmp_path, bpe, fake_metrics):
+def test_eval_nlg_writes_eval_results_from_decoded_files(tmp_path, bpe, fake_metrics, capsys):
     import eval_nlg
 
     groups = dec.decode_beam(E2E_INPUT, {0: bpe.encode(" A."), 2: bpe.encode(" B."), 4: bpe.encode(" C.")}, bpe)
@@ -195,9 +199,9 @@ def test_eval_nlg_writes_eval_results_from_decoded_files(tmp_path, bpe, fake_met
 
     # mismatched files: refused, and the previous results stay as they were
     (tmp_path / "pred.txt").write_text("A.\nB.\n", encoding="utf-8")
-    with pytest.raises(DataFormatError, match="2 hypotheses, but"):
-        eval_nlg.main(["--task", "e2e", "--ref_file", str(tmp_path / "ref.txt"), "--pred_file",
-                       str(tmp_path / "pred.txt"), "--output_dir", str(run)])
+    assert eval_nlg.main(["--task", "e2e", "--ref_file", str(tmp_path / "ref.txt"), "--pred_file",
+                          str(tmp_path / "pred.txt"), "--output_dir", str(run)]) == 2
+    assert "pred.txt: 2 hypotheses, but" in capsys.readouterr().err
     assert json.loads((run / "eval_results.json").read_text())["bleu"] == 0.5
 
 

@@ -99,11 +99,17 @@ def test_read_e2e_references_formats(tmp_path):
     assert [len(r) for r in refs] == [6, 6, 6, 6, 9, 11, 37, 39, 10, 7]
     assert refs[0][0].startswith("There is a place in the city centre, Alimentum")
     p = tmp_path / "refs.txt"
-    p.write_text("\n\na1\na2\n\n\n\nb1\n\n", encoding="utf-8")   # runs of blank lines: one separator
+    p.write_text("a1\na2\n\nb1\n\n", encoding="utf-8")         # one blank line after each group
     assert M.read_e2e_references(p) == [["a1", "a2"], ["b1"]]
+    p.write_text("a1\na2\n\n\n\nb1\n\n", encoding="utf-8")     # a run of blank lines: refused, as officially
+    with pytest.raises(ValueError, match="refs.txt:4: two blank lines in a row"):
+        M.read_e2e_references(p)
     p.write_text("x\ny  \nz\n", encoding="utf-8")                # no blank line: one reference per example
     assert M.read_e2e_references(p) == [["x"], ["y"], ["z"]]
     p.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="refs.txt:1: a blank first line"):
+        M.read_e2e_references(p)
+    p.write_text("", encoding="utf-8")
     with pytest.raises(ValueError, match="refs.txt: no references"):
         M.read_e2e_references(p)
     with pytest.raises(FileNotFoundError):
@@ -268,15 +274,18 @@ def test_mean_sentence_ter_against_sacrebleu_and_by_hand():
     refs_tok = [[" ".join(M.nltk_word_tokenize(r)) for r in refs] for refs in refss]
     expected = [min(sacrebleu.sentence_ter(h, [r], case_sensitive=True).score for r in refs) / 100
                 for h, refs in zip(hyps_tok, refs_tok)]
-    ours = M.mean_sentence_ter(hyps_tok, refs_tok)
+    ours = M.mean_sentence_ter(hyps_tok, refs_tok, "sacrebleu")
     assert 0.05 < ours < 1
     assert ours == pytest.approx(sum(expected) / len(expected), rel=1e-12)
-    assert M.mean_sentence_ter(["a b c d"], [["a c d"]]) == pytest.approx(1 / 3)   # one deletion
-    assert M.mean_sentence_ter(["c d a b"], [["a b c d"]]) == pytest.approx(1 / 4)   # one block shift
-    assert M.mean_sentence_ter(["A b"], [["a b"]]) == pytest.approx(1 / 2)           # case-sensitive
-    # a padded (empty) reference counts 1.0, which caps a sentence worse than 1 (4 edits / 1 word)
-    assert M.mean_sentence_ter(["x y z w"], [["a"]]) == pytest.approx(4.0)
-    assert M.mean_sentence_ter(["x y z w"], [["a", ""]]) == pytest.approx(1.0)
+    for definition in ("eval_py", "sacrebleu"):   # eval.py's (pyter's) TER is the default
+        ter = lambda h, r: M.mean_sentence_ter(h, r, definition)  # noqa: E731
+        assert ter(["a b c d"], [["a c d"]]) == pytest.approx(1 / 3)   # one deletion
+        assert ter(["c d a b"], [["a b c d"]]) == pytest.approx(1 / 4)   # one block shift
+        assert ter(["A b"], [["a b"]]) == pytest.approx(1 / 2)           # case-sensitive
+        # a padded (empty) reference counts 1.0, which caps a sentence worse than 1 (4 edits / 1 word)
+        assert ter(["x y z w"], [["a"]]) == pytest.approx(4.0)
+        assert ter(["x y z w"], [["a", ""]]) == pytest.approx(1.0)
+    assert M.mean_sentence_ter(hyps_tok, refs_tok) != ours   # the definitions part on these pairs
 
 
 # ----------------------------------------------------------------------------- errors and processes
@@ -393,7 +402,11 @@ def test_webnlg_and_dart_metrics(meteor):
     refs_tok = [[" ".join(M.nltk_word_tokenize(r)) for r in refs] for refs in refss]
     assert scores["meteor"] == pytest.approx(meteor.score(hyps_tok, refs_tok), abs=1e-12)
     assert 0.2 < scores["meteor"] < 0.95
-    assert scores["ter"] == pytest.approx(M.mean_sentence_ter(hyps_tok, M._padded(refs_tok, 6)))
+    assert scores["ter"] == pytest.approx(M.mean_sentence_ter(hyps_tok, M._padded(refs_tok, 6), "eval_py"))
+    # sacrebleu's TER on request, under its own key: a score says which definition it is
+    other = M.dart_metrics(hyps, refss, num_refs=6, meteor=meteor, ter="sacrebleu")
+    assert set(other) == {"bleu", "meteor", "ter_sacrebleu"} and other["meteor"] == scores["meteor"]
+    assert other["ter_sacrebleu"] == pytest.approx(M.mean_sentence_ter(hyps_tok, M._padded(refs_tok, 6), "sacrebleu"))
     # boolean "seen" flags (LoRA's converted files) select the same subsets
     as_bool = M.webnlg_metrics(hyps, refss, categories=[c in M.SEEN_CATEGORIES for c in cats], num_refs=6,
                                meteor=meteor)

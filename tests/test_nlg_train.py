@@ -185,15 +185,17 @@ def test_training_lowers_the_loss_and_writes_the_originals_files(tmp_path, data,
     evals = [r["eval_loss"] for r in _read_metrics(work) if "eval_loss" in r]
     assert len(evals) == 12 and evals[-1] < evals[0] - 1.0, evals
 
-    # model.<step>.pt: LoRA factors only, under "model_state_dict", with the keys of the original's
-    # DDP-wrapped model; its load_weight() strips "module.transformer." and loads into its GPT2Model,
-    # whose parameter names are ours without the "transformer." prefix.
-    saved = torch.load(work / "model.24.pt", weights_only=True)
-    keys = sorted(saved["model_state_dict"])
-    assert keys == sorted(f"module.transformer.h.{i}.attn.c_attn.lora_{x}" for i in range(2) for x in "AB")
+    # model.<step>.pt at a --save_interval step and model.<last>.lora.pt: LoRA factors only, under
+    # "model_state_dict", with the keys of the original's DDP-wrapped model; its load_weight() strips
+    # "module.transformer." and loads into its GPT2Model, whose parameter names are ours without the
+    # "transformer." prefix. (The last model.<step>.pt holds the whole model: the next test.)
+    lora_keys = sorted(f"module.transformer.h.{i}.attn.c_attn.lora_{x}" for i in range(2) for x in "AB")
+    for name in ("model.12.pt", "model.24.lora.pt"):
+        saved = torch.load(work / name, weights_only=True)
+        assert sorted(saved["model_state_dict"]) == lora_keys
     assert saved["model_state_dict"]["module.transformer.h.0.attn.c_attn.lora_A"].shape == (8, 16)  # [A_q; A_v]
     assert saved["model_state_dict"]["module.transformer.h.0.attn.c_attn.lora_B"].abs().sum() > 0
-    assert (work / "model.12.pt").is_file() and (work / "adapter" / "adapter_config.json").is_file()
+    assert (work / "adapter" / "adapter_config.json").is_file()
 
     config = json.loads((work / "run_config.json").read_text())
     assert config["method"] == "lora" and config["model_name_or_path"] == "gpt2-medium"
@@ -234,6 +236,71 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, data, base_dir
     assert whole.keys() == cut.keys()
     for key in whole:
         torch.testing.assert_close(cut[key], whole[key], rtol=0, atol=0)
+
+
+def _original_load_weight(lm: torch.nn.Module, path: Path) -> None:
+    """The original GPT2LMModel.load_weight(torch.load(--init_checkpoint)), read literally: unwrap
+    "model_state_dict", strip "module.transformer.", keep the model's own tensor for every parameter the
+    file lacks, load into the transformer with strict=False (other keys ignored), tie the head to wte."""
+    state = torch.load(path, weights_only=True)
+    state = state.get("model_state_dict", state)
+    renamed = {(k[len("module.transformer."):] if k.startswith("module.transformer.") else k): v
+               for k, v in state.items()}
+    for name, p in lm.transformer.named_parameters():
+        renamed.setdefault(name, p)
+    lm.transformer.load_state_dict(renamed, strict=False)
+    lm.lm_head.weight = lm.transformer.wte.weight
+
+
+def test_the_last_checkpoint_is_the_whole_model_as_the_original_wrote_it(tmp_path, data, base_dir, monkeypatch):
+    """Issue 21 (4): the original gpt2_ft.py's last model.<step>.pt is model.state_dict(), so its README's
+    beam command (--init_checkpoint only, a randomly initialised GPT-2 underneath) decodes the trained model.
+    Ours is the same, with the LoRA-only file beside it as model.<step>.lora.pt."""
+    from loralib import load_adapter
+    from loralib.models import gpt2
+
+    work = tmp_path / "run"
+    result = train.train_nlg(ft_args(data, base_dir, work, "--max_step", "4", "--save_interval", "2", "--lr", "0.1"))
+    whole = torch.load(work / "model.4.pt", weights_only=True)["model_state_dict"]
+    assert "module.transformer.wte.weight" in whole and "module.lm_head.decoder.weight" in whole
+    assert "module.transformer.h.1.mlp.c_fc.weight" in whole and "module.transformer.h.1.attn.c_attn.lora_B" in whole
+    assert all(k.startswith("module.") for k in whole)
+    lora_only = torch.load(work / "model.4.lora.pt", weights_only=True)["model_state_dict"]
+    assert lora_only.keys() < whole.keys()
+    for key, value in lora_only.items():
+        torch.testing.assert_close(whole[key], value, rtol=0, atol=0)
+    summary = json.loads((work / "train_results.json").read_text())
+    assert (summary["model_file"], summary["lora_file"]) == (str(work / "model.4.pt"), str(work / "model.4.lora.pt"))
+    assert result.global_step == 4
+
+    # the trained model: the pretrained GPT-2 with the final adapter
+    trained = train.load_gpt2(str(base_dir), "gpt2.md", train.nlg_lora(4, 32, 0.0))
+    load_adapter(trained, work / "adapter")
+    ids = torch.tensor([[5, 6, 7, EOS, 9, 10]])
+    with torch.no_grad():
+        want = trained.eval()(ids).logits
+
+    def original(path):  # the original gpt2_beam.py: GPT2LMModel(config) (random), then load_weight(file)
+        torch.manual_seed(123)
+        lm = gpt2.build(trained.hf_config, "causal-lm", None, train.nlg_lora(4, 32, 0.0))
+        _original_load_weight(lm, path)
+        with torch.no_grad():
+            return lm.eval()(ids).logits
+
+    torch.testing.assert_close(original(work / "model.4.pt"), want, rtol=1e-5, atol=1e-5)
+    # what the LoRA-only file gave the original's command: a random GPT-2 under the factors
+    assert (original(work / "model.4.lora.pt") - want).abs().max() > 1e-2
+
+    # ours decodes the whole-model file with --init_checkpoint only, as the original's command (no
+    # --base_checkpoint, no models/ folder), to the predictions of the adapter on the pretrained model
+    monkeypatch.setitem(train.MODEL_CARDS, "gpt2.md", ("gpt2-medium", 16, 2, 2))
+    monkeypatch.setattr(beam, "default_checkpoint", lambda card: pytest.fail("the base model was read"))
+    common = ["--data", str(data), "--batch_size", "3", "--eval_len", "6", "--beam", "3", "--model_card", "gpt2.md",
+              "--work_dir", str(work), "--lora_dim", "4", "--lora_alpha", "32"]
+    beam.run_beam(common + ["--init_checkpoint", str(work / "model.4.pt"), "--output_file", "whole.jsonl"])
+    beam.run_beam(common + ["--init_checkpoint", str(work / "adapter"), "--base_checkpoint", str(base_dir),
+                            "--output_file", "adapter.jsonl"])
+    assert (work / "whole.jsonl").read_text() == (work / "adapter.jsonl").read_text()
 
 
 # -- beam search ------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ Model: the pretrained GPT-2 from --base_checkpoint (default models/<gpt2 | gpt2-
 --model_card) with the LoRA factors of --init_checkpoint: a file gpt2_ft.py wrote (model.<step>.pt), one of
 microsoft's released gpt2_{md,lg}_lora_{e2e,dart,webnlg}.pt, or one of loralib's adapter folders. The
 original loaded only --init_checkpoint, so a LoRA-only file ran on a randomly initialised GPT-2, silently.
-A file without LoRA factors is read as a whole GPT-2 (the original's use with --lora_dim 0). LoRA is merged
+A file that holds the whole model (gpt2_ft.py's last model.<step>.pt, as the original's) is decoded as it
+is, without --base_checkpoint; given one, the file's weights replace its own. A file without LoRA factors
+is read as a whole GPT-2 (the original's use with --lora_dim 0). LoRA is merged
 into the weights for inference.
 
 Decoding, batched with left padding on a KV cache: --beam beams, score sum(log p) / (new tokens) **
@@ -144,6 +146,8 @@ def load_model(args) -> nn.Module:
     if args.lora_dim and args.lora_dim != shape.r:
         raise ValueError(f"--lora_dim {args.lora_dim}, but --init_checkpoint {source} has LoRA rank {shape.r}")
     lora = nlg_lora(shape.r, 32 if args.lora_alpha is None else args.lora_alpha, 0.0)
+    if args.base_checkpoint is None and ("wte.weight" in state or "transformer.wte.weight" in state):
+        return load_gpt2(str(source), args.model_card, lora).eval()  # the whole model, LoRA factors included
     model = load_gpt2(base(), args.model_card, lora, flag="--base_checkpoint")
     if (shape.n_embd, shape.n_layer) != (model.config.n_embd, model.config.n_layer):
         raise ValueError(f"--init_checkpoint {source}: LoRA factors for a GPT-2 with n_embd={shape.n_embd}, "

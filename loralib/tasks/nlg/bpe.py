@@ -82,15 +82,19 @@ def _ranks_from_token_ids(token_ids: Dict[str, int], merges: Iterable[tuple], wh
 
 
 def _read_json(path: Path) -> dict:
+    from .lines import read_utf8
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise VocabularyError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 def _read_merges(path: Path) -> List[tuple]:
+    from .lines import read_utf8
+
     merges = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_utf8(path).splitlines(), 1):
         if lineno == 1 and line.startswith("#version"):
             continue
         if not line.strip():

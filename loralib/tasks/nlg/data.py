@@ -24,6 +24,7 @@ trained from the CSV is not scored on the paper's references.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -33,6 +34,7 @@ from xml.parsers import expat
 
 from ...files import write_jsonl_atomic
 from .bpe import EOS_ID, GPT2BPE, check_ids
+from .lines import DataFormatError, read_utf8, universal_lines
 
 TASKS = ("e2e", "webnlg", "dart")
 # WebNLG 2017: the ten categories of the training set; the test set adds five unseen ones.
@@ -43,10 +45,6 @@ E2E_SLOTS = {"name": "name", "eatType": "Type", "food": "food", "priceRange": "p
              "customer rating": "customer rating", "area": "area", "familyFriendly": "family friendly",
              "near": "near"}
 _MR_ITEM = re.compile(r"\s*([^\[\],]+?)\s*\[([^\]]*)\]\s*(?:,|$)")
-
-
-class DataFormatError(ValueError):
-    """Raw or converted data that does not have the expected shape; the message starts with file:line."""
 
 
 # -- E2E ----------------------------------------------------------------------------------------------
@@ -69,18 +67,26 @@ def e2e_context(mr: str, where: str = "<mr>") -> str:
 
 
 def read_e2e_csv(path) -> List[dict]:
-    """The E2E challenge's trainset.csv / devset.csv / testset_w_refs.csv (columns mr, ref)."""
+    """The E2E challenge's trainset.csv / devset.csv / testset_w_refs.csv (columns mr, ref). A quote that is
+    not closed (csv would swallow the following lines into one field) is refused naming its line."""
     path = Path(path)
-    records = []
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
-        reader = csv.reader(f)
-        header = [h.strip().lower() for h in next(reader, [])]
-        if "mr" not in header or "ref" not in header:
-            raise DataFormatError(f"{path}:1: header {header} lacks the columns mr and ref "
-                                  f"(testset.csv has no references: use testset_w_refs.csv)")
-        i_mr, i_ref = header.index("mr"), header.index("ref")
+    text = read_utf8(path).removeprefix("\ufeff")  # tolerate a byte-order mark
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records, header, start = [], None, 1  # start: the line the row being read begins on
+    try:
         for row in reader:
-            where = f"{path}:{reader.line_num}"
+            where = f"{path}:{start}"
+            if reader.line_num != start:  # E2E's fields never hold a line break
+                raise DataFormatError(f"{where}: a quoted field runs on to line {reader.line_num} (a quote "
+                                      f"that is not closed?)")
+            start = reader.line_num + 1
+            if header is None:
+                header = [h.strip().lower() for h in row]
+                if "mr" not in header or "ref" not in header:
+                    raise DataFormatError(f"{where}: header {header} lacks the columns mr and ref "
+                                          f"(testset.csv has no references: use testset_w_refs.csv)")
+                i_mr, i_ref = header.index("mr"), header.index("ref")
+                continue
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
@@ -89,6 +95,10 @@ def read_e2e_csv(path) -> List[dict]:
             if not ref:
                 raise DataFormatError(f"{where}: empty ref")
             records.append({"context": e2e_context(row[i_mr].strip(), where), "completion": ref})
+    except csv.Error as e:
+        raise DataFormatError(f"{path}:{start}: not valid CSV ({e}; a quote that is not closed?)") from None
+    if header is None:
+        raise DataFormatError(f"{path}:1: empty file, expected the header mr,ref")
     return records
 
 
@@ -96,15 +106,14 @@ def read_e2e_txt(path) -> List[dict]:
     """The LoRA repo's data/e2e/{train,valid,test}.txt: one 'context||completion' a line."""
     path = Path(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            context, sep, completion = line.partition("||")
-            if not sep or not context.strip() or not completion.strip():
-                raise DataFormatError(f"{path}:{lineno}: expected 'context||completion', got {line[:80]!r}")
-            records.append({"context": context.strip(), "completion": completion.strip()})
+    for lineno, line in enumerate(universal_lines(read_utf8(path)), 1):
+        line = line.strip()
+        if not line:
+            continue
+        context, sep, completion = line.partition("||")
+        if not sep or not context.strip() or not completion.strip():
+            raise DataFormatError(f"{path}:{lineno}: expected 'context||completion', got {line[:80]!r}")
+        records.append({"context": context.strip(), "completion": completion.strip()})
     return records
 
 
@@ -174,8 +183,7 @@ def read_webnlg_xml(path) -> List[dict]:
 
 def _read_json_release(path: Path):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
@@ -265,30 +273,31 @@ def read_jsonl_objects(path, flag: str = "") -> Iterable[tuple]:
     """("file:line", object) for each non-blank line of a JSON Lines file; a line that is not a JSON object is a
     DataFormatError naming file:line. `flag` names the command-line flag the file came from, for the message."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file" + (f" ({flag})" if flag else ""))
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield where, obj
+    for lineno, line in enumerate(universal_lines(read_utf8(path, flag)), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, obj
 
 
-def read_formatted(path) -> List[dict]:
+def read_formatted(path, flag: str = "") -> List[dict]:
     """Formatted JSONL -> records; "context" and "completion" must be strings. Lines of the LoRA repo's
     formatted WebNLG files carry "cate" (seen or not) instead of "category"; both are kept as they are."""
     records = []
-    for where, obj in read_jsonl_objects(path):
+    for where, obj in read_jsonl_objects(path, flag):
         for key in ("context", "completion"):
             if not isinstance(obj.get(key), str):
                 raise DataFormatError(f"{where}: {key!r} must be a string, got {obj.get(key)!r:.60}")
+        if "category" in obj and not isinstance(obj["category"], str):
+            raise DataFormatError(f"{where}: 'category' must be a string, got {obj['category']!r:.60}")
+        if "cate" in obj and not isinstance(obj["cate"], bool):
+            raise DataFormatError(f"{where}: 'cate' (seen in training) must be true or false, got {obj['cate']!r:.60}")
         records.append(obj)
     return records
 

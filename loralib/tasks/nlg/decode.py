@@ -7,8 +7,9 @@ Inputs
 Grouping (as the LoRA repo's gpt2_decode.py): lines with the same context are one input whose
 references are their completions, in order of first appearance; with --ref_unique_file (one integer a
 line, one line per input line) that integer is the key instead. A group's hypothesis is the decoded
-prediction of (the last predicted) one of its lines, so a beam file that holds one line per group is
-enough. Text is cut at the first "<|endoftext|>" and then at the first blank line ("\\n\\n"), both
+prediction of one of its lines: when several of its lines have one (and they differ), the one that comes
+LAST in the sample file, as the original's dict assignment keeps it; a beam file that holds one line per
+group is enough. Text is cut at the first "<|endoftext|>" and then at the first blank line ("\\n\\n"), both
 for predictions and references.
 Outputs
     e2e            --output_ref_file: each group's references one a line, a blank line after each group
@@ -21,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ...files import write_text_atomic
 from .bpe import EOS_TOKEN, GPT2BPE, check_ids, load_bpe
 from .data import SEEN_CATEGORIES, DataFormatError, read_formatted, read_jsonl_objects
+from .lines import EXTRA_LINE_BREAKS, read_utf8, universal_lines
 
 FILTERS = ("all", "seen", "unseen")
 
@@ -69,12 +72,11 @@ def is_seen(record: dict, where: str) -> bool:
 
 def read_ref_unique(path, num_lines: int) -> List[int]:
     keys = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                keys.append(int(line.strip()))
-            except ValueError:
-                raise DataFormatError(f"{path}:{lineno}: expected an integer, got {line.strip()!r}") from None
+    for lineno, line in enumerate(universal_lines(read_utf8(path, "--ref_unique_file")), 1):
+        try:
+            keys.append(int(line.strip()))
+        except ValueError:
+            raise DataFormatError(f"{path}:{lineno}: expected an integer, got {line.strip()!r}") from None
     if len(keys) != num_lines:
         raise DataFormatError(f"{path}: {len(keys)} lines, the input file has {num_lines}")
     return keys
@@ -99,9 +101,13 @@ def group_references(records: Sequence[dict], filter: str = "all", ref_unique: O
     return groups
 
 
-def read_predictions(path, vocab_size: int, num_lines: int) -> Dict[int, List[int]]:
-    """Beam output -> {input line index: ids}; a later line for the same index replaces an earlier one."""
-    predictions = {}
+Predictions = Union[Mapping[int, List[int]], Sequence[Tuple[int, List[int]]]]
+
+
+def read_predictions(path, vocab_size: int, num_lines: int) -> List[Tuple[int, List[int]]]:
+    """Beam output -> [(input line index, ids)] in the file's order (the order decides which prediction a
+    group keeps: the last)."""
+    predictions = []
     for where, obj in read_jsonl_objects(path, "--sample_file"):
         idx, ids = obj.get("id"), obj.get("predict")
         if isinstance(idx, bool) or not isinstance(idx, int) or not isinstance(ids, list):
@@ -110,17 +116,19 @@ def read_predictions(path, vocab_size: int, num_lines: int) -> Dict[int, List[in
             raise DataFormatError(f"{where}: id {idx} is not a line of the input file (0..{num_lines - 1}); "
                                   f"--sample_file and --input_file do not belong together")
         check_ids(ids, vocab_size, where)
-        predictions[idx] = ids
+        predictions.append((idx, ids))
     return predictions
 
 
-def attach_hypotheses(groups: Dict[object, Group], records: Sequence[dict], predictions: Dict[int, List[int]],
+def attach_hypotheses(groups: Dict[object, Group], records: Sequence[dict], predictions: Predictions,
                       bpe: GPT2BPE, ref_unique: Optional[Sequence[int]] = None, source: str = "sample") -> List[Group]:
-    """Decode each prediction into its line's group (the last one wins); every kept group needs one."""
-    for idx in sorted(predictions):
+    """Decode each prediction into its line's group, in the predictions' order (a mapping: its items), so
+    the last one of a group wins as in the original; every kept group needs one."""
+    pairs = predictions.items() if isinstance(predictions, Mapping) else predictions
+    for idx, ids in pairs:
         key = records[idx]["context"] if ref_unique is None else ref_unique[idx]
         if key in groups:
-            groups[key].hypothesis = cut_at_stop(bpe.decode(predictions[idx]))
+            groups[key].hypothesis = cut_at_stop(bpe.decode(ids))
     missing = [g for g in groups.values() if g.hypothesis is None]
     if missing:
         raise DataFormatError(f"{source}: no prediction for {len(missing)} of {len(groups)} inputs, the first "
@@ -128,7 +136,7 @@ def attach_hypotheses(groups: Dict[object, Group], records: Sequence[dict], pred
     return list(groups.values())
 
 
-def decode_beam(records: Sequence[dict], predictions: Dict[int, List[int]], bpe: GPT2BPE, filter: str = "all",
+def decode_beam(records: Sequence[dict], predictions: Predictions, bpe: GPT2BPE, filter: str = "all",
            ref_unique: Optional[Sequence[int]] = None, source: str = "sample") -> List[Group]:
     """Grouped references with their decoded hypotheses, in order of first appearance."""
     groups = group_references(records, filter, ref_unique, source="input")
@@ -161,6 +169,20 @@ def multi_reference_texts(groups: Sequence[Group], ref_num: int, tokenize: bool 
     return ["".join(post_process(refs[k], tokenize, lower) + "\n" for refs in columns) for k in range(ref_num)]
 
 
+def warn_split_lines(groups: Sequence[Group], ref_type: str, tokenize: bool = False, lower: bool = False) -> None:
+    """Warn when a text holds a character the task's scorer ends lines at (E2E's measure_scores.py: any
+    str.splitlines() break; eval.py: \n): written as is, as the original did, it becomes two lines there,
+    and the scorer refuses the files for their line counts. Names the input line of the first such text."""
+    breaks = {"\n"} if ref_type != "e2e" else {"\n", "\r", *EXTRA_LINE_BREAKS}
+    for g in groups:
+        for kind, text in [("prediction", g.hypothesis or "")] + [("reference", r) for r in g.references]:
+            found = [c for c in post_process(text, tokenize, lower) if c in breaks]
+            if found:
+                warnings.warn(f"input line {g.first_line + 1}: its {kind} holds U+{ord(found[0]):04X}, a line break "
+                              f"to the {ref_type} scorer, which will read it as two lines", stacklevel=3)
+                return
+
+
 def write_outputs(groups: Sequence[Group], ref_type: str, output_ref_file, output_pred_file, ref_num: int = 4,
                   tokenize: bool = False, lower: bool = False, output_category_file=None) -> None:
     """Write the reference file (e2e) or folder (webnlg, dart) and the hypothesis file; each file appears
@@ -173,6 +195,7 @@ def write_outputs(groups: Sequence[Group], ref_type: str, output_ref_file, outpu
     else:
         raise ValueError(f"--ref_type {ref_type!r}: expected e2e, webnlg or dart")
     files[Path(output_pred_file)] = hypothesis_text(groups, tokenize, lower)
+    warn_split_lines(groups, ref_type, tokenize, lower)
     if output_category_file is not None:
         if any(g.category is None for g in groups):
             raise DataFormatError("--output_category_file: the input file has no \"category\" on some lines")
@@ -203,10 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def check_output_paths(ref_type: str, output_ref_file, output_pred_file, output_category_file=None) -> None:
+    """Refuse output paths that cannot be written as asked, before anything is read or written."""
+    ref_is_folder = ref_type in ("webnlg", "dart")
+    ref = Path(output_ref_file)
+    if ref_is_folder and ref.exists() and not ref.is_dir():
+        raise ValueError(f"--output_ref_file {ref}: a file; --ref_type {ref_type} writes a folder of reference0, ...")
+    files = [("--output_pred_file", output_pred_file), ("--output_category_file", output_category_file)]
+    for flag, path in files + ([] if ref_is_folder else [("--output_ref_file", output_ref_file)]):
+        if path is not None and Path(path).is_dir():
+            raise ValueError(f"{flag} {path}: a folder, expected a file name")
+
+
+def run(argv: Optional[Sequence[str]] = None) -> List[Group]:
+    """Parse, read, check and decode everything, then write the files; returns the groups written."""
     args = build_parser().parse_args(argv)
+    check_output_paths(args.ref_type, args.output_ref_file, args.output_pred_file, args.output_category_file)
     bpe = load_bpe(args.vocab)
-    records = read_formatted(args.input_file)
+    records = read_formatted(args.input_file, "--input_file")
     ref_unique = read_ref_unique(args.ref_unique_file, len(records)) if args.ref_unique_file else None
     predictions = read_predictions(args.sample_file, bpe.vocab_size, len(records))
     groups = decode_beam(records, predictions, bpe, args.filter, ref_unique, source=args.sample_file)
@@ -214,4 +251,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   args.tokenize, args.lower, args.output_category_file)
     print(f"{len(records)} input lines, {len(groups)} inputs ({args.filter}) -> {args.output_pred_file}, "
           f"{args.output_ref_file}")
-    return 0
+    return groups
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """examples/NLG/gpt2_decode.py: 0 on success; bad input prints one `gpt2_decode.py: error:` line naming
+    the file (and line), returns 2, and leaves every output file as it was."""
+    from ...cli import INPUT_ERRORS, run_entry_point
+
+    return run_entry_point(lambda: run(argv), "gpt2_decode.py", INPUT_ERRORS + (OSError,))

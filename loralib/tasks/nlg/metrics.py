@@ -18,8 +18,12 @@ examples/NLG/eval/eval.py (the WebNLG 2020 challenge's GenerationEval) runs them
   meteor: METEOR 1.5 jar (``-l en -norm``) on nltk.word_tokenize'd text (empty references dropped: they
         score 0 and METEOR keeps each sentence's best reference).
   ter: mean over sentences of the lowest TER against each reference (an empty, padded reference counts
-        1.0, as eval.py does), on nltk.word_tokenize'd text, case-sensitive. eval.py computed each
-        sentence's TER with pyter; here it is sacrebleu's TER, which follows tercom's shift search.
+        1.0, as eval.py does), on nltk.word_tokenize'd text, case-sensitive. By default each sentence's
+        TER is pyter3's, as eval.py computes it (ter.py; key "ter"); ``ter="sacrebleu"`` uses sacrebleu's
+        TER instead (tercom's shift search; key "ter_sacrebleu", so a score says which one it is).
+  eval.py itself reads gpt2_decode.py's files with one extra, empty sentence after the final newline; its
+  METEOR then fails on the line-count mismatch and prints -1 (its BLEU and TER are unaffected). That bug
+  is not reproduced: METEOR is computed on the real sentences.
   With ``categories`` (WebNLG): also bleu_seen / bleu_unseen / bleu_all (BLEU of each subset).
 
 The Java tools start once per call (METEOR ~10 s); pass ``meteor=MeteorScorer`` opened by the caller to
@@ -38,7 +42,11 @@ from sacrebleu.metrics import BLEU, TER
 
 from .metrics_java import JavaNotFoundError, MeteorScorer, ptb_tokenize, require_java
 from .data import SEEN_CATEGORIES  # WebNLG 2017 training categories; the test set's other five are "unseen"
+from .lines import parse_e2e_references, read_utf8
 from .metrics_mteval import mteval_bleu, mteval_nist
+from .ter import eval_py_sentence_ter
+
+TER_DEFINITIONS = {"eval_py": "ter", "sacrebleu": "ter_sacrebleu"}  # definition -> its key in the scores
 
 __all__ = [
     "SEEN_CATEGORIES", "e2e_metrics", "webnlg_metrics", "dart_metrics", "read_e2e_references",
@@ -51,26 +59,10 @@ __all__ = [
 # ----------------------------------------------------------------------------- inputs
 
 def read_e2e_references(path: Union[str, os.PathLike]) -> list[list[str]]:
-    """References of the E2E reference format: one reference per line, examples separated by blank lines.
-
-    As measure_scores.py reads it: lines are stripped; a file with no blank line holds ONE reference per
-    example (one line each). Runs of blank lines count as one separator.
-    """
-    groups: list[list[str]] = [[]]
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if line:
-                groups[-1].append(line)
-            elif groups[-1]:
-                groups.append([])
-    if not groups[-1]:
-        groups.pop()
-    if not groups:
-        raise ValueError(f"{path}: no references found")
-    if len(groups) == 1:
-        return [[line] for line in groups[0]]
-    return groups
+    """References of the E2E reference format: one reference a line, inputs separated by one blank line,
+    read exactly as measure_scores.py reads them (lines.parse_e2e_references: its line breaks, stripping,
+    one-reference files, and its refusal of empty groups, here as file:line)."""
+    return parse_e2e_references(read_utf8(path), str(path))
 
 
 def _check_pairs(hypotheses, references) -> tuple[list[str], list[list[str]]]:
@@ -177,8 +169,15 @@ def multi_bleu_detok(hypotheses: Sequence[str], padded_refs: Sequence[Sequence[s
     return float(bleu.corpus_score(list(hypotheses), streams).score)
 
 
-def mean_sentence_ter(hyps_tok: Sequence[str], padded_refs_tok: Sequence[Sequence[str]]) -> float:
-    """Mean over sentences of min over references of TER (edits / reference length); "" counts 1.0."""
+def mean_sentence_ter(hyps_tok: Sequence[str], padded_refs_tok: Sequence[Sequence[str]],
+                      definition: str = "eval_py") -> float:
+    """Mean over sentences of min over references of TER (edits / reference length); "" counts 1.0.
+    definition "eval_py": pyter3's TER as the LoRA repo's eval.py; "sacrebleu": sacrebleu's (tercom's)."""
+    if definition == "eval_py":
+        per_sentence = [eval_py_sentence_ter(hyp, refs) for hyp, refs in zip(hyps_tok, padded_refs_tok)]
+        return sum(per_sentence) / len(per_sentence)
+    if definition != "sacrebleu":
+        raise ValueError(f"TER definition {definition!r}: expected one of {', '.join(TER_DEFINITIONS)}")
     ter = TER(case_sensitive=True)
     per_sentence = []
     for hyp, refs in zip(hyps_tok, padded_refs_tok):
@@ -193,11 +192,14 @@ def _is_seen(category) -> bool:
 
 def webnlg_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
                    categories: Optional[Sequence[Union[str, bool]]] = None, num_refs: Optional[int] = None,
-                   meteor: Optional[MeteorScorer] = None) -> dict[str, Optional[float]]:
+                   meteor: Optional[MeteorScorer] = None, ter: str = "eval_py") -> dict[str, Optional[float]]:
     """{"bleu" (0-100), "meteor" (0-1), "ter" (0-1)} (see module doc); with ``categories`` (a name, or
     True for seen, per hypothesis) also "bleu_seen", "bleu_unseen", "bleu_all" (None for an empty subset).
     ``num_refs``: the ``-nr`` / ``--ref_num`` of the LoRA eval (6 there); None = the most any example has.
+    ``ter``: "eval_py" (key "ter") or "sacrebleu" (key "ter_sacrebleu").
     """
+    if ter not in TER_DEFINITIONS:
+        raise ValueError(f"ter={ter!r}: expected one of {', '.join(TER_DEFINITIONS)}")
     hyps, refss = _check_pairs(hypotheses, references)
     if categories is not None and len(categories) != len(hyps):
         raise ValueError(f"got {len(categories)} categories for {len(hyps)} hypotheses")
@@ -209,7 +211,7 @@ def webnlg_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]
     padded_tok = [[" ".join(nltk_word_tokenize(r)) if r else "" for r in refs] for refs in padded]
     with (nullcontext(meteor) if meteor is not None else MeteorScorer()) as scorer:
         scores["meteor"] = scorer.score(hyps_tok, padded_tok)
-    scores["ter"] = mean_sentence_ter(hyps_tok, padded_tok)
+    scores[TER_DEFINITIONS[ter]] = mean_sentence_ter(hyps_tok, padded_tok, ter)
 
     if categories is not None:
         seen = [_is_seen(c) for c in categories]
@@ -221,7 +223,7 @@ def webnlg_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]
 
 
 def dart_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]], num_refs: Optional[int] = None,
-                 meteor: Optional[MeteorScorer] = None) -> dict[str, float]:
+                 meteor: Optional[MeteorScorer] = None, ter: str = "eval_py") -> dict[str, float]:
     """{"bleu" (0-100), "meteor" (0-1), "ter" (0-1)}, computed as for WebNLG (the LoRA eval runs the same
     script on DART)."""
-    return webnlg_metrics(hypotheses, references, num_refs=num_refs, meteor=meteor)
+    return webnlg_metrics(hypotheses, references, num_refs=num_refs, meteor=meteor, ter=ter)

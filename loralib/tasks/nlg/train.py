@@ -23,10 +23,14 @@ LayerNorm weights excepted under --no_decay_bias); the linear / cosine / constan
 
 What a run writes into --work_dir (training goes through loralib.train, the one loop):
     run_config.json          {"method": "lora"|"full", "model_name_or_path": "gpt2-medium", "lora": {...}, ...}
-    model.<step>.pt          at every --save_interval and at the end: {"model_state_dict": LoRA factors} with
-                             the keys module.transformer.h.N.attn.c_attn.lora_A / lora_B, as the original
-                             wrote them under torchrun, so its gpt2_beam.py reads them (ours does too); a
-                             full fine-tune (--lora_dim 0) writes the whole model, at the end only
+    model.<step>.pt          as the original wrote them under torchrun, so its gpt2_beam.py reads them (ours
+                             does too): at every --save_interval {"model_state_dict": the LoRA factors}, keys
+                             module.transformer.h.N.attn.c_attn.lora_A / lora_B; the LAST one (end of training)
+                             {"model_state_dict": the whole model}, every GPT-2 weight and the factors, keys
+                             module.transformer.* and module.lm_head.decoder.weight, so the original README's
+                             beam command (only --init_checkpoint) decodes the trained model, not LoRA factors
+                             on a randomly initialised GPT-2. A full fine-tune (--lora_dim 0) writes it only.
+    model.<step>.lora.pt     (LoRA runs) the LoRA factors of that last step, in the layout of the others
     checkpoint-<step>/       the loop's checkpoints (--resume_from_checkpoint latest continues exactly)
     adapter/                 the final adapter in loralib's format (loralib.load_adapter)
     metrics.jsonl, train_results.json
@@ -39,6 +43,9 @@ Decisions where the original was silent, wrong or impossible here:
 - --max_step and --max_epoch: training stops at whichever comes first; one of them is required.
 - Steps are optimizer steps: with --grad_acc > 1 the schedule advances once per accumulation group (the
   original stepped it every micro-batch, so its warmup and decay ran --grad_acc times faster).
+- The original also wrote the whole model at the end of every epoch (as model.<step>.pt, 1.4 GB each for
+  GPT-2 M); here only the end of training gets the whole model (the other epoch ends nothing, unless they
+  fall on a --save_interval step, which gets the LoRA factors).
 - --fp16 uses torch autocast with loss scaling on a GPU (the original needed apex); on a CPU: a warning, fp32.
 - The original's cosine schedule measured its decay from step 0, not from the warmup's end; ours from the
   warmup's end (loralib.train.schedules).
@@ -466,33 +473,44 @@ def _rank() -> int:
 def original_state_dict(model: nn.Module, full: bool) -> Dict[str, torch.Tensor]:
     """What the original wrote as model.<step>.pt's "model_state_dict": the LoRA factors (or everything)
     under the keys of its DDP-wrapped GPT2LMModel, module.transformer.h.N.attn.c_attn.lora_A ..., which its
-    load_weight() maps back (it strips "module.transformer."; keys without it would be ignored silently)."""
+    load_weight() maps back (it strips "module.transformer."; keys without it would be ignored silently).
+    Its tied output layer was lm_head.decoder.weight."""
     state = model.state_dict()
-    keep = {k: v for k, v in state.items() if full or "lora_" in k}
+    keep = {("lm_head.decoder.weight" if k == "lm_head.weight" else k): v
+            for k, v in state.items() if full or "lora_" in k}
     return {f"module.{k}": v.detach().cpu().clone() for k, v in keep.items()}
 
 
 class OriginalCheckpoints:
-    """Loop callback: work_dir/model.<step>.pt at every loop checkpoint and at the end (rank 0)."""
+    """Loop callback (rank 0): work_dir/model.<step>.pt with the LoRA factors at every loop checkpoint; at
+    the end model.<step>.pt with the whole model, as the original's last file, and (LoRA runs)
+    model.<step>.lora.pt with the factors beside it."""
 
     def __init__(self, model: nn.Module, work_dir: Path, full: bool):
         self.model, self.work_dir, self.full = model, work_dir, full
 
-    def write(self, step: int, full: bool) -> Optional[Path]:
+    def write(self, name: str, full: bool) -> Optional[Path]:
         if _rank() != 0:
             return None
-        path = self.work_dir / f"model.{step}.pt"
+        path = self.work_dir / name
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"model_state_dict": original_state_dict(self.model, full)}, tmp)
         os.replace(tmp, path)
         return path
 
     def on_save(self, state, path) -> None:
-        if not self.full:  # a full fine-tune's 1.4 GB copies are written at the end only, as the original
-            self.write(state.global_step, full=False)
+        if not self.full:  # a full fine-tune's 1.4 GB copies are written at the end only
+            self.write(f"model.{state.global_step}.pt", full=False)
 
     def on_train_end(self, state) -> None:
-        self.write(state.global_step, full=self.full)
+        if not self.full:
+            self.write(lora_file_name(state.global_step), full=False)
+        self.write(f"model.{state.global_step}.pt", full=True)
+
+
+def lora_file_name(step: int) -> str:
+    """The LoRA-only file written beside the last, whole-model model.<step>.pt."""
+    return f"model.{step}.lora.pt"
 
 
 def _precision(args) -> str:
@@ -585,7 +603,8 @@ def train_nlg(argv: Optional[Sequence[str]] = None):
             "global_step": result.global_step, "epoch": result.epoch, "train_loss": result.train_loss,
             "valid": result.eval_metrics, "adapter_dir": result.adapter_dir,
             "last_checkpoint": result.last_checkpoint,
-            "model_file": str(work_dir / f"model.{result.global_step}.pt")})
+            "model_file": str(work_dir / f"model.{result.global_step}.pt"),  # the whole model
+            "lora_file": str(work_dir / lora_file_name(result.global_step)) if lora is not None else None})
     return result
 
 
@@ -596,7 +615,7 @@ def _clear_previous_run(work_dir: Path) -> None:
     for p in work_dir.iterdir():
         ours = (p.name in ("adapter", "best_adapter", "metrics.jsonl", "tensorboard", "run_config.json",
                            "train_results.json") or p.name.startswith(("checkpoint-", ".tmp-", ".old-"))
-                or re.fullmatch(r"model\.\d+\.pt", p.name))
+                or re.fullmatch(r"model\.\d+(\.lora)?\.pt", p.name))
         if ours:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
