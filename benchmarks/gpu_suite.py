@@ -122,7 +122,7 @@ FULL = Shapes(matmul_n=8192, llama=LLAMA2_7B, llama_batch=1, llama_seq=2048,
               smollm2=bench_generation.SMOLLM2_CONFIG, smollm2_batch=8, smollm2_seq=512,
               lorapro_blocks=32, block_shapes=bench_lorapro.BLOCK_SHAPES, allocator_blocks=(4, 32),
               layer_d=4096, layer_tokens=(4, 2048), gen_batch=8, gen_new_tokens=64, gen_beams=10,
-              allocator_repeats=20, rounds=20)
+              allocator_repeats=20, rounds=30)
 TINY = Shapes(matmul_n=128, llama=TINY_LLAMA, llama_batch=1, llama_seq=32,
               gpt2=dict(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=2), gpt2_batch=2, gpt2_seq=16,
               smollm2=dict(bench_generation.SMOLLM2_CONFIG, vocab_size=256, hidden_size=32, intermediate_size=64,
@@ -328,6 +328,43 @@ def lora_step_flops(model: nn.Module, seq: int) -> dict:
                 recompute_flops_per_token=recompute, full_ft_flops_per_token=6 * n_frozen + 6 * attn)
 
 
+def kernel_floor(s: Suite, cfg: dict, batch: int, seq: int) -> dict:
+    """Seconds of the step's unavoidable kernels, each timed alone at the step's shapes: per layer the
+    seven projections' forward products x W^T and input-gradient products g W, and causal SDPA forward +
+    backward; the LM head's two products once. A step near this floor is bound by how fast these
+    kernels run at these shapes; the rest of a step's time is everything else (norms, rotary, SwiGLU,
+    the adapters, the loss, the optimizer, launches). `recompute_seconds`: the blocks' forward kernels
+    again, which gradient checkpointing adds."""
+    d, i, v, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    H, G, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    tokens = batch * seq
+    per_layer = [(d, H * D), (d, G * D), (d, G * D), (H * D, d), (d, i), (d, i), (i, d)]  # (in, out)
+    shapes = {}
+    for shape in per_layer:
+        shapes[shape] = shapes.get(shape, 0) + L
+    shapes[(d, v)] = shapes.get((d, v), 0) + 1
+    opts = dict(device=s.device, dtype=s.dtype)
+    seconds = {}
+    for (n_in, n_out), count in shapes.items():
+        x, w, g = (torch.randn(tokens, n_in, **opts), torch.randn(n_out, n_in, **opts),
+                   torch.randn(tokens, n_out, **opts))
+        t = medians(interleaved({"fwd": lambda: x @ w.t(), "bwd": lambda: g @ w}, 10, warmup=2, device=s.device))
+        seconds[f"{n_in}x{n_out}"] = dict(count=count, fwd=t["fwd"], bwd=t["bwd"])
+    q = torch.randn(batch, H, seq, D, **opts, requires_grad=True)
+    k, val = (torch.randn(batch, G, seq, D, **opts, requires_grad=True) for _ in range(2))
+    grad = torch.randn(batch, H, seq, D, **opts)
+
+    def attention():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, val, is_causal=True, enable_gqa=G != H)
+
+    t = medians(interleaved({"fwd": attention, "fwd_bwd": lambda: attention().backward(grad)}, 10, warmup=2,
+                            device=s.device))
+    seconds["attention"] = dict(count=L, fwd=t["fwd"], bwd=t["fwd_bwd"] - t["fwd"])
+    total = sum(e["count"] * (e["fwd"] + e["bwd"]) for e in seconds.values())
+    recompute = sum(e["count"] * e["fwd"] for key, e in seconds.items() if key != f"{d}x{v}")
+    return dict(seconds=total, recompute_seconds=recompute, kernels=seconds)
+
+
 def set_checkpointing(ours: nn.Module, theirs: nn.Module, on: bool) -> None:
     """Gradient checkpointing of every decoder block, non-reentrant on both sides."""
     from loralib.models.grad_checkpoint import disable_gradient_checkpointing, enable_gradient_checkpointing
@@ -355,11 +392,16 @@ def row_llama7b_step(s: Suite) -> Row:
     models = {"ours": (ours, [p for p in ours.parameters() if p.requires_grad]),
               "peft": (theirs, [p for p in theirs.parameters() if p.requires_grad])}
     rounds = max(3, sh.rounds // 2)
+    name = "7B" if sh.llama is LLAMA2_7B else "Llama (tiny)"
+    floor = kernel_floor(s, sh.llama, sh.llama_batch, sh.llama_seq)
+    row.results["kernel_floor"] = floor
     for gc_on, share in ((False, 0.5), (True, 1.0)):
         set_checkpointing(ours, theirs, gc_on)
         res = compare_steps(s, models, ids, share, rounds, warmup=1)
+        floor_s = floor["seconds"] + (floor["recompute_seconds"] if gc_on else 0.0)
         for r in res.values():
             r["mfu"] = r["tokens_per_s"] * flops["flops_per_token"] / s.peak_flops
+            r["over_kernel_floor"] = r["sec"] / floor_s
             if gc_on:
                 r["hfu"] = r["tokens_per_s"] * (flops["flops_per_token"] + flops["recompute_flops_per_token"]) \
                     / s.peak_flops
@@ -367,25 +409,28 @@ def row_llama7b_step(s: Suite) -> Row:
         row.results[key] = res
         o, p = res["ours"], res["peft"]
         tag = f"grad ckpt {'on' if gc_on else 'off'}"
-        row.check(f"7B LoRA step tokens/s, {tag}", f"{o['tokens_per_s']:,.0f}", f"{p['tokens_per_s']:,.0f}",
+        row.check(f"{name} LoRA step tokens/s, {tag}", f"{o['tokens_per_s']:,.0f}", f"{p['tokens_per_s']:,.0f}",
                   p["sec"] / o["sec"], ">= 1.3")
-        row.check(f"7B step peak memory, {tag}", mib(o["memory"]), mib(p["memory"]), o["memory"] / p["memory"],
+        row.check(f"{name} step peak memory, {tag}", mib(o["memory"]), mib(p["memory"]), o["memory"] / p["memory"],
                   "<= 1.0")
         extra = f", HFU {o['hfu']:.1%} / {p['hfu']:.1%}" if gc_on else ""
-        row.check(f"7B MFU ({flops['flops_per_token'] / 1e9:.1f} GFLOP/token), {tag}{extra}",
+        row.check(f"{name} MFU ({flops['flops_per_token'] / 1e9:.1f} GFLOP/token), {tag}{extra}",
                   f"{o['mfu']:.1%}", f"{p['mfu']:.1%}", None)
+        row.check(f"{name} step / its kernels alone ({floor_s * 1e3:.3g} ms: products + SDPA), {tag}",
+                  f"{o['over_kernel_floor']:.2f}x", f"{p['over_kernel_floor']:.2f}x", None)
     return row
 
 
 def _repeated_step_row(s: Suite, build: Callable[[], Dict[str, Tuple[nn.Module, list]]], ids: torch.Tensor,
-                       label: str, target: str) -> Row:
+                       label: str, target: str, same_function: bool) -> Row:
     """`repeats` repeats of ours / PEFT / frozen fwd+bwd, each with freshly built models, its own
-    interleaved rounds and its own ratio (so a disagreement between runs shows within one run)."""
+    interleaved rounds and its own ratio (so a disagreement between runs shows within one run).
+    same_function: ours and PEFT carry the same adapters, so their losses and gradients are compared."""
     row, sh = Row(), s.shapes
     reps = []
     for i in range(sh.repeats):
         models = build()
-        if i == 0 and "check" not in row.results:
+        if i == 0 and same_function:
             row.results["check"] = loss_and_grads({v: models[v][0] for v in ("ours", "peft")}, ids)
         res = compare_steps(s, models, ids, 1.0 / (sh.repeats - i), sh.rounds, warmup=3)
         del models
@@ -411,12 +456,14 @@ def row_gpt2_step(s: Suite) -> Row:
     def build():
         models = {}
         for v in ("ours", "peft", "frozen"):
-            model = bench_gpt2_train.build(v, str(folder), s.device, s.dtype).train()
+            model = bench_gpt2_train.build(v, str(folder), s.device, s.dtype)
+            model.train()  # transformers' from_pretrained leaves PEFT's model in eval mode
             models[v] = (model, [p for p in model.parameters() if p.requires_grad])
         return models
 
     ids = s.ids(sh.gpt2["vocab_size"], sh.gpt2_batch, sh.gpt2_seq)
-    return _repeated_step_row(s, build, ids, "GPT-2", ">= 1.3")
+    # PEFT cannot adapt chunks of the fused c_attn: its LoRA covers q, k, v (as many parameters as ours on q, v)
+    return _repeated_step_row(s, build, ids, "GPT-2", ">= 1.3", same_function=False)
 
 
 def row_smollm2_step(s: Suite) -> Row:
@@ -432,7 +479,7 @@ def row_smollm2_step(s: Suite) -> Row:
         return models
 
     ids = s.ids(sh.smollm2["vocab_size"], sh.smollm2_batch, sh.smollm2_seq)
-    return _repeated_step_row(s, build, ids, "SmolLM2", "")
+    return _repeated_step_row(s, build, ids, "SmolLM2", "", same_function=True)
 
 
 def row_lorapro(s: Suite) -> Row:
@@ -498,7 +545,7 @@ def row_layer(s: Suite) -> Row:
     for kind in ("ours", "microsoft", "peft"):
         try:
             layers[kind] = bench_layers.build(kind, d).to(device=s.device, dtype=s.dtype)
-            layers[kind].train()  # (PeftModel.train returns None)
+            layers[kind].train()  # (microsoft's MergedLinear.train returns None)
         except (FileNotFoundError, ImportError) as err:  # microsoft's wheel is not on the machine
             row.results[f"{kind}_unavailable"] = str(err)
     x = torch.randn(B, T, d, device=s.device, dtype=s.dtype, requires_grad=True)
@@ -679,6 +726,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible (use --device cpu --tiny for the smoke run)")
+    if device.type == "cpu" and not args.tiny:
+        ap.error("--device cpu needs --tiny: the full shapes are GPU sizes (a 7B model twice, 52 GB of LoRA-Pro "
+                 "state); the CPU figures come from the single benchmarks (benchmarks/run_all.py)")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     shapes = TINY if args.tiny else FULL
 
