@@ -204,6 +204,16 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+def to_device(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model on `device` with its floating parameters in `dtype`, in place (optimizer-free models only);
+    buffers keep their dtype (rotary frequencies stay fp32, as in a model loaded with dtype=bf16)."""
+    model.to(device)
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
+
+
 def resident_bytes(model: nn.Module, opt: Optional[torch.optim.Optimizer] = None) -> int:
     """Bytes of the model's parameters and buffers (each storage once) and of the optimizer's state."""
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
@@ -305,7 +315,7 @@ def build_llama_pair(s: Suite):
         del base
         theirs = peft.get_peft_model(hf, peft.LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=0.0,
                                                          target_modules=list(TARGETS)))
-        theirs = theirs.to(s.dtype).train()  # PEFT keeps its adapters in fp32 by default; ours are bf16 too
+        to_device(theirs, s.device, s.dtype).train()  # PEFT keeps its adapters in fp32 by default; ours: bf16
         bench_llama_train.copy_factors_to_peft(theirs, factors)
     return ours, theirs
 
@@ -443,8 +453,11 @@ def _repeated_step_row(s: Suite, build: Callable[[], Dict[str, Tuple[nn.Module, 
                   res["speedup"], target)
     row.results["repeats"] = reps
     mid = sorted(reps, key=lambda r: r["speedup"])[len(reps) // 2]
-    row.check(f"{label} peak memory (median repeat)", mib(mid["ours"]["memory"]), mib(mid["peft"]["memory"]),
-              mid["memory_ratio"])
+    growth = ""
+    if mid["peft"]["step_growth"] > 0:  # the step's own memory, as bench_gpt2_train.py reports it
+        growth = f"; the step's growth alone {mid['ours']['step_growth'] / mid['peft']['step_growth']:.2f}x"
+    row.check(f"{label} peak memory, resident + step (median repeat{growth})", mib(mid["ours"]["memory"]),
+              mib(mid["peft"]["memory"]), mid["memory_ratio"])
     row.check(f"{label} LoRA step / frozen fwd+bwd (time)", f"{mid['lora_over_frozen']:.2f}x",
               f"PEFT {mid['peft_over_frozen']:.2f}x", mid["lora_over_frozen"])
     return row
@@ -475,7 +488,7 @@ def row_smollm2_step(s: Suite) -> Row:
         models = {"ours": (ours, trainable), "peft": bench_llama_train.build("peft", folder, factors),
                   "frozen": bench_llama_train.build("frozen", folder)}
         for model, _ in models.values():
-            model.to(device=s.device, dtype=s.dtype)  # in place: the trainable lists stay valid
+            to_device(model, s.device, s.dtype)  # in place: the trainable lists stay valid
         return models
 
     ids = s.ids(sh.smollm2["vocab_size"], sh.smollm2_batch, sh.smollm2_seq)
@@ -583,8 +596,8 @@ def row_merged_inference(s: Suite) -> Row:
         "GPT-2": (lambda: (bench_gpt2_train.build("merged", str(gpt2), s.device, s.dtype),
                            bench_gpt2_train.build("plain", str(gpt2), s.device, s.dtype)),
                   s.ids(sh.gpt2["vocab_size"], sh.gpt2_batch, sh.gpt2_seq)),
-        "SmolLM2": (lambda: (bench_llama_train.build("ours", smollm2)[0].to(s.device, s.dtype),
-                             bench_llama_train.build("frozen", smollm2)[0].to(s.device, s.dtype)),
+        "SmolLM2": (lambda: (to_device(bench_llama_train.build("ours", smollm2)[0], s.device, s.dtype),
+                             to_device(bench_llama_train.build("frozen", smollm2)[0], s.device, s.dtype)),
                     s.ids(sh.smollm2["vocab_size"], sh.smollm2_batch, sh.smollm2_seq)),
     }
     for i, (name, (build, ids)) in enumerate(cases.items()):
@@ -660,12 +673,18 @@ def run_row(name: str, s: Suite, budget: float, hard: float) -> dict:
     return out
 
 
+def _version(package: str) -> str:
+    """The installed version, or "missing" (the rows that need the package then fail, the others run)."""
+    try:
+        return __import__(package).__version__
+    except ImportError:
+        return "missing"
+
+
 def environment(device: torch.device) -> dict:
-    import peft
-    import transformers
     meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), command=" ".join(sys.argv),
-                python=sys.version.split()[0], torch=torch.__version__, transformers=transformers.__version__,
-                peft=peft.__version__, loralib=loralib.__version__)
+                python=sys.version.split()[0], torch=torch.__version__, transformers=_version("transformers"),
+                peft=_version("peft"), loralib=loralib.__version__)
     if device.type == "cuda":
         meta.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                     memory_gib=torch.cuda.get_device_properties(device).total_memory / 2**30)
