@@ -93,6 +93,19 @@ def test_smoke_run_compares_the_same_function(smoke_report):
     assert llama["gc_on"]["ours"]["hfu"] > llama["gc_on"]["ours"]["mfu"]
 
 
+def test_bf16_build_path_compares_the_same_function(suite):
+    """The GPU's dtype on the CPU: the 7B-shape pair built in bf16 (ours under a bf16 default dtype, PEFT's
+    fp32 adapters cast, rotary frequencies left in fp32 on both sides) still computes one function."""
+    s = suite.Suite(device=torch.device("cpu"), dtype=torch.bfloat16, shapes=suite.TINY, tmp=Path("."))
+    ours, theirs = suite.build_llama_pair(s)
+    assert torch.get_default_dtype() == torch.float32
+    lora = [p for n, p in theirs.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.bfloat16 for p in lora)
+    assert ours.model.rotary_emb.inv_freq.dtype == torch.float32
+    check = suite.loss_and_grads({"ours": ours, "peft": theirs}, s.ids(256, 1, 32))
+    assert check["loss_rel_diff"] < 1e-3 and check["lora_grad_rel_diff"] < 2e-2, check
+
+
 def test_lora_step_flops_is_the_documented_formula(suite):
     from loralib import LoRAConfig
     from loralib.models.llama import LlamaConfig, LlamaForCausalLM
