@@ -1,13 +1,14 @@
 """Every GPU benchmark row in one call (issue 19): one process, timed in interleaved rounds, medians.
 
-    python benchmarks/gpu_suite.py --json $OUT/gpu_suite.json          # CUDA, bf16, about 8 minutes
+    python benchmarks/gpu_suite.py --json $OUT/gpu_suite.json          # CUDA, bf16, 8 minutes at most
     python benchmarks/gpu_suite.py --device cpu --tiny                 # same code, tiny shapes, seconds
     python benchmarks/gpu_suite.py --rows llama7b_step,lorapro         # a subset
 
 Rows (`--rows`, in this order; each reuses the model builders of the single benchmark named):
   llama7b_step      Llama-2-7B shapes (random bf16 weights built on the device), seq 2048, LoRA r 8 alpha 16 on
                     q, k, v, o, gate, up, down; ours vs transformers + PEFT (same weights and factors, SDPA
-                    attention on both sides), gradient checkpointing off and on: tokens/s, peak memory, MFU.
+                    attention on both sides), gradient checkpointing off and on: tokens/s, peak memory, MFU,
+                    and the step against its matrix products and SDPA timed alone (kernel_floor).
   gpt2_step         GPT-2-small shapes, LoRA r 4 on q, v (bench_gpt2_train.py), ours / PEFT / frozen
                     fwd+bwd; three repeats, each with freshly built models and its own interleaved rounds.
   smollm2_step      SmolLM2-135M shapes, random weights, LoRA r 8 on all seven projections
@@ -288,7 +289,7 @@ def measure_device(s: Suite) -> dict:
 # -- rows -------------------------------------------------------------------------------------------
 
 def build_llama_pair(s: Suite):
-    """(ours, PEFT model, our LoRA factors): Llama models of shapes.llama built on the device in the
+    """(ours, transformers + PEFT): Llama models of shapes.llama built on the device in the
     suite's dtype, the same random frozen weights in both (ours copied into transformers'), the same
     LoRA factors (B ~ N(0, 0.02), bench_llama_train.set_lora_factors) on the seven projections."""
     import peft
@@ -381,7 +382,7 @@ def set_checkpointing(ours: nn.Module, theirs: nn.Module, on: bool) -> None:
     hf = theirs.get_base_model()
     if on:
         enable_gradient_checkpointing(ours)
-        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.20
+        if hasattr(hf, "activation_checkpointing_enable"):  # newer transformers (the old name warns)
             hf.activation_checkpointing_enable({"use_reentrant": False})
         else:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
