@@ -33,10 +33,11 @@ from loralib.lora2 import LoRA2Linear, LoRA2RankAllocator  # noqa: E402
 LLAMA_7B_BLOCK = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]
 
 
-def build(kind: str, blocks: int, r: int, k: int, device: str) -> nn.ModuleList:
-    """Adapted layers with real factors and gradients on `device`, frozen weights on meta."""
+def build(kind: str, blocks: int, r: int, k: int, device: str, shapes=LLAMA_7B_BLOCK) -> nn.ModuleList:
+    """Adapted layers ((in, out) per layer of a block in `shapes`) with real factors and gradients on
+    `device`, frozen weights on meta."""
     layers = []
-    for d_in, d_out in LLAMA_7B_BLOCK * blocks:
+    for d_in, d_out in shapes * blocks:
         with torch.device("meta"):
             layer = (SVDLinear(d_in, d_out, r=r, lora_alpha=2 * r) if kind == "adalora"
                      else LoRA2Linear(d_in, d_out, r=r, lora_alpha=2 * r, k=k))
@@ -64,8 +65,9 @@ def timed(fn, warmup: int, repeats: int, device: str) -> float:
     return 1e3 * statistics.median(times)
 
 
-def measure(kind: str, args) -> dict:
-    model = build(kind, args.blocks, args.r, args.k, args.device)
+def measure(kind: str, args, shapes=LLAMA_7B_BLOCK) -> dict:
+    """Median milliseconds of `kind`'s allocator ("adalora" or "lora2"): update, and update + mask."""
+    model = build(kind, args.blocks, args.r, args.k, args.device, shapes)
     cls = RankAllocator if kind == "adalora" else LoRA2RankAllocator
     total = 10 ** 6  # a long budgeting phase: every measured step is in it
 

@@ -38,7 +38,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _common import save_random_model  # noqa: E402
 from loralib.models import from_pretrained, generate  # noqa: E402
 
 SMOLLM2_CONFIG = dict(
@@ -56,12 +58,7 @@ QUESTIONS = ["What is 2+2?", "Name three colours of the rainbow.", "Write a haik
 
 def model_folder(args) -> Path:
     if args.random_weights:
-        import transformers
-        folder = Path(tempfile.mkdtemp(prefix="smollm2-random-"))
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(**{k: v for k, v in SMOLLM2_CONFIG.items() if k != "architectures"})
-        transformers.LlamaForCausalLM(config).save_pretrained(folder)
-        return folder
+        return save_random_model("llama", SMOLLM2_CONFIG, tempfile.mkdtemp(prefix="smollm2-random-"))
     if args.model:
         return Path(args.model)
     sys.path.insert(0, str(REPO / "tests"))
@@ -74,9 +71,7 @@ def gpt2_models(dtype, device):
     import transformers
     from loralib import LoRAConfig
     from loralib.utils import merged_state_dict
-    folder = Path(tempfile.mkdtemp(prefix="gpt2-medium-random-"))
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_MEDIUM_CONFIG)).save_pretrained(folder)
+    folder = save_random_model("gpt2", GPT2_MEDIUM_CONFIG, tempfile.mkdtemp(prefix="gpt2-medium-random-"))
     lora = LoRAConfig(r=4, lora_alpha=32, target_modules=("c_attn",), enable_lora=(True, False, True))
     ours = from_pretrained(folder, lora=lora)
     with torch.no_grad():
@@ -90,6 +85,14 @@ def gpt2_models(dtype, device):
     return ours.to(device=device, dtype=dtype), theirs.to(device=device, dtype=dtype).eval()
 
 
+def smollm2_models(folder: Path, dtype, device):
+    """(our Llama, transformers' AutoModelForCausalLM in eval mode), both from `folder`."""
+    import transformers
+    ours = from_pretrained(folder, dtype=dtype, device=device)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    return ours, theirs
+
+
 def gpt2_prompts(batch: int, device):
     """Random left-padded prompts of 40, 35, 30, 25, 40, ... tokens; pad 50256."""
     g = torch.Generator().manual_seed(0)
@@ -101,8 +104,9 @@ def gpt2_prompts(batch: int, device):
     return ids.masked_fill(mask == 0, 50256).to(device), mask.to(device), 50256
 
 
-def prompts(folder: Path, batch: int, device):
-    """Left-padded chat prompts, tokenized with the folder's tokenizer (or random ids without one)."""
+def prompts(folder: Path, batch: int, device, vocab_size: int = SMOLLM2_CONFIG["vocab_size"]):
+    """Left-padded chat prompts, tokenized with the folder's tokenizer (or random ids below vocab_size
+    without one)."""
     if (folder / "tokenizer.json").is_file():
         from loralib.models import load_tokenizer
         tok = load_tokenizer(folder)
@@ -113,7 +117,7 @@ def prompts(folder: Path, batch: int, device):
         return enc["input_ids"].to(device), enc["attention_mask"].to(device), tok.pad_token_id
     g = torch.Generator().manual_seed(0)
     lengths = [24 - 3 * (i % 4) for i in range(batch)]
-    ids = torch.randint(3, SMOLLM2_CONFIG["vocab_size"], (batch, max(lengths)), generator=g)
+    ids = torch.randint(3, vocab_size, (batch, max(lengths)), generator=g)
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
         mask[row, -n:] = 1
@@ -132,37 +136,9 @@ def timed(fn, device):
     return time.perf_counter() - start, time.process_time() - cpu_start, out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="smollm2", choices=["smollm2", "gpt2"])
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--random-weights", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--beams", type=int, default=10)
-    parser.add_argument("--no-eos", action="store_true", help="beam search without eos ids")
-    parser.add_argument("--rows", default="greedy,beam", help="which rows to run (greedy, beam)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    import transformers
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if args.family == "gpt2":
-        ours, theirs = gpt2_models(dtype, device)
-        ids, mask, pad = gpt2_prompts(args.batch, device)
-        model_name = "GPT-2 medium shapes (random weights, LoRA r 4 merged)"
-    else:
-        folder = model_folder(args)
-        ours = from_pretrained(folder, dtype=dtype, device=device)
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-        ids, mask, pad = prompts(folder, args.batch, device)
-        model_name = f"SmolLM2-135M{' (random weights)' if args.random_weights else ''}"
+def measure(args, ours, theirs, ids, mask, pad, device) -> list:
+    """The rows args.rows names ("greedy", "beam"), each timed --repeats times after one warm-up call, ours
+    and transformers' alternating; args carries family, beams, no_eos, new_tokens, batch, repeats."""
     theirs.generation_config.eos_token_id = None  # only the eos ids passed below count
 
     eos = None if args.no_eos else EOS[args.family]
@@ -198,7 +174,40 @@ def main() -> None:
                          / statistics.median(cpu_times["ours"]),
                          seconds=times, cpu_seconds=cpu_times,
                          new_tokens_generated=outputs["ours"].shape[1] - ids.shape[1]))
+    return rows
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="smollm2", choices=["smollm2", "gpt2"])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--beams", type=int, default=10)
+    parser.add_argument("--no-eos", action="store_true", help="beam search without eos ids")
+    parser.add_argument("--rows", default="greedy,beam", help="which rows to run (greedy, beam)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import transformers
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.family == "gpt2":
+        ours, theirs = gpt2_models(dtype, device)
+        ids, mask, pad = gpt2_prompts(args.batch, device)
+        model_name = "GPT-2 medium shapes (random weights, LoRA r 4 merged)"
+    else:
+        folder = model_folder(args)
+        ours, theirs = smollm2_models(folder, dtype, device)
+        ids, mask, pad = prompts(folder, args.batch, device)
+        model_name = f"SmolLM2-135M{' (random weights)' if args.random_weights else ''}"
+    rows = measure(args, ours, theirs, ids, mask, pad, device)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU, {torch.get_num_threads()} threads")
     print(f"{model_name}, {where}, {args.dtype}, "

@@ -34,6 +34,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import save_random_model  # noqa: E402
 
 SHAPE = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
 LORA = dict(r=4, lora_alpha=32, lora_dropout=0.1)
@@ -109,6 +112,8 @@ def build(variant: str, folder: str, device: str, dtype: torch.dtype):
     model = from_pretrained(folder, task="causal-lm", lora=lora).train()  # train(): unmerged
     if lora is None:
         model.requires_grad_(False)
+        if variant == "frozen":  # gradients flow from the loss down to the embeddings' output
+            model.transformer.drop.register_forward_hook(lambda module, inputs, out: out.requires_grad_())
     else:
         loralib.mark_only_lora_as_trainable(model)
         for _, layer in loralib.lora_layers(model):
@@ -136,8 +141,6 @@ def run_training(variant, folder, device, dtype, ids, warmup, steps) -> dict:
     model = build(variant, folder, device, dtype).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if variant == "frozen":
-        model.transformer.drop.register_forward_hook(lambda module, inputs, out: out.requires_grad_())
-
         def step():
             model(input_ids=ids, labels=ids).loss.backward()
     else:
@@ -193,12 +196,9 @@ def main():
     if args._child:  # one variant, in a fresh process
         return child(args, args.dtype)
 
-    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel as HFModel
-
-    torch.manual_seed(0)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        HFModel(HFConfig(**SHAPE)).save_pretrained(tmp)  # random weights, in the Hugging Face layout
+        save_random_model("gpt2", SHAPE, tmp)  # random weights, in the Hugging Face layout
         for variant in args.variants.split(","):
             cmd = [sys.executable, os.path.abspath(__file__), "--_child", variant, "--_model", tmp]
             for flag in ("device", "dtype", "steps", "warmup", "batch", "seq"):

@@ -19,42 +19,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import interleaved, medians  # noqa: E402
 from _reference import load_ms_loralib  # noqa: E402
 
 D, R, BATCH, SEQ = 1024, 4, 8, 512
 
 
 class PeftQKV(nn.Module):
-    def __init__(self):
+    def __init__(self, d: int = D):
         super().__init__()
-        self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
 
     def forward(self, x):
         return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
 
 
-def build(kind: str) -> nn.Module:
+def build(kind: str, d: int = D) -> nn.Module:
+    """One fused q|k|v projection d -> 3d of `kind` ("ours", "microsoft", "peft", "plain"), fp32, CPU."""
     torch.manual_seed(0)
     if kind == "ours":
         import loralib
-        layer = loralib.MergedLinear(D, 3 * D, r=R, lora_alpha=2 * R, enable_lora=[True, False, True])
+        layer = loralib.MergedLinear(d, 3 * d, r=R, lora_alpha=2 * R, enable_lora=[True, False, True])
     elif kind == "microsoft":
-        layer = load_ms_loralib().MergedLinear(D, 3 * D, r=R, lora_alpha=2 * R, enable_lora=[True, False, True])
+        layer = load_ms_loralib().MergedLinear(d, 3 * d, r=R, lora_alpha=2 * R, enable_lora=[True, False, True])
     elif kind == "peft":
         import peft
-        layer = peft.get_peft_model(PeftQKV(), peft.LoraConfig(r=R, lora_alpha=2 * R, target_modules=["q", "v"]))
+        layer = peft.get_peft_model(PeftQKV(d), peft.LoraConfig(r=R, lora_alpha=2 * R, target_modules=["q", "v"]))
     elif kind == "plain":
-        layer = nn.Linear(D, 3 * D)
+        layer = nn.Linear(d, 3 * d)
     else:
         raise ValueError(kind)
     with torch.no_grad():
@@ -81,20 +81,6 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> in
         out = layer(x)
     out.backward(grad_out)
     return sum(storages.values())
-
-
-def interleaved_times(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each function, calling them in turn each round, so that a change in
-    machine load during the run affects all of them alike."""
-    for fn in fns.values():
-        fn(), fn()
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
 def _status_kib(field: str) -> int:
@@ -140,7 +126,7 @@ def main() -> None:
     for layer in layers.values():
         layer.train()
     steps = {kind: (lambda layer=layer: step(layer, x, grad_out)) for kind, layer in layers.items()}
-    times = interleaved_times(steps, args.repeats)
+    times = medians(interleaved(steps, args.repeats, warmup=2))
     rows = {kind: dict(time=times[kind], saved=saved_bytes(layer, x, grad_out), rss=peak_rss(kind))
             for kind, layer in layers.items()}
     print("| layer (train step) | fwd+bwd ms | vs microsoft | vs PEFT | saved for backward MiB | peak RSS growth MiB |")
@@ -153,7 +139,7 @@ def main() -> None:
     ours, plain = build("ours").eval(), build("plain").eval()
     xi = torch.randn(BATCH, SEQ, D)
     with torch.no_grad():
-        t = interleaved_times({"ours": lambda: ours(xi), "plain": lambda: plain(xi)}, args.repeats)
+        t = medians(interleaved({"ours": lambda: ours(xi), "plain": lambda: plain(xi)}, args.repeats, warmup=2))
     t_ours, t_plain = t["ours"], t["plain"]
     print(f"\n| inference | ms | ratio |\n|---|---|---|\n| nn.Linear | {t_plain * 1e3:.1f} | 1.00x |\n"
           f"| ours, merged | {t_ours * 1e3:.1f} | {t_ours / t_plain:.3f}x |")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _common import interleaved, medians  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 R, ALPHA = 8, 16
@@ -80,6 +82,20 @@ def set_lora_factors(model, factors=None) -> dict:
     return used
 
 
+def copy_factors_to_peft(model, factors: dict) -> None:
+    """Give a PEFT LoRA model the factors {module path: (A (r, in), B (out, r))} of our model's adapters
+    (see set_lora_factors); every path must have a PEFT adapter."""
+    todo = dict(factors)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            key = name.removeprefix("base_model.model.")
+            if key in todo and hasattr(module, "lora_A"):
+                A, B = todo.pop(key)
+                module.lora_A["default"].weight.copy_(A)
+                module.lora_B["default"].weight.copy_(B)
+    assert not todo, f"PEFT model lacks LoRA on {sorted(todo)[:3]}"
+
+
 def build(variant: str, folder: Path, factors=None):
     """(model in train mode, trainable parameters) for "ours", "peft" (both with the LoRA `factors`, see
     set_lora_factors) or "frozen" (ours without LoRA, every weight frozen)."""
@@ -91,15 +107,7 @@ def build(variant: str, folder: Path, factors=None):
         assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
         model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
                                                            target_modules=list(TARGETS)))
-        todo = dict(factors)
-        with torch.no_grad():
-            for name, module in model.named_modules():
-                key = name.removeprefix("base_model.model.")
-                if key in todo and hasattr(module, "lora_A"):
-                    A, B = todo.pop(key)
-                    module.lora_A["default"].weight.copy_(A)
-                    module.lora_B["default"].weight.copy_(B)
-        assert not todo, f"PEFT model lacks LoRA on {sorted(todo)[:3]}"
+        copy_factors_to_peft(model, factors)
         model.train()
     else:
         import loralib
@@ -126,6 +134,7 @@ def make_step(model, trainable):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    step.optimizer = opt
     return step
 
 
@@ -189,20 +198,6 @@ def peak_rss(variant: str, args, factors_file: str) -> int:
     return json.loads(lines[-1][len("RESULT "):])["peak_rss_growth"]
 
 
-def interleaved(fns: dict, rounds: int, warmup: int = 0) -> dict:
-    """Median seconds per call of each function, called in turn each round."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds (each variant once per round)")
@@ -233,13 +228,13 @@ def main() -> None:
                  f"{grad_rel:.1e}")
     saved = {v: first[v][2] for v in TRAINING}
     steps = {v: (lambda step=make_step(*models[v]): step(ids)) for v in TRAINING}
-    times = interleaved(steps, args.rounds)
+    times = medians(interleaved(steps, args.rounds))
 
     # merged inference: our LoRA model after eval() against the plain model (the frozen one), no grad
     ours, plain = models["ours"][0].eval(), models["frozen"][0].eval()
     with torch.no_grad():
-        infer = interleaved({"merged": lambda: ours(input_ids=ids), "plain": lambda: plain(input_ids=ids)},
-                            args.rounds, warmup=1)
+        infer = medians(interleaved({"merged": lambda: ours(input_ids=ids), "plain": lambda: plain(input_ids=ids)},
+                                    args.rounds, warmup=1))
     del models, ours, plain, steps
     with tempfile.TemporaryDirectory() as tmp:
         factors_file = os.path.join(tmp, "factors.pt")

@@ -26,11 +26,13 @@ HIDDEN, INTERMEDIATE, N_BLOCKS_7B, R = 4096, 11008, 32, 8
 BLOCK_SHAPES = [(HIDDEN, HIDDEN)] * 4 + [(HIDDEN, INTERMEDIATE)] * 2 + [(INTERMEDIATE, HIDDEN)]  # (in, out)
 
 
-def build(blocks: int, device: str) -> nn.Module:
+def build(blocks: int, device: str, shapes=BLOCK_SHAPES) -> nn.Module:
+    """blocks x len(shapes) LoRA layers (shapes: (in, out) per layer of a block) with fp32 factors and
+    gradients on `device`."""
     torch.manual_seed(0)
     layers = nn.ModuleList()
     for _ in range(blocks):
-        for fan_in, fan_out in BLOCK_SHAPES:
+        for fan_in, fan_out in shapes:
             # The frozen weight is never read by the optimizer (weight decay 0): a zero-stride stand-in
             # with the right shape and no memory, so 32 blocks fit beside the full mode's state.
             layer = loralib.Linear(fan_in, fan_out, r=R, lora_alpha=16, device="meta")

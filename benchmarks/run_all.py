@@ -2,6 +2,9 @@
 
 Each benchmark is its own script (see its docstring); this runner only sequences them and stops at the
 first failure. Pass names to run a subset: python benchmarks/run_all.py layers lorapro
+
+The GPU rows are not here: benchmarks/gpu_suite.py runs all of them in one process on one GPU (its CPU mode,
+--device cpu --tiny, is a smoke run only: tests/test_gpu_suite.py).
 """
 from __future__ import annotations
 
