@@ -102,6 +102,17 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def method_of(config: dict) -> Optional[str]:
+    """The method of a run_config.json, by its canonical name (LoRA+ is LoRA with a loraplus_lr_ratio)."""
+    method = config.get("method")
+    if not isinstance(method, str):
+        return None
+    method = METHOD_ALIASES.get(method.lower(), method.lower())
+    if method == "lora" and config.get("loraplus_lr_ratio") is not None:
+        method = "loraplus"
+    return method
+
+
 def _read_run(folder: Path, root: Path) -> Run:
     name = folder.relative_to(root).as_posix() if folder != root else folder.name
     run = Run(folder, name, None, None, None, None)
@@ -109,12 +120,7 @@ def _read_run(folder: Path, root: Path) -> Run:
     if config_file.is_file():
         cfg = _read_json(config_file)
         run.model_name, run.model_path = cfg.get("model_name_or_path"), cfg.get("model_path")
-        method = cfg.get("method")
-        if isinstance(method, str):
-            method = METHOD_ALIASES.get(method.lower(), method.lower())
-            if method == "lora" and cfg.get("loraplus_lr_ratio") is not None:
-                method = "loraplus"
-        run.method = method
+        run.method = method_of(cfg)
         lora = cfg.get("lora")
         run.r = lora.get("r") if isinstance(lora, dict) else None
     results_file = folder / "eval_results.json"
