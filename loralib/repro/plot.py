@@ -211,7 +211,7 @@ def write_curves(runs: Sequence[Curves], out: os.PathLike | str, title: str = "T
     colours = {m: palette(i % 10) for i, m in enumerate(methods)}
     tasks = list(dict.fromkeys(run.task for run in runs))
     styles = {t: ("-", "--", ":", "-.")[i % 4] for i, t in enumerate(tasks)}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)  # a final-only eval sits at its step
     for label, method, members in groups:
         style = styles[members[0].task]
         _draw(left, [run.loss for run in members], colours[method], style, label)
