@@ -19,7 +19,13 @@ the monorepo, through the same entry points a paper run uses, ending in the `lor
    6% warm-up, max_seq_length 64 and seed for all; lr 5e-5 for full fine-tuning, 1e-3 for the others (LoRA+:
    1e-3 for A, 16e-3 for B); the whole dev set (600) scored per run. On an idle 2-core machine 40 steps of
    batch 8 took 15 s (full fine-tuning) and 5-7 s (the LoRA family), which is what sets these budgets.
-4. `loralib compare OUT` prints the table and writes OUT/compare.png (OUT: outputs/demo, git-ignored).
+4. `loralib plot OUT` draws every run's training loss (and final dev score) against step into OUT/curves.png;
+   `loralib compare OUT --report OUT/report.html` prints the table and writes OUT/compare.png and one page with
+   both figures, the table and each run's configuration (OUT: outputs/demo, git-ignored).
+
+Before it starts the demo prints its plan and an estimated total time (re-estimated after each run from the
+pace the machine actually has); during each run the loop's progress (a bar on a terminal, a line every 30 s
+otherwise: loralib.train.progress); after each run its wall time and dev score.
 
 What it shows: the same entry points, data pipeline, adapters and results files as the papers' runs, on
 a budget of minutes; which methods learn fastest from a few hundred examples. What it does not show: the
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import sys
 import time
@@ -110,7 +117,7 @@ def run_argv(method: DemoMethod, model: Path, task: str, data_dir: Path, out: Pa
             "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "64",
             "--learning_rate", f"{method.lr:g}", "--max_steps", str(steps), "--warmup_ratio", "0.06",
             "--lr_scheduler_type", "linear", "--logging_steps", str(max(1, steps // 4)), "--save_strategy", "no",
-            "--seed", str(seed), "--disable_tqdm"]
+            "--seed", str(seed)]  # no --disable_tqdm: a bar on a terminal, progress lines otherwise
     if method.entry != "loraplus":  # LoRA+'s script trains and evaluates by default
         argv += ["--do_train", "--do_eval"]
     if max_train:
@@ -118,6 +125,38 @@ def run_argv(method: DemoMethod, model: Path, task: str, data_dir: Path, out: Pa
     if max_eval:
         argv += ["--max_eval_samples", str(max_eval)]
     return argv + list(method.flags)
+
+
+# Seconds per training example (seq 64) and per scored dev example on an idle 2-core machine, set so that the
+# estimate of the default demo (150 steps of batch 16, 600 dev examples) is the 4 min 13 s the README reports;
+# full fine-tuning updates every weight (about 2.5x the LoRA family's step).
+SECONDS_PER_EXAMPLE = {"full": 0.03}
+SECONDS_PER_EXAMPLE_LORA = 0.012
+SECONDS_PER_EVAL_EXAMPLE = 0.005
+SECONDS_PER_RUN = 4.0  # loading the model and the data
+
+
+def estimate_seconds(method: DemoMethod, steps: int, batch: int, eval_examples: int) -> float:
+    """A guess at one run's wall time on an idle 2-core machine (what the plan prints before starting)."""
+    per_example = SECONDS_PER_EXAMPLE.get(method.name, SECONDS_PER_EXAMPLE_LORA)
+    return SECONDS_PER_RUN + steps * batch * per_example + eval_examples * SECONDS_PER_EVAL_EXAMPLE
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def score(run_dir: Path) -> str:
+    """The run's dev score as the table will show it ("accuracy 82.33 on 600 dev examples")."""
+    try:
+        results = json.loads((run_dir / "eval_results.json").read_text())
+    except (OSError, ValueError):
+        return "no eval_results.json"
+    metrics = [(k, v) for k, v in results.items() if k not in ("task", "split", "num_examples")
+               and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    shown = ", ".join(f"{k} {100 * v:.2f}" if abs(v) <= 1 else f"{k} {v:.4g}" for k, v in metrics)
+    return f"{shown or 'no metric'} on {results.get('num_examples', '?')} dev examples"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -171,30 +210,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not logging.getLogger().handlers:  # the runs' INFO lines would bury the summary
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    plan = [(task, method) for task in tasks for method in chosen]
+    guesses = [estimate_seconds(method, steps, args.batch_size, max_eval) for _, method in plan]
+    print(f"plan: {len(plan)} runs of {steps} steps of batch {args.batch_size} on {', '.join(tasks)} "
+          f"({', '.join(m.name for m in chosen)}), dev examples scored per run: {max_eval}, into {out}", flush=True)
+    for (task, method), guess in zip(plan, guesses):
+        print(f"  {task} / {method.name:<9} {ENTRY_POINTS[method.entry]:<26} lr {method.lr:g}   ~{_duration(guess)}",
+              flush=True)
+    print(f"estimated total: about {_duration(sum(guesses))} on an idle 2-core machine (longer on a busy one; "
+          "re-estimated after each run from the time the runs took)", flush=True)
+
     entry_points: Dict[str, Callable] = {}
     timings = []
-    for task in tasks:
-        for method in chosen:
-            if method.entry not in entry_points:
-                entry_points[method.entry] = _load_script(ENTRY_POINTS[method.entry], f"demo_run_glue_{method.entry}").main
-            run_dir = out / f"{task}-{method.name}"
-            run = run_argv(method, model, task, data_dir, run_dir, steps, args.batch_size, max_train, max_eval,
-                           args.seed)
-            print(f"\n== {task} / {method.name}: python {ENTRY_POINTS[method.entry]} {' '.join(run)}", flush=True)
-            t0 = time.perf_counter()
-            rc = entry_points[method.entry](run)
-            timings.append((task, method.name, time.perf_counter() - t0))
-            if rc != 0:
-                print(f"error: {task} / {method.name} failed (exit {rc})", file=sys.stderr)
-                return rc
-            print(f"   {timings[-1][2]:.0f} s", flush=True)
+    for i, ((task, method), guess) in enumerate(zip(plan, guesses)):
+        if method.entry not in entry_points:
+            entry_points[method.entry] = _load_script(ENTRY_POINTS[method.entry], f"demo_run_glue_{method.entry}").main
+        run_dir = out / f"{task}-{method.name}"
+        run = run_argv(method, model, task, data_dir, run_dir, steps, args.batch_size, max_train, max_eval, args.seed)
+        print(f"\n== [{i + 1}/{len(plan)}] {task} / {method.name}: python {ENTRY_POINTS[method.entry]} {' '.join(run)}",
+              flush=True)
+        t0 = time.perf_counter()
+        rc = entry_points[method.entry](run)
+        timings.append((task, method.name, time.perf_counter() - t0))
+        if rc != 0:
+            print(f"error: {task} / {method.name} failed (exit {rc})", file=sys.stderr)
+            return rc
+        # the machine's pace so far (measured / estimated) scales the estimate of the runs left
+        pace = sum(t for _, _, t in timings) / sum(guesses[:i + 1])
+        left = pace * sum(guesses[i + 1:])
+        print(f"   {task} / {method.name}: {_duration(timings[-1][2])}, {score(run_dir)}"
+              + (f"; about {_duration(left)} left" if i + 1 < len(plan) else ""), flush=True)
 
-    from .repro import compare
+    from .repro import compare, plot
 
-    print("\n== loralib compare " + str(out), flush=True)
-    rc = compare.main([str(out), "--out", str(out / "compare.png")])
-    print("\nseconds per run: " + ", ".join(f"{t}/{m} {s:.0f}" for t, m, s in timings))
-    print(f"demo wall time: {time.perf_counter() - started:.0f} s; results in {out}, chart {out / 'compare.png'}")
+    print("\n== loralib plot " + str(out), flush=True)
+    plot.main([str(out), "--out", str(out / "curves.png")])
+    print("\n== loralib compare " + str(out) + " --report " + str(out / "report.html"), flush=True)
+    rc = compare.main([str(out), "--out", str(out / "compare.png"), "--report", str(out / "report.html")])
+    print("\nwall time per run: " + ", ".join(f"{t}/{m} {_duration(s)}" for t, m, s in timings))
+    print(f"demo wall time: {_duration(time.perf_counter() - started)}; results in {out}: compare.png (chart), "
+          f"curves.png (training curves), report.html (everything, one page to open in a browser)")
     print(NOTE)
     return rc
 

@@ -7,6 +7,7 @@ The MiniLM / real-WordNet part runs only where those are installed.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -227,6 +228,20 @@ def test_demo_quick_on_a_tiny_model(files, tmp_path, capsys, monkeypatch):
     assert _json(out / "wn-lex-adalora" / "run_config.json")["flavour"] == "lora2"
     assert (out / "compare.png").stat().st_size > 0
     assert "lorapro" in printed and "wn-lex" in printed and "not the papers' numbers" in printed
+    # before: the plan and an estimate; after each run: its wall time and score; at the end: the three files
+    assert "plan: 12 runs of 3 steps of batch 4 on wn-lex, wn-pair" in printed
+    assert re.search(r"estimated total: about \d+ s", printed)
+    guess = demo_glue.estimate_seconds(demo_glue.methods(3)[0], 150, 16, 600)
+    assert 60 < guess < 100  # full fine-tuning's share of the README's 4 min 13 s
+    for task in ("wn-lex", "wn-pair"):
+        results = _json(out / f"{task}-lora2" / "eval_results.json")
+        assert re.search(rf"{task} / lora2: \d+ s, accuracy {100 * results['accuracy']:.2f}.* on "
+                         rf"{results['num_examples']} dev examples", printed)
+    assert re.search(r"\[12/12\] wn-pair / lorapro", printed) and "about" in printed
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2 and "wn-pair-lorapro" in page
+    assert "report.html (everything, one page to open in a browser)" in printed
 
 
 def test_demo_builds_missing_wordnet_tasks_and_refuses_bad_flags(tmp_path, monkeypatch, capsys):
