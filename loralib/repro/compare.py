@@ -289,9 +289,16 @@ def write_chart(rows: Sequence[Row], out: os.PathLike | str, title: str = "Repor
     ax.set_ylabel("score (x100 where reported in per cent)")
     ax.set_title(title + ("  (— : no reported number)" if not all(has_reported) else ""))
     ax.legend()
+    return save_figure(fig, out, dpi=120)
+
+
+def save_figure(fig, out: Path, dpi: int) -> Path:
+    """Lay out, write the PNG atomically (a reader never sees half a file), close the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = out.with_name(".tmp-" + out.name)
-    fig.savefig(tmp, dpi=120, format="png")
+    fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     os.replace(tmp, out)
     return out

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .compare import FRACTION_METRICS, method_of
+from .compare import FRACTION_METRICS, method_of, save_figure
 
 PREFERRED = ("accuracy", "matthews_correlation", "pearson", "spearmanr", "f1", "loss")
 METHOD_ORDER = ("full", "lora", "loraplus", "adalora", "lora2", "lorapro")
@@ -227,12 +227,7 @@ def write_curves(runs: Sequence[Curves], out: os.PathLike | str, title: str = "T
     if groups:
         left.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    tmp = out.with_name(".tmp-" + out.name)
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def plot_runs(dirs: Sequence[os.PathLike | str], out: Optional[os.PathLike | str] = None) -> Tuple[Path, List[str]]:
