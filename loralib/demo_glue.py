@@ -110,13 +110,16 @@ def ensure_wordnet_tasks(data_dir: Path, wordnet_dir: str, tasks: Sequence[str])
 
 
 def run_argv(method: DemoMethod, model: Path, task: str, data_dir: Path, out: Path, steps: int, batch: int,
-             max_train: Optional[int], max_eval: Optional[int], seed: int) -> List[str]:
-    """The command line of one run (what one would type after `python <entry point>`)."""
+             max_train: Optional[int], max_eval: Optional[int], seed: int, eval_steps: int = 0) -> List[str]:
+    """The command line of one run (what one would type after `python <entry point>`). The loss is logged about
+    30 times per run (the curves); logging does not change what is computed. eval_steps > 0 adds an evaluation
+    every eval_steps steps (the curves' evaluation line; the loop restores the random state after each, so the
+    final scores are the same, the run only takes longer)."""
     argv = ["--model_name_or_path", str(model), "--task_name", task, "--data_dir", str(data_dir),
             "--output_dir", str(out), "--overwrite_output_dir", "--max_seq_length", "64",
             "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "64",
             "--learning_rate", f"{method.lr:g}", "--max_steps", str(steps), "--warmup_ratio", "0.06",
-            "--lr_scheduler_type", "linear", "--logging_steps", str(max(1, steps // 4)), "--save_strategy", "no",
+            "--lr_scheduler_type", "linear", "--logging_steps", str(max(1, steps // 30)), "--save_strategy", "no",
             "--seed", str(seed)]  # no --disable_tqdm: a bar on a terminal, progress lines otherwise
     if method.entry != "loraplus":  # LoRA+'s script trains and evaluates by default
         argv += ["--do_train", "--do_eval"]
@@ -124,6 +127,8 @@ def run_argv(method: DemoMethod, model: Path, task: str, data_dir: Path, out: Pa
         argv += ["--max_train_samples", str(max_train)]
     if max_eval:
         argv += ["--max_eval_samples", str(max_eval)]
+    if eval_steps:
+        argv += ["--evaluation_strategy", "steps", "--eval_steps", str(eval_steps)]
     return argv + list(method.flags)
 
 
@@ -172,6 +177,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_eval_samples", type=int, default=None, help="dev examples scored per run (default: the whole dev set, 600; --quick 64)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval_steps", type=int, default=0,
+                        help="also score the dev set every N steps: an evaluation line in curves.png, same final "
+                             "scores, longer runs (default 0: once, after training)")
     parser.add_argument("--quick", action="store_true", help="a few dozen steps per method: checks the pipeline only")
     args = parser.parse_args(argv)
 
@@ -179,6 +187,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     steps = args.max_steps if args.max_steps is not None else (12 if args.quick else 150)
     if steps <= 0:
         parser.error(f"--max_steps must be > 0, got {steps}")
+    if args.eval_steps < 0:
+        parser.error(f"--eval_steps must be >= 0, got {args.eval_steps}")
     max_eval = args.max_eval_samples or (64 if args.quick else 600)
     max_train = steps * args.batch_size if args.quick else None
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -211,7 +221,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     plan = [(task, method) for task in tasks for method in chosen]
-    guesses = [estimate_seconds(method, steps, args.batch_size, max_eval) for _, method in plan]
+    evaluations = 1 + (steps // args.eval_steps if args.eval_steps else 0)
+    guesses = [estimate_seconds(method, steps, args.batch_size, max_eval * evaluations) for _, method in plan]
     print(f"plan: {len(plan)} runs of {steps} steps of batch {args.batch_size} on {', '.join(tasks)} "
           f"({', '.join(m.name for m in chosen)}), dev examples scored per run: {max_eval}, into {out}", flush=True)
     for (task, method), guess in zip(plan, guesses):
@@ -226,7 +237,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if method.entry not in entry_points:
             entry_points[method.entry] = _load_script(ENTRY_POINTS[method.entry], f"demo_run_glue_{method.entry}").main
         run_dir = out / f"{task}-{method.name}"
-        run = run_argv(method, model, task, data_dir, run_dir, steps, args.batch_size, max_train, max_eval, args.seed)
+        run = run_argv(method, model, task, data_dir, run_dir, steps, args.batch_size, max_train, max_eval, args.seed,
+                       args.eval_steps)
         print(f"\n== [{i + 1}/{len(plan)}] {task} / {method.name}: python {ENTRY_POINTS[method.entry]} {' '.join(run)}",
               flush=True)
         t0 = time.perf_counter()
