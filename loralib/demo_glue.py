@@ -133,10 +133,12 @@ def run_argv(method: DemoMethod, model: Path, task: str, data_dir: Path, out: Pa
 
 
 # Seconds per training example (seq 64) and per scored dev example on an idle 2-core machine, set so that the
-# estimate of the default demo (150 steps of batch 16, 600 dev examples) is the 4 min 13 s the README reports;
-# full fine-tuning updates every weight (about 2.5x the LoRA family's step).
-SECONDS_PER_EXAMPLE = {"full": 0.03}
-SECONDS_PER_EXAMPLE_LORA = 0.012
+# estimate of the default demo (150 steps of batch 16, 600 dev examples) is the 4 min 13 s the README reports.
+# Full fine-tuning's step costs 1.5x a LoRA-family step here: 2-3x on an idle machine (the budgets above), about
+# 1x on a busy one (a shared machine, 1 thread: 165 s for full, 111-176 s for the others); the re-estimate after
+# each run follows the machine's actual pace.
+SECONDS_PER_EXAMPLE = {"full": 0.02}
+SECONDS_PER_EXAMPLE_LORA = 0.0135
 SECONDS_PER_EVAL_EXAMPLE = 0.005
 SECONDS_PER_RUN = 4.0  # loading the model and the data
 
