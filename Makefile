@@ -8,7 +8,7 @@ MS_LORALIB  := $(CACHE)/wheels/loralib-0.1.2-py3-none-any.whl
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 
-.PHONY: demo demo-digits test venv bench clean java-runtime
+.PHONY: demo demo-digits test venv bench clean java-runtime chromium
 
 DEEPSPEED   := deepspeed==0.19.8
 WORDNET_DIR := /usr/share/wordnet
@@ -53,6 +53,11 @@ java-runtime:
 	@command -v java >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq default-jre-headless; \
 	else echo "Java missing: apt-get install default-jre-headless (as root); the NLG metric tests will skip"; fi; }
 
+# A real headless browser opens `loralib compare --report`'s page in tests/test_report.py (Debian's Chromium).
+chromium:
+	@command -v chromium >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	else echo "Chromium missing: apt-get install chromium (as root); the report's browser test will skip"; fi; }
+
 # microsoft's loralib 0.1.2 is a test reference; it installs under the import name `loralib`,
 # so tests load it from the wheel under another name instead of installing it.
 $(MS_LORALIB):
@@ -60,7 +65,8 @@ $(MS_LORALIB):
 	$(PY) -m pip download -q --no-deps loralib==0.1.2 -d $(CACHE)/wheels
 
 # The main job: MiniLM (real BERT weights) on a GLUE-format WordNet task with full fine-tuning, LoRA, LoRA+,
-# AdaLoRA, LoRA² and LoRA-Pro through the subprojects' run_glue.py, then the compare table and chart.
+# AdaLoRA, LoRA² and LoRA-Pro through the subprojects' run_glue.py, then the compare table and chart, the training
+# curves (curves.png) and one page to open (outputs/demo/report.html).
 demo: $(STAMP) $(WORDNET_DIR)
 	$(PY) -m loralib.demo_glue $(DEMO_ARGS)
 
@@ -68,7 +74,7 @@ demo: $(STAMP) $(WORDNET_DIR)
 demo-digits: $(STAMP)
 	$(PY) -m loralib.demo
 
-test: $(STAMP) $(MS_LORALIB) $(WORDNET_DIR) $(GPT2_BPE) $(PUNKT_TAB) java-runtime
+test: $(STAMP) $(MS_LORALIB) $(WORDNET_DIR) $(GPT2_BPE) $(PUNKT_TAB) java-runtime chromium
 	LORALIB_REFERENCE_WHEEL=$(MS_LORALIB) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP) $(MS_LORALIB)

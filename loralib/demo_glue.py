@@ -19,7 +19,13 @@ the monorepo, through the same entry points a paper run uses, ending in the `lor
    6% warm-up, max_seq_length 64 and seed for all; lr 5e-5 for full fine-tuning, 1e-3 for the others (LoRA+:
    1e-3 for A, 16e-3 for B); the whole dev set (600) scored per run. On an idle 2-core machine 40 steps of
    batch 8 took 15 s (full fine-tuning) and 5-7 s (the LoRA family), which is what sets these budgets.
-4. `loralib compare OUT` prints the table and writes OUT/compare.png (OUT: outputs/demo, git-ignored).
+4. `loralib plot OUT` draws every run's training loss (and final dev score) against step into OUT/curves.png;
+   `loralib compare OUT --report OUT/report.html` prints the table and writes OUT/compare.png and one page with
+   both figures, the table and each run's configuration (OUT: outputs/demo, git-ignored).
+
+Before it starts the demo prints its plan and an estimated total time (re-estimated after each run from the
+pace the machine actually has); during each run the loop's progress (a bar on a terminal, a line every 30 s
+otherwise: loralib.train.progress); after each run its wall time and dev score.
 
 What it shows: the same entry points, data pipeline, adapters and results files as the papers' runs, on
 a budget of minutes; which methods learn fastest from a few hundred examples. What it does not show: the
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import sys
 import time
@@ -103,21 +110,60 @@ def ensure_wordnet_tasks(data_dir: Path, wordnet_dir: str, tasks: Sequence[str])
 
 
 def run_argv(method: DemoMethod, model: Path, task: str, data_dir: Path, out: Path, steps: int, batch: int,
-             max_train: Optional[int], max_eval: Optional[int], seed: int) -> List[str]:
-    """The command line of one run (what one would type after `python <entry point>`)."""
+             max_train: Optional[int], max_eval: Optional[int], seed: int, eval_steps: int = 0) -> List[str]:
+    """The command line of one run (what one would type after `python <entry point>`). The loss is logged about
+    30 times per run (the curves); logging does not change what is computed. eval_steps > 0 adds an evaluation
+    every eval_steps steps (the curves' evaluation line; the loop restores the random state after each, so the
+    final scores are the same, the run only takes longer)."""
     argv = ["--model_name_or_path", str(model), "--task_name", task, "--data_dir", str(data_dir),
             "--output_dir", str(out), "--overwrite_output_dir", "--max_seq_length", "64",
             "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "64",
             "--learning_rate", f"{method.lr:g}", "--max_steps", str(steps), "--warmup_ratio", "0.06",
-            "--lr_scheduler_type", "linear", "--logging_steps", str(max(1, steps // 4)), "--save_strategy", "no",
-            "--seed", str(seed), "--disable_tqdm"]
+            "--lr_scheduler_type", "linear", "--logging_steps", str(max(1, steps // 30)), "--save_strategy", "no",
+            "--seed", str(seed)]  # no --disable_tqdm: a bar on a terminal, progress lines otherwise
     if method.entry != "loraplus":  # LoRA+'s script trains and evaluates by default
         argv += ["--do_train", "--do_eval"]
     if max_train:
         argv += ["--max_train_samples", str(max_train)]
     if max_eval:
         argv += ["--max_eval_samples", str(max_eval)]
+    if eval_steps:
+        argv += ["--evaluation_strategy", "steps", "--eval_steps", str(eval_steps)]
     return argv + list(method.flags)
+
+
+# Seconds per training example (seq 64) and per scored dev example on an idle 2-core machine, set so that the
+# estimate of the default demo (150 steps of batch 16, 600 dev examples) is the 4 min 13 s the README reports.
+# Full fine-tuning's step costs 1.5x a LoRA-family step here: 2-3x on an idle machine (the budgets above), about
+# 1x on a busy one (a shared machine, 1 thread: 165 s for full, 111-176 s for the others); the re-estimate after
+# each run follows the machine's actual pace.
+SECONDS_PER_EXAMPLE = {"full": 0.02}
+SECONDS_PER_EXAMPLE_LORA = 0.0135
+SECONDS_PER_EVAL_EXAMPLE = 0.005
+SECONDS_PER_RUN = 4.0  # loading the model and the data
+
+
+def estimate_seconds(method: DemoMethod, steps: int, batch: int, eval_examples: int) -> float:
+    """A guess at one run's wall time on an idle 2-core machine (what the plan prints before starting)."""
+    per_example = SECONDS_PER_EXAMPLE.get(method.name, SECONDS_PER_EXAMPLE_LORA)
+    return SECONDS_PER_RUN + steps * batch * per_example + eval_examples * SECONDS_PER_EVAL_EXAMPLE
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def score(run_dir: Path) -> str:
+    """The run's dev score as the table will show it ("accuracy 82.33 on 600 dev examples")."""
+    try:
+        results = json.loads((run_dir / "eval_results.json").read_text())
+    except (OSError, ValueError):
+        return "no eval_results.json"
+    metrics = [(k, v) for k, v in results.items() if k not in ("task", "split", "num_examples")
+               and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    shown = ", ".join(f"{k} {100 * v:.2f}" if abs(v) <= 1 else f"{k} {v:.4g}" for k, v in metrics)
+    return f"{shown or 'no metric'} on {results.get('num_examples', '?')} dev examples"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -133,6 +179,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_eval_samples", type=int, default=None, help="dev examples scored per run (default: the whole dev set, 600; --quick 64)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval_steps", type=int, default=0,
+                        help="also score the dev set every N steps: an evaluation line in curves.png, same final "
+                             "scores, longer runs (default 0: once, after training)")
     parser.add_argument("--quick", action="store_true", help="a few dozen steps per method: checks the pipeline only")
     args = parser.parse_args(argv)
 
@@ -140,6 +189,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     steps = args.max_steps if args.max_steps is not None else (12 if args.quick else 150)
     if steps <= 0:
         parser.error(f"--max_steps must be > 0, got {steps}")
+    if args.eval_steps < 0:
+        parser.error(f"--eval_steps must be >= 0, got {args.eval_steps}")
     max_eval = args.max_eval_samples or (64 if args.quick else 600)
     max_train = steps * args.batch_size if args.quick else None
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -171,30 +222,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not logging.getLogger().handlers:  # the runs' INFO lines would bury the summary
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    plan = [(task, method) for task in tasks for method in chosen]
+    evaluations = 1 + (steps // args.eval_steps if args.eval_steps else 0)
+    guesses = [estimate_seconds(method, steps, args.batch_size, max_eval * evaluations) for _, method in plan]
+    print(f"plan: {len(plan)} runs of {steps} steps of batch {args.batch_size} on {', '.join(tasks)} "
+          f"({', '.join(m.name for m in chosen)}), dev examples scored per run: {max_eval}, into {out}", flush=True)
+    for (task, method), guess in zip(plan, guesses):
+        print(f"  {task} / {method.name:<9} {ENTRY_POINTS[method.entry]:<26} lr {method.lr:g}   ~{_duration(guess)}",
+              flush=True)
+    print(f"estimated total: about {_duration(sum(guesses))} on an idle 2-core machine (longer on a busy one; "
+          "re-estimated after each run from the time the runs took)", flush=True)
+
     entry_points: Dict[str, Callable] = {}
     timings = []
-    for task in tasks:
-        for method in chosen:
-            if method.entry not in entry_points:
-                entry_points[method.entry] = _load_script(ENTRY_POINTS[method.entry], f"demo_run_glue_{method.entry}").main
-            run_dir = out / f"{task}-{method.name}"
-            run = run_argv(method, model, task, data_dir, run_dir, steps, args.batch_size, max_train, max_eval,
-                           args.seed)
-            print(f"\n== {task} / {method.name}: python {ENTRY_POINTS[method.entry]} {' '.join(run)}", flush=True)
-            t0 = time.perf_counter()
-            rc = entry_points[method.entry](run)
-            timings.append((task, method.name, time.perf_counter() - t0))
-            if rc != 0:
-                print(f"error: {task} / {method.name} failed (exit {rc})", file=sys.stderr)
-                return rc
-            print(f"   {timings[-1][2]:.0f} s", flush=True)
+    for i, ((task, method), guess) in enumerate(zip(plan, guesses)):
+        if method.entry not in entry_points:
+            entry_points[method.entry] = _load_script(ENTRY_POINTS[method.entry], f"demo_run_glue_{method.entry}").main
+        run_dir = out / f"{task}-{method.name}"
+        run = run_argv(method, model, task, data_dir, run_dir, steps, args.batch_size, max_train, max_eval, args.seed,
+                       args.eval_steps)
+        print(f"\n== [{i + 1}/{len(plan)}] {task} / {method.name}: python {ENTRY_POINTS[method.entry]} {' '.join(run)}",
+              flush=True)
+        t0 = time.perf_counter()
+        rc = entry_points[method.entry](run)
+        timings.append((task, method.name, time.perf_counter() - t0))
+        if rc != 0:
+            print(f"error: {task} / {method.name} failed (exit {rc})", file=sys.stderr)
+            return rc
+        # the machine's pace so far (measured / estimated) scales the estimate of the runs left
+        pace = sum(t for _, _, t in timings) / sum(guesses[:i + 1])
+        left = pace * sum(guesses[i + 1:])
+        print(f"   {task} / {method.name}: {_duration(timings[-1][2])}, {score(run_dir)}"
+              + (f"; about {_duration(left)} left" if i + 1 < len(plan) else ""), flush=True)
 
-    from .repro import compare
+    from .repro import compare, plot
 
-    print("\n== loralib compare " + str(out), flush=True)
-    rc = compare.main([str(out), "--out", str(out / "compare.png")])
-    print("\nseconds per run: " + ", ".join(f"{t}/{m} {s:.0f}" for t, m, s in timings))
-    print(f"demo wall time: {time.perf_counter() - started:.0f} s; results in {out}, chart {out / 'compare.png'}")
+    print("\n== loralib plot " + str(out), flush=True)
+    plot.main([str(out), "--out", str(out / "curves.png")])
+    print("\n== loralib compare " + str(out) + " --report " + str(out / "report.html"), flush=True)
+    rc = compare.main([str(out), "--out", str(out / "compare.png"), "--report", str(out / "report.html")])
+    print("\nwall time per run: " + ", ".join(f"{t}/{m} {_duration(s)}" for t, m, s in timings))
+    print(f"demo wall time: {_duration(time.perf_counter() - started)}; results in {out}: compare.png (chart), "
+          f"curves.png (training curves), report.html (everything, one page to open in a browser)")
     print(NOTE)
     return rc
 

@@ -12,7 +12,17 @@ def test_unknown_command_is_refused(capsys):
 
 def test_help_lists_commands(capsys):
     assert cli.main(["--help"]) == 0
-    assert "download-model" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for name in ("download-model", "compare", "plot"):
+        assert f"  {name} " in out
+
+
+def test_plot_and_compare_report_dispatch(tmp_path, capsys):
+    # the subcommands' own tests are test_plot.py and test_report.py: here only that `loralib` reaches them
+    assert cli.main(["plot", str(tmp_path / "missing")]) == 1
+    assert "missing: no such folder" in capsys.readouterr().err
+    assert cli.main(["compare", str(tmp_path), "--report", str(tmp_path)]) == 1
+    assert "--report" in capsys.readouterr().err
 
 
 def test_download_model_says_plainly_when_the_hub_is_unreachable(tmp_path, monkeypatch, capsys):

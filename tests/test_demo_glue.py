@@ -7,6 +7,7 @@ The MiniLM / real-WordNet part runs only where those are installed.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -192,8 +193,8 @@ def _wordnet_data(tmp_path: Path) -> Path:
     return folder
 
 
-def test_demo_quick_on_a_tiny_model(files, tmp_path, capsys, monkeypatch):
-    pytest.importorskip("matplotlib")
+def _tiny_demo_inputs(tmp_path: Path):
+    """The synthetic WordNet tasks and a tiny BERT whose WordPiece vocabulary covers their words."""
     builder = demo_glue._load_script("data/make_wordnet_glue.py", "make_wordnet_glue")
     data = tmp_path / "wn"
     # the synthetic WordNet is small: build it with small counts, as the demo's builder call would on real files
@@ -209,7 +210,12 @@ def test_demo_quick_on_a_tiny_model(files, tmp_path, capsys, monkeypatch):
         vocab_size=len(specials) + len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=32, max_position_embeddings=80)).save_pretrained(model)
     transformers.BertTokenizer(vocab={t: i for i, t in enumerate(specials + words)}).save_pretrained(model)
+    return data, model
 
+
+def test_demo_quick_on_a_tiny_model(files, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    data, model = _tiny_demo_inputs(tmp_path)
     out = tmp_path / "demo"
     rc = demo_glue.main(["--quick", "--output_dir", str(out), "--data_dir", str(data), "--model_name_or_path",
                          str(model), "--tasks", "wn-lex,wn-pair", "--max_steps", "3", "--batch_size", "4"])
@@ -227,6 +233,40 @@ def test_demo_quick_on_a_tiny_model(files, tmp_path, capsys, monkeypatch):
     assert _json(out / "wn-lex-adalora" / "run_config.json")["flavour"] == "lora2"
     assert (out / "compare.png").stat().st_size > 0
     assert "lorapro" in printed and "wn-lex" in printed and "not the papers' numbers" in printed
+    # before: the plan and an estimate; after each run: its wall time and score; at the end: the three files
+    assert "plan: 12 runs of 3 steps of batch 4 on wn-lex, wn-pair" in printed
+    assert re.search(r"estimated total: about \d+ s", printed)
+    # the default demo's estimate is the README's 4 min 13 s on an idle 2-core machine
+    guess = sum(demo_glue.estimate_seconds(m, 150, 16, 600) for m in demo_glue.methods(150))
+    assert abs(guess - 253) < 10, guess
+    for task in ("wn-lex", "wn-pair"):
+        results = _json(out / f"{task}-lora2" / "eval_results.json")
+        assert re.search(rf"{task} / lora2: \d+ s, accuracy {100 * results['accuracy']:.2f}.* on "
+                         rf"{results['num_examples']} dev examples", printed)
+    assert re.search(r"\[12/12\] wn-pair / lorapro", printed) and "about" in printed
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2 and "wn-pair-lorapro" in page
+    assert "report.html (everything, one page to open in a browser)" in printed
+
+
+def test_demo_evaluations_during_training_leave_the_scores_alone(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    data, model = _tiny_demo_inputs(tmp_path)
+    common = ["--quick", "--data_dir", str(data), "--model_name_or_path", str(model), "--max_steps", "4",
+              "--batch_size", "4"]
+    assert demo_glue.main(common + ["--output_dir", str(tmp_path / "once")]) == 0
+    assert demo_glue.main(common + ["--output_dir", str(tmp_path / "every"), "--eval_steps", "2"]) == 0
+    capsys.readouterr()
+    for name in [m.name for m in demo_glue.methods(4)]:
+        once, every = tmp_path / "once" / f"wn-lex-{name}", tmp_path / "every" / f"wn-lex-{name}"
+        assert _json(every / "eval_results.json") == _json(once / "eval_results.json"), name
+        records = [json.loads(line) for line in (every / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "eval_accuracy" in r] == [2, 4]
+        assert not any("eval_accuracy" in json.loads(line) for line in (once / "metrics.jsonl").read_text().splitlines())
+        losses = lambda folder: [(r["step"], r["loss"]) for r in map(json.loads, (folder / "metrics.jsonl")  # noqa: E731
+                                                                   .read_text().splitlines()) if "loss" in r]
+        assert losses(every) == losses(once) and len(losses(once)) == 4  # logged every step of 4 (steps // 30 -> 1)
 
 
 def test_demo_builds_missing_wordnet_tasks_and_refuses_bad_flags(tmp_path, monkeypatch, capsys):

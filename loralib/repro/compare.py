@@ -1,4 +1,4 @@
-"""`loralib compare RESULTS_DIR [--out chart.png] [--paper lora|adalora|lora2|loraplus|lorapro]`:
+"""`loralib compare RESULTS_DIR [--out chart.png] [--paper lora|adalora|lora2|loraplus|lorapro] [--report HTML]`:
 the numbers our runs measured next to the numbers the papers report.
 
 Every folder under RESULTS_DIR that holds an eval_results.json is a run (what loralib/tasks/glue/run.py
@@ -17,6 +17,8 @@ run_config (LoRA with a loraplus_lr_ratio counts as loraplus). Where a paper rep
 one of those (AdaLoRA's LoRA r=8 and r=2), the row with the run's rank r is taken if there is one,
 else every row is shown. Measured fractions are shown x100 where the paper reports per cent.
 The table goes to stdout (markdown); the bar chart (matplotlib, Agg) to --out (default RESULTS_DIR/compare.png).
+--report HTML also draws the runs' training curves into curves.png next to the chart (loralib plot) and writes
+one self-contained page: table, notes, both figures inline, each run's run_config.json (loralib.repro.report).
 """
 from __future__ import annotations
 
@@ -102,6 +104,17 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def method_of(config: dict) -> Optional[str]:
+    """The method of a run_config.json, by its canonical name (LoRA+ is LoRA with a loraplus_lr_ratio)."""
+    method = config.get("method")
+    if not isinstance(method, str):
+        return None
+    method = METHOD_ALIASES.get(method.lower(), method.lower())
+    if method == "lora" and config.get("loraplus_lr_ratio") is not None:
+        method = "loraplus"
+    return method
+
+
 def _read_run(folder: Path, root: Path) -> Run:
     name = folder.relative_to(root).as_posix() if folder != root else folder.name
     run = Run(folder, name, None, None, None, None)
@@ -109,12 +122,7 @@ def _read_run(folder: Path, root: Path) -> Run:
     if config_file.is_file():
         cfg = _read_json(config_file)
         run.model_name, run.model_path = cfg.get("model_name_or_path"), cfg.get("model_path")
-        method = cfg.get("method")
-        if isinstance(method, str):
-            method = METHOD_ALIASES.get(method.lower(), method.lower())
-            if method == "lora" and cfg.get("loraplus_lr_ratio") is not None:
-                method = "loraplus"
-        run.method = method
+        run.method = method_of(cfg)
         lora = cfg.get("lora")
         run.r = lora.get("r") if isinstance(lora, dict) else None
     results_file = folder / "eval_results.json"
@@ -194,19 +202,26 @@ def _display_model(model_name: Optional[str]) -> str:
     return folder.name
 
 
-def markdown_table(rows: Sequence[Row], registry: Registry, paper: Optional[str] = None) -> str:
-    """The table, then plain sentences: where the reported numbers come from and what '—' means."""
-    lines = ["| run | model | method | task | metric | reported | measured | Δ | reported by |",
-             "|---|---|---|---|---|---|---|---|---|"]
+TABLE_HEADER = ("run", "model", "method", "task", "metric", "reported", "measured", "Δ", "reported by")
+
+
+def table_cells(rows: Sequence[Row]) -> List[List[str]]:
+    """The table's cells, one list per row, in TABLE_HEADER's order."""
+    cells = []
     for row in rows:
         run, rep = row.run, row.reported
         model = row.model or _display_model(run.model_name)
         by = "—" if rep is None else rep.paper + (f" ({rep.setting})" if rep.setting else "")
-        lines.append(f"| {run.name} | {model} | {run.method or '?'} | {row.task} | {row.metric} | "
-                     f"{'—' if rep is None else rep.text()} | {_fmt(row.shown)} | {_fmt(row.delta, sign=True)} | {by} |")
+        cells.append([run.name, model, run.method or "?", row.task, row.metric, "—" if rep is None else rep.text(),
+                      _fmt(row.shown), _fmt(row.delta, sign=True), by])
+    return cells
 
-    notes = ["", "Measured: each run's eval_results.json, x100 where the paper reports per cent. "
-                 "Δ = measured − reported."]
+
+def protocol_notes(rows: Sequence[Row], registry: Registry, paper: Optional[str] = None) -> List[str]:
+    """The sentences under the table: where the reported numbers come from and what '—' means (source lines
+    start with "- ")."""
+    notes = ["Measured: each run's eval_results.json, x100 where the paper reports per cent. "
+             "Δ = measured − reported."]
     unmatched = [row for row in rows if row.reported is None]
     if unmatched:
         tasks = sorted({row.task for row in unmatched})
@@ -234,7 +249,14 @@ def markdown_table(rows: Sequence[Row], registry: Registry, paper: Optional[str]
     if sources:
         notes.append("Sources:")
         notes += [f"- {p}: {s}" for p, s in sources]
-    return "\n".join(lines + notes)
+    return notes
+
+
+def markdown_table(rows: Sequence[Row], registry: Registry, paper: Optional[str] = None) -> str:
+    """The table, then plain sentences: where the reported numbers come from and what '—' means."""
+    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_cells(rows)]
+    return "\n".join(lines + [""] + protocol_notes(rows, registry, paper))
 
 
 def write_chart(rows: Sequence[Row], out: os.PathLike | str, title: str = "Reported vs measured") -> Path:
@@ -267,9 +289,16 @@ def write_chart(rows: Sequence[Row], out: os.PathLike | str, title: str = "Repor
     ax.set_ylabel("score (x100 where reported in per cent)")
     ax.set_title(title + ("  (— : no reported number)" if not all(has_reported) else ""))
     ax.legend()
+    return save_figure(fig, out, dpi=120)
+
+
+def save_figure(fig, out: Path, dpi: int) -> Path:
+    """Lay out, write the PNG atomically (a reader never sees half a file), close the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = out.with_name(".tmp-" + out.name)
-    fig.savefig(tmp, dpi=120, format="png")
+    fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     os.replace(tmp, out)
     return out
@@ -281,22 +310,45 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default=None, help="bar chart PNG (default RESULTS_DIR/compare.png)")
     parser.add_argument("--paper", choices=PAPERS, default=None,
                         help="compare with this paper's numbers only (default: every paper)")
+    parser.add_argument("--report", default=None, metavar="HTML",
+                        help="also write one self-contained HTML page: the table and its notes, the chart, the "
+                             "training curves (drawn into curves.png next to the chart) and each run's "
+                             "run_config.json")
     args = parser.parse_args(argv)
+    if args.report and Path(args.report).is_dir():
+        print(f"error: --report {args.report}: is a folder; give the HTML file to write", file=sys.stderr)
+        return 1
     try:
         registry = load_registry()
-        rows = compare_rows(read_runs(args.results_dir), registry, args.paper)
+        runs = read_runs(args.results_dir)
+        rows = compare_rows(runs, registry, args.paper)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(markdown_table(rows, registry, args.paper))
     out = Path(args.out) if args.out else Path(args.results_dir) / "compare.png"
+    title = "Reported vs measured" + (f" ({args.paper})" if args.paper else "")
     try:
-        write_chart(rows, out, title="Reported vs measured" + (f" ({args.paper})" if args.paper else ""))
+        write_chart(rows, out, title=title)
     except ImportError:
         print("error: the chart needs matplotlib (pip install matplotlib==3.11.2; it is in the nlu and dev "
               "extras); the table above is complete", file=sys.stderr)
         return 1
     print(f"\nchart: {out}")
+    if args.report:
+        from . import plot, report
+
+        trained = [run.folder for run in runs if (run.folder / "metrics.jsonl").is_file()]
+        curves, warnings = None, ["no training curves: no run has a metrics.jsonl (evaluation-only runs)"]
+        if trained:
+            try:
+                curves, warnings = plot.plot_runs(trained, out.with_name("curves.png"))
+            except ValueError as e:
+                warnings = [f"no training curves: {e}"]
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        page = report.write_report(args.report, rows, runs, registry, out, curves, args.paper, title, warnings)
+        print(f"report: {page}")
     return 0
 
 

@@ -59,6 +59,7 @@ from . import checkpoint as ckpt
 from . import deepspeed_ranks, zero3
 from .distributed import (DistContext, ShardedBatches, all_reduce_mean, barrier, broadcast_object,
                           deepspeed_config, deepspeed_engine, no_sync, setup, wrap_ddp, zero_stage)
+from .progress import open_progress
 from .schedules import SCHEDULES, build_scheduler, scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -305,25 +306,6 @@ def _evaluation(model: nn.Module, forward_model: nn.Module, merge: bool):
         ckpt.set_rng_state(saved_rng)
 
 
-class _NoBar:
-    def update(self, n=1): pass
-    def set_postfix(self, **kw): pass
-    def close(self): pass
-    def write(self, message): print(message)
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    """tqdm's bar (loss, lr, throughput) on rank 0; tqdm is optional for the core."""
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        logger.warning("tqdm is not installed (pip install tqdm): no progress bar")
-        return _NoBar()
-    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
-
-
 class _MetricsLog:
     """metrics.jsonl (rank 0) and, if asked and installed, TensorBoard."""
 
@@ -480,6 +462,10 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
     if not use_deepspeed:
         forward_model = wrap_ddp(model, ctx, device, config.ddp_find_unused_parameters)
 
+    # a bar on a terminal, plain periodic lines otherwise (progress_bar=False: lines only); see progress.py;
+    # made before say() below, which writes through it (a resumed run's first message)
+    bar = open_progress(total_steps, state.global_step, main=ctx.is_main, bar=config.progress_bar)
+
     def say(message: str) -> None:
         bar.write(message) if config.progress_bar else logger.info(message)
 
@@ -560,7 +546,6 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
     def epoch_float() -> float:
         return state.epoch + state.micro_in_epoch / max(1, micro_per_epoch)
 
-    bar = _progress_bar(total_steps, state.global_step, ctx.is_main and config.progress_bar)
     loss_sum, steps_run, logged_loss, logged_steps = 0.0, 0, torch.zeros((), device=device), 0
     work, unit, tick = 0, "samples", time.perf_counter()
     _call(callbacks, "on_train_begin", state)
