@@ -1,0 +1,195 @@
+"""The methods inside Hugging Face's `Trainer`, on PEFT models and on models built with `loralib.inject`.
+
+    from loralib.hf import LoraPlusTrainer, LoraPlusTrainingArguments            # LoRA+
+    args = LoraPlusTrainingArguments(output_dir="out", learning_rate=2e-4, loraplus_lr_ratio=16)
+    LoraPlusTrainer(model=peft_model, args=args, train_dataset=train).train()
+
+    from loralib.hf import LoRAProTrainer, LoRAProTrainingArguments              # LoRA-Pro
+    args = LoRAProTrainingArguments(output_dir="out", learning_rate=2e-5, lorapro_mode="full")
+    LoRAProTrainer(model=peft_model, args=args, train_dataset=train).train()
+
+    from loralib.hf import RankAllocatorCallback                                 # AdaLoRA / LoRA² ranks
+    Trainer(model=model, args=args, train_dataset=train,
+            callbacks=[RankAllocatorCallback(RankAllocator(model, lora_r=8, target_rank=4, ...))]).train()
+
+Everything else stays the Trainer's: its lr schedule and warmup (they set each group's "lr", which the
+optimizers read at every step), gradient accumulation (the optimizers read .grad at step time), clipping
+(done by the Trainer before optimizer.step()), bf16/fp16 (LoRA-Pro keeps fp32 state whatever the parameter
+dtype), DDP via torchrun, and checkpoints: the optimizer's state is the Trainer's optimizer.pt, the
+allocator's is `rank_allocator.pt` written into each checkpoint folder by the callback, so
+`trainer.train(resume_from_checkpoint=...)` continues exactly.
+
+Not supported (an error says so): LoRA-Pro under the Trainer's DeepSpeed integration (DeepSpeed steps
+inside accelerate's backward(), before any Trainer hook; use `loralib.train.train(..., deepspeed_config=)`
+with `loralib.optim.deepspeed_lorapro`, which runs ZeRO-1/2/3 unpatched), and `optim="sgd"` with
+LoRAProTrainer (the released code's trick for its patched DeepSpeed; here the optimizer is LoRA-Pro's own).
+
+Importing this module imports transformers; `import loralib` does not.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+try:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+except ImportError as error:  # the core needs only torch; this integration needs transformers
+    raise ImportError("loralib.hf needs transformers (pip install transformers)") from error
+
+from .optim.loraplus import DEFAULT_LR_EMBEDDING, create_loraplus_optimizer
+from .optim.lorapro import LoRAProAdamW
+
+ALLOCATOR_STATE_NAME = "rank_allocator.pt"
+
+
+# -- LoRA+ ----------------------------------------------------------------------------------------
+
+@dataclass
+class LoraPlusTrainingArguments(TrainingArguments):
+    """TrainingArguments plus LoRA+'s two (the seed's names): lr_B = loraplus_lr_ratio * learning_rate,
+    embedding LoRA factors at loraplus_lr_embedding."""
+
+    loraplus_lr_ratio: Optional[float] = field(
+        default=None, metadata={"help": "lr_B / lr_A (LoRA+'s lambda, e.g. 16); required by LoraPlusTrainer"})
+    loraplus_lr_embedding: Optional[float] = field(
+        default=DEFAULT_LR_EMBEDDING, metadata={"help": "learning rate of embedding layers' LoRA factors"})
+
+
+def loraplus_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
+    """The optimizer `args.optim` names (with its lr, betas, eps), over create_loraplus_optimizer's four
+    groups; args.weight_decay applies to the decayed groups (biases and LayerNorm take none)."""
+    ratio = getattr(args, "loraplus_lr_ratio", None)
+    if ratio is None:
+        raise ValueError("LoraPlusTrainer: loraplus_lr_ratio is not set; pass LoraPlusTrainingArguments("
+                         "..., loraplus_lr_ratio=16) (or use the plain Trainer for LoRA)")
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    return create_loraplus_optimizer(model, optimizer_cls, dict(optimizer_kwargs), loraplus_lr_ratio=ratio,
+                                     loraplus_lr_embedding=getattr(args, "loraplus_lr_embedding", None),
+                                     weight_decay=args.weight_decay)
+
+
+class LoraPlusTrainer(Trainer):
+    """A Trainer whose optimizer has LoRA+'s parameter groups (loralib.optim.loraplus)."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = loraplus_optimizer(self.model if model is None else model, self.args)
+        return self.optimizer
+
+
+# -- LoRA-Pro -------------------------------------------------------------------------------------
+
+@dataclass
+class LoRAProTrainingArguments(TrainingArguments):
+    """TrainingArguments plus LoRA-Pro's mode; Adam's betas and eps are the Trainer's adam_beta1/2 and
+    adam_epsilon, weight decay is args.weight_decay (on W = W0 + s B A, see loralib.optim.lorapro)."""
+
+    lorapro_mode: str = field(default="full", metadata={
+        "help": "'full': Adam moments of the m x n equivalent gradient (the paper's); 'efficient': Adam on A, B"})
+    lorapro_decay_base_weight: bool = field(default=False, metadata={
+        "help": "weight decay also shrinks the frozen W0 in place (a PEFT checkpoint does not save W0, "
+                "so the default decays s B A only)"})
+
+
+def lorapro_optimizer(model: nn.Module, args: TrainingArguments, mode: Optional[str] = None) -> LoRAProAdamW:
+    """LoRAProAdamW from TrainingArguments, for `Trainer(optimizers=(lorapro_optimizer(model, args), None))`
+    or LoRAProTrainer. `mode` defaults to args.lorapro_mode, else "full"."""
+    if getattr(args, "optim", None) == "sgd":
+        raise ValueError("LoRA-Pro: optim='sgd' was the released code's trick for its patched DeepSpeed; here "
+                         "LoRAProAdamW is the optimizer, leave TrainingArguments.optim at its default")
+    if getattr(args, "deepspeed", None):
+        raise ValueError("LoRA-Pro under the Trainer's DeepSpeed integration is not supported (DeepSpeed steps "
+                         "inside accelerate's backward, before any Trainer hook); use loralib.train.train with "
+                         "deepspeed_config= and loralib.optim.deepspeed_lorapro, or torchrun (DDP)")
+    return LoRAProAdamW(model, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                        eps=args.adam_epsilon, weight_decay=args.weight_decay,
+                        mode=mode or getattr(args, "lorapro_mode", "full"),
+                        decay_base_weight=getattr(args, "lorapro_decay_base_weight", False))
+
+
+class LoRAProTrainer(Trainer):
+    """A Trainer that runs LoRAProAdamW (full or efficient, args.lorapro_mode) on the model's LoRA pairs
+    (PEFT's LoraConfig layers or loralib's) and AdamW on its other trainable parameters (a head)."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = lorapro_optimizer(self.model if model is None else model, self.args)
+        return self.optimizer
+
+
+# -- AdaLoRA / LoRA² rank allocation -------------------------------------------------------------
+
+class RankAllocatorCallback(TrainerCallback):
+    """Drives a loralib RankAllocator (AdaLoRA's SVDLinear, LoRA2RankAllocator for LoRA²) from a Trainer.
+
+    `on_optimizer_step` fires right after optimizer.step() and before the scheduler step and zero_grad
+    (transformers 5.23's _inner_training_loop), so the gradients the allocator scores are still there;
+    the step passed is `state.global_step` there, the number of optimizer steps completed before this one
+    (0 on the first), as AdaLoRA's released trainer and loralib.train do. A step the fp16 scaler skipped
+    allocates nothing (as in loralib.train). total_step, when the allocator has none, is the Trainer's
+    max_steps. Every checkpoint folder gets the allocator's state (rank_allocator.pt, written by the main
+    process); a run resumed from `<output_dir>/checkpoint-<step>` reloads it, or give `resume_from=` the
+    folder. Under DDP every rank allocates on the same all-reduced gradients, so the masks agree.
+
+    PEFT's AdaLoRA layers (peft.tuners.adalora) are not ours: they have no triplet layout our allocator
+    scores. Build the model with `loralib.inject(model, targets, method="adalora")` to use this callback,
+    or, for a PEFT AdaLoRA model, call PEFT's own `model.base_model.update_and_allocate(global_step)`.
+    """
+
+    def __init__(self, allocator, resume_from: Optional[str] = None):
+        if not callable(getattr(allocator, "update_and_mask", None)):
+            raise ValueError(f"RankAllocatorCallback: {type(allocator).__name__} has no update_and_mask(model, "
+                             "step); pass a loralib.adalora.RankAllocator or loralib.lora2.LoRA2RankAllocator")
+        self.allocator = allocator
+        self.resume_from = resume_from
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if getattr(self.allocator, "total_step", 0) is None:
+            self.allocator.set_total_step(state.max_steps)
+        if state.global_step > 0:  # resumed: the Trainer has loaded trainer_state.json
+            folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            path = os.path.join(folder, ALLOCATOR_STATE_NAME)
+            if not os.path.isfile(path):
+                raise ValueError(f"RankAllocatorCallback: resuming at step {state.global_step} but {path} does not "
+                                 "exist; pass RankAllocatorCallback(allocator, resume_from=<checkpoint folder>)")
+            self.allocator.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if getattr(optimizer, "step_was_skipped", False):
+            return
+        self.allocator.update_and_mask(model, state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            torch.save(self.allocator.state_dict(), os.path.join(folder, ALLOCATOR_STATE_NAME))
+
+
+class RegularizedTrainer(Trainer):
+    """A Trainer that adds `regularizer(model)` to each micro-batch's loss, e.g. AdaLoRA's orthogonality
+    penalty `lambda m: loralib.compute_orth_regu(m, regu_weight=0.1)` (as loralib.train's regularizer=)."""
+
+    def __init__(self, *args, regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.regularizer = regularizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch, **kwargs)
+        if self.regularizer is not None:
+            penalty = self.regularizer(self.model)
+            # When the model normalised its loss by the accumulation group's token count, training_step
+            # does not divide by the accumulation steps: the penalty is divided here, so each optimizer
+            # step sees it once, as loralib.train's (loss + regularizer) / n.
+            scaled = self.loss_is_scaled_for_ga
+            if scaled is None:
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
+                    or self.compute_loss_func is not None
+            if scaled and model.training:
+                penalty = penalty / self.current_gradient_accumulation_steps
+            loss = loss + penalty
+        return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,205 @@
+"""loralib.hf: LoRA+, LoRA-Pro and the rank allocator inside transformers.Trainer, on PEFT models and on
+models built with loralib.inject, held to the same steps written out by hand on the loralib twin."""
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from _hf_trainer_fixtures import (assert_same, lora_state, peft_and_loralib, reference_run,  # noqa: E402
+                                  tiny_llama, token_data, trainer_args)
+
+import loralib  # noqa: E402
+from loralib.optim import LoRAProAdamW, create_loraplus_optimizer  # noqa: E402
+from loralib.optim.lorapro import lora_pairs  # noqa: E402
+
+
+def test_import_loralib_does_not_import_transformers():
+    code = "import sys, loralib, loralib.optim; assert 'transformers' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _models(which):
+    """(model the Trainer runs, loralib twin the reference runs) with equal weights."""
+    pm, twin = peft_and_loralib()
+    return (pm, twin) if which == "peft" else (twin, copy.deepcopy(twin))
+
+
+@pytest.mark.parametrize("which", ["peft", "loralib"])
+def test_loraplus_trainer_equals_reference(tmp_path, which):
+    from loralib.hf import LoraPlusTrainer, LoraPlusTrainingArguments
+
+    model, twin = _models(which)
+    data = token_data()
+    args = LoraPlusTrainingArguments(**trainer_args(tmp_path, weight_decay=0.1), loraplus_lr_ratio=4.0,
+                                     loraplus_lr_embedding=1e-3)
+    trainer = LoraPlusTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert len(groups["embedding"]["params"]) == 2 and len(groups["lora_B"]["params"]) == 4
+
+    optimizer = create_loraplus_optimizer(twin, torch.optim.AdamW, lr=1e-2, loraplus_lr_ratio=4.0,
+                                          loraplus_lr_embedding=1e-3, weight_decay=0.1, eps=1e-8)
+    reference_run(twin, optimizer, data)
+    assert_same(lora_state(model), lora_state(twin))
+
+
+def test_loraplus_trainer_needs_the_ratio(tmp_path):
+    from loralib.hf import LoraPlusTrainer, LoraPlusTrainingArguments
+
+    pm, _ = peft_and_loralib()
+    trainer = LoraPlusTrainer(model=pm, args=LoraPlusTrainingArguments(**trainer_args(tmp_path)),
+                              train_dataset=token_data())
+    with pytest.raises(ValueError, match="loraplus_lr_ratio"):
+        trainer.create_optimizer()
+
+
+@pytest.mark.parametrize("which,mode", [("peft", "full"), ("peft", "efficient"), ("loralib", "full")])
+def test_lorapro_trainer_equals_reference(tmp_path, which, mode):
+    from loralib.hf import LoRAProTrainer, LoRAProTrainingArguments
+
+    model, twin = _models(which)
+    data = token_data()
+    args = LoRAProTrainingArguments(**trainer_args(tmp_path, weight_decay=0.05), lorapro_mode=mode)
+    trainer = LoRAProTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, LoRAProAdamW) and trainer.optimizer.optimizer.mode == mode
+
+    optimizer = LoRAProAdamW(twin, lr=1e-2, weight_decay=0.05, mode=mode, decay_base_weight=False)
+    reference_run(twin, optimizer, data)
+    assert_same(lora_state(model), lora_state(twin))
+
+
+def test_lorapro_trainer_resume_equals_uninterrupted(tmp_path):
+    from loralib.hf import LoRAProTrainer, LoRAProTrainingArguments
+
+    data = token_data()
+    full, _ = peft_and_loralib()
+    args = LoRAProTrainingArguments(**trainer_args(tmp_path / "a", save_strategy="steps", save_steps=2))
+    LoRAProTrainer(model=full, args=args, train_dataset=data).train()
+
+    resumed, _ = peft_and_loralib()
+    args = LoRAProTrainingArguments(**trainer_args(tmp_path / "b"))
+    LoRAProTrainer(model=resumed, args=args, train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert_same(lora_state(full), lora_state(resumed), atol=1e-6)
+    # the restart really began at step 2 with Adam's state: from scratch it ends elsewhere
+    fresh, _ = peft_and_loralib()
+    LoRAProTrainer(model=fresh, args=args, train_dataset=data[4:] + data[4:]).train()
+    assert not torch.allclose(lora_state(fresh)[("model.layers.0.self_attn.q_proj", "A")],
+                              lora_state(full)[("model.layers.0.self_attn.q_proj", "A")], atol=1e-4)
+
+
+def test_lorapro_rejects_the_sgd_trick(tmp_path):
+    from loralib.hf import LoRAProTrainingArguments, lorapro_optimizer
+
+    pm, _ = peft_and_loralib()
+    with pytest.raises(ValueError, match="optim='sgd'"):
+        lorapro_optimizer(pm, LoRAProTrainingArguments(**trainer_args(tmp_path), optim="sgd"))
+
+
+# -- PEFT layers as LoRA-Pro pairs ------------------------------------------------------------------
+
+def test_peft_pairs_read_each_layers_scaling():
+    """rsLoRA, rank_pattern and alpha_pattern: s comes from the layer PEFT built."""
+    base = tiny_llama()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True,
+                             rank_pattern={"layers.1.self_attn.q_proj": 2},
+                             alpha_pattern={"layers.0.self_attn.v_proj": 3})
+    pm = peft.get_peft_model(base, config)
+    got = {pair.name.split("model.layers.")[1]: (pair.A.shape[0], pair.scaling) for pair in lora_pairs(pm)}
+    assert got == {"0.self_attn.q_proj.default": (4, 8 / 2), "0.self_attn.v_proj.default": (4, 3 / 2),
+                   "1.self_attn.q_proj.default": (2, 8 / 2 ** 0.5), "1.self_attn.v_proj.default": (4, 8 / 2)}
+
+
+def test_peft_step_equals_loralib_step_with_rslora():
+    pm, twin = peft_and_loralib(use_rslora=True, r=4, lora_alpha=6)
+    batch = token_data(n=2)
+    for model in (pm, twin):
+        optimizer = LoRAProAdamW(model, lr=1e-2, mode="full")
+        inputs = {k: torch.stack([it[k] for it in batch]) for k in batch[0]}
+        model(**inputs).loss.backward()
+        optimizer.step()
+    assert_same(lora_state(pm), lora_state(twin))
+
+
+def test_peft_layers_lorapro_cannot_pair_are_named():
+    base = tiny_llama()
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="lora_magnitude_vector"):
+        LoRAProAdamW(pm)
+    ada = peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj"],
+                                                                total_step=10))
+    with pytest.raises(ValueError, match="lora_E"):
+        LoRAProAdamW(ada)
+
+
+# -- the rank allocator --------------------------------------------------------------------------------
+
+def _adalora_model():
+    model = tiny_llama()
+    loralib.inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=8, method="adalora")
+    return model
+
+
+def _allocator(model):
+    from loralib.adalora import RankAllocator
+
+    return RankAllocator(model, lora_r=4, target_rank=2, init_warmup=1, final_warmup=1, mask_interval=1,
+                         beta1=0.85, beta2=0.85, total_step=6)
+
+
+def test_allocator_callback_equals_reference(tmp_path):
+    from transformers import TrainingArguments
+
+    from loralib.hf import RankAllocatorCallback, RegularizedTrainer
+
+    data = token_data(n=12)
+    regu = lambda m: loralib.compute_orth_regu(m, regu_weight=0.1)  # noqa: E731
+    model = _adalora_model()
+    twin = copy.deepcopy(model)
+    allocator = _allocator(model)
+    args = TrainingArguments(**trainer_args(tmp_path, max_grad_norm=1.0))
+    RegularizedTrainer(model=model, args=args, train_dataset=data, regularizer=regu,
+                       callbacks=[RankAllocatorCallback(allocator)]).train()
+    ref_alloc = _allocator(twin)
+    optimizer = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    reference_run(twin, optimizer, data, after_step=lambda step: ref_alloc.update_and_mask(twin, step),
+                  regularizer=regu)
+    assert allocator.last_step == ref_alloc.last_step == 5
+    assert allocator.get_rank_pattern() == ref_alloc.get_rank_pattern()
+    ranks = [int(m.lora_E.ne(0).sum()) for _, m in allocator.layers]
+    assert sum(ranks) == allocator.target_rank < allocator.total_rank  # it did prune, to the final budget
+    ours = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    theirs = dict(twin.named_parameters())
+    for name, p in ours.items():
+        torch.testing.assert_close(p, theirs[name], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_allocator_callback_resume_equals_uninterrupted(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from loralib.hf import ALLOCATOR_STATE_NAME, RankAllocatorCallback
+
+    data = token_data(n=12)
+    full = _adalora_model()
+    alloc_full = _allocator(full)
+    args = TrainingArguments(**trainer_args(tmp_path / "a", save_strategy="steps", save_steps=3))
+    Trainer(model=full, args=args, train_dataset=data, callbacks=[RankAllocatorCallback(alloc_full)]).train()
+    assert (tmp_path / "a" / "checkpoint-3" / ALLOCATOR_STATE_NAME).is_file()
+
+    resumed = _adalora_model()
+    alloc = _allocator(resumed)
+    args = TrainingArguments(**trainer_args(tmp_path / "a"))
+    Trainer(model=resumed, args=args, train_dataset=data, callbacks=[RankAllocatorCallback(alloc)]).train(
+        resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert alloc.last_step == 5 and alloc.get_rank_pattern() == alloc_full.get_rank_pattern()
+    torch.testing.assert_close(alloc.exp_avg_ipt, alloc_full.exp_avg_ipt, atol=1e-6, rtol=0)
+    theirs = dict(full.named_parameters())
+    for name, p in resumed.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(p, theirs[name], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
