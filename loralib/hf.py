@@ -135,12 +135,17 @@ class RankAllocatorCallback(TrainerCallback):
     process); a run resumed from `<output_dir>/checkpoint-<step>` reloads it, or give `resume_from=` the
     folder. Under DDP every rank allocates on the same all-reduced gradients, so the masks agree.
 
-    PEFT's AdaLoRA layers (peft.tuners.adalora) are not ours: they have no triplet layout our allocator
-    scores. Build the model with `loralib.inject(model, targets, method="adalora")` to use this callback,
-    or, for a PEFT AdaLoRA model, call PEFT's own `model.base_model.update_and_allocate(global_step)`.
+    PEFT's AdaLoRA layers (peft.tuners.adalora) are not scored by our allocator: they are another class
+    with their own parameter layout, and PEFT ships its own allocator. Passing the PEFT AdaLoRA model itself,
+    `RankAllocatorCallback(peft_model)`, drives PEFT's allocator at the same point (PeftAdaLoraAllocator):
+    the step PEFT's users miss (PEFT issues #432, #1801: "the rank never changes" because the Trainer never
+    calls update_and_allocate). For our allocator on a transformers model, build it with
+    `loralib.inject(model, targets, method="adalora")` (or "lora2").
     """
 
     def __init__(self, allocator, resume_from: Optional[str] = None):
+        if callable(getattr(getattr(allocator, "base_model", None), "update_and_allocate", None)):
+            allocator = PeftAdaLoraAllocator(allocator)
         if not callable(getattr(allocator, "update_and_mask", None)):
             raise ValueError(f"RankAllocatorCallback: {type(allocator).__name__} has no update_and_mask(model, "
                              "step); pass a loralib.adalora.RankAllocator or loralib.lora2.LoRA2RankAllocator")
@@ -167,6 +172,49 @@ class RankAllocatorCallback(TrainerCallback):
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             torch.save(self.allocator.state_dict(), os.path.join(folder, ALLOCATOR_STATE_NAME))
+
+
+class PeftAdaLoraAllocator:
+    """PEFT's own AdaLoRA allocator behind our allocator's interface, for RankAllocatorCallback:
+    update_and_mask(model, step) is `peft_model.base_model.update_and_allocate(step)`; the state (PEFT's
+    importance EMAs by parameter name and the adapter config's rank_pattern) goes with the checkpoint.
+    PEFT's AdaLoraModel adds its orthogonality penalty to the loss itself.
+
+    Resume: a Trainer checkpoint written after PEFT's first pruning holds the adapter trimmed to its
+    rank_pattern (PEFT's save_pretrained), which the Trainer cannot load back into the untrimmed model;
+    checkpoints before pruning resume exactly. loralib's AdaLoRA saves untrimmed and resumes at any step."""
+
+    def __init__(self, peft_model: nn.Module):
+        self.peft_model = peft_model
+        self.last_step: Optional[int] = None
+
+    @property
+    def _config(self):
+        tuner = self.peft_model.base_model
+        return tuner.peft_config[tuner.trainable_adapter_name]
+
+    @property
+    def total_step(self):
+        return self._config.total_step
+
+    def set_total_step(self, total_step: int) -> None:
+        self.peft_model.base_model.rankallocator.set_total_step(total_step)
+
+    def update_and_mask(self, model, global_step: int) -> None:
+        self.peft_model.base_model.update_and_allocate(global_step)
+        self.last_step = global_step
+
+    def state_dict(self) -> dict:
+        allocator = self.peft_model.base_model.rankallocator
+        return {"last_step": self.last_step, "rank_pattern": self._config.rank_pattern,
+                **{key: dict(getattr(allocator, key)) for key in ("ipt", "exp_avg_ipt", "exp_avg_unc")}}
+
+    def load_state_dict(self, state: dict) -> None:
+        allocator = self.peft_model.base_model.rankallocator
+        for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            setattr(allocator, key, dict(state[key]))
+        self._config.rank_pattern = state["rank_pattern"]
+        self.last_step = state["last_step"]
 
 
 class RegularizedTrainer(Trainer):

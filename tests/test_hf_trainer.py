@@ -203,3 +203,49 @@ def test_allocator_callback_resume_equals_uninterrupted(tmp_path):
     for name, p in resumed.named_parameters():
         if "lora_" in name:
             torch.testing.assert_close(p, theirs[name], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def _peft_adalora():
+    config = peft.AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=1, deltaT=1, total_step=6, lora_alpha=8,
+                                target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    pm = peft.get_peft_model(tiny_llama(), config)
+    from _hf_trainer_fixtures import randomise
+
+    randomise([p for n, p in pm.named_parameters() if "lora_B" in n], seed=3)  # B = 0 would score nothing
+    return pm
+
+
+def test_callback_drives_peft_adalora(tmp_path):
+    """PEFT's AdaLoRA under a plain Trainer prunes nothing (PEFT issues #432, #1801); with the callback it
+    equals PEFT's documented loop, update_and_allocate(step) after optimizer.step()."""
+    from transformers import Trainer, TrainingArguments
+
+    from loralib.hf import RankAllocatorCallback
+
+    data = token_data(n=12)
+    pruned = lambda m: sum(int(p.eq(0).sum()) for n, p in m.named_parameters() if "lora_E" in n)  # noqa: E731
+    plain = _peft_adalora()
+    Trainer(model=plain, args=TrainingArguments(**trainer_args(tmp_path / "p")), train_dataset=data).train()
+    assert pruned(plain) == 0
+
+    model = _peft_adalora()
+    Trainer(model=model, args=TrainingArguments(**trainer_args(tmp_path / "a", save_strategy="steps", save_steps=2)),
+            train_dataset=data, callbacks=[RankAllocatorCallback(model)]).train()
+    assert pruned(model) == 4 * 4 - 4 * 2  # 4 matrices from rank 4 to the budget 4 x target_r=2
+
+    twin = _peft_adalora()
+    optimizer = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    reference_run(twin, optimizer, data, after_step=twin.base_model.update_and_allocate)
+    theirs = dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(p, theirs[name], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+    # Resume before pruning began (PEFT saves an AdaLoRA adapter trimmed to its rank_pattern, which the
+    # Trainer then cannot load into the untrimmed model: a PEFT limitation, documented in loralib.hf).
+    resumed = _peft_adalora()
+    Trainer(model=resumed, args=TrainingArguments(**trainer_args(tmp_path / "a")), train_dataset=data,
+            callbacks=[RankAllocatorCallback(resumed)]).train(resume_from_checkpoint=str(tmp_path / "a/checkpoint-2"))
+    for name, p in resumed.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(p, theirs[name], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
