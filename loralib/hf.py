@@ -19,10 +19,10 @@ dtype), DDP via torchrun, and checkpoints: the optimizer's state is the Trainer'
 allocator's is `rank_allocator.pt` written into each checkpoint folder by the callback, so
 `trainer.train(resume_from_checkpoint=...)` continues exactly.
 
-Not supported (an error says so): LoRA-Pro under the Trainer's DeepSpeed integration (DeepSpeed steps
-inside accelerate's backward(), before any Trainer hook; use `loralib.train.train(..., deepspeed_config=)`
-with `loralib.optim.deepspeed_lorapro`, which runs ZeRO-1/2/3 unpatched), and `optim="sgd"` with
-LoRAProTrainer (the released code's trick for its patched DeepSpeed; here the optimizer is LoRA-Pro's own).
+DeepSpeed: LoRAProTrainer runs the efficient mode under the Trainer's ZeRO-1/2 (unpatched DeepSpeed, see
+the class). Not supported (an error says so): the full mode and ZeRO-3 under the Trainer's DeepSpeed (use
+`loralib.train.train(..., deepspeed_config=)`, which runs both modes under ZeRO-1/2/3, or torchrun), and
+`optim="sgd"` (the released code's trick for its patched DeepSpeed; here the optimizer is LoRA-Pro's own).
 
 Importing this module imports transformers; `import loralib` does not.
 """
@@ -39,6 +39,7 @@ try:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 except ImportError as error:  # the core needs only torch; this integration needs transformers
     raise ImportError("loralib.hf needs transformers (pip install transformers)") from error
+from accelerate.utils.deepspeed import DeepSpeedEngineWrapper  # accelerate comes with the Trainer
 
 from .optim.loraplus import DEFAULT_LR_EMBEDDING, create_loraplus_optimizer
 from .optim.lorapro import LoRAProAdamW
@@ -102,9 +103,9 @@ def lorapro_optimizer(model: nn.Module, args: TrainingArguments, mode: Optional[
         raise ValueError("LoRA-Pro: optim='sgd' was the released code's trick for its patched DeepSpeed; here "
                          "LoRAProAdamW is the optimizer, leave TrainingArguments.optim at its default")
     if getattr(args, "deepspeed", None):
-        raise ValueError("LoRA-Pro under the Trainer's DeepSpeed integration is not supported (DeepSpeed steps "
-                         "inside accelerate's backward, before any Trainer hook); use loralib.train.train with "
-                         "deepspeed_config= and loralib.optim.deepspeed_lorapro, or torchrun (DDP)")
+        raise ValueError("lorapro_optimizer: under the Trainer's DeepSpeed integration use LoRAProTrainer with "
+                         "lorapro_mode='efficient' (ZeRO flattens a client optimizer's parameters, so LoRAProAdamW "
+                         "cannot be handed to DeepSpeed)")
     return LoRAProAdamW(model, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                         eps=args.adam_epsilon, weight_decay=args.weight_decay,
                         mode=mode or getattr(args, "lorapro_mode", "full"),
@@ -113,12 +114,76 @@ def lorapro_optimizer(model: nn.Module, args: TrainingArguments, mode: Optional[
 
 class LoRAProTrainer(Trainer):
     """A Trainer that runs LoRAProAdamW (full or efficient, args.lorapro_mode) on the model's LoRA pairs
-    (PEFT's LoraConfig layers or loralib's) and AdamW on its other trainable parameters (a head)."""
+    (PEFT's LoraConfig layers or loralib's) and AdamW on its other trainable parameters (a head).
+
+    Under the Trainer's DeepSpeed ZeRO-1/2 (`args.deepspeed`), the efficient mode runs through
+    loralib.optim.deepspeed_lorapro: DeepSpeed's partitioned AdamW (from the config's "optimizer", else
+    torch's AdamW with the Trainer's lr, betas, eps and weight decay, decoupled on each factor) steps on
+    the reduced gradients that `adjust_zero_gradients` replaced by LoRA-Pro's; the adjustment runs inside
+    accelerate's DeepSpeed backward(), right before engine.step() (where DeepSpeed also clips, at
+    args.max_grad_norm, the adjusted gradients). The full mode is not supported there (a ValueError): its
+    m x n moments need DeepSpeed running SGD with its clipping off; use loralib.train.train with
+    deepspeed_config= (ZeROLoRAProFull) or torchrun (DDP) for it. ZeRO-3 is refused (untested here).
+    """
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = lorapro_optimizer(self.model if model is None else model, self.args)
+            opt_model = self.model if model is None else model
+            if self.is_deepspeed_enabled:
+                self.optimizer = _zero_client_optimizer(opt_model, self.args)
+            else:
+                self.optimizer = lorapro_optimizer(opt_model, self.args)
         return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.is_deepspeed_enabled:
+            _adjust_before_deepspeed_step(self.accelerator)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def _zero_client_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    """The client optimizer DeepSpeed partitions, for LoRA-Pro's efficient mode: AdamW on every trainable
+    parameter; LoRA-Pro itself acts on the gradients (_adjust_before_deepspeed_step)."""
+    mode = getattr(args, "lorapro_mode", "full")
+    stage = args.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0)
+    if mode != "efficient":
+        raise ValueError(f"LoRAProTrainer: lorapro_mode={mode!r} under the Trainer's DeepSpeed is not supported; "
+                         "use lorapro_mode='efficient' (its Adam is DeepSpeed's), or for the full mode "
+                         "loralib.train.train with deepspeed_config= or torchrun (DDP)")
+    if stage not in (0, 1, 2):
+        raise ValueError(f"LoRAProTrainer: DeepSpeed ZeRO stage {stage} is not supported here; use 1 or 2")
+    from .optim.lorapro import lora_pairs
+
+    lora_pairs(model)  # a model LoRA-Pro cannot pair fails here, before DeepSpeed starts
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                             weight_decay=args.weight_decay)
+
+
+def _adjust_before_deepspeed_step(accelerator) -> None:
+    """Make accelerate's DeepSpeed backward() (engine.backward, then engine.step() on a boundary) replace
+    the reduced gradients by LoRA-Pro's between the two. Idempotent; the engine exists once the Trainer
+    has prepared the model, before the first training_step."""
+    from .optim.deepspeed_lorapro import adjust_zero_gradients
+
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is not None and not isinstance(wrapped, _LoRAProEngineWrapper):
+        accelerator.deepspeed_engine_wrapped = _LoRAProEngineWrapper(wrapped.engine, adjust_zero_gradients)
+
+
+class _LoRAProEngineWrapper(DeepSpeedEngineWrapper):
+    """accelerate's DeepSpeedEngineWrapper.backward with `adjust(engine)` right before engine.step()."""
+
+    def __init__(self, engine, adjust):
+        super().__init__(engine)
+        self.adjust = adjust
+
+    def backward(self, loss, sync_gradients=True, **kwargs):
+        self.engine.set_gradient_accumulation_boundary(is_boundary=sync_gradients)
+        self.engine.backward(loss, **kwargs)
+        if sync_gradients:
+            self.adjust(self.engine)
+            self.engine.step()
 
 
 # -- AdaLoRA / LoRA² rank allocation -------------------------------------------------------------
