@@ -140,33 +140,41 @@ def test_peft_layers_lorapro_cannot_pair_are_named():
 
 # -- the rank allocator --------------------------------------------------------------------------------
 
-def _adalora_model():
+def _adalora_model(method="adalora"):
+    from loralib.config import LoRAConfig
+
     model = tiny_llama()
-    loralib.inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=8, method="adalora")
+    loralib.inject(model, ["q_proj", "v_proj"], config=LoRAConfig(r=4, lora_alpha=8, method=method, lora2_k=2,
+                                                                  target_modules=("q_proj", "v_proj")))
     return model
 
 
-def _allocator(model):
+def _allocator(model, method="adalora"):
     from loralib.adalora import RankAllocator
+    from loralib.lora2 import LoRA2RankAllocator
 
-    return RankAllocator(model, lora_r=4, target_rank=2, init_warmup=1, final_warmup=1, mask_interval=1,
-                         beta1=0.85, beta2=0.85, total_step=6)
+    cls = RankAllocator if method == "adalora" else LoRA2RankAllocator
+    return cls(model, lora_r=4, target_rank=2, init_warmup=1, final_warmup=1, mask_interval=1,
+               beta1=0.85, beta2=0.85, total_step=6)
 
 
-def test_allocator_callback_equals_reference(tmp_path):
+@pytest.mark.parametrize("method", ["adalora", "lora2"])
+def test_allocator_callback_equals_reference(tmp_path, method):
     from transformers import TrainingArguments
 
     from loralib.hf import RankAllocatorCallback, RegularizedTrainer
+    from loralib.lora2 import compute_lora2_orth_regu
 
     data = token_data(n=12)
-    regu = lambda m: loralib.compute_orth_regu(m, regu_weight=0.1)  # noqa: E731
-    model = _adalora_model()
+    orth = loralib.compute_orth_regu if method == "adalora" else compute_lora2_orth_regu
+    regu = lambda m: orth(m, regu_weight=0.1)  # noqa: E731
+    model = _adalora_model(method)
     twin = copy.deepcopy(model)
-    allocator = _allocator(model)
+    allocator = _allocator(model, method)
     args = TrainingArguments(**trainer_args(tmp_path, max_grad_norm=1.0))
     RegularizedTrainer(model=model, args=args, train_dataset=data, regularizer=regu,
                        callbacks=[RankAllocatorCallback(allocator)]).train()
-    ref_alloc = _allocator(twin)
+    ref_alloc = _allocator(twin, method)
     optimizer = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     reference_run(twin, optimizer, data, after_step=lambda step: ref_alloc.update_and_mask(twin, step),
                   regularizer=regu)
