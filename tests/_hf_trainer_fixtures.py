@@ -63,9 +63,9 @@ def trainer_args(output_dir, **overrides):
 
 
 def reference_run(model, optimizer, data, batch=2, accum=2, epochs=2, warmup=1, max_grad_norm=1.0,
-                  after_step=None, regularizer=None):
-    """What the Trainer does, written out: sequential batches, loss / accum, clip, step, linear schedule,
-    (after_step(step)), zero_grad."""
+                  after_step=None, regularizer=None, bf16=False):
+    """What the Trainer does, written out: sequential batches, (bf16 autocast) loss / accum, clip, step,
+    (after_step(step)), linear schedule, zero_grad."""
     from transformers import get_linear_schedule_with_warmup
 
     micro = [data[i:i + batch] for i in range(0, len(data), batch)]
@@ -78,7 +78,8 @@ def reference_run(model, optimizer, data, batch=2, accum=2, epochs=2, warmup=1, 
         for s in range(steps_per_epoch):
             for items in micro[s * accum:(s + 1) * accum]:
                 inputs = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-                loss = model(**inputs).loss
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = model(**inputs).loss
                 if regularizer is not None:
                     loss = loss + regularizer(model)
                 (loss / accum).backward()

@@ -74,16 +74,32 @@ def test_lorapro_trainer_equals_reference(tmp_path, which, mode):
     assert_same(lora_state(model), lora_state(twin))
 
 
-def test_lorapro_trainer_resume_equals_uninterrupted(tmp_path):
+def test_lorapro_trainer_bf16_autocast_equals_reference(tmp_path):
+    from loralib.hf import LoRAProTrainer, LoRAProTrainingArguments
+
+    model, twin = peft_and_loralib()
+    data = token_data()
+    trainer = LoRAProTrainer(model=model, args=LoRAProTrainingArguments(**trainer_args(tmp_path, bf16=True)),
+                             train_dataset=data)
+    trainer.train()
+    state = trainer.optimizer.optimizer.state
+    assert all(s["exp_avg"].dtype == torch.float32 for s in state.values() if "exp_avg" in s)
+    reference_run(twin, LoRAProAdamW(twin, lr=1e-2, mode="full", decay_base_weight=False), data, bf16=True)
+    assert_same(lora_state(model), lora_state(twin))
+
+
+@pytest.mark.parametrize("mode", ["full", "efficient"])
+def test_lorapro_trainer_resume_equals_uninterrupted(tmp_path, mode):
     from loralib.hf import LoRAProTrainer, LoRAProTrainingArguments
 
     data = token_data()
     full, _ = peft_and_loralib()
-    args = LoRAProTrainingArguments(**trainer_args(tmp_path / "a", save_strategy="steps", save_steps=2))
+    args = LoRAProTrainingArguments(**trainer_args(tmp_path / "a", save_strategy="steps", save_steps=2),
+                                    lorapro_mode=mode)
     LoRAProTrainer(model=full, args=args, train_dataset=data).train()
 
     resumed, _ = peft_and_loralib()
-    args = LoRAProTrainingArguments(**trainer_args(tmp_path / "b"))
+    args = LoRAProTrainingArguments(**trainer_args(tmp_path / "b"), lorapro_mode=mode)
     LoRAProTrainer(model=resumed, args=args, train_dataset=data).train(
         resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     assert_same(lora_state(full), lora_state(resumed), atol=1e-6)
