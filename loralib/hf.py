@@ -19,10 +19,10 @@ dtype), DDP via torchrun, and checkpoints: the optimizer's state is the Trainer'
 allocator's is `rank_allocator.pt` written into each checkpoint folder by the callback, so
 `trainer.train(resume_from_checkpoint=...)` continues exactly.
 
-DeepSpeed: LoRAProTrainer runs the efficient mode under the Trainer's ZeRO-1/2 (unpatched DeepSpeed, see
-the class). Not supported (an error says so): the full mode and ZeRO-3 under the Trainer's DeepSpeed (use
-`loralib.train.train(..., deepspeed_config=)`, which runs both modes under ZeRO-1/2/3, or torchrun), and
-`optim="sgd"` (the released code's trick for its patched DeepSpeed; here the optimizer is LoRA-Pro's own).
+DeepSpeed: LoRAProTrainer runs both modes under the Trainer's ZeRO-1/2 (unpatched DeepSpeed, see the class).
+Not supported (an error says so): ZeRO-3 under the Trainer (use `loralib.train.train(..., deepspeed_config=)`),
+weight decay in the full mode under DeepSpeed, and `optim="sgd"` (the released code's trick for its patched
+DeepSpeed; here the optimizer is LoRA-Pro's own).
 
 Importing this module imports transformers; `import loralib` does not.
 """
@@ -103,9 +103,8 @@ def lorapro_optimizer(model: nn.Module, args: TrainingArguments, mode: Optional[
         raise ValueError("LoRA-Pro: optim='sgd' was the released code's trick for its patched DeepSpeed; here "
                          "LoRAProAdamW is the optimizer, leave TrainingArguments.optim at its default")
     if getattr(args, "deepspeed", None):
-        raise ValueError("lorapro_optimizer: under the Trainer's DeepSpeed integration use LoRAProTrainer with "
-                         "lorapro_mode='efficient' (ZeRO flattens a client optimizer's parameters, so LoRAProAdamW "
-                         "cannot be handed to DeepSpeed)")
+        raise ValueError("lorapro_optimizer: under the Trainer's DeepSpeed integration use LoRAProTrainer (ZeRO "
+                         "flattens a client optimizer's parameters, so LoRAProAdamW cannot be handed to DeepSpeed)")
     return LoRAProAdamW(model, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                         eps=args.adam_epsilon, weight_decay=args.weight_decay,
                         mode=mode or getattr(args, "lorapro_mode", "full"),
@@ -116,59 +115,84 @@ class LoRAProTrainer(Trainer):
     """A Trainer that runs LoRAProAdamW (full or efficient, args.lorapro_mode) on the model's LoRA pairs
     (PEFT's LoraConfig layers or loralib's) and AdamW on its other trainable parameters (a head).
 
-    Under the Trainer's DeepSpeed ZeRO-1/2 (`args.deepspeed`), the efficient mode runs through
-    loralib.optim.deepspeed_lorapro: DeepSpeed's partitioned AdamW (from the config's "optimizer", else
-    torch's AdamW with the Trainer's lr, betas, eps and weight decay, decoupled on each factor) steps on
-    the reduced gradients that `adjust_zero_gradients` replaced by LoRA-Pro's; the adjustment runs inside
-    accelerate's DeepSpeed backward(), right before engine.step() (where DeepSpeed also clips, at
-    args.max_grad_norm, the adjusted gradients). The full mode is not supported there (a ValueError): its
-    m x n moments need DeepSpeed running SGD with its clipping off; use loralib.train.train with
-    deepspeed_config= (ZeROLoRAProFull) or torchrun (DDP) for it. ZeRO-3 is refused (untested here).
+    Under the Trainer's DeepSpeed ZeRO-1/2 (`args.deepspeed`) both modes run through
+    loralib.optim.deepspeed_lorapro, unpatched, the LoRA-Pro part inside accelerate's DeepSpeed backward(),
+    between engine.backward() and engine.step() on each accumulation boundary:
+    - efficient: DeepSpeed's partitioned AdamW (the config's "optimizer", else torch's AdamW with the
+      Trainer's lr, betas, eps and weight decay, decoupled on each factor) steps on the reduced gradients
+      that `adjust_zero_gradients` replaced by LoRA-Pro's; DeepSpeed clips (args.max_grad_norm) the
+      adjusted gradients.
+    - full: `ZeROLoRAProFull` keeps the m x n moments sharded by pair over the ranks (saved per rank with each
+      checkpoint as lorapro_full_rank<k>.pt) and writes Adam's directions as gradients, which DeepSpeed
+      applies with plain SGD at the scheduled lr; the raw gradients are clipped at args.max_grad_norm first
+      and DeepSpeed's own clipping is turned off. weight_decay > 0 is refused there (the paper uses 0).
+    ZeRO-3 is refused (use loralib.train.train with deepspeed_config=, which runs it).
     """
+
+    _zero_full = None  # the full mode's ZeROLoRAProFull under DeepSpeed
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             if self.is_deepspeed_enabled:
-                self.optimizer = _zero_client_optimizer(opt_model, self.args)
+                self.optimizer = self._zero_client_optimizer(opt_model)
             else:
                 self.optimizer = lorapro_optimizer(opt_model, self.args)
         return self.optimizer
 
+    def _zero_client_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer DeepSpeed partitions; LoRA-Pro itself acts on the gradients (training_step)."""
+        from .optim.deepspeed_lorapro import ZeROLoRAProFull, sgd_for_full_mode
+        from .optim.lorapro import lora_pairs
+
+        args = self.args
+        mode = getattr(args, "lorapro_mode", "full")
+        config = args.hf_deepspeed_config.config
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (0, 1, 2):
+            raise ValueError(f"LoRAProTrainer: DeepSpeed ZeRO stage {stage} is not supported under the Trainer; "
+                             "use 1 or 2, or loralib.train.train with deepspeed_config= for ZeRO-3")
+        lora_pairs(model)  # a model LoRA-Pro cannot pair fails here, before DeepSpeed starts
+        if mode == "efficient":
+            return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                     betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                                     weight_decay=args.weight_decay)
+        if mode != "full":
+            raise ValueError(f"lorapro_mode must be 'full' or 'efficient', got {mode!r}")
+        if args.weight_decay or "optimizer" in config:
+            raise ValueError("LoRAProTrainer: the full mode under DeepSpeed runs DeepSpeed's plain SGD on Adam's "
+                             "directions: set weight_decay=0 (the paper's) and no 'optimizer' in the DeepSpeed "
+                             "config, or use lorapro_mode='efficient'")
+        config["gradient_clipping"] = 0.0  # ZeROLoRAProFull clips the raw gradients itself
+        self._zero_full = ZeROLoRAProFull((args.adam_beta1, args.adam_beta2), args.adam_epsilon,
+                                          max_grad_norm=args.max_grad_norm)
+        return sgd_for_full_mode(model, args.learning_rate)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.is_deepspeed_enabled:
-            _adjust_before_deepspeed_step(self.accelerator)
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if wrapped is not None and not isinstance(wrapped, _LoRAProEngineWrapper):
+            from .optim.deepspeed_lorapro import adjust_zero_gradients
+
+            adjust = self._zero_full.adjust if self._zero_full is not None else adjust_zero_gradients
+            self.accelerator.deepspeed_engine_wrapped = _LoRAProEngineWrapper(wrapped.engine, adjust)
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def _full_state_path(self, folder: str) -> str:
+        return os.path.join(folder, f"lorapro_full_rank{self.args.process_index}.pt")
 
-def _zero_client_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
-    """The client optimizer DeepSpeed partitions, for LoRA-Pro's efficient mode: AdamW on every trainable
-    parameter; LoRA-Pro itself acts on the gradients (_adjust_before_deepspeed_step)."""
-    mode = getattr(args, "lorapro_mode", "full")
-    stage = args.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0)
-    if mode != "efficient":
-        raise ValueError(f"LoRAProTrainer: lorapro_mode={mode!r} under the Trainer's DeepSpeed is not supported; "
-                         "use lorapro_mode='efficient' (its Adam is DeepSpeed's), or for the full mode "
-                         "loralib.train.train with deepspeed_config= or torchrun (DDP)")
-    if stage not in (0, 1, 2):
-        raise ValueError(f"LoRAProTrainer: DeepSpeed ZeRO stage {stage} is not supported here; use 1 or 2")
-    from .optim.lorapro import lora_pairs
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self._zero_full is not None:
+            torch.save(self._zero_full.state_dict(), self._full_state_path(output_dir))
 
-    lora_pairs(model)  # a model LoRA-Pro cannot pair fails here, before DeepSpeed starts
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                             weight_decay=args.weight_decay)
-
-
-def _adjust_before_deepspeed_step(accelerator) -> None:
-    """Make accelerate's DeepSpeed backward() (engine.backward, then engine.step() on a boundary) replace
-    the reduced gradients by LoRA-Pro's between the two. Idempotent; the engine exists once the Trainer
-    has prepared the model, before the first training_step."""
-    from .optim.deepspeed_lorapro import adjust_zero_gradients
-
-    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
-    if wrapped is not None and not isinstance(wrapped, _LoRAProEngineWrapper):
-        accelerator.deepspeed_engine_wrapped = _LoRAProEngineWrapper(wrapped.engine, adjust_zero_gradients)
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self._zero_full is not None:
+            path = self._full_state_path(checkpoint)
+            if not os.path.isfile(path):
+                raise ValueError(f"LoRAProTrainer: {path} is missing; the checkpoint was not written by the full "
+                                 "mode under DeepSpeed with this number of processes")
+            self._zero_full.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
 
 
 class _LoRAProEngineWrapper(DeepSpeedEngineWrapper):
