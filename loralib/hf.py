@@ -220,7 +220,8 @@ class RankAllocatorCallback(TrainerCallback):
     the step passed is `state.global_step` there, the number of optimizer steps completed before this one
     (0 on the first), as AdaLoRA's released trainer and loralib.train do. A step the fp16 scaler skipped
     allocates nothing (as in loralib.train). total_step, when the allocator has none, is the Trainer's
-    max_steps. Every checkpoint folder gets the allocator's state (rank_allocator.pt, written by the main
+    max_steps. Not under the Trainer's DeepSpeed (a ValueError; loralib.train does ZeRO-1/2 allocation).
+    Every checkpoint folder gets the allocator's state (rank_allocator.pt, written by the main
     process); a run resumed from `<output_dir>/checkpoint-<step>` reloads it, or give `resume_from=` the
     folder. Under DDP every rank allocates on the same all-reduced gradients, so the masks agree.
 
@@ -242,6 +243,11 @@ class RankAllocatorCallback(TrainerCallback):
         self.resume_from = resume_from
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if getattr(args, "deepspeed", None):
+            # ZeRO keeps the gradients partitioned and zeroes them inside engine.step(), before this callback
+            # runs, and its fp32 master copies would restore the masked E.
+            raise ValueError("RankAllocatorCallback under the Trainer's DeepSpeed is not supported; use torchrun "
+                             "(DDP), or loralib.train.train(..., allocator=, deepspeed_config=) for ZeRO-1/2")
         if getattr(self.allocator, "total_step", 0) is None:
             self.allocator.set_total_step(state.max_steps)
         if state.global_step > 0:  # resumed: the Trainer has loaded trainer_state.json

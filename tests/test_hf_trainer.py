@@ -273,3 +273,14 @@ def test_callback_drives_peft_adalora(tmp_path):
     for name, p in resumed.named_parameters():
         if "lora_" in name:
             torch.testing.assert_close(p, theirs[name], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_allocator_callback_refuses_the_trainers_deepspeed(tmp_path):
+    from types import SimpleNamespace
+
+    from loralib.hf import RankAllocatorCallback
+
+    callback = RankAllocatorCallback(_allocator(_adalora_model()))
+    with pytest.raises(ValueError, match="DeepSpeed is not supported"):
+        callback.on_train_begin(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}},
+                                                output_dir=str(tmp_path)), SimpleNamespace(global_step=0), None)
