@@ -111,3 +111,23 @@ def assert_same(a, b, atol=1e-5):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+def adalora_model(method="adalora"):
+    """A tiny Llama with loralib's AdaLoRA (or LoRA²) layers on q and v, r 4."""
+    import loralib
+    from loralib.config import LoRAConfig
+
+    model = tiny_llama()
+    loralib.inject(model, ["q_proj", "v_proj"], config=LoRAConfig(r=4, lora_alpha=8, method=method, lora2_k=2,
+                                                                  target_modules=("q_proj", "v_proj")))
+    return model
+
+
+def allocator_for(model, method="adalora"):
+    from loralib.adalora import RankAllocator
+    from loralib.lora2 import LoRA2RankAllocator
+
+    cls = RankAllocator if method == "adalora" else LoRA2RankAllocator
+    return cls(model, lora_r=4, target_rank=2, init_warmup=1, final_warmup=1, mask_interval=1,
+               beta1=0.85, beta2=0.85, total_step=6)

@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from _hf_trainer_fixtures import (assert_same, lora_state, peft_and_loralib, reference_run,  # noqa: E402
-                                  tiny_llama, token_data, trainer_args)
+from _hf_trainer_fixtures import (adalora_model, allocator_for, assert_same, lora_state,  # noqa: E402
+                                  peft_and_loralib, reference_run, tiny_llama, token_data, trainer_args)
 
 import loralib  # noqa: E402
 from loralib.optim import LoRAProAdamW, create_loraplus_optimizer  # noqa: E402
@@ -156,24 +156,6 @@ def test_peft_layers_lorapro_cannot_pair_are_named():
 
 # -- the rank allocator --------------------------------------------------------------------------------
 
-def _adalora_model(method="adalora"):
-    from loralib.config import LoRAConfig
-
-    model = tiny_llama()
-    loralib.inject(model, ["q_proj", "v_proj"], config=LoRAConfig(r=4, lora_alpha=8, method=method, lora2_k=2,
-                                                                  target_modules=("q_proj", "v_proj")))
-    return model
-
-
-def _allocator(model, method="adalora"):
-    from loralib.adalora import RankAllocator
-    from loralib.lora2 import LoRA2RankAllocator
-
-    cls = RankAllocator if method == "adalora" else LoRA2RankAllocator
-    return cls(model, lora_r=4, target_rank=2, init_warmup=1, final_warmup=1, mask_interval=1,
-               beta1=0.85, beta2=0.85, total_step=6)
-
-
 @pytest.mark.parametrize("method", ["adalora", "lora2"])
 def test_allocator_callback_equals_reference(tmp_path, method):
     from transformers import TrainingArguments
@@ -184,13 +166,13 @@ def test_allocator_callback_equals_reference(tmp_path, method):
     data = token_data(n=12)
     orth = loralib.compute_orth_regu if method == "adalora" else compute_lora2_orth_regu
     regu = lambda m: orth(m, regu_weight=0.1)  # noqa: E731
-    model = _adalora_model(method)
+    model = adalora_model(method)
     twin = copy.deepcopy(model)
-    allocator = _allocator(model, method)
+    allocator = allocator_for(model, method)
     args = TrainingArguments(**trainer_args(tmp_path, max_grad_norm=1.0))
     RegularizedTrainer(model=model, args=args, train_dataset=data, regularizer=regu,
                        callbacks=[RankAllocatorCallback(allocator)]).train()
-    ref_alloc = _allocator(twin, method)
+    ref_alloc = allocator_for(twin, method)
     optimizer = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     reference_run(twin, optimizer, data, after_step=lambda step: ref_alloc.update_and_mask(twin, step),
                   regularizer=regu)
@@ -210,14 +192,14 @@ def test_allocator_callback_resume_equals_uninterrupted(tmp_path):
     from loralib.hf import ALLOCATOR_STATE_NAME, RankAllocatorCallback
 
     data = token_data(n=12)
-    full = _adalora_model()
-    alloc_full = _allocator(full)
+    full = adalora_model()
+    alloc_full = allocator_for(full)
     args = TrainingArguments(**trainer_args(tmp_path / "a", save_strategy="steps", save_steps=3))
     Trainer(model=full, args=args, train_dataset=data, callbacks=[RankAllocatorCallback(alloc_full)]).train()
     assert (tmp_path / "a" / "checkpoint-3" / ALLOCATOR_STATE_NAME).is_file()
 
-    resumed = _adalora_model()
-    alloc = _allocator(resumed)
+    resumed = adalora_model()
+    alloc = allocator_for(resumed)
     args = TrainingArguments(**trainer_args(tmp_path / "a"))
     Trainer(model=resumed, args=args, train_dataset=data, callbacks=[RankAllocatorCallback(alloc)]).train(
         resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
@@ -280,7 +262,7 @@ def test_allocator_callback_refuses_the_trainers_deepspeed(tmp_path):
 
     from loralib.hf import RankAllocatorCallback
 
-    callback = RankAllocatorCallback(_allocator(_adalora_model()))
+    callback = RankAllocatorCallback(allocator_for(adalora_model()))
     with pytest.raises(ValueError, match="DeepSpeed is not supported"):
         callback.on_train_begin(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}},
                                                 output_dir=str(tmp_path)), SimpleNamespace(global_step=0), None)
