@@ -266,3 +266,61 @@ def test_allocator_callback_refuses_the_trainers_deepspeed(tmp_path):
     with pytest.raises(ValueError, match="DeepSpeed is not supported"):
         callback.on_train_begin(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}},
                                                 output_dir=str(tmp_path)), SimpleNamespace(global_step=0), None)
+
+
+# -- against loralib's own loop ------------------------------------------------------------------------
+
+def _loop_order(n, batch, epochs, seed):
+    """The sample order loralib.train's sampler visits, epoch after epoch (one process)."""
+    from loralib.train.distributed import ShardedBatches
+
+    sampler = ShardedBatches(n, batch, 1, 0, seed=seed)
+    return [i for epoch in range(epochs) for b in sampler.batches(epoch) for i in b]
+
+
+@pytest.mark.parametrize("method", ["lorapro-full", "lorapro-efficient", "loraplus", "adalora"])
+def test_trainer_equals_loralib_train(tmp_path, method):
+    """N Trainer steps on the PEFT model (our model for AdaLoRA) equal N steps of loralib.train on the loralib
+    twin: the Trainer reads, in order, the samples loralib.train's shuffled sampler deals over 2 epochs."""
+    from transformers import Trainer, TrainingArguments
+
+    from loralib.hf import (LoraPlusTrainer, LoraPlusTrainingArguments, LoRAProTrainer, LoRAProTrainingArguments,
+                            RankAllocatorCallback)
+    from loralib.train import TrainConfig, train
+
+    data = token_data(n=12 if method == "adalora" else 8)
+    order = _loop_order(len(data), 2, 2, seed=7)
+    hf_args = trainer_args(tmp_path / "hf", num_train_epochs=1)
+    if method == "adalora":
+        model = adalora_model()
+        twin = copy.deepcopy(model)
+        allocator, twin_allocator = allocator_for(model), allocator_for(twin)
+        trainer = Trainer(model=model, args=TrainingArguments(**hf_args), train_dataset=[data[i] for i in order],
+                          callbacks=[RankAllocatorCallback(allocator)])
+        factory = None
+    else:
+        model, twin = peft_and_loralib()
+        twin_allocator = None
+        if method == "loraplus":
+            trainer = LoraPlusTrainer(model=model, args=LoraPlusTrainingArguments(**hf_args, loraplus_lr_ratio=4.0),
+                                      train_dataset=[data[i] for i in order])
+            factory = lambda m: create_loraplus_optimizer(m, torch.optim.AdamW, lr=1e-2, loraplus_lr_ratio=4.0)  # noqa
+        else:
+            mode = method.split("-")[1]
+            trainer = LoRAProTrainer(model=model, args=LoRAProTrainingArguments(**hf_args, lorapro_mode=mode),
+                                     train_dataset=[data[i] for i in order])
+            factory = lambda m: LoRAProAdamW(m, lr=1e-2, mode=mode, decay_base_weight=False)  # noqa: E731
+    trainer.train()
+
+    config = TrainConfig(output_dir=str(tmp_path / "loop"), num_epochs=2, per_device_batch_size=2, grad_accum_steps=2,
+                         lr=1e-2, warmup_steps=1, schedule="linear", max_grad_norm=1.0, save_strategy="no",
+                         seed=7, progress_bar=False, device="cpu", log_every=1000)
+    collate = lambda items: {k: torch.stack([it[k] for it in items]) for k in items[0]}  # noqa: E731
+    train(twin, data, collate, config, optimizer_factory=factory, allocator=twin_allocator)
+    if method == "adalora":
+        assert allocator.get_rank_pattern() == twin_allocator.get_rank_pattern()
+        theirs = dict(twin.named_parameters())
+        assert_same({n: p for n, p in model.named_parameters() if "lora_" in n},
+                    {n: theirs[n] for n, p in model.named_parameters() if "lora_" in n})
+    else:
+        assert_same(lora_state(model), lora_state(twin))
