@@ -324,3 +324,38 @@ def test_trainer_equals_loralib_train(tmp_path, method):
                     {n: theirs[n] for n, p in model.named_parameters() if "lora_" in n})
     else:
         assert_same(lora_state(model), lora_state(twin))
+
+
+@pytest.mark.parametrize("mode", ["full", "efficient"])
+def test_peft_gpt2_conv1d_step_with_weight_decay_on_W(mode):
+    """PEFT's LoRA on GPT-2's Conv1D (fan_in_fan_out) pairs like loralib's; decay_base_weight shrinks each W0."""
+    from _tiny_hf import tiny_gpt2
+
+    from _hf_trainer_fixtures import randomise
+
+    base = tiny_gpt2()
+    twin = copy.deepcopy(base)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                   fan_in_fan_out=True, lora_dropout=0.0))
+    loralib.inject(twin, ["c_attn"], r=4, lora_alpha=8)
+    pairs = lora_pairs(pm)
+    randomise([p for pair in pairs for p in (pair.A, pair.B)])
+    for pair in pairs:
+        layer = twin.get_submodule(pair.name[len("base_model.model."):].rsplit(".", 1)[0])
+        with torch.no_grad():
+            layer.lora_A.copy_(pair.A)
+            layer.lora_B.copy_(pair.B)
+    ids = token_data(n=2)
+    for model in (pm, twin):
+        model.train()
+        optimizer = LoRAProAdamW(model, lr=1e-2, weight_decay=0.1, mode=mode, decay_base_weight=True)
+        for _ in range(2):
+            model(input_ids=torch.stack([d["input_ids"] for d in ids]),
+                  labels=torch.stack([d["labels"] for d in ids])).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert_same(lora_state(pm), lora_state(twin))
+    for pair in pairs:
+        path = pair.name[len("base_model.model."):].rsplit(".", 1)[0]
+        torch.testing.assert_close(pair.base_weight(), twin.get_submodule(path).weight, atol=1e-6, rtol=0)
+    assert not torch.equal(pairs[0].base_weight(), tiny_gpt2().transformer.h[0].attn.c_attn.weight)
