@@ -8,9 +8,14 @@
     args = LoRAProTrainingArguments(output_dir="out", learning_rate=2e-5, lorapro_mode="full")
     LoRAProTrainer(model=peft_model, args=args, train_dataset=train).train()
 
-    from loralib.hf import RankAllocatorCallback                                 # AdaLoRA / LoRA² ranks
-    Trainer(model=model, args=args, train_dataset=train,
-            callbacks=[RankAllocatorCallback(RankAllocator(model, lora_r=8, target_rank=4, ...))]).train()
+    from loralib.hf import RankAllocatorCallback, RegularizedTrainer             # AdaLoRA / LoRA² ranks
+    RegularizedTrainer(model=model, args=args, train_dataset=train,              # model: loralib.inject(...,
+                       regularizer=lambda m: loralib.compute_orth_regu(m, 0.1),  #   method="adalora")
+                       callbacks=[RankAllocatorCallback(RankAllocator(model, lora_r=8, target_rank=4, ...))]).train()
+    Trainer(..., callbacks=[RankAllocatorCallback(peft_adalora_model)])          # PEFT's AdaLoRA: its own allocator
+
+Plain-Trainer forms: `optimizers=(loraplus_optimizer(model, args), None)`, `optimizers=(lorapro_optimizer(model,
+args), None)` (not under DeepSpeed: there LoRAProTrainer is needed).
 
 Everything else stays the Trainer's: its lr schedule and warmup (they set each group's "lr", which the
 optimizers read at every step), gradient accumulation (the optimizers read .grad at step time), clipping

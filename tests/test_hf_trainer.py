@@ -58,14 +58,20 @@ def test_loraplus_trainer_needs_the_ratio(tmp_path):
         trainer.create_optimizer()
 
 
-@pytest.mark.parametrize("which,mode", [("peft", "full"), ("peft", "efficient"), ("loralib", "full")])
-def test_lorapro_trainer_equals_reference(tmp_path, which, mode):
-    from loralib.hf import LoRAProTrainer, LoRAProTrainingArguments
+@pytest.mark.parametrize("which,mode,plain", [("peft", "full", False), ("peft", "efficient", False),
+                                              ("loralib", "full", False), ("peft", "efficient", True)])
+def test_lorapro_trainer_equals_reference(tmp_path, which, mode, plain):
+    from transformers import Trainer
+
+    from loralib.hf import LoRAProTrainer, LoRAProTrainingArguments, lorapro_optimizer
 
     model, twin = _models(which)
     data = token_data()
     args = LoRAProTrainingArguments(**trainer_args(tmp_path, weight_decay=0.05), lorapro_mode=mode)
-    trainer = LoRAProTrainer(model=model, args=args, train_dataset=data)
+    if plain:  # the optimizers= form in a plain Trainer
+        trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(lorapro_optimizer(model, args), None))
+    else:
+        trainer = LoRAProTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer, LoRAProAdamW) and trainer.optimizer.optimizer.mode == mode
 
