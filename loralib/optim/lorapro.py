@@ -51,8 +51,14 @@ W0 untouched. In bf16 the W0 factor (1 - lr*wd) usually rounds to 1: keep wd = 0
 or the base weights in fp32 if the decay of W0 matters.
 
 Supported layers: loralib's Linear, MergedLinear (each enabled chunk is its own (B_g, A_g) pair), Embedding
-and Conv1d/2d/3d (the pair (A, B) with s B A reshaped to the kernel). A trainable `lora_*` parameter of any
-other layer (AdaLoRA's SVDLinear, PEFT's layers) raises a ValueError naming it.
+and Conv1d/2d/3d (the pair (A, B) with s B A reshaped to the kernel), so also a transformers model after
+`loralib.inject`; and PEFT's LoRA Linear (nn.Linear or GPT-2's Conv1D base) and Embedding layers of a
+`peft.PeftModel` built with `LoraConfig`: each adapter of each layer is one pair (lora_A[name].weight (r, n),
+lora_B[name].weight (m, r); lora_embedding_A/B for embeddings), its s read from the layer's `scaling[name]`,
+which PEFT computed from lora_alpha / r or rsLoRA's lora_alpha / sqrt(r) after rank_pattern/alpha_pattern.
+PEFT is never imported: its layers are recognised by these attributes. A trainable `lora_*` parameter of any
+other layer (AdaLoRA's SVDLinear, PEFT's AdaLoRA or conv layers, DoRA's magnitude, lora_bias) raises a
+ValueError naming it; so does an adapter with a PEFT LoRA variant (DoRA, ...), where s B A is not the update.
 """
 from __future__ import annotations
 
@@ -82,6 +88,12 @@ class LoRAPair:
     scaling: float
     chunks: int
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen W0 that s B A is added to (decayed in place with the weight decay on W)."""
+        if hasattr(self.layer, "_base_weight"):
+            return self.layer._base_weight()
+        return self.layer.get_base_layer().weight  # PEFT's layer wraps the original module
+
     def stacked(self, A: torch.Tensor, B: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Views of tensors shaped like A and B as (chunks, r, n) and (chunks, m, r)."""
         return A.reshape(self.chunks, -1, A.shape[-1]), B.reshape(self.chunks, -1, B.shape[-1])
@@ -92,14 +104,43 @@ class LoRAPair:
         return self.chunks, self.B.shape[0] // self.chunks, self.A.shape[1]
 
 
+def _peft_factors(module: nn.Module):
+    """(adapter name, A, B) of a PEFT LoRA layer's adapters: Linear (lora_A/lora_B, nn.Linear each) and
+    Embedding (lora_embedding_A/B); [] for any other module. Recognised without importing PEFT."""
+    if not (isinstance(getattr(module, "scaling", None), dict) and hasattr(module, "get_base_layer")):
+        return []
+    found = []
+    lora_A, lora_B = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+    if isinstance(lora_A, nn.ModuleDict) and isinstance(lora_B, nn.ModuleDict):
+        for key, down in lora_A.items():
+            up = lora_B[key] if key in lora_B else None
+            if type(down) is nn.Linear and type(up) is nn.Linear and up.bias is None:
+                found.append((key, down.weight, up.weight))
+    emb_A, emb_B = getattr(module, "lora_embedding_A", None), getattr(module, "lora_embedding_B", None)
+    if isinstance(emb_A, nn.ParameterDict) and isinstance(emb_B, nn.ParameterDict):
+        found.extend((key, emb_A[key], emb_B[key]) for key in emb_A.keys() if key in emb_B)
+    variants = getattr(module, "lora_variant", None) or {}
+    use_dora = getattr(module, "use_dora", None) or {}
+    return [(key, A, B) for key, A, B in found if key not in variants and not use_dora.get(key, False)]
+
+
 def lora_pairs(model: nn.Module) -> List[LoRAPair]:
-    """The trainable LoRA pairs of `model`, by module, in module order (the same on every rank).
+    """The trainable LoRA pairs of `model`, by module, in module order (the same on every rank): loralib's
+    layers and PEFT's LoRA Linear/Embedding layers (one pair per adapter, named "<module>.<adapter>").
 
     Raises ValueError for a trainable `lora_*` parameter LoRA-Pro cannot pair, or a pair with only one
     of its two factors trainable.
     """
     pairs, paired = [], set()
     for name, module in model.named_modules():
+        for key, A, B in _peft_factors(module):
+            trainable = [A.requires_grad, B.requires_grad]
+            if not any(trainable):
+                continue
+            if not all(trainable):
+                raise ValueError(f"LoRA-Pro needs both factors of {name!r} (adapter {key!r}) trainable")
+            pairs.append(LoRAPair(f"{name}.{key}", module, A, B, float(module.scaling[key]), 1))
+            paired.update((id(A), id(B)))
         if not (isinstance(module, LoRALayer) and module.has_lora):
             continue
         own = {n for n, p in module.named_parameters(recurse=False) if "lora_" in n and p.requires_grad}
@@ -115,7 +156,8 @@ def lora_pairs(model: nn.Module) -> List[LoRAPair]:
     stray = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n and id(p) not in paired]
     if stray:
         raise ValueError(
-            f"LoRA-Pro pairs lora_A/lora_B of loralib's Linear, MergedLinear, Embedding and Conv layers; "
+            f"LoRA-Pro pairs lora_A/lora_B of loralib's Linear, MergedLinear, Embedding and Conv layers and "
+            f"of PEFT's LoRA Linear and Embedding layers (LoraConfig without DoRA, lora_bias or other variants); "
             f"these trainable parameters belong to no such pair: {stray[:5]}{' ...' if len(stray) > 5 else ''}")
     return pairs
 
@@ -295,7 +337,7 @@ class _LoRAProBase(torch.optim.Optimizer):
         pair.A.mul_(math.sqrt(keep))
         pair.B.mul_(math.sqrt(keep))
         if self.decay_base_weight:
-            pair.layer._base_weight().mul_(keep)  # computed in fp32 for bf16 weights, rounded once
+            pair.base_weight().mul_(keep)  # computed in fp32 for bf16 weights, rounded once
 
     @staticmethod
     def _write(param: torch.Tensor, update: torch.Tensor) -> None:
