@@ -3,6 +3,7 @@ files) is written to a temporary file beside its final name and renamed over it,
 leaves the previous file, or none, never half of one. And the one JSON reader whose errors name the file."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
@@ -22,6 +23,23 @@ def read_json(path: PathLike, missing: str, error: type = ValueError) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise error(not_utf8(path)) from None
+
+
+def not_utf8(path: PathLike) -> str:
+    """"FILE:LINE: not UTF-8 text ..." for the first line of `path` (.gz read through gzip) that does not
+    decode. Text readers decode in chunks, so their UnicodeDecodeError names no line: it is found again here."""
+    path = Path(path)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"{path}:{line_no}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column "
+                        f"{e.start + 1}); re-encode the file as UTF-8")
+    return f"{path}: not UTF-8 text; re-encode the file as UTF-8"
 
 
 def write_text_atomic(path: PathLike, text: str) -> Path:

@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader
 from ..layers import LoRALayer
 from . import checkpoint as ckpt
 from . import deepspeed_ranks, zero3
+from .guards import check_finite_parameters, check_loss
 from .distributed import (DistContext, ShardedBatches, all_reduce_mean, barrier, broadcast_object,
                           deepspeed_config, deepspeed_engine, no_sync, setup, wrap_ddp, zero_stage)
 from .schedules import SCHEDULES, build_scheduler, scheduler_factory
@@ -520,8 +521,8 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
             if key not in metrics:
                 raise KeyError(f"TrainConfig.metric_for_best={name!r} is not among eval_fn's metrics {sorted(metrics)}")
             value = float(metrics[key])
-            better = state.best_metric is None or (value > state.best_metric if config.greater_is_better
-                                                   else value < state.best_metric)
+            better = math.isfinite(value) and (state.best_metric is None or (
+                value > state.best_metric if config.greater_is_better else value < state.best_metric))
             if better:
                 state.best_metric, state.best_step = value, state.global_step
                 tensors = ckpt.adapter_state_dict(model)
@@ -538,6 +539,7 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
 
     def save() -> Path:
         nonlocal last_checkpoint
+        check_finite_parameters(model, state.global_step)
         training_state = {
             "optimizer": None if engine is not None else optimizer.state_dict(),
             "scheduler": None if engine is not None else scheduler.state_dict(),
@@ -595,6 +597,7 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
                     amount, unit = _tokens(batch)
                     work = work + amount
 
+                check_loss(step_loss, state.global_step + 1, ctx, str(last_checkpoint) if last_checkpoint else None)
                 # clip -> optimizer.step -> scheduler.step -> allocator -> zero_grad
                 grad_norm = None
                 if engine is not None:
@@ -669,6 +672,7 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
             with zero3.writable(model, [n for n, p in model.named_parameters() if "lora_" in n or p.requires_grad]):
                 ckpt.load_adapter_weights(best_dir, model)
         adapter_dir = output_dir / "adapter"
+        check_finite_parameters(model, state.global_step)
         tensors = ckpt.adapter_state_dict(model)
         if ctx.is_main:
             ckpt.save_adapter_atomic(model, adapter_dir, metadata={"global_step": state.global_step,
