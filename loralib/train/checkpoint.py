@@ -36,6 +36,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from ..adapters import ADAPTER_WEIGHTS, save_adapter
+from ..files import apply_umask
 from .distributed import DistContext, barrier
 from .zero3 import gathered_state_dict
 
@@ -57,6 +58,7 @@ _NAME = re.compile(re.escape(PREFIX) + r"(\d+)")
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
+            apply_umask(os.path.join(dirpath, name))  # safetensors and mkstemp write 0600
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
             try:
                 os.fsync(fd)

@@ -57,7 +57,11 @@ from torch.utils.data import DataLoader
 from ..layers import LoRALayer
 from . import checkpoint as ckpt
 from . import deepspeed_ranks, zero3
+from ..files import full_disk_named
 from .guards import check_finite_parameters, check_loss
+from .resume_check import (config_differences, layer_differences, layer_signature, optimizer_differences,
+                           refuse_if_different)
+from .run_lock import output_dir_lock
 from .distributed import (DistContext, ShardedBatches, all_reduce_mean, barrier, broadcast_object,
                           deepspeed_config, deepspeed_engine, no_sync, setup, wrap_ddp, zero_stage)
 from .schedules import SCHEDULES, build_scheduler, scheduler_factory
@@ -344,8 +348,20 @@ class _MetricsLog:
         """Drop the records a crashed run wrote after the checkpoint being resumed."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+        kept = []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.path}:{i + 1}: not valid JSON (only a torn last line, from a crash "
+                                     "or a full disk mid-append, is dropped on resume)") from None
+                logger.warning("%s: dropped its torn last line (a crash or a full disk mid-append): %r",
+                               self.path, line[:80])
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -386,8 +402,10 @@ def train(model: nn.Module, train_dataset, collate_fn: Callable, config: TrainCo
 
     wants_cuda = config.device.startswith("cuda") if config.device else torch.cuda.is_available()
     ctx = setup("cuda" if wants_cuda else "cpu")
-    return _train(model, train_dataset, collate_fn, config, eval_fn, optimizer_factory, regularizer,
-                  allocator, callbacks, ctx, use_deepspeed)
+    # one run per output folder (rank 0 holds the lock); a full disk is one error naming the path
+    with output_dir_lock(config.output_dir, enabled=ctx.is_main), full_disk_named(config.output_dir):
+        return _train(model, train_dataset, collate_fn, config, eval_fn, optimizer_factory, regularizer,
+                      allocator, callbacks, ctx, use_deepspeed)
 
 
 def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_factory, regularizer, allocator,
@@ -420,6 +438,8 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
             if meta.get(key) != now:
                 raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint was written with {key}="
                                  f"{meta.get(key)!r}, this run has {now!r}; exact resume needs the same")
+        differences = (config_differences(meta.get("config", {}), config)
+                       + layer_differences(meta.get("lora_layers", layer_signature(model)), model))
 
     _seed_everything(config.seed)
     model.to(device)
@@ -456,10 +476,12 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
         if engine is not None:
             ckpt.load_deepspeed(resume_path, engine)
         else:
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            if scaler is not None and saved.get("scaler") is not None:
-                scaler.load_state_dict(saved["scaler"])
+            differences += optimizer_differences(saved["optimizer"]["param_groups"], optimizer.param_groups)
+            if not differences:  # else refused below, with the other checks' findings
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
+                if scaler is not None and saved.get("scaler") is not None:
+                    scaler.load_state_dict(saved["scaler"])
         if (saved.get("allocator") is None) != (allocator is None):
             raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint was written "
                              f"{'with' if allocator is None else 'without'} an allocator, this run has "
@@ -472,6 +494,7 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
                 raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint holds no state for callback "
                                  f"{key!r} (it was written by a run without it)")
             callback.load_state_dict(saved_callbacks[key])
+        refuse_if_different(resume_path, differences)  # nothing restored so far has been used or written
         state = TrainState(**saved["loop"])
         if state.total_steps != total_steps:
             raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint's run has {state.total_steps} steps, "
@@ -550,7 +573,8 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
         meta = {"epoch": epoch_float(), "best_metric": state.best_metric, "best_step": state.best_step,
                 "per_device_batch_size": config.per_device_batch_size, "grad_accum_steps": config.grad_accum_steps,
                 "num_samples": len(dataset), "drop_last": config.drop_last, "seed": config.seed,
-                "config": {k: v for k, v in config.to_dict().items() if k != "deepspeed_config"}}
+                "config": {k: v for k, v in config.to_dict().items() if k != "deepspeed_config"},
+                "lora_layers": layer_signature(model)}
         path = ckpt.save_checkpoint(output_dir, state.global_step, model, ctx, training_state, meta, engine=engine,
                                     save_full_model=config.save_full_model, total_limit=config.save_total_limit,
                                     rank_state={key: cb.state_dict() for key, cb in _stateful(callbacks)})

@@ -187,7 +187,7 @@ def load_glue(task_name: str, data_dir: str | os.PathLike, split: str = "train",
 def _non_empty(data: GlueData) -> GlueData:
     # checked at load time: a dev set with only its header would otherwise fail after a whole training
     if not len(data):
-        raise ValueError(f"{data.path}: no {data.split} examples in it (only a header, or every line dropped)")
+        raise ValueError(f"{data.source}: no {data.split} examples in it (only a header, or every line dropped)")
     return data
 
 
