@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loralib  # noqa: E402
 from loralib.train import TrainConfig, train  # noqa: E402
@@ -74,6 +75,20 @@ def accuracy(model) -> dict:
 
 def adapter_tensors(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k or k.startswith("head")}
+
+
+def write_tiny_roberta(folder: Path, max_positions: int = 40) -> Path:
+    """A random 1-layer RoBERTa (transformers' save_pretrained) and the offline tokenizer, in `folder`."""
+    import transformers
+    from _glue_fixtures import make_tokenizer
+
+    torch.manual_seed(0)
+    model = transformers.RobertaModel(transformers.RobertaConfig(
+        vocab_size=64, max_position_embeddings=max_positions, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32), add_pooling_layer=False)
+    model.save_pretrained(folder)
+    make_tokenizer("roberta").save_pretrained(folder)
+    return folder
 
 
 class _Pause:

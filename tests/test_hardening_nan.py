@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _glue_fixtures import write_glue_tsv  # noqa: E402
-from _hardening_fixtures import FAST, accuracy, adapter_tensors, collate, tiny_data, tiny_model  # noqa: E402
+from _hardening_fixtures import (FAST, accuracy, adapter_tensors, collate, tiny_data, tiny_model,  # noqa: E402
+                                 write_tiny_roberta)  # noqa: E402
 
 from loralib.optim.lorapro import LoRAProAdamW  # noqa: E402
 from loralib.repro.compare import read_runs  # noqa: E402
@@ -132,17 +133,10 @@ def test_compare_never_shows_a_non_finite_measurement(tmp_path):
 
 def test_run_glue_refuses_a_diverging_run_in_one_line(tmp_path, capsys):
     """The paper scripts share the loop: a too-high learning rate is one line and exit 2, not accuracy 0.5."""
-    transformers = pytest.importorskip("transformers")
-    from _glue_fixtures import make_tokenizer
-
+    pytest.importorskip("transformers")
     from loralib.tasks.glue import run as driver
 
-    torch.manual_seed(0)
-    model = transformers.RobertaModel(transformers.RobertaConfig(
-        vocab_size=64, max_position_embeddings=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32), add_pooling_layer=False)
-    model.save_pretrained(tmp_path / "roberta")
-    make_tokenizer("roberta").save_pretrained(tmp_path / "roberta")
+    write_tiny_roberta(tmp_path / "roberta")
     out = tmp_path / "out"
     argv = ["--model_name_or_path", str(tmp_path / "roberta"), "--task_name", "sst2", "--data_dir",
             str(write_glue_tsv(tmp_path / "glue", tasks=("sst2",))), "--output_dir", str(out), "--do_train",
