@@ -29,7 +29,10 @@ precision are filled in from this config and must not contradict it; ZeRO stages
 model is partitioned by deepspeed.initialize and stays so after train(): LoRA layers are kept unmerged,
 eval_fn must run the same forwards on every rank (its gathers are collectives), and the adapter folders
 are written whole; for single-process inference load `result.adapter_dir` into a fresh model.
-Resume: `resume_from="latest"`.
+Resume: `resume_from="latest"`; refused, naming each difference, when a setting that changes the result
+differs from the checkpoint's (loralib.train.resume_check). Safety: rank 0 holds a lock on output_dir for the
+call (loralib.train.run_lock: a second process is refused); a nan/inf loss stops the run before that step's
+update and non-finite weights are never written (loralib.train.guards); a full disk is one DiskFullError.
 Callbacks are objects with any of on_train_begin(state), on_before_optimizer_step(state, model,
 optimizer), on_step_end(state, logs), on_evaluate(state, metrics), on_save(state, path),
 on_train_end(state); an exception raised in one stops training (the last checkpoint stays good). A callback
