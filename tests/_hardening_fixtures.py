@@ -1,4 +1,5 @@
-"""A tiny LoRA model and data set for the hardening and fault-injection tests, importable and runnable.
+"""The tiny LoRA model and data of test_train_loop for the hardening and fault-injection tests, importable and
+runnable.
 
     model, data = tiny_model(), tiny_data()
     train(model, data, collate, TrainConfig(output_dir=..., **FAST))
@@ -18,59 +19,21 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import loralib  # noqa: E402
 from loralib.train import TrainConfig, train  # noqa: E402
+# test_train_loop's model (two LoRA layers and a head), 48 samples and collate
+from test_train_loop import build as tiny_model, collate, data as tiny_data  # noqa: E402
 
-IN, CLASSES = 6, 3
 FAST = dict(per_device_batch_size=4, progress_bar=False, log_every=1, device="cpu")
 
 
-class TinyNet(nn.Module):
-    """Two LoRA layers and a trainable head; forward(x, labels) -> {"loss", "logits"}."""
-
-    def __init__(self):
-        super().__init__()
-        self.l1 = loralib.Linear(IN, 16, r=4, lora_alpha=8)
-        self.l2 = loralib.Linear(16, 8, r=2, lora_alpha=4)
-        self.head = nn.Linear(8, CLASSES)
-
-    def forward(self, x, labels=None):
-        logits = self.head(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
-        return {"loss": None if labels is None else F.cross_entropy(logits, labels), "logits": logits}
-
-
-def tiny_model() -> TinyNet:
-    torch.manual_seed(1)
-    model = TinyNet()
-    loralib.mark_only_lora_as_trainable(model)
-    for p in model.head.parameters():
-        p.requires_grad = True
-    with torch.no_grad():  # B = 0 at init would make the first steps trivial
-        for layer in (model.l1, model.l2):
-            layer.lora_B.normal_(std=0.2)
-    return model
-
-
-def tiny_data(n: int = 32):
-    gen = torch.Generator().manual_seed(7)
-    x, y = torch.randn(n, IN, generator=gen), torch.randint(0, CLASSES, (n,), generator=gen)
-    return [{"x": x[i], "labels": y[i]} for i in range(n)]
-
-
-def collate(items):
-    return {"x": torch.stack([d["x"] for d in items]), "labels": torch.stack([d["labels"] for d in items])}
-
-
 def accuracy(model) -> dict:
-    data = collate(tiny_data())
+    batch = collate(tiny_data())
     with torch.no_grad():
-        return {"accuracy": float((model(data["x"])["logits"].argmax(-1) == data["labels"]).float().mean())}
+        return {"accuracy": float((model(batch["x"])["logits"].argmax(-1) == batch["labels"]).float().mean())}
 
 
 def adapter_tensors(model) -> dict:

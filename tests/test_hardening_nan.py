@@ -40,8 +40,8 @@ def _finite_log(out: Path) -> bool:
 
 def _nan_sample_data():
     data = tiny_data()
-    data[10]["x"] = data[10]["x"].clone()  # in the 4th batch of seed 42
-    data[10]["x"][2] = float("nan")
+    data[8]["x"] = data[8]["x"].clone()  # in the 4th batch of seed 42
+    data[8]["x"][2] = float("nan")
     return data
 
 

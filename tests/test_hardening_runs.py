@@ -16,6 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _hardening_fixtures import FAST, accuracy, adapter_tensors, collate, tiny_data, tiny_model  # noqa: E402
 
+from test_train_resume import Crash, CrashAt  # noqa: E402
+
 from loralib.files import DiskFullError, write_json_atomic  # noqa: E402
 from loralib.optim import create_loraplus_optimizer  # noqa: E402
 from loralib.train import TrainConfig, train  # noqa: E402
@@ -65,19 +67,6 @@ def test_the_lock_is_reentrant_in_one_process_and_leaves_no_file(tmp_path):
 
 
 # -- class 4: resume that cannot lie ---------------------------------------------------------------------
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, state, logs):
-        if state.global_step == self.step:
-            raise Crash()
-
 
 def _crashed_run(out, **kw):
     with pytest.raises(Crash):
