@@ -10,14 +10,10 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .distributed import DistContext
-
-try:
-    import torch.distributed as dist
-except ImportError:  # pragma: no cover - torch builds without distributed
-    dist = None
 
 
 class NonFiniteError(ValueError, FloatingPointError):
@@ -31,7 +27,7 @@ def check_loss(loss: torch.Tensor, step: int, ctx: DistContext, last_checkpoint:
     stay those of the last good step. One host sync per step (transformers' Trainer makes the same one for
     its nan filter); under DDP one more all-reduce of a flag, so that every rank stops together."""
     bad = (~torch.isfinite(loss)).to(torch.float32)
-    if ctx.distributed and dist is not None:
+    if ctx.distributed:
         bad = bad.clone()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if not bool(bad.item()):
