@@ -41,9 +41,16 @@ def check_loss(loss: torch.Tensor, step: int, ctx: DistContext, last_checkpoint:
         "(--learning_rate), fp16 without loss scaling, or nan / inf in the data")
 
 
-def check_finite_parameters(model: nn.Module, step: int) -> None:
-    """Raise NonFiniteError naming the first trainable parameter holding nan / inf (syncs: call before writing)."""
-    for name, p in model.named_parameters():
-        if p.requires_grad and p.numel() and not bool(torch.isfinite(p.detach()).all()):
-            raise NonFiniteError(f"train: trainable parameter {name!r} holds nan / inf after step {step}; "
-                                 "training stopped before writing it (the learning rate is likely too high)")
+def check_finite_parameters(model: nn.Module, step: int, ctx: DistContext) -> None:
+    """Raise NonFiniteError naming the first trainable parameter holding nan / inf (syncs: call before writing).
+    Collective under DDP / DeepSpeed (a ZeRO-3 shard may be bad on one rank only): call on every rank."""
+    bad = next((name for name, p in model.named_parameters()
+                if p.requires_grad and p.numel() and not bool(torch.isfinite(p.detach()).all())), None)
+    anywhere = bad is not None
+    if ctx.distributed:
+        flag = torch.tensor(float(anywhere), device=next(model.parameters()).device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        anywhere = bool(flag.item())
+    if anywhere:
+        raise NonFiniteError(f"train: trainable parameter {bad or '(on another rank)'!r} holds nan / inf after step "
+                             f"{step}; training stopped before writing it (the learning rate is likely too high)")

@@ -565,7 +565,7 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
 
     def save() -> Path:
         nonlocal last_checkpoint
-        check_finite_parameters(model, state.global_step)
+        check_finite_parameters(model, state.global_step, ctx)
         training_state = {
             "optimizer": None if engine is not None else optimizer.state_dict(),
             "scheduler": None if engine is not None else scheduler.state_dict(),
@@ -699,7 +699,7 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
             with zero3.writable(model, [n for n, p in model.named_parameters() if "lora_" in n or p.requires_grad]):
                 ckpt.load_adapter_weights(best_dir, model)
         adapter_dir = output_dir / "adapter"
-        check_finite_parameters(model, state.global_step)
+        check_finite_parameters(model, state.global_step, ctx)
         tensors = ckpt.adapter_state_dict(model)
         if ctx.is_main:
             ckpt.save_adapter_atomic(model, adapter_dir, metadata={"global_step": state.global_step,
