@@ -132,3 +132,27 @@ def test_a_header_only_dev_set_fails_before_training(tiny, tmp_path, capsys):
     assert _glue(tiny, out, data=data) == 2
     assert "dev.tsv: no dev examples" in _one_line(capsys)
     assert not out.exists()
+
+
+def test_instruct_examples_beyond_gpt2_positions_are_refused_before_training(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from _glue_fixtures import make_tokenizer
+    from test_lorapro_train import write_metamath
+
+    from loralib.tasks.instruct import run
+
+    tokenizer = make_tokenizer("gpt2")
+    model_dir = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=16,
+                                                         n_layer=1, n_head=2)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", str(model_dir), "--dataset", "metamath", "--data_path",
+            str(write_metamath(tmp_path / "metamath.jsonl")), "--output_dir", str(out), "--n_train", "4", "--n_eval",
+            "0", "--max_length", "256", "--global_batch_size", "4", "--disable_tqdm", "--no-bf16", "--lora", "lora",
+            "--max_steps", "1"]
+    capsys.readouterr()
+    assert run.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "but" in err[0] and "has 16 positions; pass --max_length 16 or less" in err[0], err
+    assert not out.exists()

@@ -462,6 +462,11 @@ def prepare(args: argparse.Namespace) -> Prepared:
         records = load_records(args.dataset, args.data_path)
         examples = build_examples(records, tokenizer, max_length, template=args.template)
         train_examples, dev_examples = split_train_eval(examples, n_train, n_eval)
+        positions = (hf_config.get("n_positions") or hf_config.get("n_ctx")) if model_type == "gpt2" else None
+        longest = max((len(e["input_ids"]) for e in train_examples + dev_examples), default=0)
+        if positions and longest > positions:  # GPT-2's learned position table ends there (Llama: rotary)
+            raise ValueError(f"--max_length {max_length}: {args.data_path} has examples of {longest} tokens but "
+                             f"{model_path} has {positions} positions; pass --max_length {positions} or less")
         if not train_examples:
             raise ValueError(f"{args.data_path}: no training example left (all longer than --max_length {max_length}?)")
 
