@@ -193,3 +193,25 @@ def test_results_and_adapters_follow_the_umask(tmp_path):
             assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     finally:
         os.umask(old)
+
+
+def test_an_explicitly_allowed_change_is_applied_and_recorded(tmp_path):
+    out = tmp_path / "run"
+    _crashed_run(out, lr=1e-2, weight_decay=0.1)
+    seen = []
+
+    class Rates:
+        def on_before_optimizer_step(self, state, model, optimizer):
+            seen.append((state.global_step, [g["lr"] for g in optimizer.param_groups],
+                         [g["weight_decay"] for g in optimizer.param_groups]))
+
+    config = _config(out, lr=5e-3, weight_decay=0.2, resume_from="latest", resume_overrides=("lr", "weight_decay"))
+    train(tiny_model(), tiny_data(), collate, config, callbacks=[Rates()])
+    # linear decay over 6 steps, no warmup: step 5 (0-based 4 done) runs at lr * 2/6 of the NEW rate
+    step, lrs, decays = seen[0]
+    assert step == 4 and lrs == pytest.approx([5e-3 * 2 / 6] * len(lrs)) and 0.2 in decays and 0.1 not in decays
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 4, "resume_overrides": {"lr": [1e-2, 5e-3], "weight_decay": [0.1, 0.2]}} in records
+    assert json.loads((out / "checkpoint-6" / "checkpoint.json").read_text())["config"]["lr"] == 5e-3
+    with pytest.raises(ValueError, match="resume_overrides"):
+        TrainConfig(output_dir=str(out), max_steps=2, resume_overrides=("seed",))

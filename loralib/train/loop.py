@@ -62,8 +62,8 @@ from . import checkpoint as ckpt
 from . import deepspeed_ranks, zero3
 from ..files import full_disk_named
 from .guards import check_finite_parameters, check_loss
-from .resume_check import (config_differences, layer_differences, layer_signature, optimizer_differences,
-                           refuse_if_different)
+from .resume_check import (RESULT_SETTINGS, apply_overrides, config_differences, layer_differences,
+                           layer_signature, optimizer_differences, refuse_if_different)
 from .run_lock import output_dir_lock
 from .distributed import (DistContext, ShardedBatches, all_reduce_mean, barrier, broadcast_object,
                           deepspeed_config, deepspeed_engine, no_sync, setup, wrap_ddp, zero_stage)
@@ -89,6 +89,9 @@ class TrainConfig:
     defaults to True unless the name ends in "loss". merge_lora_for_eval: let LoRA layers merge in eval
     mode during in-loop evaluation (faster; but W + BA - BA is not W in floating point, so it perturbs
     the frozen weights and a resumed run is no longer bit-identical).
+    resume_overrides: settings (names of TrainConfig fields, loralib.train.resume_check.RESULT_SETTINGS) a resume
+    may change on purpose, e.g. ("lr",) to continue with a lower learning rate: the change is applied to the
+    restored optimizer / schedule and recorded in metrics.jsonl; any other difference refuses the resume.
     """
 
     output_dir: str
@@ -126,6 +129,7 @@ class TrainConfig:
     device: Optional[str] = None
     ddp_find_unused_parameters: bool = False
     merge_lora_for_eval: bool = False
+    resume_overrides: Tuple[str, ...] = ()
 
     def __post_init__(self):
         def bad(name: str, why: str):
@@ -181,6 +185,10 @@ class TrainConfig:
             bad("load_best_at_end", "needs metric_for_best")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             bad("num_workers", "must be an int >= 0")
+        self.resume_overrides = tuple(self.resume_overrides)
+        unknown = [k for k in self.resume_overrides if k not in RESULT_SETTINGS]
+        if unknown:
+            bad("resume_overrides", f"{unknown} are not among the result-changing settings {RESULT_SETTINGS}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -441,7 +449,8 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
             if meta.get(key) != now:
                 raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint was written with {key}="
                                  f"{meta.get(key)!r}, this run has {now!r}; exact resume needs the same")
-        differences = (config_differences(meta.get("config", {}), config)
+        saved_config = meta.get("config", {})
+        differences = (config_differences(saved_config, config)
                        + layer_differences(meta.get("lora_layers", layer_signature(model)), model))
 
     _seed_everything(config.seed)
@@ -455,6 +464,7 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
         ckpt.load_model(resume_path, model)
 
     engine, scaler = None, None
+    overridden: Dict[str, list] = {}  # resume_overrides applied to the restored state
     optimizer = optimizer_factory(model) if optimizer_factory is not None else None
     if use_deepspeed:
         ds = deepspeed_config(config, ctx.world_size, optimizer_factory is not None)
@@ -478,13 +488,18 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
         saved = ckpt.load_training_state(resume_path)
         if engine is not None:
             ckpt.load_deepspeed(resume_path, engine)
+            if config.resume_overrides:
+                differences.append(f"resume_overrides={config.resume_overrides} (not applied to a DeepSpeed "
+                                   "engine's restored optimizer)")
         else:
-            differences += optimizer_differences(saved["optimizer"]["param_groups"], optimizer.param_groups)
+            differences += optimizer_differences(saved["optimizer"]["param_groups"], optimizer.param_groups,
+                                                 config.resume_overrides)
             if not differences:  # else refused below, with the other checks' findings
                 optimizer.load_state_dict(saved["optimizer"])
                 scheduler.load_state_dict(saved["scheduler"])
                 if scaler is not None and saved.get("scaler") is not None:
                     scaler.load_state_dict(saved["scaler"])
+                overridden = apply_overrides(saved_config, config, optimizer, scheduler)
         if (saved.get("allocator") is None) != (allocator is None):
             raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint was written "
                              f"{'with' if allocator is None else 'without'} an allocator, this run has "
@@ -513,9 +528,11 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
     log = _MetricsLog(output_dir, ctx.is_main, config.tensorboard)
     if resume_path is not None:
         log.truncate_after(state.global_step)
+        if overridden:
+            log.write({"step": state.global_step, "resume_overrides": overridden})
         if ctx.is_main:
             say(f"resumed from {resume_path} at step {state.global_step} (epoch {state.epoch}, "
-                f"micro-batch {state.micro_in_epoch})")
+                f"micro-batch {state.micro_in_epoch})" + (f" with {overridden}" if overridden else ""))
     if ctx.is_main:
         ckpt.remove_stale(output_dir)
     barrier(ctx)
