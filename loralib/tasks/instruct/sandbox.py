@@ -58,7 +58,8 @@ import time
 from typing import Mapping, Optional
 
 NOBODY = 65534
-_MARGIN = 10.0  # seconds the evaluator adds to the timeout for the two interpreters' start and exit
+_STARTUP = 5.0  # seconds the worker may take to start and run the program's top level (run_problem)
+_MARGIN = 10.0  # further seconds the evaluator allows the judge before it gives up on a verdict
 
 # Tagged JSON for values crossing the sandbox, the same code in judge and worker.
 _CODEC = r'''
@@ -187,7 +188,8 @@ for line in requests:
 _JUDGE = _CODEC + r'''
 import builtins, os, select, signal, subprocess, sys, time
 job = _json.loads(sys.stdin.read())
-deadline = time.monotonic() + job["timeout"]
+# the interpreter's start is not the program's time: the tests get `timeout` from the worker's "ready"
+deadline = time.monotonic() + job["timeout"] + (job["startup"] if job["mode"] == "problem" else 0)
 to_worker_r, to_worker_w = os.pipe()
 from_worker_r, from_worker_w = os.pipe()
 worker = subprocess.Popen(job["prefix"] + [sys.executable, "-I", "-c", job["worker"], str(to_worker_r),
@@ -253,6 +255,7 @@ def gone_why():
 
 
 def judge():
+    global deadline
     if job["mode"] == "script":
         message = receive()
         if message.get("token") != job["token"]:
@@ -267,6 +270,7 @@ def judge():
         return "failed: " + str(message["fail"])
     if message.get("ready") is not True:
         return "failed: malformed message from the program"
+    deadline = time.monotonic() + job["timeout"]
     namespace = {"__name__": "__judge__"}
     exec(compile(job["prompt"] + "\n" + job["test"], "test.py", "exec"), namespace)
     namespace[job["entry_point"]] = candidate  # a test may call the function by its name (HumanEval/33)
@@ -378,7 +382,7 @@ def _run(job: dict, source: str, timeout: float, memory_mb: int) -> str:
             os.chown(work, NOBODY, NOBODY)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8",
                "PYTHONHASHSEED": "0"}
-        job.update(timeout=float(timeout), cpu=int(timeout) + 2, memory=memory_mb * 2**20, path=path, cwd=work,
+        job.update(timeout=float(timeout), startup=_STARTUP, cpu=int(timeout + _STARTUP) + 2, memory=memory_mb * 2**20, path=path, cwd=work,
                    env=env, prefix=prefix, worker=_WORKER, block="block",
                    drop="drop" if os.getuid() == 0 and _stdlib_readable_by_others() else "keep")
         proc = subprocess.Popen([sys.executable, "-I", "-c", _JUDGE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -388,7 +392,7 @@ def _run(job: dict, source: str, timeout: float, memory_mb: int) -> str:
             proc.stdin.close()
         except BrokenPipeError:
             pass
-        lines = _read_lines(proc, time.monotonic() + timeout + _MARGIN)
+        lines = _read_lines(proc, time.monotonic() + timeout + _STARTUP + _MARGIN)
     finally:
         if proc is not None:
             _kill_group(proc.pid)
