@@ -30,13 +30,17 @@ What the worker gets (applied before any untrusted line runs):
     interpreter's standard library (not for one installed under /root: then the worker stays root);
   - socket creation disabled in-process too (socket.*, _socket.* incl. SocketType): without `unshare` the
     only network block, a best-effort one that code using ctypes or a subprocess can get around;
-  - stdout / stderr to /dev/null; stdin closed.
+  - stdin, stdout and stderr on /dev/null;
+  - the time limit counts from the moment the program's top level has run (5 s are allowed for the
+    interpreter's start and that top level), so a loaded machine does not fail slow starters.
 The evaluator never waits for a pipe's end-of-file (a forked grandchild that keeps a pipe cannot hang it):
 it reads with a deadline and kills the judge's and the worker's groups after the verdict or the timeout.
-os.kill(os.getppid(), 9) in the worker kills the judge (the sample fails), not the evaluator.
+os.kill(os.getppid(), 9) in the worker reaches the PID namespace's init (which ignores it) or, without
+`unshare`, the judge (the sample fails); never the evaluator.
 
 Not protected against (say so when publishing numbers): without `unshare`, a process that calls setsid()
-escapes the group kill (it lingers until its CPU limit, it cannot change a verdict), the program can reach
+escapes the group kill (it lingers: a busy one until its CPU limit, a sleeping one until it wakes; it
+cannot change a verdict), the program can reach
 the network through ctypes/subprocess, read /proc/<pid>/environ of other processes of the same user (the
 evaluator's included: keep secrets out of its environment) and signal them; with or without it, the worker
 can read and write every file its user can (run as a dedicated user or in a container for untrusted
