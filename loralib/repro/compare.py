@@ -147,6 +147,8 @@ def _measurements(results: dict, source: Path) -> List[tuple]:
                     value = float("nan")
                 else:
                     raise ValueError(f"{source}: {where} field {key!r} is {value!r}, not a number")
+            if not math.isfinite(value):  # inf (a diverged run) is no score either: shown as nan, never ranked
+                value = float("nan")
             out.append((task, record.get("split"), key, float(value)))
         return out
 

@@ -19,12 +19,16 @@ Atomicity: a checkpoint is written into `.tmp-checkpoint-<step>/`, every file is
 folder is renamed to `checkpoint-<step>` (rename is atomic on POSIX), then the parent is fsync'ed. Older
 checkpoints are pruned only after that rename, so a crash at any moment leaves the last good checkpoint
 as it was; a left-over `.tmp-*` folder is never taken for a checkpoint and is removed by the next save.
-Everything is loaded with torch.load(weights_only=True): a checkpoint holds tensors and plain values.
+Everything is loaded with torch.load(weights_only=True): a checkpoint holds tensors and plain values. That
+includes DeepSpeed's own files, which its engine would unpickle with weights_only=False (arbitrary code): they
+are loaded weights_only with an allow-list of the four plain DeepSpeed types they hold (load_deepspeed).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -36,6 +40,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from ..adapters import ADAPTER_WEIGHTS, save_adapter
+from ..files import apply_umask
 from .distributed import DistContext, barrier
 from .zero3 import gathered_state_dict
 
@@ -57,6 +62,7 @@ _NAME = re.compile(re.escape(PREFIX) + r"(\d+)")
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
+            apply_umask(os.path.join(dirpath, name))  # safetensors and mkstemp write 0600
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -270,12 +276,50 @@ def load_rank_state(path: Path, rank: int) -> dict:
     return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else {}
 
 
+def _deepspeed_safe_types() -> list:
+    """The non-tensor types DeepSpeed 0.19's ZeRO-0..3 checkpoints of this loop hold (found by loading them
+    with weights_only=True): plain classes, an enum and a namedtuple, rebuilt from data without running code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every torch.load inside the block (DeepSpeed's checkpoint engine passes weights_only=False) runs with
+    weights_only=True and the allow-list; a file that needs another type is refused, naming it."""
+    real_load = torch.load
+    allowed = _deepspeed_safe_types()
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return real_load(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            raise ValueError(f"{f}: refused: unpickling it would build {found.group(1) if found else 'a type'} "
+                             "that is not on the allow-list of plain types (a DeepSpeed checkpoint must not run "
+                             "code when loaded; if this file is yours and DeepSpeed changed its format, add the "
+                             "type to loralib.train.checkpoint._deepspeed_safe_types)") from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real_load
+
+
 def load_deepspeed(path: Path, engine) -> None:
+    """engine.load_checkpoint of the checkpoint's deepspeed/ folder, with every file loaded weights_only."""
     folder = Path(path) / DEEPSPEED_DIR
     if not folder.is_dir():
         raise ValueError(f"{folder}: missing; the checkpoint was not written by a DeepSpeed run")
-    engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_module_strict=False, load_optimizer_states=True,
-                           load_lr_scheduler_states=True)
+    with _weights_only_loads():
+        engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=True)
 
 
 def remove_stale(output_dir: Path) -> None:

@@ -29,7 +29,10 @@ precision are filled in from this config and must not contradict it; ZeRO stages
 model is partitioned by deepspeed.initialize and stays so after train(): LoRA layers are kept unmerged,
 eval_fn must run the same forwards on every rank (its gathers are collectives), and the adapter folders
 are written whole; for single-process inference load `result.adapter_dir` into a fresh model.
-Resume: `resume_from="latest"`.
+Resume: `resume_from="latest"`; refused, naming each difference, when a setting that changes the result
+differs from the checkpoint's (loralib.train.resume_check). Safety: rank 0 holds a lock on output_dir for the
+call (loralib.train.run_lock: a second process is refused); a nan/inf loss stops the run before that step's
+update and non-finite weights are never written (loralib.train.guards); a full disk is one DiskFullError.
 Callbacks are objects with any of on_train_begin(state), on_before_optimizer_step(state, model,
 optimizer), on_step_end(state, logs), on_evaluate(state, metrics), on_save(state, path),
 on_train_end(state); an exception raised in one stops training (the last checkpoint stays good). A callback
@@ -57,6 +60,11 @@ from torch.utils.data import DataLoader
 from ..layers import LoRALayer
 from . import checkpoint as ckpt
 from . import deepspeed_ranks, zero3
+from ..files import full_disk_named
+from .guards import check_finite_parameters, check_loss
+from .resume_check import (RESULT_SETTINGS, apply_overrides, config_differences, layer_differences,
+                           layer_signature, optimizer_differences, refuse_if_different)
+from .run_lock import output_dir_lock
 from .distributed import (DistContext, ShardedBatches, all_reduce_mean, barrier, broadcast_object,
                           deepspeed_config, deepspeed_engine, no_sync, setup, wrap_ddp, zero_stage)
 from .progress import open_progress
@@ -82,6 +90,9 @@ class TrainConfig:
     defaults to True unless the name ends in "loss". merge_lora_for_eval: let LoRA layers merge in eval
     mode during in-loop evaluation (faster; but W + BA - BA is not W in floating point, so it perturbs
     the frozen weights and a resumed run is no longer bit-identical).
+    resume_overrides: settings (names of TrainConfig fields, loralib.train.resume_check.RESULT_SETTINGS) a resume
+    may change on purpose, e.g. ("lr",) to continue with a lower learning rate: the change is applied to the
+    restored optimizer / schedule and recorded in metrics.jsonl; any other difference refuses the resume.
     """
 
     output_dir: str
@@ -119,6 +130,7 @@ class TrainConfig:
     device: Optional[str] = None
     ddp_find_unused_parameters: bool = False
     merge_lora_for_eval: bool = False
+    resume_overrides: Tuple[str, ...] = ()
 
     def __post_init__(self):
         def bad(name: str, why: str):
@@ -174,6 +186,10 @@ class TrainConfig:
             bad("load_best_at_end", "needs metric_for_best")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             bad("num_workers", "must be an int >= 0")
+        self.resume_overrides = tuple(self.resume_overrides)
+        unknown = [k for k in self.resume_overrides if k not in RESULT_SETTINGS]
+        if unknown:
+            bad("resume_overrides", f"{unknown} are not among the result-changing settings {RESULT_SETTINGS}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -325,8 +341,20 @@ class _MetricsLog:
         """Drop the records a crashed run wrote after the checkpoint being resumed."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+        kept = []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.path}:{i + 1}: not valid JSON (only a torn last line, from a crash "
+                                     "or a full disk mid-append, is dropped on resume)") from None
+                logger.warning("%s: dropped its torn last line (a crash or a full disk mid-append): %r",
+                               self.path, line[:80])
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -367,8 +395,10 @@ def train(model: nn.Module, train_dataset, collate_fn: Callable, config: TrainCo
 
     wants_cuda = config.device.startswith("cuda") if config.device else torch.cuda.is_available()
     ctx = setup("cuda" if wants_cuda else "cpu")
-    return _train(model, train_dataset, collate_fn, config, eval_fn, optimizer_factory, regularizer,
-                  allocator, callbacks, ctx, use_deepspeed)
+    # one run per output folder (rank 0 holds the lock); a full disk is one error naming the path
+    with output_dir_lock(config.output_dir, enabled=ctx.is_main), full_disk_named(config.output_dir):
+        return _train(model, train_dataset, collate_fn, config, eval_fn, optimizer_factory, regularizer,
+                      allocator, callbacks, ctx, use_deepspeed)
 
 
 def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_factory, regularizer, allocator,
@@ -401,6 +431,9 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
             if meta.get(key) != now:
                 raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint was written with {key}="
                                  f"{meta.get(key)!r}, this run has {now!r}; exact resume needs the same")
+        saved_config = meta.get("config", {})
+        differences = (config_differences(saved_config, config)
+                       + layer_differences(meta.get("lora_layers", layer_signature(model)), model))
 
     _seed_everything(config.seed)
     model.to(device)
@@ -413,6 +446,7 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
         ckpt.load_model(resume_path, model)
 
     engine, scaler = None, None
+    overridden: Dict[str, list] = {}  # resume_overrides applied to the restored state
     optimizer = optimizer_factory(model) if optimizer_factory is not None else None
     if use_deepspeed:
         ds = deepspeed_config(config, ctx.world_size, optimizer_factory is not None)
@@ -436,11 +470,18 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
         saved = ckpt.load_training_state(resume_path)
         if engine is not None:
             ckpt.load_deepspeed(resume_path, engine)
+            if config.resume_overrides:
+                differences.append(f"resume_overrides={config.resume_overrides} (not applied to a DeepSpeed "
+                                   "engine's restored optimizer)")
         else:
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            if scaler is not None and saved.get("scaler") is not None:
-                scaler.load_state_dict(saved["scaler"])
+            differences += optimizer_differences(saved["optimizer"]["param_groups"], optimizer.param_groups,
+                                                 config.resume_overrides)
+            if not differences:  # else refused below, with the other checks' findings
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
+                if scaler is not None and saved.get("scaler") is not None:
+                    scaler.load_state_dict(saved["scaler"])
+                overridden = apply_overrides(saved_config, config, optimizer, scheduler)
         if (saved.get("allocator") is None) != (allocator is None):
             raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint was written "
                              f"{'with' if allocator is None else 'without'} an allocator, this run has "
@@ -453,6 +494,7 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
                 raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint holds no state for callback "
                                  f"{key!r} (it was written by a run without it)")
             callback.load_state_dict(saved_callbacks[key])
+        refuse_if_different(resume_path, differences)  # nothing restored so far has been used or written
         state = TrainState(**saved["loop"])
         if state.total_steps != total_steps:
             raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint's run has {state.total_steps} steps, "
@@ -472,9 +514,11 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
     log = _MetricsLog(output_dir, ctx.is_main, config.tensorboard)
     if resume_path is not None:
         log.truncate_after(state.global_step)
+        if overridden:
+            log.write({"step": state.global_step, "resume_overrides": overridden})
         if ctx.is_main:
             say(f"resumed from {resume_path} at step {state.global_step} (epoch {state.epoch}, "
-                f"micro-batch {state.micro_in_epoch})")
+                f"micro-batch {state.micro_in_epoch})" + (f" with {overridden}" if overridden else ""))
     if ctx.is_main:
         ckpt.remove_stale(output_dir)
     barrier(ctx)
@@ -506,8 +550,8 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
             if key not in metrics:
                 raise KeyError(f"TrainConfig.metric_for_best={name!r} is not among eval_fn's metrics {sorted(metrics)}")
             value = float(metrics[key])
-            better = state.best_metric is None or (value > state.best_metric if config.greater_is_better
-                                                   else value < state.best_metric)
+            better = math.isfinite(value) and (state.best_metric is None or (
+                value > state.best_metric if config.greater_is_better else value < state.best_metric))
             if better:
                 state.best_metric, state.best_step = value, state.global_step
                 tensors = ckpt.adapter_state_dict(model)
@@ -524,6 +568,7 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
 
     def save() -> Path:
         nonlocal last_checkpoint
+        check_finite_parameters(model, state.global_step, ctx)
         training_state = {
             "optimizer": None if engine is not None else optimizer.state_dict(),
             "scheduler": None if engine is not None else scheduler.state_dict(),
@@ -534,7 +579,8 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
         meta = {"epoch": epoch_float(), "best_metric": state.best_metric, "best_step": state.best_step,
                 "per_device_batch_size": config.per_device_batch_size, "grad_accum_steps": config.grad_accum_steps,
                 "num_samples": len(dataset), "drop_last": config.drop_last, "seed": config.seed,
-                "config": {k: v for k, v in config.to_dict().items() if k != "deepspeed_config"}}
+                "config": {k: v for k, v in config.to_dict().items() if k != "deepspeed_config"},
+                "lora_layers": layer_signature(model)}
         path = ckpt.save_checkpoint(output_dir, state.global_step, model, ctx, training_state, meta, engine=engine,
                                     save_full_model=config.save_full_model, total_limit=config.save_total_limit,
                                     rank_state={key: cb.state_dict() for key, cb in _stateful(callbacks)})
@@ -580,6 +626,7 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
                     amount, unit = _tokens(batch)
                     work = work + amount
 
+                check_loss(step_loss, state.global_step + 1, ctx, str(last_checkpoint) if last_checkpoint else None)
                 # clip -> optimizer.step -> scheduler.step -> allocator -> zero_grad
                 grad_norm = None
                 if engine is not None:
@@ -654,6 +701,7 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
             with zero3.writable(model, [n for n, p in model.named_parameters() if "lora_" in n or p.requires_grad]):
                 ckpt.load_adapter_weights(best_dir, model)
         adapter_dir = output_dir / "adapter"
+        check_finite_parameters(model, state.global_step, ctx)
         tensors = ckpt.adapter_state_dict(model)
         if ctx.is_main:
             ckpt.save_adapter_atomic(model, adapter_dir, metadata={"global_step": state.global_step,

@@ -20,11 +20,14 @@ labels.txt) and "wn-pair" (gloss, example sentence -> same sense?, MRPC layout).
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
+
+from ...files import not_utf8
 
 GLUE_TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 MAX_REPORTED_ERRORS = 20
@@ -168,9 +171,9 @@ def load_glue(task_name: str, data_dir: str | os.PathLike, split: str = "train",
     candidates.append(root)
     for folder in candidates:
         if (folder / "dataset_dict.json").is_file() and task.hf_config:
-            return _read_saved_dataset(task, split, folder)
+            return _non_empty(_read_saved_dataset(task, split, folder))
         if (folder / task.files[split]).is_file() or _mrpc_raw_file(task, split, folder) is not None:
-            return _read_tsv_split(task, split, folder, skip_malformed)
+            return _non_empty(_read_tsv_split(task, split, folder, skip_malformed))
     # Nothing found: name the TSV file where it was most likely meant to be, and the datasets folder.
     tsv_dir = root / task.folder
     if not tsv_dir.is_dir() and any(root.glob("*.tsv")):
@@ -179,6 +182,13 @@ def load_glue(task_name: str, data_dir: str | os.PathLike, split: str = "train",
     if task.hf_config:
         expected += f" (official TSV) or {root / 'glue' / task.hf_config / 'dataset_dict.json'} (datasets save_to_disk)"
     raise FileNotFoundError(f"GLUE task {task.name!r}, split {split!r}: expected {expected}")
+
+
+def _non_empty(data: GlueData) -> GlueData:
+    # checked at load time: a dev set with only its header would otherwise fail after a whole training
+    if not len(data):
+        raise ValueError(f"{data.source}: no {data.split} examples in it (only a header, or every line dropped)")
+    return data
 
 
 def _resolve_split(task: GlueTask, split: str) -> tuple[GlueTask, str]:
@@ -222,11 +232,14 @@ class _Errors:
 def read_tsv_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(1-based line number, fields) for each non-empty line. GLUE files are tab-separated with NO quoting:
     a '"' is an ordinary character (SST-2 and QQP contain many), so the csv module's quote rules must not apply."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.rstrip("\n").rstrip("\r")
-            if line.strip():
-                yield line_no, line.split("\t")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            for line_no, line in enumerate(f, start=1):
+                line = line.rstrip("\n").rstrip("\r")
+                if line.strip():
+                    yield line_no, line.split("\t")
+    except UnicodeDecodeError:
+        raise ValueError(not_utf8(path)) from None
 
 
 def _read_tsv_split(task: GlueTask, split: str, folder: Path, skip_malformed: bool) -> GlueData:
@@ -286,10 +299,14 @@ def _parse_label(raw: str, label_ids: dict[str, int] | None, path: Path, line_no
     raw = raw.strip()
     if label_ids is None:  # STS-B similarity score in [0, 5]
         try:
-            return float(raw)
+            score = float(raw)
         except ValueError:
             errors.add(path, line_no, f"label {raw!r} is not a number")
             return None
+        if not (math.isfinite(score) and 0.0 <= score <= 5.0):
+            errors.add(path, line_no, f"score {raw!r} is outside STS-B's range [0, 5]")
+            return None
+        return score
     if raw not in label_ids:
         errors.add(path, line_no, f"label {raw!r} is not one of {sorted(label_ids)}")
         return None
@@ -374,5 +391,10 @@ def _read_saved_dataset(task: GlueTask, split: str, folder: Path) -> GlueData:
     convert = float if task.is_regression else int
     # datasets marks the unlabelled test rows with -1
     labels = [None if lab is None or lab == -1 else convert(lab) for lab in rows["label"]]
+    if task.is_regression:
+        bad = [i for i, lab in enumerate(labels) if lab is not None and not (math.isfinite(lab) and 0 <= lab <= 5)]
+        if bad:
+            raise ValueError(f"{folder} [{hf_split}]: row {bad[0]} has score {labels[bad[0]]!r}, outside STS-B's "
+                             f"range [0, 5] ({len(bad)} such rows)")
     examples = [GlueExample(x, y, lab) for x, y, lab in zip(rows[a], texts_b, labels)]
     return GlueData(task, split, folder, examples, task.label_names)

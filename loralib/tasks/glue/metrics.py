@@ -15,12 +15,19 @@ predictions and compute_metrics("mnli-mm", ...) on the dev_mismatched ones, and 
 
 Degenerate inputs follow scikit-learn / scipy: MCC is 0 when either side is constant, F1 is 0 with no
 positive in predictions nor labels, Pearson/Spearman are nan when either side is constant.
+Non-finite predictions (a diverged model's nan / inf scores or logits) score nan for every metric of the
+task, with a warning: argmax over nan logits or a rank of nan scores would otherwise give a good-looking
+number (all-nan STS-B scores used to rank 1..n in input order, Spearman 1.0).
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 
 from .data import get_task
+
+log = logging.getLogger(__name__)
 
 
 def accuracy(predictions, labels) -> float:
@@ -57,6 +64,8 @@ def matthews_corrcoef(predictions, labels) -> float:
 
 def pearson(predictions, labels) -> float:
     x, y = _pair(predictions, labels, dtype=np.float64)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return float("nan")
     xc, yc = x - x.mean(), y - y.mean()
     denominator = np.sqrt((xc @ xc) * (yc @ yc))
     if denominator == 0:
@@ -67,6 +76,8 @@ def pearson(predictions, labels) -> float:
 def spearmanr(predictions, labels) -> float:
     """Pearson correlation of the ranks, ties sharing their average rank."""
     x, y = _pair(predictions, labels, dtype=np.float64)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):  # nan has no rank
+        return float("nan")
     return pearson(rank_average(x), rank_average(y))
 
 
@@ -93,6 +104,11 @@ def compute_metrics(task_name: str, predictions, labels) -> dict[str, float]:
     task = get_task(task_name)
     predictions = np.asarray(predictions)
     labels = np.asarray(labels)
+    bad = _count_non_finite(predictions)
+    if bad:
+        log.warning("GLUE %s: %d of %d predictions are nan / inf (the model diverged?); every metric is nan",
+                    task.name, bad, len(predictions))
+        return {name: float("nan") for name in task.metrics}
     if task.is_regression:
         if predictions.ndim == 2 and predictions.shape[1] == 1:
             predictions = predictions[:, 0]
@@ -104,6 +120,14 @@ def compute_metrics(task_name: str, predictions, labels) -> dict[str, float]:
 def main_metric(task_name: str) -> str:
     """The metric a best checkpoint is chosen by (the first one GLUE lists for the task)."""
     return get_task(task_name).metrics[0]
+
+
+def _count_non_finite(values: np.ndarray) -> int:
+    """Rows (of scores, or of logits) holding a nan / inf; 0 for integer class ids."""
+    if values.dtype.kind not in "fc" or values.size == 0:
+        return 0
+    finite = np.isfinite(values)
+    return int((~finite.reshape(len(values), -1).all(axis=1)).sum()) if values.ndim else int(not finite)
 
 
 def _pair(predictions, labels, dtype=None) -> tuple[np.ndarray, np.ndarray]:

@@ -74,7 +74,8 @@ from safetensors.torch import load_file
 from ...adalora import RankAllocator, adalora_state, apply_rank_pattern, compute_orth_regu, trim_ranks
 from ...adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
 from ...config import LoRAConfig
-from ...files import write_json_atomic
+from ...files import check_output_folder, write_json_atomic
+from ...train.run_lock import hold_output_dir
 from ...lora2 import LoRA2RankAllocator, compute_lora2_orth_regu
 from ...optim import LoRAProAdamW, create_loraplus_optimizer
 from ...utils import trainable_summary
@@ -636,8 +637,7 @@ def _output_dir(args) -> Path:
 
 
 def _check_output_dir(out: Path, args) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output_dir {str(out)!r} is a file")
+    check_output_folder(out, "--output_dir")  # a file, or read-only: refused before the model is built
     if not args.do_train or not out.is_dir() or not any(out.iterdir()):
         return
     if args.resume_from_checkpoint:
@@ -649,6 +649,25 @@ def _check_output_dir(out: Path, args) -> None:
         return
     raise ValueError(f"--output_dir {str(out)!r} already holds files: add --overwrite_output_dir to replace the "
                      "previous run, or --resume_from_checkpoint latest to continue it")
+
+
+def _position_limit(hf_config: dict) -> Optional[int]:
+    """Input positions the model has a learned embedding for (None: relative or rotary positions only)."""
+    kind, table = hf_config.get("model_type"), hf_config.get("max_position_embeddings")
+    if kind == "gpt2":
+        return hf_config.get("n_positions") or hf_config.get("n_ctx")
+    if kind in ("roberta", "xlm-roberta", "camembert") and table:  # positions count from pad_token_id + 1
+        return table - (hf_config.get("pad_token_id", 1) + 1)
+    if kind in ("deberta-v2", "deberta") and not hf_config.get("position_biased_input", True):
+        return None
+    return table if kind in ("bert", "deberta-v2", "deberta") else None
+
+
+def _check_positions(features: List[dict], limit: Optional[int], args, source) -> None:
+    longest = max((len(f["input_ids"]) for f in features), default=0)
+    if limit is not None and longest > limit:
+        raise ValueError(f"--max_seq_length {args.max_seq_length}: {source} has examples of {longest} tokens but "
+                         f"the model has {limit} positions; pass --max_seq_length {limit} or less")
 
 
 def _steps(n_samples: int, args) -> int:
@@ -741,6 +760,10 @@ def prepare(args: argparse.Namespace) -> Prepared:
     for data, features in dev:
         if any("labels" not in f for f in features):
             raise ValueError(f"{data.source}: the dev set has examples without a label; it cannot be scored")
+    for data, features in ([(train_data, train_features)] if train_features else []) + dev:
+        _check_positions(features, _position_limit(model.hf_config), args, data.source)
+    if args.deepspeed:  # a typo found now, not after run_config.json is written
+        zero_stage(args.deepspeed)
 
     prepared = Prepared(args, out, model_path, model, tokenizer, method, task.name, num_labels, train_features,
                         dev, precision, adapter)
@@ -824,6 +847,8 @@ def execute(p: Prepared) -> RunResult:
     result = RunResult(p.output_dir, p.model)
     if a.use_deterministic_algorithms:
         torch.use_deterministic_algorithms(True)
+    if main_process and a.do_train:
+        hold_output_dir(p.output_dir)  # one run per folder, locked before the first write (to process exit)
     if main_process and a.overwrite_output_dir and not a.resume_from_checkpoint:
         _clear_previous_run(p.output_dir, training=a.do_train)
     collate = GlueCollator(p.tokenizer)
@@ -831,7 +856,8 @@ def execute(p: Prepared) -> RunResult:
 
     if a.do_train:
         config = _train_config(p)
-        if main_process:
+        if main_process and not (a.resume_from_checkpoint and (p.output_dir / "run_config.json").exists()):
+            # a resume keeps the run's record: the loop refuses one whose result-changing settings differ
             p.output_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(p.output_dir / "run_config.json", _run_config(p))
         data, features = p.dev[0] if p.dev else (None, None)

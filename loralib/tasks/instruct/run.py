@@ -73,7 +73,8 @@ import torch
 import torch.nn as nn
 
 from ...config import LoRAConfig
-from ...files import read_json, write_json_atomic, write_jsonl_atomic
+from ...files import check_output_folder, read_json, write_json_atomic, write_jsonl_atomic
+from ...train.run_lock import hold_output_dir
 
 logger = logging.getLogger("loralib.instruct")
 
@@ -371,8 +372,7 @@ class Prepared:
 
 
 def _check_output_dir(out: Path, args) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output_dir {str(out)!r} is a file")
+    check_output_folder(out, "--output_dir")  # a file, or read-only: refused before the model is built
     if not args.do_train or not out.is_dir() or not any(out.iterdir()):
         return
     if args.resume_from_checkpoint or args.overwrite_output_dir:
@@ -462,6 +462,11 @@ def prepare(args: argparse.Namespace) -> Prepared:
         records = load_records(args.dataset, args.data_path)
         examples = build_examples(records, tokenizer, max_length, template=args.template)
         train_examples, dev_examples = split_train_eval(examples, n_train, n_eval)
+        positions = (hf_config.get("n_positions") or hf_config.get("n_ctx")) if model_type == "gpt2" else None
+        longest = max((len(e["input_ids"]) for e in train_examples + dev_examples), default=0)
+        if positions and longest > positions:  # GPT-2's learned position table ends there (Llama: rotary)
+            raise ValueError(f"--max_length {max_length}: {args.data_path} has examples of {longest} tokens but "
+                             f"{model_path} has {positions} positions; pass --max_length {positions} or less")
         if not train_examples:
             raise ValueError(f"{args.data_path}: no training example left (all longer than --max_length {max_length}?)")
 
@@ -577,9 +582,12 @@ def execute(p: Prepared) -> dict:
     main_process = _rank() == 0
     results: Dict[str, Any] = {}
     if a.do_train:
+        if main_process:
+            hold_output_dir(p.output_dir)  # one run per folder, locked before the first write (to process exit)
         if main_process and a.overwrite_output_dir and not a.resume_from_checkpoint:
             _clear_previous_run(p.output_dir)
-        if main_process:
+        if main_process and not (a.resume_from_checkpoint and (p.output_dir / "run_config.json").exists()):
+            # a resume keeps the run's record: the loop refuses one whose result-changing settings differ
             p.output_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(p.output_dir / "run_config.json", run_config(p))
         collate = InstructCollator(pad_id(p.tokenizer))
