@@ -193,7 +193,7 @@ def test_multi_reference_files_written_and_scored(task, rel, n_entries, tmp_path
     reference0..5 written, read back by eval_nlg's reader, BLEU equal to the in-memory computation."""
     from loralib.tasks.nlg.data import read_raw
     from loralib.tasks.nlg.decode import group_references, padded_references, write_outputs
-    from loralib.tasks.nlg.evaluate import read_lines, read_reference_folder
+    from loralib.tasks.nlg.evaluate import parse_outputs, reference_files
     from loralib.tasks.nlg.metrics import multi_bleu_detok
 
     records = read_raw(task, _real(rel))
@@ -203,8 +203,11 @@ def test_multi_reference_files_written_and_scored(task, rel, n_entries, tmp_path
     for g in groups:
         g.hypothesis = g.references[0]
     write_outputs(groups, task, tmp_path / "refs", tmp_path / "hyps.txt", ref_num=6)
-    refs = read_reference_folder(tmp_path / "refs")
-    hyps = read_lines(tmp_path / "hyps.txt")
+    ref_files = reference_files(tmp_path / "refs")
+    assert len(ref_files) == 6
+    hyps, refs = parse_outputs(task, [f.read_text(encoding="utf-8") for f in ref_files],
+                               (tmp_path / "hyps.txt").read_text(encoding="utf-8"),
+                               [str(f) for f in ref_files], "hyps.txt")
     assert len(refs) == len(hyps) == n_contexts
     assert refs == [padded_references(g.references, 6) for g in groups]
     assert multi_bleu_detok(hyps, refs) == pytest.approx(
