@@ -450,3 +450,28 @@ def test_bad_beam_flags_and_data(tmp_path, base_dir, capsys):
     err = capsys.readouterr().err
     assert re.search(r"bad\.jsonl:3\b", err), err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_second_run_into_a_held_work_dir_is_refused_before_it_writes(tmp_path, data, base_dir):
+    """Issue 13 §3 for gpt2_ft.py: the work dir is locked before run_config.json is written, so a second run
+    started while the first holds it writes nothing there."""
+    import subprocess
+    import sys
+
+    from loralib.train.run_lock import OutputDirInUse
+
+    work = tmp_path / "run"
+    work.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[2]); "
+         "from loralib.train.run_lock import hold_output_dir; hold_output_dir(sys.argv[1]); "
+         "print('held', flush=True); time.sleep(60)", str(work), str(Path(__file__).parents[1])],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputDirInUse):
+            train.train_nlg(ft_args(data, base_dir, work, "--max_step", "2"))
+        assert list(work.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()

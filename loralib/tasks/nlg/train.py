@@ -551,6 +551,7 @@ def run_config(args, lora: Optional[LoRAConfig], checkpoint: str) -> dict:
 def train_nlg(argv: Optional[Sequence[str]] = None):
     """Parse, check, train; returns loralib.train's TrainResult. Errors propagate (see `main`)."""
     from ...train import TrainConfig, train
+    from ...train.run_lock import hold_output_dir
     from ...utils import mark_only_lora_as_trainable, trainable_summary
 
     args = build_parser().parse_args(argv)
@@ -585,6 +586,7 @@ def train_nlg(argv: Optional[Sequence[str]] = None):
         progress_bar=not args.disable_tqdm and sys.stderr.isatty(), resume_from=args.resume_from_checkpoint)
     if _rank() == 0:
         work_dir.mkdir(parents=True, exist_ok=True)
+        hold_output_dir(work_dir)  # one run per folder, locked before the first write (to process exit)
         if args.overwrite_work_dir and not args.resume_from_checkpoint:
             _clear_previous_run(work_dir)
         write_json_atomic(work_dir / "run_config.json", run_config(args, lora, checkpoint))
