@@ -7,13 +7,14 @@ no re-initialisation of the big weight); only the low-rank factors are new.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from . import layers
 from .config import LoRAConfig, _swap_init, target_matches
+from .init_methods import loraga_init
 from .utils import mark_only_lora_as_trainable
 
 
@@ -68,6 +69,10 @@ def _lora_layer_for(module: nn.Module, path: str, config: LoRAConfig) -> nn.Modu
     if config.method != "lora":
         raise ValueError(f"module {path!r} is a {type(module).__name__}; method {config.method!r} "
                          "adapts linear projections only")
+    if config.use_dora or config.init_lora_weights is not True:
+        what = "DoRA (use_dora=True)" if config.use_dora else f"init_lora_weights={config.init_lora_weights!r}"
+        raise ValueError(f"module {path!r} is a {type(module).__name__}; {what} is implemented for linear "
+                         "projections (nn.Linear, transformers' Conv1D) only")
     if isinstance(module, nn.Embedding):
         with torch.device("meta"):
             layer = layers.Embedding(module.num_embeddings, module.embedding_dim, r=config.r,
@@ -101,13 +106,20 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
            lora_dropout: float = 0.0, use_rslora: bool = False, method: str = "lora",
            enable_lora: Optional[Sequence[bool]] = None, merge_weights: bool = True,
            init_swapped: bool = False, freeze: bool = True, bias: str = "none",
-           config: Optional[LoRAConfig] = None) -> nn.Module:
+           config: Optional[LoRAConfig] = None, use_dora: bool = False,
+           init_lora_weights: Union[bool, str] = True,
+           loraga_train_step: Optional[Callable[[], None]] = None) -> nn.Module:
     """Replace the target modules of `model` with LoRA layers, in place; returns the model.
 
     target_modules: names matched as dotted suffixes of module paths (["q_proj", "v_proj"]) or one regex
         matched against whole paths (PEFT's convention). Every listed name must match at least one module.
     enable_lora: for fused projections (GPT-2's c_attn), which equal output chunks get LoRA.
     freeze: mark only LoRA parameters (and `bias`) trainable afterwards.
+    use_dora, init_lora_weights: DoRA and PiSSA / LoRA-GA initialisation, named as PEFT names them
+        (see LoRAConfig). PiSSA and LoRA-GA replace the targeted weights by their residuals, in place.
+    loraga_train_step: with init_lora_weights="lora_ga", the callback (forward + backward over the
+        gradient-estimation batches) that loralib.loraga_init runs right after injection; without it,
+        call loraga_init(model, train_step) yourself before training.
     config: a ready LoRAConfig instead of the keyword arguments.
     The config used is stored as `model.loralib_config` for save_adapter / export_peft.
     """
@@ -115,7 +127,11 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
         config = LoRAConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                             target_modules=target_modules, use_rslora=use_rslora, method=method,
                             enable_lora=tuple(enable_lora) if enable_lora is not None else None,
-                            merge_weights=merge_weights, init_swapped=init_swapped)
+                            merge_weights=merge_weights, init_swapped=init_swapped, use_dora=use_dora,
+                            init_lora_weights=init_lora_weights)
+    if loraga_train_step is not None and config.init_lora_weights != "lora_ga":
+        raise ValueError("inject: loraga_train_step is given but init_lora_weights is "
+                         f"{config.init_lora_weights!r}, not 'lora_ga'")
     targets = config.target_modules
     matched: List[Tuple[str, nn.Module]] = [
         (path, module) for path, module in model.named_modules()
@@ -126,6 +142,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, child, _lora_layer_for(module, path, config))
     model.loralib_config = config
+    if loraga_train_step is not None:
+        loraga_init(model, loraga_train_step)
     if freeze:
         mark_only_lora_as_trainable(model, bias=bias)
     return model

@@ -1,0 +1,207 @@
+"""Initialisations of the LoRA factors from the pretrained weight (PiSSA) or its gradient (LoRA-GA).
+
+Both move the start of training away from B A = 0 and keep the model's output unchanged at step 0 by
+storing the residual W0 - s B0 A0 as the frozen weight (s = the layer's scaling). Shapes: W (out, in)
+(a fan_in_fan_out layer's weight is read transposed), A (r, in), B (out, r). As PEFT 0.21.2 does:
+
+PiSSA (Meng et al. 2024), init_lora_weights="pissa" or "pissa_niter_<N>":
+    W0 = U S V^T (full SVD, or torch.svd_lowrank(W0, r, niter=N));
+    A0 = diag(sqrt(S_r / s)) V_r^T,  B0 = U_r diag(sqrt(S_r / s))   so that s B0 A0 = U_r S_r V_r^T.
+LoRA-GA (Wang et al. 2024), init_lora_weights="lora_ga" then `loraga_init(model, train_step)`:
+    G = the mean gradient of W0 over the backward passes of `train_step` (a user callback);
+    G ~ U S V^T (torch.svd_lowrank, q = min(4 r, min(out, in)), niter 4), first 2 r triplets;
+    direction "ArB2r": A0 = V_{1..r}^T, B0 = U_{r+1..2r} diag(S_{r+1..2r}) (also "ArBr", "A2rBr", "random");
+    scale "stable": B0 *= out^(1/4) / sqrt(stable_gamma) (also "weight_svd", "gd_scale", "unit").
+
+Layers so initialised keep (A0, B0) in `layer.initial_factors` (not in the state dict), so a trained
+adapter can be turned into a plain LoRA of rank 2 r against the ORIGINAL weight (`as_plain_lora`):
+    delta-W = s (B A - B0 A0) = s' [B | -B0] [A ; A0]  with s' = s (alpha doubled, or * sqrt 2 for rsLoRA).
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Dict, Iterator, Tuple
+
+import torch
+import torch.nn as nn
+
+INIT_CHOICES = 'True, "gaussian", "pissa", "pissa_niter_<N>", "lora_ga"'
+LORAGA_DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
+LORAGA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
+_PISSA = re.compile(r"pissa(_niter_(\d+))?")
+
+
+def check_init(init_lora_weights):
+    """The value itself if it is one PEFT's names we implement, else a ValueError listing them."""
+    if init_lora_weights is True or init_lora_weights in ("gaussian", "lora_ga"):
+        return init_lora_weights
+    if isinstance(init_lora_weights, str) and _PISSA.fullmatch(init_lora_weights):
+        return init_lora_weights
+    raise ValueError(f"init_lora_weights={init_lora_weights!r} is not one of {INIT_CHOICES}")
+
+
+def is_pissa(init_lora_weights) -> bool:
+    return isinstance(init_lora_weights, str) and _PISSA.fullmatch(init_lora_weights) is not None
+
+
+def mutates_weight(init_lora_weights) -> bool:
+    """True for the inits that replace the frozen weight by a residual (PiSSA, LoRA-GA)."""
+    return is_pissa(init_lora_weights) or init_lora_weights == "lora_ga"
+
+
+def _oriented(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """(out, in) view of a tensor laid out like layer.weight."""
+    return w.transpose(0, 1) if getattr(layer, "fan_in_fan_out", False) else w
+
+
+def _set_factors_and_residual(layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> None:
+    """lora_A = A, lora_B = B (cast to the factors' dtype); weight = W0 - s B A in fp32, cast back to W's
+    dtype, computed from the factors as stored so that the step-0 output is W0's up to rounding."""
+    weight = layer.weight
+    layer.lora_A.data.copy_(A.to(layer.lora_A.dtype))
+    layer.lora_B.data.copy_(B.to(layer.lora_B.dtype))
+    W = _oriented(layer, weight.data.float())
+    residual = W - layer.scaling * (layer.lora_B.data.float() @ layer.lora_A.data.float())
+    weight.data = _oriented(layer, residual).to(weight.dtype).contiguous()
+    layer.initial_factors = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+
+
+@torch.no_grad()
+def pissa_init_(layer: nn.Module) -> None:
+    """PiSSA on one loralib Linear (see the module docstring); the weight becomes the residual."""
+    weight = layer.weight
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"PiSSA needs a float32/float16/bfloat16 weight, got {weight.dtype}")
+    W, r = _oriented(layer, weight.data.float()), layer.r
+    niter = _PISSA.fullmatch(layer.init_lora_weights).group(2)
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    else:
+        U, S, V = torch.svd_lowrank(W, r, niter=int(niter))
+        Vh = V.t()
+    root = torch.sqrt(S / layer.scaling)
+    _set_factors_and_residual(layer, root[:, None] * Vh, U * root[None, :])
+
+
+def loraga_factors(grad: torch.Tensor, weight: torch.Tensor, r: int, scaling: float, direction: str = "ArB2r",
+                   scale: str = "stable", stable_gamma: float = 16) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A0 (r, in), B0 (out, r)) in fp32 from the gradient G (out, in) of the weight W (out, in)."""
+    G = grad.float()
+    U, S, V = torch.svd_lowrank(G, q=min(4 * r, min(G.shape)), niter=4)
+    U, S, Vh = U[:, :2 * r], S[:2 * r], V.t()[:2 * r]
+    if direction == "ArBr":  # A the odd, B the even triplets
+        a_idx, b_idx = torch.arange(1, 2 * r, 2), torch.arange(0, 2 * r, 2)
+    elif direction == "A2rBr":
+        a_idx, b_idx = torch.arange(r, 2 * r), torch.arange(0, r)
+    elif direction == "ArB2r":
+        a_idx, b_idx = torch.arange(0, r), torch.arange(r, 2 * r)
+    elif direction == "random":
+        a_idx = b_idx = torch.randperm(2 * r)[:r]
+    else:
+        raise ValueError(f"LoRA-GA direction={direction!r} is not one of {LORAGA_DIRECTIONS}")
+    A, S_B = Vh[a_idx], S[b_idx]
+    B = U[:, b_idx] * S_B[None, :]
+    if scale == "stable":
+        B = B * (G.shape[0] ** 0.25 / stable_gamma ** 0.5)
+    elif scale == "weight_svd":
+        _, weight_S, _ = torch.svd_lowrank(weight.float(), q=r, niter=4)
+        if S_B[0] > 0:
+            B = B * (weight_S[0] / S_B[0])
+    elif scale == "gd_scale":
+        A, B = A / scaling, B / scaling
+    elif scale != "unit":
+        raise ValueError(f"LoRA-GA scale={scale!r} is not one of {LORAGA_SCALES}")
+    return A, B
+
+
+def loraga_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """(path, layer) of the adapted layers made with init_lora_weights="lora_ga", in module order."""
+    for path, module in model.named_modules():
+        if getattr(module, "init_lora_weights", None) == "lora_ga" and getattr(module, "has_lora", False):
+            yield path, module
+
+
+def estimate_gradients(model: nn.Module, train_step: Callable[[], None]) -> Dict[str, torch.Tensor]:
+    """The mean gradient of each LoRA-GA layer's frozen weight over `train_step`'s backward passes.
+
+    Only those weights require grad meanwhile (every other parameter is frozen and restored after), so
+    autograd keeps one gradient per target weight, in the weight's dtype, as PEFT's preprocess_loraga
+    does. A backward pass is counted when the layer's output receives a gradient, so gradient
+    checkpointing's recomputation counts once. The LoRA path adds nothing here (B = 0 before init)."""
+    targets = list(loraga_layers(model))
+    if not targets:
+        raise ValueError("loraga_init: no layer of the model was built with init_lora_weights='lora_ga'")
+    was_training = model.training
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+    counts = {path: 0 for path, _ in targets}
+    handles = []
+
+    def counter(path):
+        def hook(module, inputs, output):
+            if output.requires_grad:
+                output.register_hook(lambda g: counts.__setitem__(path, counts[path] + 1))
+        return hook
+
+    try:
+        for p in model.parameters():
+            p.requires_grad = False
+        for path, layer in targets:
+            if layer.merged:
+                layer.unmerge()
+            layer.weight.requires_grad = True
+            layer.weight.grad = None
+            handles.append(layer.register_forward_hook(counter(path)))
+        model.train()
+        with torch.enable_grad():
+            train_step()
+        grads = {}
+        for path, layer in targets:
+            if counts[path] == 0 or layer.weight.grad is None:
+                raise ValueError(f"loraga_init: train_step ran no backward pass through {path!r}")
+            grads[path] = layer.weight.grad.detach() / counts[path]
+            layer.weight.grad = None
+        return grads
+    finally:
+        for h in handles:
+            h.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad = saved.get(name, p.requires_grad)
+        model.train(was_training)
+
+
+@torch.no_grad()
+def loraga_init(model: nn.Module, train_step: Callable[[], None], direction: str = "ArB2r",
+                scale: str = "stable", stable_gamma: float = 16) -> nn.Module:
+    """LoRA-GA: set A0, B0 of every init_lora_weights="lora_ga" layer from the gradient `train_step`
+    produces (PEFT's preprocess_loraga + lora_ga_init), and W0 to the residual W0 - s B0 A0.
+
+    train_step: a callable that runs forward and backward on N batches (loss.backward(), no optimizer
+    step). Peak memory: the model's training activations plus one gradient per LoRA-GA weight in the
+    weight's dtype (all are needed until train_step returns); each gradient is freed right after its
+    layer's SVD (torch.svd_lowrank: O((out + in) 4 r) more)."""
+    if direction not in LORAGA_DIRECTIONS:
+        raise ValueError(f"LoRA-GA direction={direction!r} is not one of {LORAGA_DIRECTIONS}")
+    if scale not in LORAGA_SCALES:
+        raise ValueError(f"LoRA-GA scale={scale!r} is not one of {LORAGA_SCALES}")
+    grads = estimate_gradients(model, train_step)
+    modules = dict(model.named_modules())
+    for path in list(grads):
+        layer = modules[path]
+        grad = _oriented(layer, grads.pop(path))
+        A, B = loraga_factors(grad, _oriented(layer, layer.weight.data), layer.r, layer.scaling, direction,
+                              scale, stable_gamma)
+        dtype = layer.weight.dtype  # PEFT rounds the factors to the weight's dtype before the residual
+        _set_factors_and_residual(layer, A.to(dtype), B.to(dtype))
+        if hasattr(layer, "reset_magnitude"):  # DoRA: m = ||W_res + s B0 A0|| (= ||W0|| up to rounding)
+            layer.reset_magnitude()
+    return model
+
+
+def as_plain_lora(layer: nn.Module) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """(A' (2r, in), B' (out, 2r), scaling) with B' A' s = s (B A - B0 A0): the trained adapter of a
+    PiSSA / LoRA-GA layer as a plain LoRA against the original weight W0 = W_res + s B0 A0."""
+    A0, B0 = layer.initial_factors
+    A = torch.cat([layer.lora_A.detach(), A0.to(layer.lora_A.dtype)], dim=0)
+    B = torch.cat([layer.lora_B.detach(), -B0.to(layer.lora_B.dtype)], dim=1)
+    return A, B, layer.scaling

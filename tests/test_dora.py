@@ -1,0 +1,250 @@
+"""DoRA held to PEFT 0.21.2's use_dora=True: forward and the gradient of every trainable tensor to 1e-6
+(fp32), before and after merge; exact unmerge; merged_state_dict; the model files; bad combinations."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import loralib as lora
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+
+class Tiny(nn.Module):
+    """Two linear layers and a GPT-2 style Conv1D (weight (in, out))."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(12, 10)
+        self.v = nn.Linear(10, 14, bias=False)
+        self.c = Conv1D(9, 14)  # nf=9 out, nx=14 in
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        return self.c(self.act(self.v(self.act(self.q(x)))))
+
+
+TARGETS = ["q", "v", "c"]
+
+
+def _pair(use_rslora=False, dropout=0.0, r=4, alpha=8):
+    torch.manual_seed(0)
+    base = Tiny()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGETS, use_dora=True,
+        use_rslora=use_rslora, fan_in_fan_out=False))
+    ours = lora.inject(copy.deepcopy(base), TARGETS, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                       use_rslora=use_rslora, use_dora=True, merge_weights=False)
+    # trained-looking factors and magnitudes, the same in both
+    g = torch.Generator().manual_seed(1)
+    for name in TARGETS:
+        mine, peft_layer = getattr(ours, name), theirs.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            mine.lora_A.copy_(torch.randn(mine.lora_A.shape, generator=g) * 0.3)
+            mine.lora_B.copy_(torch.randn(mine.lora_B.shape, generator=g) * 0.3)
+            mine.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn(mine.lora_magnitude_vector.shape, generator=g))
+            peft_layer.lora_A["default"].weight.copy_(mine.lora_A)
+            peft_layer.lora_B["default"].weight.copy_(mine.lora_B)
+            peft_layer.lora_magnitude_vector["default"].weight.copy_(mine.lora_magnitude_vector)
+    return base, ours, theirs
+
+
+def _grads(model, names):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad for k in names if k in n}
+
+
+def _ours_vs_peft_names(name):
+    """our parameter name -> PEFT's."""
+    path, _, leaf = name.rpartition(".")
+    leaf = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight",
+            "lora_magnitude_vector": "lora_magnitude_vector.default.weight"}[leaf]
+    return f"base_model.model.{path}.{leaf}"
+
+
+def test_magnitude_starts_at_the_row_norms_as_in_peft():
+    torch.manual_seed(0)
+    base = Tiny()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=TARGETS, use_dora=True))
+    ours = lora.inject(copy.deepcopy(base), TARGETS, r=4, use_dora=True)
+    for name in TARGETS:
+        m = getattr(ours, name).lora_magnitude_vector
+        ref = theirs.base_model.model.get_submodule(name).lora_magnitude_vector["default"].weight
+        torch.testing.assert_close(m, ref, rtol=0, atol=1e-6)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(ours(x), base(x), rtol=0, atol=1e-6)  # B = 0: the base output
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_forward_and_every_gradient_equal_peft(use_rslora):
+    _, ours, theirs = _pair(use_rslora=use_rslora)
+    x = torch.randn(3, 5, 12)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_peft = ours(x1), theirs(x2)
+    torch.testing.assert_close(y_ours, y_peft, rtol=0, atol=1e-6)
+    w = torch.randn_like(y_ours)
+    (y_ours * w).sum().backward()
+    (y_peft * w).sum().backward()
+    peft_params = dict(theirs.named_parameters())
+    trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
+    assert len(trainable) == 9  # A, B and m of three layers
+    for name in trainable:
+        ref = peft_params[_ours_vs_peft_names(name)]
+        assert ref.requires_grad
+        torch.testing.assert_close(dict(ours.named_parameters())[name].grad, ref.grad, rtol=0, atol=1e-6,
+                                   msg=name)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=1e-6)
+
+
+def test_with_lora_dropout_in_training_equals_peft():
+    _, ours, theirs = _pair(dropout=0.3)
+    ours.train(), theirs.train()
+    x = torch.randn(4, 12)
+    torch.manual_seed(5)
+    y_ours = ours(x)
+    torch.manual_seed(5)
+    y_peft = theirs(x)
+    torch.testing.assert_close(y_ours, y_peft, rtol=0, atol=1e-6)
+    y_ours.sum().backward(), y_peft.sum().backward()
+    peft_params = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, peft_params[_ours_vs_peft_names(name)].grad, rtol=0, atol=1e-6)
+
+
+def test_norm_is_a_constant_in_backward():
+    """d y / d A with the norm detached differs from the one through the norm; ours is the detached one."""
+    layer = lora.DoRALinear(6, 5, r=2, lora_alpha=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 6)
+    layer(x).sum().backward()
+    ours = layer.lora_A.grad.clone()
+    layer.lora_A.grad = None
+    # the same layer written as a formula with the norm left in the graph
+    W = layer.weight + layer.scaling * layer.lora_B @ layer.lora_A
+    f_detached = layer.lora_magnitude_vector / W.norm(dim=1).detach()
+    (x @ (W * f_detached[:, None]).t() + layer.bias).sum().backward()
+    torch.testing.assert_close(ours, layer.lora_A.grad, rtol=0, atol=1e-6)
+    layer.lora_A.grad = None
+    W2 = layer.weight + layer.scaling * layer.lora_B @ layer.lora_A
+    f_live = layer.lora_magnitude_vector / W2.norm(dim=1)
+    (x @ (W2 * f_live[:, None]).t() + layer.bias).sum().backward()
+    assert not torch.allclose(ours, layer.lora_A.grad, atol=1e-4)
+
+
+def test_merge_equals_peft_merge_and_unmerge_is_exact():
+    base, ours, theirs = _pair()
+    x = torch.randn(7, 12)
+    unmerged = ours(x)
+    before = {n: getattr(ours, n).weight.detach().clone() for n in TARGETS}
+    lora.merge_lora(ours)
+    torch.testing.assert_close(ours(x), unmerged, rtol=0, atol=1e-6)
+    folded = theirs.merge_and_unload()
+    for n in TARGETS:
+        torch.testing.assert_close(getattr(ours, n).weight, folded.get_submodule(n).weight, rtol=0, atol=1e-6)
+    # state_dict while merged holds the unmerged weight; merged_state_dict the folded one
+    sd = ours.state_dict()
+    for n in TARGETS:
+        assert torch.equal(sd[f"{n}.weight"], before[n])
+    lora.unmerge_lora(ours)
+    for n in TARGETS:
+        assert torch.equal(getattr(ours, n).weight, before[n])  # bit for bit
+    plain = lora.merged_state_dict(ours)
+    assert not any("lora_" in k for k in plain)
+    reference = copy.deepcopy(base)
+    reference.load_state_dict(plain)
+    torch.testing.assert_close(reference(x), unmerged, rtol=0, atol=1e-6)
+    for n in TARGETS:  # merged_state_dict left the model unmerged
+        assert not getattr(ours, n).merged
+
+
+def test_eval_merges_train_unmerges_and_reload_while_merged():
+    layer = lora.DoRALinear(8, 6, r=2, lora_alpha=4, merge_weights=True)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.lora_magnitude_vector.mul_(1.5)
+    x = torch.randn(2, 8)
+    y = layer(x)
+    layer.eval()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=1e-6)
+    fresh = lora.DoRALinear(8, 6, r=2, lora_alpha=4).eval()
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh(x), y, rtol=0, atol=1e-6)
+    layer.train()
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=1e-6)
+
+
+def test_fused_projection_dora_equals_a_whole_projection_dora():
+    """DoRA on a MergedLinear with q and v enabled: the PEFT DoRA of the whole projection whose B has zero
+    rows for k (as export_peft writes it)."""
+    torch.manual_seed(0)
+    fused = lora.DoRAMergedLinear(8, 12, r=2, lora_alpha=4, enable_lora=[True, False, True], merge_weights=False)
+    with torch.no_grad():
+        fused.lora_B.normal_()
+        fused.lora_magnitude_vector.mul_(torch.rand(12) + 0.5)
+    whole = lora.DoRALinear(8, 12, r=4, lora_alpha=8, merge_weights=False)  # same scaling 2
+    A, B, _ = lora.adapters._peft_factors(fused)
+    with torch.no_grad():
+        whole.weight.copy_(fused.weight), whole.bias.copy_(fused.bias)
+        whole.lora_A.copy_(A), whole.lora_B.copy_(B)
+        whole.lora_magnitude_vector.copy_(fused.lora_magnitude_vector)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(fused(x), whole(x), rtol=0, atol=1e-6)
+    fused(x).pow(2).sum().backward(), whole(x).pow(2).sum().backward()
+    torch.testing.assert_close(fused.lora_magnitude_vector.grad, whole.lora_magnitude_vector.grad, rtol=0, atol=1e-6)
+    fused.merge()
+    torch.testing.assert_close(fused(x), whole(x), rtol=0, atol=1e-6)
+
+
+def test_dora_inside_our_llama_equals_peft_on_transformers(tmp_path):
+    from _llama_fixtures import hf_model, save, tiny_config
+    from loralib.models.loading import from_pretrained
+
+    targets = ("q_proj", "v_proj", "down_proj")
+    hf = hf_model(tiny_config())
+    save(hf, tmp_path / "m")
+    ours = from_pretrained(tmp_path / "m", lora=lora.LoRAConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                 use_dora=True, merge_weights=False))
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
+                                                     use_dora=True))
+    peft_params = dict(theirs.named_parameters())
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_" in name:
+                if "magnitude" in name:
+                    torch.testing.assert_close(p, peft_params[_ours_vs_peft_names(name)], rtol=0, atol=1e-6)
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+                peft_params[_ours_vs_peft_names(name)].copy_(p)
+    ids = torch.randint(4, 96, (2, 7))
+    torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["adalora", "lora2"])
+def test_dora_with_a_rank_adaptive_method_is_refused_naming_both(method):
+    with pytest.raises(ValueError, match=r"DoRA.*(AdaLoRA|LoRA²)"):
+        lora.LoRAConfig(method=method, use_dora=True)
+
+
+def test_dora_on_an_embedding_is_refused_with_the_module_named():
+    model = nn.Sequential(nn.Embedding(10, 4))
+    with pytest.raises(ValueError, match=r"'0'.*Embedding.*DoRA"):
+        lora.inject(model, ["0"], use_dora=True)
+
+
+def test_loraplus_puts_the_magnitude_where_peft_does():
+    from peft.optimizers import create_loraplus_optimizer as peft_loraplus
+
+    _, ours, theirs = _pair()
+    opt = lora.create_loraplus_optimizer(ours, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    ref = peft_loraplus(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    ours_names = {id(p): n for n, p in ours.named_parameters()}
+    peft_names = {id(p): n for n, p in theirs.named_parameters()}
+    ours_lr = {_ours_vs_peft_names(ours_names[id(p)]): g["lr"] for g in opt.param_groups for p in g["params"]}
+    peft_lr = {peft_names[id(p)]: g["lr"] for g in ref.param_groups for p in g["params"]}
+    assert ours_lr == peft_lr
+    assert ours_lr["base_model.model.q.lora_magnitude_vector.default.weight"] == pytest.approx(16e-3)
