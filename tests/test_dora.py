@@ -248,3 +248,30 @@ def test_loraplus_puts_the_magnitude_where_peft_does():
     peft_lr = {peft_names[id(p)]: g["lr"] for g in ref.param_groups for p in g["params"]}
     assert ours_lr == peft_lr
     assert ours_lr["base_model.model.q.lora_magnitude_vector.default.weight"] == pytest.approx(16e-3)
+
+
+def test_export_peft_writes_the_magnitude_where_peft_reads_it(tmp_path):
+    base, ours, _ = _pair()
+    lora.export_peft(ours, tmp_path / "a")
+    from safetensors.torch import load_file
+    import json
+
+    keys = set(load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    assert "base_model.model.q.lora_magnitude_vector" in keys
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["use_dora"] is True
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    x = torch.randn(6, 12)
+    torch.testing.assert_close(loaded(x), ours(x), rtol=0, atol=1e-6)
+
+
+def test_import_peft_reads_a_peft_dora_adapter(tmp_path):
+    base, ours, theirs = _pair()
+    theirs.save_pretrained(tmp_path / "p")
+    back = lora.import_peft(copy.deepcopy(base), tmp_path / "p")
+    assert isinstance(back.q, lora.DoRALinear) and back.loralib_config.use_dora
+    x = torch.randn(6, 12)
+    torch.testing.assert_close(back(x), theirs(x), rtol=0, atol=1e-6)
+    # into layers built beforehand without DoRA: refused, naming the layer
+    plain = lora.inject(copy.deepcopy(base), TARGETS, r=4, lora_alpha=8)
+    with pytest.raises(lora.AdapterError, match=r"use_dora=true but the model's layer '.' is a Linear, built without DoRA"):
+        lora.import_peft(plain, tmp_path / "p")
