@@ -11,7 +11,8 @@ LoRA-GA (Wang et al. 2024), init_lora_weights="lora_ga" then `loraga_init(model,
     G = the mean gradient of W0 over the backward passes of `train_step` (a user callback);
     G ~ U S V^T (torch.svd_lowrank, q = min(4 r, min(out, in)), niter 4), first 2 r triplets;
     direction "ArB2r": A0 = V_{1..r}^T, B0 = U_{r+1..2r} diag(S_{r+1..2r}) (also "ArBr", "A2rBr", "random");
-    scale "stable": B0 *= out^(1/4) / sqrt(stable_gamma) (also "weight_svd", "gd_scale", "unit").
+    scale "stable": B0 *= out^(1/4) / sqrt(stable_gamma), out = the stored weight's first dimension as in PEFT
+    (also "weight_svd", "gd_scale", "unit").
 
 Layers so initialised keep (A0, B0) in `layer.initial_factors` (not in the state dict), so a trained
 adapter can be turned into a plain LoRA of rank 2 r against the ORIGINAL weight (`as_plain_lora`):
@@ -20,7 +21,7 @@ adapter can be turned into a plain LoRA of rank 2 r against the ORIGINAL weight 
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -85,8 +86,13 @@ def pissa_init_(layer: nn.Module) -> None:
 
 
 def loraga_factors(grad: torch.Tensor, weight: torch.Tensor, r: int, scaling: float, direction: str = "ArB2r",
-                   scale: str = "stable", stable_gamma: float = 16) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(A0 (r, in), B0 (out, r)) in fp32 from the gradient G (out, in) of the weight W (out, in)."""
+                   scale: str = "stable", stable_gamma: float = 16,
+                   stable_rows: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A0 (r, in), B0 (out, r)) in fp32 from the gradient G (out, in) of the weight W (out, in).
+
+    stable_rows: the "out" of the stable scale, default G's rows. PEFT takes the first dimension of the
+    weight as stored, which for a fan_in_fan_out weight (GPT-2's Conv1D, (in, out)) is `in`; loraga_init
+    passes that to stay equal to PEFT."""
     G = grad.float()
     U, S, V = torch.svd_lowrank(G, q=min(4 * r, min(G.shape)), niter=4)
     U, S, Vh = U[:, :2 * r], S[:2 * r], V.t()[:2 * r]
@@ -103,7 +109,7 @@ def loraga_factors(grad: torch.Tensor, weight: torch.Tensor, r: int, scaling: fl
     A, S_B = Vh[a_idx], S[b_idx]
     B = U[:, b_idx] * S_B[None, :]
     if scale == "stable":
-        B = B * (G.shape[0] ** 0.25 / stable_gamma ** 0.5)
+        B = B * ((stable_rows or G.shape[0]) ** 0.25 / stable_gamma ** 0.5)
     elif scale == "weight_svd":
         _, weight_S, _ = torch.svd_lowrank(weight.float(), q=r, niter=4)
         if S_B[0] > 0:
@@ -190,7 +196,7 @@ def loraga_init(model: nn.Module, train_step: Callable[[], None], direction: str
         layer = modules[path]
         grad = _oriented(layer, grads.pop(path))
         A, B = loraga_factors(grad, _oriented(layer, layer.weight.data), layer.r, layer.scaling, direction,
-                              scale, stable_gamma)
+                              scale, stable_gamma, stable_rows=layer.weight.shape[0])
         dtype = layer.weight.dtype  # PEFT rounds the factors to the weight's dtype before the residual
         _set_factors_and_residual(layer, A.to(dtype), B.to(dtype))
         if hasattr(layer, "reset_magnitude"):  # DoRA: m = ||W_res + s B0 A0|| (= ||W0|| up to rounding)
