@@ -214,10 +214,9 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
     factors = {}
     for path, layer in adapted:
         if convert:
-            if getattr(layer, "initial_factors", None) is None:
-                raise AdapterError(f"export_peft: {path!r} was made with init_lora_weights={init!r} but holds no "
-                                   "initial factors (loaded, not initialised here): cannot convert it to a LoRA "
-                                   "against the original weights; pass convert_to_lora=False")
+            if not layer.initial_factors_set:
+                raise AdapterError(f"export_peft: {path!r} was made with init_lora_weights={init!r} but its "
+                                   "initialisation has not run (LoRA-GA: loraga_init): nothing to convert")
             A, B, scaling = init_methods.as_plain_lora(layer)
         else:
             A, B, scaling = _peft_factors(layer)

@@ -14,8 +14,13 @@ LoRA-GA (Wang et al. 2024), init_lora_weights="lora_ga" then `loraga_init(model,
     scale "stable": B0 *= out^(1/4) / sqrt(stable_gamma), out = the stored weight's first dimension as in PEFT
     (also "weight_svd", "gd_scale", "unit").
 
-Layers so initialised keep (A0, B0) in `layer.initial_factors` (not in the state dict), so a trained
-adapter can be turned into a plain LoRA of rank 2 r against the ORIGINAL weight (`as_plain_lora`):
+Layers made with these inits keep (A0, B0) as buffers `lora_A0`, `lora_B0` (zero until the init has run;
+saved with the adapter), with the invariant  W_stored = W0 - s B0 A0  (W0 the original weight). Hence:
+- loading an adapter (or checkpoint) puts its own residual in place: the weight becomes
+  W_stored + s (B0_old A0_old - B0_new A0_new), unless the weight itself is loaded too; a LoRA-GA adapter
+  therefore loads on the ORIGINAL base model without its gradient being estimated again;
+- re-running an init starts from W0 = W_stored + s B0 A0, not from the residual;
+- a trained adapter is a plain LoRA of rank 2 r against W0 (`as_plain_lora`, PEFT's conversion):
     delta-W = s (B A - B0 A0) = s' [B | -B0] [A ; A0]  with s' = s (alpha doubled, or * sqrt 2 for rsLoRA).
 """
 from __future__ import annotations
@@ -55,16 +60,84 @@ def _oriented(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
     return w.transpose(0, 1) if getattr(layer, "fan_in_fan_out", False) else w
 
 
+# -- the record of the residual: buffers lora_A0 / lora_B0 ------------------------------------------------
+def add_initial_factors(layer: nn.Module) -> None:
+    """Register lora_A0 (r, in) / lora_B0 (out, r) on a layer whose init replaces W by a residual, and the
+    load hooks that keep W_stored = W0 - s B0 A0 when they are loaded (see the module docstring)."""
+    if not mutates_weight(layer.init_lora_weights):
+        return
+    layer.register_buffer("lora_A0", torch.zeros_like(layer.lora_A.data))
+    layer.register_buffer("lora_B0", torch.zeros_like(layer.lora_B.data))
+    layer.initial_factors_set = False
+
+    def before_load(module, state_dict, prefix, *args):
+        weight_loaded = prefix + "weight" in state_dict
+        module._old_initial = None if weight_loaded else _initial_product(module)
+        module._weight_loaded = weight_loaded
+
+    def after_load(module, incompatible_keys):
+        old, weight_loaded = module._old_initial, module._weight_loaded
+        module._old_initial = module._weight_loaded = None
+        if module.lora_A0.is_meta:
+            return
+        module.initial_factors_set = bool(module.lora_B0.abs().sum() > 0 or module.lora_A0.abs().sum() > 0)
+        if weight_loaded:
+            return
+        new = _initial_product(module)
+        if (old is None) == (new is None) and (new is None or torch.equal(old, new)):
+            return
+        with torch.no_grad():
+            W = _oriented(module, module._base_weight().data.float())
+            W = W + (old if old is not None else 0) - (new if new is not None else 0)
+            module._base_weight().data = _oriented(module, W).to(module._base_weight().dtype).contiguous()
+
+    # before the merge-safe hooks (registered after this): unmerged when adjusting, re-merged after
+    layer.register_load_state_dict_pre_hook(before_load)
+    layer.register_load_state_dict_post_hook(after_load)
+
+
+def clear_initial_factors(layer: nn.Module) -> None:
+    """Zero lora_A0 / lora_B0 of a layer whose init has not run (a fresh, possibly to_empty'd, layer)."""
+    if hasattr(layer, "lora_A0") and not layer.initial_factors_set and not layer.lora_A0.is_meta:
+        layer.lora_A0.zero_()
+        layer.lora_B0.zero_()
+
+
+def materialise_initial_factors(layer: nn.Module) -> None:
+    """rebuild_buffers: zero buffers for lora_A0 / lora_B0 still on the meta device after loading."""
+    if hasattr(layer, "lora_A0") and layer.lora_A0.is_meta:
+        device = layer.lora_A.device
+        layer.lora_A0 = torch.zeros(layer.lora_A0.shape, device=device, dtype=layer.lora_A.dtype)
+        layer.lora_B0 = torch.zeros(layer.lora_B0.shape, device=device, dtype=layer.lora_B.dtype)
+        layer.initial_factors_set = False
+
+
+def _initial_product(layer: nn.Module) -> Optional[torch.Tensor]:
+    """s B0 A0 (out, in) in fp32, or None where no init has run."""
+    if not getattr(layer, "initial_factors_set", False) or layer.lora_A0.is_meta:
+        return None
+    return layer.scaling * (layer.lora_B0.float() @ layer.lora_A0.float())
+
+
+def original_weight(layer: nn.Module) -> torch.Tensor:
+    """W0 = W_stored + s B0 A0, (out, in), fp32."""
+    W = _oriented(layer, layer._base_weight().data.float())
+    initial = _initial_product(layer)
+    return W if initial is None else W + initial
+
+
 def _set_factors_and_residual(layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> None:
-    """lora_A = A, lora_B = B (cast to the factors' dtype); weight = W0 - s B A in fp32, cast back to W's
-    dtype, computed from the factors as stored so that the step-0 output is W0's up to rounding."""
+    """lora_A = A0 = A, lora_B = B0 = B (cast to the factors' dtype); weight = W0 - s B0 A0 in fp32, cast
+    back to W's dtype, computed from the factors as stored so that the step-0 output is W0's up to rounding."""
     weight = layer.weight
+    W0 = original_weight(layer)
     layer.lora_A.data.copy_(A.to(layer.lora_A.dtype))
     layer.lora_B.data.copy_(B.to(layer.lora_B.dtype))
-    W = _oriented(layer, weight.data.float())
-    residual = W - layer.scaling * (layer.lora_B.data.float() @ layer.lora_A.data.float())
+    residual = W0 - layer.scaling * (layer.lora_B.data.float() @ layer.lora_A.data.float())
     weight.data = _oriented(layer, residual).to(weight.dtype).contiguous()
-    layer.initial_factors = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+    layer.lora_A0 = layer.lora_A.data.clone()  # assigned, not copied: they may still be on the meta device
+    layer.lora_B0 = layer.lora_B.data.clone()
+    layer.initial_factors_set = True
 
 
 @torch.no_grad()
@@ -73,7 +146,7 @@ def pissa_init_(layer: nn.Module) -> None:
     weight = layer.weight
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"PiSSA needs a float32/float16/bfloat16 weight, got {weight.dtype}")
-    W, r = _oriented(layer, weight.data.float()), layer.r
+    W, r = original_weight(layer), layer.r
     niter = _PISSA.fullmatch(layer.init_lora_weights).group(2)
     if niter is None:
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
@@ -207,7 +280,10 @@ def loraga_init(model: nn.Module, train_step: Callable[[], None], direction: str
 def as_plain_lora(layer: nn.Module) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """(A' (2r, in), B' (out, 2r), scaling) with B' A' s = s (B A - B0 A0): the trained adapter of a
     PiSSA / LoRA-GA layer as a plain LoRA against the original weight W0 = W_res + s B0 A0."""
-    A0, B0 = layer.initial_factors
+    if not getattr(layer, "initial_factors_set", False):
+        raise ValueError(f"a {type(layer).__name__} with init_lora_weights={layer.init_lora_weights!r} whose "
+                         "initialisation has not run has no initial factors to convert against")
+    A0, B0 = layer.lora_A0, layer.lora_B0
     A = torch.cat([layer.lora_A.detach(), A0.to(layer.lora_A.dtype)], dim=0)
     B = torch.cat([layer.lora_B.detach(), -B0.to(layer.lora_B.dtype)], dim=1)
     return A, B, layer.scaling

@@ -130,6 +130,7 @@ class LoRALayer:
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        init_methods.clear_initial_factors(self)
         if getattr(self, "_weight_ready", False) and not self._base_weight().is_meta:
             self.init_from_weight()
 
@@ -271,6 +272,7 @@ class Linear(nn.Linear, LoRALayer):
             self.scaling = lora_scaling(r, lora_alpha, use_rslora)
             self.weight.requires_grad = False
             self._add_adapter_parameters()
+            init_methods.add_initial_factors(self)  # PiSSA / LoRA-GA: A0, B0 (their residual's record)
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
@@ -283,6 +285,9 @@ class Linear(nn.Linear, LoRALayer):
 
     def reset_lora_parameters(self) -> None:
         self._reset_factors()
+
+    def rebuild_buffers(self) -> None:
+        init_methods.materialise_initial_factors(self)
 
     def delta_weight(self) -> torch.Tensor:
         """B A * scaling in fp32, laid out like `weight` ((in, out) when fan_in_fan_out)."""

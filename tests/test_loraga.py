@@ -94,3 +94,25 @@ def test_errors_name_the_fault():
         lora.LoRAConfig(method="lora2", init_lora_weights="lora_ga")
     with pytest.raises(ValueError, match="loraga_train_step is given but init_lora_weights"):
         lora.inject(Tiny(), TARGETS, loraga_train_step=lambda: None)
+
+
+def test_a_loraga_adapter_loads_on_the_original_base_and_resumes(tmp_path):
+    """The adapter carries A0, B0 (lora_A0 / lora_B0): loading it into a fresh model on the ORIGINAL weights
+    puts the residual in place without estimating the gradient again; so does a PEFT export (rank 2r)."""
+    torch.manual_seed(0)
+    base = Tiny()
+    model = copy.deepcopy(base)
+    lora.inject(model, TARGETS, r=2, lora_alpha=4, init_lora_weights="lora_ga", loraga_train_step=_train_step(model),
+                merge_weights=False)
+    with torch.no_grad():
+        model.q.lora_A.add_(0.05)  # "trained"
+    x = torch.randn(4, 12)
+    lora.save_adapter(model, tmp_path / "own")
+    fresh = lora.load_adapter(copy.deepcopy(base), tmp_path / "own")
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=1e-5)
+    # loading it again (a resume) does not subtract twice
+    fresh.load_state_dict(lora.lora_state_dict(model), strict=False)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=1e-5)
+    lora.export_peft(model, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-5)
