@@ -2,6 +2,7 @@
 direction "ArB2r", scale "stable", stable_gamma 16): on the same train_step batches the initial s B A and the
 adjusted W0 to 1e-5, the output at step 0 unchanged; then LoRA-Pro trains from it."""
 import copy
+import json
 
 import pytest
 import torch
@@ -116,3 +117,55 @@ def test_a_loraga_adapter_loads_on_the_original_base_and_resumes(tmp_path):
     lora.export_peft(model, tmp_path / "peft")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-5)
+
+
+# -- lorapro/train.py --lora dora | pissa | lora-ga ---------------------------------------------------------
+from test_lorapro_train import argv, assets, train_loss  # noqa: E402,F401  (assets: a module fixture)
+
+
+@pytest.mark.parametrize("method, extra", [("dora", ()), ("pissa", ()), ("lora-ga", ("--use_rslora",)),
+                                           ("lora-pro", ("--init_lora_weights", "pissa_niter_2"))])
+def test_driver_trains_the_baseline_and_both_adapter_folders_load_on_the_original_model(assets, tmp_path, method,
+                                                                                        extra):
+    import transformers
+    from loralib.tasks.instruct import run
+
+    out = tmp_path / "run"
+    args = run.build_parser().parse_args(argv(assets, out, "--lora", method, "--lr", "2e-2", "--max_steps", "8",
+                                              "--lr_scheduler_type", "constant", *extra))
+    p = run.prepare(args)
+    before = train_loss(p)
+    run.execute(p)
+    assert train_loss(p) < 0.9 * before
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["method"] == {"lora-pro": "lorapro"}.get(method, method)
+    assert config["lora"]["use_dora"] == (method == "dora")
+    ids = torch.tensor([p.train_examples[1]["input_ids"]])
+    want = p.model.eval()(ids).logits
+    hf = transformers.LlamaForCausalLM.from_pretrained(assets["model"]).eval()
+    theirs = peft.PeftModel.from_pretrained(hf, str(out / "peft_adapter")).eval()
+    torch.testing.assert_close(theirs(ids).logits, want, rtol=0, atol=1e-4)
+    for folder in ("adapter", "peft_adapter"):
+        eval_args = run.build_parser(training=False).parse_args(
+            ["--model_name_or_path", assets["model"], "--eval_task", "gsm8k", "--eval_data_path", assets["gsm8k"],
+             "--lora_path", str(out / folder), "--output_dir", str(tmp_path / folder), "--no-bf16"])
+        got = run.prepare_evaluation(eval_args).model.eval()(ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=folder)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lora", "adalora", "--use_dora"], "--use_dora does not compose with --lora adalora"),
+    (["--lora", "lora2", "--init_lora_weights", "pissa"], "--init_lora_weights pissa does not compose with --lora lora2"),
+    (["--lora", "full", "--use_rslora"], "--use_rslora does not compose with --lora full"),
+    (["--lora", "lora", "--init_lora_weights", "olora"], "init_lora_weights='olora' is not one of"),
+])
+def test_driver_refuses_what_does_not_compose(assets, tmp_path, capsys, extra, message):
+    from loralib.tasks.instruct import run
+
+    try:
+        code = run.main(argv(assets, tmp_path / "o", *extra))
+    except SystemExit as exit:  # argparse's own refusal of a flag value
+        code = exit.code
+    assert code != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
