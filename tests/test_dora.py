@@ -275,3 +275,31 @@ def test_import_peft_reads_a_peft_dora_adapter(tmp_path):
     plain = lora.inject(copy.deepcopy(base), TARGETS, r=4, lora_alpha=8)
     with pytest.raises(lora.AdapterError, match=r"use_dora=true but the model's layer '.' is a Linear, built without DoRA"):
         lora.import_peft(plain, tmp_path / "p")
+
+
+# -- the GLUE entry points take the baselines as flags ---------------------------------------------------
+from test_run_glue import LORA2, LORAPLUS, NLU, _base, _json, files  # noqa: E402,F401  (files: a fixture)
+
+
+@pytest.mark.parametrize("entry, extra, want", [
+    (NLU, ("--apply_lora", "--use_dora"), (True, True)),
+    (LORA2, ("--apply_lora", "--init_lora_weights", "pissa"), (False, "pissa")),
+    (LORAPLUS, ("--target_modules", "query, value", "--use_original_init", "--init_lora_weights", "lora_ga",
+                "--loraga_batches", "2"),
+     (False, "lora_ga")),
+])
+def test_glue_entry_points_rerun_a_row_with_a_baseline(files, tmp_path, entry, extra, want):
+    out = tmp_path / "run"
+    argv = _base(files, "roberta", "rte", out, "--do_train", "--do_eval", "--max_steps", "2", *extra)
+    assert entry.main(argv) == 0
+    lora_cfg = _json(out / "run_config.json")["lora"]
+    assert (lora_cfg["use_dora"], lora_cfg["init_lora_weights"]) == want
+    assert 0.0 <= _json(out / "eval_results.json")["accuracy"] <= 1.0
+
+
+def test_glue_refuses_dora_with_adalora_naming_both(files, tmp_path, capsys):
+    argv = _base(files, "roberta", "rte", tmp_path / "o", "--do_train", "--apply_lora", "--lora_type", "svd",
+                 "--apply_adalora", "--target_rank", "2", "--use_dora")
+    assert LORA2.main(argv) != 0
+    assert "--use_dora / --init_lora_weights: DoRA (use_dora=True) does not compose with AdaLoRA" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
