@@ -169,3 +169,28 @@ def test_driver_refuses_what_does_not_compose(assets, tmp_path, capsys, extra, m
     assert code != 0
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_lorapro_script_runs_a_baseline_row_and_compare_matches_it(tmp_path):
+    """scripts/lorapro_gsm8k.sh --smoke lora-ga trains and evaluates (--loraga_batches passed), and `loralib
+    compare` matches the run to the registry's lorapro row of that name (53.6 on GSM8K)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHON=sys.executable, SEEDS="0", SMOKE_DIR=str(tmp_path / "smoke"),
+               OUT_DIR=str(tmp_path / "out"), PYTHONPATH=str(repo), LORAGA_BATCHES="2")
+    proc = subprocess.run(["bash", str(repo / "scripts" / "lorapro_gsm8k.sh"), "--smoke", "lora-ga"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "out" / "lora-ga" / "seed0"
+    config = json.loads((run_dir / "run_config.json").read_text())
+    assert config["method"] == "lora-ga" and config["args"]["loraga_batches"] == 2
+    assert (run_dir / "eval_results.json").is_file() and (run_dir / "peft_adapter").is_dir()
+    cmp = subprocess.run([sys.executable, "-m", "loralib.repro.compare", str(tmp_path / "out"), "--paper", "lorapro",
+                          "--out", str(tmp_path / "c.png")], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert "53.6" in cmp.stdout and "lora-ga" in cmp.stdout, (cmp.stdout, cmp.stderr[-2000:])
