@@ -35,6 +35,10 @@ def target_matches(targets: Union[str, Sequence[str]], path: str, roles: Sequenc
 
 
 _METHOD_NAMES = {"adalora": "AdaLoRA", "lora2": "LoRA²"}
+# method names that are LoRA with another layer or init (the method registry's "dora", "pissa", "lora-ga")
+VARIANT_METHODS = {"dora": {"use_dora": True}, "pissa": {"init_lora_weights": "pissa"},
+                   "lora-ga": {"init_lora_weights": "lora_ga"}}
+_DEFAULTS = {"use_dora": False, "init_lora_weights": True}
 
 
 def check_combination(method: str, use_dora: bool, init_lora_weights, init_swapped: bool = False) -> None:
@@ -59,7 +63,8 @@ class LoRAConfig:
 
     r, lora_alpha, lora_dropout, use_rslora: the low-rank update and its scaling (alpha/r or alpha/sqrt r).
     target_modules: names (dotted suffixes or roles) or one regex; see `target_matches`.
-    method: "lora" (default), or a method registered by loralib ("adalora", "lora2").
+    method: "lora" (default), or a method registered by loralib ("adalora", "lora2"); "dora", "pissa" and
+        "lora-ga" are read as method "lora" with use_dora=True / init_lora_weights "pissa" / "lora_ga".
     enable_lora: for fused projections (GPT-2's c_attn = q|k|v), which chunks get LoRA;
         None enables every chunk. The LoRA paper used (True, False, True).
     merge_weights: fold B A into W on eval() and out again on train(), as loralib 0.1.2 does.
@@ -92,7 +97,20 @@ class LoRAConfig:
             raise ValueError("LoRAConfig.target_modules is empty: name at least one projection")
         layers._check_hparams(self.r, self.lora_alpha, self.lora_dropout)
         init_methods.check_init(self.init_lora_weights)
+        if self.method in VARIANT_METHODS:  # "dora" -> method "lora" + use_dora=True, and so on
+            self._expand_variant_method()
         check_combination(self.method, self.use_dora, self.init_lora_weights, self.init_swapped)
+
+    def _expand_variant_method(self) -> None:
+        name = self.method
+        for key, value in VARIANT_METHODS[name].items():
+            current = getattr(self, key)
+            same_kind = key == "init_lora_weights" and init_methods.is_pissa(current) and init_methods.is_pissa(value)
+            if current != value and current != _DEFAULTS[key] and not same_kind:
+                raise ValueError(f"LoRAConfig(method={name!r}) sets {key}={value!r}; it was given {key}={current!r}")
+            if not same_kind:
+                setattr(self, key, value)
+        self.method = "lora"
 
     def matches(self, path: str, roles: Sequence[str] = ()) -> bool:
         return target_matches(self.target_modules, path, roles)

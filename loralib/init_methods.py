@@ -18,7 +18,8 @@ Layers made with these inits keep (A0, B0) as buffers `lora_A0`, `lora_B0` (zero
 saved with the adapter), with the invariant  W_stored = W0 - s B0 A0  (W0 the original weight). Hence:
 - loading an adapter (or checkpoint) puts its own residual in place: the weight becomes
   W_stored + s (B0_old A0_old - B0_new A0_new), unless the weight itself is loaded too; a LoRA-GA adapter
-  therefore loads on the ORIGINAL base model without its gradient being estimated again;
+  therefore loads on the ORIGINAL base model without its gradient being estimated again; a weight loaded
+  without lora_A0 / lora_B0 is taken as an original weight (B0, A0 = 0 until the init runs again);
 - re-running an init starts from W0 = W_stored + s B0 A0, not from the residual;
 - a trained adapter is a plain LoRA of rank 2 r against W0 (`as_plain_lora`, PEFT's conversion):
     delta-W = s (B A - B0 A0) = s' [B | -B0] [A ; A0]  with s' = s (alpha doubled, or * sqrt 2 for rsLoRA).
@@ -74,12 +75,16 @@ def add_initial_factors(layer: nn.Module) -> None:
         weight_loaded = prefix + "weight" in state_dict
         module._old_initial = None if weight_loaded else _initial_product(module)
         module._weight_loaded = weight_loaded
+        module._record_loaded = prefix + "lora_A0" in state_dict
 
     def after_load(module, incompatible_keys):
-        old, weight_loaded = module._old_initial, module._weight_loaded
-        module._old_initial = module._weight_loaded = None
+        old, weight_loaded, record_loaded = module._old_initial, module._weight_loaded, module._record_loaded
+        module._old_initial = module._weight_loaded = module._record_loaded = None
         if module.lora_A0.is_meta:
             return
+        if weight_loaded and not record_loaded:  # a plain (original) weight: no residual is in place
+            module.lora_A0.zero_()
+            module.lora_B0.zero_()
         module.initial_factors_set = bool(module.lora_B0.abs().sum() > 0 or module.lora_A0.abs().sum() > 0)
         if weight_loaded:
             return

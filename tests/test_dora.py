@@ -303,3 +303,33 @@ def test_glue_refuses_dora_with_adalora_naming_both(files, tmp_path, capsys):
     assert LORA2.main(argv) != 0
     assert "--use_dora / --init_lora_weights: DoRA (use_dora=True) does not compose with AdaLoRA" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", ["dora", "pissa"])
+def test_variant_method_names_on_our_deberta_and_through_inject(method):
+    """method="dora" / "pissa" is LoRA with use_dora / PiSSA init: in a model file (LoRAConfig) and inject."""
+    from test_methods_everywhere import TARGETS as ENCODER_TARGETS, _our_deberta
+    from _tiny_hf import tiny_roberta, token_batch
+
+    config = lora.LoRAConfig(r=4, lora_alpha=8, target_modules=ENCODER_TARGETS, method=method)
+    assert config.method == "lora" and (config.use_dora, config.init_lora_weights) == (
+        (True, True) if method == "dora" else (False, "pissa"))
+    plain = _our_deberta(None).eval()
+    adapted = _our_deberta(config)
+    adapted.load_state_dict(plain.state_dict(), strict=False)
+    for _, layer in lora.lora_layers(adapted):  # the weights came after construction: initialise from them
+        if layer.has_lora:
+            layer.reset_lora_parameters()
+    layers = [m for _, m in lora.lora_layers(adapted) if m.has_lora]
+    assert len(layers) == 12 and all(isinstance(m, lora.DoRALinear) == (method == "dora") for m in layers)
+    ids, mask = token_batch(vocab=64)
+    adapted.eval()
+    torch.testing.assert_close(adapted(input_ids=ids, attention_mask=mask).logits,
+                               plain(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-5)
+    base = tiny_roberta()
+    ids, mask = token_batch()
+    model = lora.inject(copy.deepcopy(base), ["query", "value"], r=4, lora_alpha=8, method=method)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                               base(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"method='pissa'\) sets init_lora_weights='pissa'; it was given"):
+        lora.LoRAConfig(method="pissa", init_lora_weights="lora_ga")
