@@ -30,7 +30,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loralib as lora  # noqa: E402
-from bench_layers import _status_kib, interleaved_times  # noqa: E402
+from bench_layers import _status_kib, interleaved_times, saved_bytes  # noqa: E402
 
 SHAPES = {  # (d, [(name, in, out), ...] in the order the block applies them, activation)
     "gpt2": (768, [("c_attn", 768, 2304), ("attn_proj", 768, 768), ("c_fc", 768, 3072), ("mlp_proj", 3072, 768)],
@@ -81,20 +81,6 @@ def make_step(model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
-
-
-def saved_bytes(model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> int:
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-    out.backward(grad_out)
-    model.zero_grad(set_to_none=True)
-    return sum(storages.values())
 
 
 def child_peak_rss(shape: str, kind: str, blocks: int, batch: int, seq: int) -> None:
