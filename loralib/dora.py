@@ -31,6 +31,10 @@ class DoRAMixin:
     def _add_adapter_parameters(self) -> None:
         self.lora_magnitude_vector = nn.Parameter(self.weight.new_ones(self.out_features))
 
+    @property
+    def dropout_inactive(self) -> bool:
+        return isinstance(self.lora_dropout, nn.Identity) or not self.training
+
     @torch.no_grad()
     def init_from_weight(self) -> None:
         super().init_from_weight()  # PiSSA first: m is the norm of the weight it leaves plus s B0 A0
@@ -87,7 +91,7 @@ class DoRAMixin:
         if not self.has_lora or self.merged:
             return F.linear(x, weight, self.bias)
         f = self.dora_scale()
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+        if self.dropout_inactive:
             out = self._dora_path(x)
             out = out * f.to(out.dtype)
         else:
@@ -117,3 +121,21 @@ class DoRAMergedLinear(DoRAMixin, layers.MergedLinear):
         x_lora = x.to(self.lora_A.dtype)
         return _FusedChunkLoRA.apply(x, x_lora, self.weight, None, self.lora_A, self._scaled_blocks(),
                                      self.column_runs, self.fan_in_fan_out)
+
+
+class DoRAEmbedding(DoRAMixin, layers.Embedding):
+    """loralib.Embedding with DoRA, as PEFT's: the magnitude has one entry per embedding coordinate,
+    (embedding_dim,), and the norm runs over the vocabulary: f = m / ||W + s (B A)^T||_col, and
+    y = f * (W[x] + s A^T[x] B^T). Shapes: weight (num, dim), lora_A (r, num), lora_B (dim, r)."""
+
+    fan_in_fan_out = True  # W (num, dim) read transposed: rows = embedding coordinates, as PEFT reads it
+
+    def _add_adapter_parameters(self) -> None:
+        self.lora_magnitude_vector = nn.Parameter(self.weight.new_ones(self.embedding_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.has_lora or self.merged:
+            return nn.Embedding.forward(self, x)
+        f = self.dora_scale()
+        out = layers.Embedding.forward(self, x)
+        return out * f.to(out.dtype)

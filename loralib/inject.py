@@ -69,13 +69,16 @@ def _lora_layer_for(module: nn.Module, path: str, config: LoRAConfig) -> nn.Modu
     if config.method != "lora":
         raise ValueError(f"module {path!r} is a {type(module).__name__}; method {config.method!r} "
                          "adapts linear projections only")
-    if config.use_dora or config.init_lora_weights is not True:
+    if config.init_lora_weights is not True or (config.use_dora and not isinstance(module, nn.Embedding)):
         what = "DoRA (use_dora=True)" if config.use_dora else f"init_lora_weights={config.init_lora_weights!r}"
         raise ValueError(f"module {path!r} is a {type(module).__name__}; {what} is implemented for linear "
-                         "projections (nn.Linear, transformers' Conv1D) only")
+                         "projections (nn.Linear, transformers' Conv1D)" + (" and embeddings" if config.use_dora
+                                                                             else "") + " only")
     if isinstance(module, nn.Embedding):
+        from .dora import DoRAEmbedding
+
         with torch.device("meta"):
-            layer = layers.Embedding(module.num_embeddings, module.embedding_dim, r=config.r,
+            layer = (DoRAEmbedding if config.use_dora else layers.Embedding)(module.num_embeddings, module.embedding_dim, r=config.r,
                                      lora_alpha=config.lora_alpha, merge_weights=config.merge_weights,
                                      use_rslora=config.use_rslora, padding_idx=module.padding_idx,
                                      max_norm=module.max_norm, norm_type=module.norm_type,

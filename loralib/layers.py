@@ -213,6 +213,7 @@ class Embedding(nn.Embedding, LoRALayer):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: int = 1,
                  merge_weights: bool = True, use_rslora: bool = False, **kwargs):
+        self.init_lora_weights = True  # the embedding's own init (A zero, B normal), as 0.1.2 and PEFT
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0.0,
                            merge_weights=merge_weights, use_rslora=use_rslora)
@@ -221,8 +222,10 @@ class Embedding(nn.Embedding, LoRALayer):
             self.lora_B = nn.Parameter(self.weight.new_zeros((embedding_dim, r)))
             self.scaling = lora_scaling(r, lora_alpha, use_rslora)
             self.weight.requires_grad = False
+            self._add_adapter_parameters()
         self.reset_parameters()
         self._register_merge_safe_state_hooks()
+        self._finish_build()
 
     def reset_parameters(self) -> None:
         nn.Embedding.reset_parameters(self)
@@ -232,6 +235,8 @@ class Embedding(nn.Embedding, LoRALayer):
         if hasattr(self, "lora_A"):
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
+            if getattr(self, "_weight_ready", False) and not self.weight.is_meta:
+                self.init_from_weight()
 
     def delta_weight(self) -> torch.Tensor:
         """(num_embeddings, embedding_dim), in fp32 (fp64 for fp64 factors)."""

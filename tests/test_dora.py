@@ -230,9 +230,9 @@ def test_dora_with_a_rank_adaptive_method_is_refused_naming_both(method):
         lora.LoRAConfig(method=method, use_dora=True)
 
 
-def test_dora_on_an_embedding_is_refused_with_the_module_named():
-    model = nn.Sequential(nn.Embedding(10, 4))
-    with pytest.raises(ValueError, match=r"'0'.*Embedding.*DoRA"):
+def test_dora_on_a_convolution_is_refused_with_the_module_named():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match=r"'0' is a Conv2d; DoRA \(use_dora=True\) is implemented for linear"):
         lora.inject(model, ["0"], use_dora=True)
 
 
@@ -333,3 +333,60 @@ def test_variant_method_names_on_our_deberta_and_through_inject(method):
                                base(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"method='pissa'\) sets init_lora_weights='pissa'; it was given"):
         lora.LoRAConfig(method="pissa", init_lora_weights="lora_ga")
+
+
+class WithEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6, padding_idx=0)
+        self.q = nn.Linear(6, 5)
+
+    def forward(self, ids):
+        return self.q(self.emb(ids))
+
+
+def test_dora_on_an_embedding_equals_peft_forward_gradients_merge_and_files(tmp_path):
+    torch.manual_seed(0)
+    base = WithEmbedding()
+    targets = ["emb", "q"]
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=6, target_modules=targets,
+                                                                      use_dora=True))
+    ours = lora.inject(copy.deepcopy(base), targets, r=3, lora_alpha=6, use_dora=True, merge_weights=False)
+    assert isinstance(ours.emb, lora.DoRAEmbedding)
+    emb_peft = theirs.base_model.model.emb
+    torch.testing.assert_close(ours.emb.lora_magnitude_vector, emb_peft.lora_magnitude_vector["default"].weight,
+                               rtol=0, atol=1e-6)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer, ref_name in ((ours.emb, "emb"), (ours.q, "q")):
+            ref = theirs.base_model.model.get_submodule(ref_name)
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.3)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+            layer.lora_magnitude_vector.mul_(1 + 0.2 * torch.rand(layer.lora_magnitude_vector.shape, generator=g))
+            if ref_name == "emb":
+                ref.lora_embedding_A["default"].copy_(layer.lora_A)
+                ref.lora_embedding_B["default"].copy_(layer.lora_B)
+            else:
+                ref.lora_A["default"].weight.copy_(layer.lora_A)
+                ref.lora_B["default"].weight.copy_(layer.lora_B)
+            ref.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude_vector)
+    ids = torch.randint(0, 20, (3, 7))
+    y_ours, y_peft = ours(ids), theirs(ids)
+    torch.testing.assert_close(y_ours, y_peft, rtol=0, atol=1e-6)
+    w = torch.randn_like(y_ours)
+    (y_ours * w).sum().backward(), (y_peft * w).sum().backward()
+    for mine, ref in ((ours.emb.lora_A, emb_peft.lora_embedding_A["default"]),
+                      (ours.emb.lora_B, emb_peft.lora_embedding_B["default"]),
+                      (ours.emb.lora_magnitude_vector, emb_peft.lora_magnitude_vector["default"].weight)):
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=0, atol=1e-6)
+    before = ours.emb.weight.detach().clone()
+    ours.emb.merge()
+    torch.testing.assert_close(ours(ids), y_peft, rtol=0, atol=1e-6)
+    ours.emb.unmerge()
+    assert torch.equal(ours.emb.weight, before)
+    lora.export_peft(ours, tmp_path / "e")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "e")
+    torch.testing.assert_close(loaded(ids), y_peft, rtol=0, atol=1e-6)
+    theirs.save_pretrained(tmp_path / "p")
+    back = lora.import_peft(copy.deepcopy(base), tmp_path / "p")
+    torch.testing.assert_close(back(ids), y_peft, rtol=0, atol=1e-6)
