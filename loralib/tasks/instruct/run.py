@@ -789,7 +789,7 @@ def prepare_evaluation(args: argparse.Namespace) -> Prepared:
             targets = raw.get("target_modules") or ()
             lora = LoRAConfig(r=int(raw["r"]), lora_alpha=float(raw["lora_alpha"]),
                               target_modules=targets if isinstance(targets, str) else tuple(targets),
-                              use_rslora=bool(raw.get("use_rslora", False)))
+                              use_rslora=bool(raw.get("use_rslora", False)), use_dora=bool(raw.get("use_dora")))
         else:
             meta = read_adapter_config(folder)
             lora = LoRAConfig.from_dict(meta["lora"]) if meta.get("lora") else None
