@@ -194,3 +194,25 @@ def test_lorapro_script_runs_a_baseline_row_and_compare_matches_it(tmp_path):
                           "--out", str(tmp_path / "c.png")], cwd=repo, env=env, capture_output=True, text=True,
                          timeout=300)
     assert "53.6" in cmp.stdout and "lora-ga" in cmp.stdout, (cmp.stdout, cmp.stderr[-2000:])
+
+
+def test_peft_converted_loraga_adapter_imports_on_the_original_base(tmp_path):
+    torch.manual_seed(0)
+    base = Tiny()
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, init_lora_weights="lora_ga",
+                             lora_ga_config=peft.LoraGAConfig())
+    residual_base = copy.deepcopy(base)
+    peft.preprocess_loraga(residual_base, config, _train_step(residual_base))
+    theirs = peft.get_peft_model(residual_base, config)
+    theirs.peft_config["default"].init_lora_weights = True  # PEFT's recipe for the initial copy
+    theirs.save_pretrained(tmp_path / "init")
+    theirs.peft_config["default"].init_lora_weights = "lora_ga"
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    theirs.save_pretrained(tmp_path / "conv", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    x = torch.randn(4, 12)
+    ours = lora.import_peft(copy.deepcopy(base), tmp_path / "conv")  # the ORIGINAL weights
+    assert ours.q.r == 4
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-5)
