@@ -27,7 +27,7 @@ saved with the adapter), with the invariant  W_stored = W0 - s B0 A0  (W0 the or
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -206,14 +206,15 @@ def loraga_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
             yield path, module
 
 
-def estimate_gradients(model: nn.Module, train_step: Callable[[], None]) -> Dict[str, torch.Tensor]:
+def estimate_gradients(model: nn.Module, train_step: Callable[[], None],
+                       only: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
     """The mean gradient of each LoRA-GA layer's frozen weight over `train_step`'s backward passes.
 
     Only those weights require grad meanwhile (every other parameter is frozen and restored after), so
     autograd keeps one gradient per target weight, in the weight's dtype, as PEFT's preprocess_loraga
     does. A backward pass is counted when the layer's output receives a gradient, so gradient
     checkpointing's recomputation counts once. The LoRA path adds nothing here (B = 0 before init)."""
-    targets = list(loraga_layers(model))
+    targets = [(path, layer) for path, layer in loraga_layers(model) if only is None or path in only]
     if not targets:
         raise ValueError("loraga_init: no layer of the model was built with init_lora_weights='lora_ga'")
     was_training = model.training
@@ -256,29 +257,37 @@ def estimate_gradients(model: nn.Module, train_step: Callable[[], None]) -> Dict
 
 @torch.no_grad()
 def loraga_init(model: nn.Module, train_step: Callable[[], None], direction: str = "ArB2r",
-                scale: str = "stable", stable_gamma: float = 16) -> nn.Module:
+                scale: str = "stable", stable_gamma: float = 16, one_matrix_at_a_time: bool = False) -> nn.Module:
     """LoRA-GA: set A0, B0 of every init_lora_weights="lora_ga" layer from the gradient `train_step`
     produces (PEFT's preprocess_loraga + lora_ga_init), and W0 to the residual W0 - s B0 A0.
 
     train_step: a callable that runs forward and backward on N batches (loss.backward(), no optimizer
-    step). Peak memory: the model's training activations plus one gradient per LoRA-GA weight in the
-    weight's dtype (all are needed until train_step returns); each gradient is freed right after its
-    layer's SVD (torch.svd_lowrank: O((out + in) 4 r) more)."""
+    step); it must see the same batches each time it is called. Peak memory: the model's training
+    activations plus one gradient per LoRA-GA weight in the weight's dtype, all held until train_step
+    returns (as PEFT), each freed right after its layer's SVD (torch.svd_lowrank: O((out + in) 4 r) more).
+    one_matrix_at_a_time: call train_step once per layer, with only that weight's gradient alive: the
+    peak drops to the activations plus the largest single gradient, for L times the compute (same result)."""
     if direction not in LORAGA_DIRECTIONS:
         raise ValueError(f"LoRA-GA direction={direction!r} is not one of {LORAGA_DIRECTIONS}")
     if scale not in LORAGA_SCALES:
         raise ValueError(f"LoRA-GA scale={scale!r} is not one of {LORAGA_SCALES}")
-    grads = estimate_gradients(model, train_step)
+    paths = [path for path, _ in loraga_layers(model)]
+    if not paths:
+        raise ValueError("loraga_init: no layer of the model was built with init_lora_weights='lora_ga'")
+    # one matrix at a time: a layer already set computes W_res + s B0 A0 = W0, so the later layers' gradients
+    # are those of the original model (up to rounding)
     modules = dict(model.named_modules())
-    for path in list(grads):
-        layer = modules[path]
-        grad = _oriented(layer, grads.pop(path))
-        A, B = loraga_factors(grad, _oriented(layer, layer.weight.data), layer.r, layer.scaling, direction,
-                              scale, stable_gamma, stable_rows=layer.weight.shape[0])
-        dtype = layer.weight.dtype  # PEFT rounds the factors to the weight's dtype before the residual
-        _set_factors_and_residual(layer, A.to(dtype), B.to(dtype))
-        if hasattr(layer, "reset_magnitude"):  # DoRA: m = ||W_res + s B0 A0|| (= ||W0|| up to rounding)
-            layer.reset_magnitude()
+    for group in ([[path] for path in paths] if one_matrix_at_a_time else [paths]):
+        grads = estimate_gradients(model, train_step, only=group)
+        for path in group:
+            layer = modules[path]
+            grad = _oriented(layer, grads.pop(path))
+            A, B = loraga_factors(grad, _oriented(layer, layer.weight.data), layer.r, layer.scaling, direction,
+                                  scale, stable_gamma, stable_rows=layer.weight.shape[0])
+            dtype = layer.weight.dtype  # PEFT rounds the factors to the weight's dtype before the residual
+            _set_factors_and_residual(layer, A.to(dtype), B.to(dtype))
+            if hasattr(layer, "reset_magnitude"):  # DoRA: m = ||W_res + s B0 A0|| (= ||W0|| up to rounding)
+                layer.reset_magnitude()
     return model
 
 

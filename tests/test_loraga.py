@@ -216,3 +216,24 @@ def test_peft_converted_loraga_adapter_imports_on_the_original_base(tmp_path):
     ours = lora.import_peft(copy.deepcopy(base), tmp_path / "conv")  # the ORIGINAL weights
     assert ours.q.r == 4
     torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-5)
+
+
+def test_one_matrix_at_a_time_gives_the_same_init_with_one_gradient_alive(monkeypatch):
+    seeded_svd_lowrank(monkeypatch)
+    torch.manual_seed(0)
+    base = Tiny()
+    together = lora.inject(copy.deepcopy(base), TARGETS, r=2, lora_alpha=4, init_lora_weights="lora_ga")
+    lora.loraga_init(together, _train_step(together))
+    apart = lora.inject(copy.deepcopy(base), TARGETS, r=2, lora_alpha=4, init_lora_weights="lora_ga")
+    alive = []
+
+    def step():
+        alive.append(sum(p.requires_grad for p in apart.parameters()))
+        _train_step(apart)()
+
+    lora.loraga_init(apart, step, one_matrix_at_a_time=True)
+    assert alive == [1, 1, 1]  # one train_step per layer, one weight with a gradient in each
+    for name in TARGETS:
+        a, b = getattr(together, name), getattr(apart, name)
+        torch.testing.assert_close(b.lora_B @ b.lora_A, a.lora_B @ a.lora_A, rtol=0, atol=1e-5)
+        torch.testing.assert_close(b.weight, a.weight, rtol=0, atol=1e-5)
