@@ -297,6 +297,12 @@ def test_glue_entry_points_rerun_a_row_with_a_baseline(files, tmp_path, entry, e
     assert 0.0 <= _json(out / "eval_results.json")["accuracy"] <= 1.0
 
 
+def test_glue_refuses_dora_with_lorapro_naming_both(files, tmp_path, capsys):
+    argv = _base(files, "roberta", "rte", tmp_path / "o", "--do_train", "--apply_lora", "--apply_lorapro", "--use_dora")
+    assert NLU.main(argv) != 0
+    assert "DoRA (--use_dora) does not compose with LoRA-Pro (--apply_lorapro)" in capsys.readouterr().err
+
+
 def test_glue_refuses_dora_with_adalora_naming_both(files, tmp_path, capsys):
     argv = _base(files, "roberta", "rte", tmp_path / "o", "--do_train", "--apply_lora", "--lora_type", "svd",
                  "--apply_adalora", "--target_rank", "2", "--use_dora")

@@ -157,6 +157,7 @@ def test_driver_trains_the_baseline_and_both_adapter_folders_load_on_the_origina
     (["--lora", "adalora", "--use_dora"], "--use_dora does not compose with --lora adalora"),
     (["--lora", "lora2", "--init_lora_weights", "pissa"], "--init_lora_weights pissa does not compose with --lora lora2"),
     (["--lora", "full", "--use_rslora"], "--use_rslora does not compose with --lora full"),
+    (["--lora", "rslora-pro", "--use_dora"], "DoRA (--use_dora) does not compose with LoRA-Pro (--lora rslora-pro)"),
     (["--lora", "lora", "--init_lora_weights", "olora"], "init_lora_weights='olora' is not one of"),
 ])
 def test_driver_refuses_what_does_not_compose(assets, tmp_path, capsys, extra, message):

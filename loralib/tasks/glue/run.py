@@ -328,6 +328,9 @@ def with_baseline_flags(args: argparse.Namespace, method: Method) -> Method:
         return method
     if method.lora is None:
         raise ValueError("--use_dora / --init_lora_weights configure LoRA, which is off: add --apply_lora")
+    if args.use_dora and method.lorapro_mode is not None:
+        raise ValueError("DoRA (--use_dora) does not compose with LoRA-Pro (--apply_lorapro): LoRA-Pro's equivalent "
+                         "gradient is that of W0 + s B A, which DoRA rescales")
     changes = {"use_dora": True} if args.use_dora else {}
     if args.init_lora_weights is not None:
         changes["init_lora_weights"] = args.init_lora_weights

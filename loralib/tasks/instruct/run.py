@@ -283,6 +283,9 @@ def resolve_method(args, model_type: str) -> Method:
         return Method(name, lora, target_rank=target, reg_orth_coef=args.reg_orth_coef)
     use_dora, init = VARIANTS.get(name, (False, True))
     use_dora = use_dora or args.use_dora
+    if use_dora and pro:
+        raise ValueError(f"DoRA (--use_dora) does not compose with LoRA-Pro (--lora {name}): LoRA-Pro's equivalent "
+                         "gradient is that of W0 + s B A, which DoRA rescales")
     init = init if args.init_lora_weights is None else args.init_lora_weights
     try:
         lora = LoRAConfig(r=args.lora_r, use_rslora=name.startswith("rslora") or args.use_rslora,
