@@ -262,8 +262,8 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
         "target_modules": sorted(factors), "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern, "use_rslora": use_rslora, "fan_in_fan_out": fan_in_fan_out,
         "bias": "none", "modules_to_save": modules_to_save,
-        "init_lora_weights": True if convert else init, "inference_mode": True, "use_dora": use_dora, "layers_to_transform": None, "layers_pattern": None,
-        "revision": None,
+        "init_lora_weights": True if convert else init, "inference_mode": True, "use_dora": use_dora,
+        "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }
     _atomic_write_tensors(tensors, directory / PEFT_WEIGHTS)
     _atomic_write_json(config, directory / ADAPTER_CONFIG)
@@ -341,7 +341,7 @@ def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = Tru
         if use_dora != hasattr(layer, "lora_magnitude_vector"):
             raise AdapterError(f"{config_path}: use_dora={str(use_dora).lower()} but the model's layer {path!r} "
                                f"is a {type(layer).__name__}, built {'without' if use_dora else 'with'} DoRA")
-        tensors_of_layer = (("lora_A", A), ("lora_B", B)) + ((("lora_magnitude_vector", pair["m"]),) if use_dora else ())
+        tensors_of_layer = [("lora_A", A), ("lora_B", B)] + ([("lora_magnitude_vector", pair["m"])] if use_dora else [])
         for name, value in tensors_of_layer:
             target = getattr(layer, name)
             if tuple(target.shape) != tuple(value.shape):
