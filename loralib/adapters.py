@@ -157,16 +157,22 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
 
 
 # -- PEFT ------------------------------------------------------------------------------------------
+def _whole_projection(layer: "layers.MergedLinear", A: torch.Tensor, B: torch.Tensor):
+    """A MergedLinear's chunked factors, A (n k, in) and B (n out_g, k), as one LoRA of rank n k on the whole
+    projection: A as is, B (out, n k) block-structured with zeros for the disabled chunks."""
+    n, chunk = layer.n_enabled, layer.chunk_size
+    k = A.shape[0] // n
+    whole_B = B.new_zeros((layer.out_features, n * k))
+    for i, g in enumerate(g for g, on in enumerate(layer.enable_lora) if on):
+        whole_B[g * chunk:(g + 1) * chunk, i * k:(i + 1) * k] = B[i * chunk:(i + 1) * chunk]
+    return A, whole_B
+
+
 def _peft_factors(layer: nn.Module):
     """(A (r, in), B (out, r), scaling) of a layer as a PEFT LoRA on the whole projection, with
     delta-W = B A * scaling exactly; r may be 0 (an AdaLoRA layer whose triplets were all pruned)."""
     if isinstance(layer, layers.MergedLinear):
-        A_chunks, B_chunks = layer._chunked_factors()  # (n, r, in), (n, out_g, r)
-        n, r = layer.n_enabled, layer.r
-        A = A_chunks.reshape(n * r, -1)
-        B = layer.lora_B.new_zeros((layer.out_features, n * r))
-        for i, g in enumerate(g for g, on in enumerate(layer.enable_lora) if on):
-            B[g * layer.chunk_size:(g + 1) * layer.chunk_size, i * r:(i + 1) * r] = B_chunks[i]
+        A, B = _whole_projection(layer, layer.lora_A, layer.lora_B)
         return A, B, layer.scaling
     if isinstance(layer, (layers.Linear, layers.Embedding)):
         return layer.lora_A, layer.lora_B, layer.scaling
@@ -218,6 +224,8 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
                 raise AdapterError(f"export_peft: {path!r} was made with init_lora_weights={init!r} but its "
                                    "initialisation has not run (LoRA-GA: loraga_init): nothing to convert")
             A, B, scaling = init_methods.as_plain_lora(layer)
+            if isinstance(layer, layers.MergedLinear):
+                A, B = _whole_projection(layer, A, B)
         else:
             A, B, scaling = _peft_factors(layer)
         if A.shape[0] > 0:

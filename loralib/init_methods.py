@@ -117,11 +117,32 @@ def materialise_initial_factors(layer: nn.Module) -> None:
         layer.initial_factors_set = False
 
 
+def _chunks(layer: nn.Module):
+    """(output rows of W (out, in), rows of lora_A, rows of lora_B) of each low-rank block: the whole layer for
+    a Linear, each enabled chunk (q, v of GPT-2's c_attn) for a MergedLinear, which is initialised chunk by
+    chunk as if each were its own projection."""
+    if not hasattr(layer, "enable_lora"):
+        return [(slice(None), slice(None), slice(None))]
+    r, size = layer.r, layer.chunk_size
+    enabled = [g for g, on in enumerate(layer.enable_lora) if on]
+    return [(slice(g * size, (g + 1) * size), slice(i * r, (i + 1) * r), slice(i * size, (i + 1) * size))
+            for i, g in enumerate(enabled)]
+
+
+def _product(layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """s B A laid out (out, in), fp32, for factors shaped like the layer's lora_A, lora_B."""
+    out_features = layer.weight.shape[1] if layer.fan_in_fan_out else layer.weight.shape[0]
+    P = A.new_zeros((out_features, A.shape[1]), dtype=torch.float32)
+    for rows, a_rows, b_rows in _chunks(layer):
+        P[rows] = layer.scaling * (B[b_rows].float() @ A[a_rows].float())
+    return P
+
+
 def _initial_product(layer: nn.Module) -> Optional[torch.Tensor]:
     """s B0 A0 (out, in) in fp32, or None where no init has run."""
     if not getattr(layer, "initial_factors_set", False) or layer.lora_A0.is_meta:
         return None
-    return layer.scaling * (layer.lora_B0.float() @ layer.lora_A0.float())
+    return _product(layer, layer.lora_A0, layer.lora_B0)
 
 
 def original_weight(layer: nn.Module) -> torch.Tensor:
@@ -138,7 +159,7 @@ def _set_factors_and_residual(layer: nn.Module, A: torch.Tensor, B: torch.Tensor
     W0 = original_weight(layer)
     layer.lora_A.data.copy_(A.to(layer.lora_A.dtype))
     layer.lora_B.data.copy_(B.to(layer.lora_B.dtype))
-    residual = W0 - layer.scaling * (layer.lora_B.data.float() @ layer.lora_A.data.float())
+    residual = W0 - _product(layer, layer.lora_A.data, layer.lora_B.data)
     weight.data = _oriented(layer, residual).to(weight.dtype).contiguous()
     layer.lora_A0 = layer.lora_A.data.clone()  # assigned, not copied: they may still be on the meta device
     layer.lora_B0 = layer.lora_B.data.clone()
@@ -147,20 +168,25 @@ def _set_factors_and_residual(layer: nn.Module, A: torch.Tensor, B: torch.Tensor
 
 @torch.no_grad()
 def pissa_init_(layer: nn.Module) -> None:
-    """PiSSA on one loralib Linear (see the module docstring); the weight becomes the residual."""
+    """PiSSA on one loralib Linear, or on each enabled chunk of a MergedLinear (see the module docstring);
+    the weight becomes the residual."""
     weight = layer.weight
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"PiSSA needs a float32/float16/bfloat16 weight, got {weight.dtype}")
-    W, r = original_weight(layer), layer.r
+    W0, r = original_weight(layer), layer.r
     niter = _PISSA.fullmatch(layer.init_lora_weights).group(2)
-    if niter is None:
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        U, S, Vh = U[:, :r], S[:r], Vh[:r]
-    else:
-        U, S, V = torch.svd_lowrank(W, r, niter=int(niter))
-        Vh = V.t()
-    root = torch.sqrt(S / layer.scaling)
-    _set_factors_and_residual(layer, root[:, None] * Vh, U * root[None, :])
+    A = torch.empty_like(layer.lora_A.data, dtype=torch.float32)
+    B = torch.empty_like(layer.lora_B.data, dtype=torch.float32)
+    for rows, a_rows, b_rows in _chunks(layer):
+        if niter is None:
+            U, S, Vh = torch.linalg.svd(W0[rows], full_matrices=False)
+            U, S, Vh = U[:, :r], S[:r], Vh[:r]
+        else:
+            U, S, V = torch.svd_lowrank(W0[rows], r, niter=int(niter))
+            Vh = V.t()
+        root = torch.sqrt(S / layer.scaling)
+        A[a_rows], B[b_rows] = root[:, None] * Vh, U * root[None, :]
+    _set_factors_and_residual(layer, A, B)
 
 
 def loraga_factors(grad: torch.Tensor, weight: torch.Tensor, r: int, scaling: float, direction: str = "ArB2r",
@@ -281,11 +307,16 @@ def loraga_init(model: nn.Module, train_step: Callable[[], None], direction: str
         grads = estimate_gradients(model, train_step, only=group)
         for path in group:
             layer = modules[path]
-            grad = _oriented(layer, grads.pop(path))
-            A, B = loraga_factors(grad, _oriented(layer, layer.weight.data), layer.r, layer.scaling, direction,
-                                  scale, stable_gamma, stable_rows=layer.weight.shape[0])
+            grad, W = _oriented(layer, grads.pop(path)), _oriented(layer, layer.weight.data)
+            A, B = torch.empty_like(layer.lora_A.data), torch.empty_like(layer.lora_B.data)
             dtype = layer.weight.dtype  # PEFT rounds the factors to the weight's dtype before the residual
-            _set_factors_and_residual(layer, A.to(dtype), B.to(dtype))
+            for rows, a_rows, b_rows in _chunks(layer):
+                # PEFT's "out" of the stable scale: the stored weight's first dimension (in, for fan_in_fan_out)
+                stored_rows = W.shape[1] if layer.fan_in_fan_out else W[rows].shape[0]
+                A_c, B_c = loraga_factors(grad[rows], W[rows], layer.r, layer.scaling, direction, scale, stable_gamma,
+                                          stable_rows=stored_rows)
+                A[a_rows], B[b_rows] = A_c.to(dtype), B_c.to(dtype)
+            _set_factors_and_residual(layer, A, B)
             if hasattr(layer, "reset_magnitude"):  # DoRA: m = ||W_res + s B0 A0|| (= ||W0|| up to rounding)
                 layer.reset_magnitude()
     return model
@@ -293,11 +324,15 @@ def loraga_init(model: nn.Module, train_step: Callable[[], None], direction: str
 
 def as_plain_lora(layer: nn.Module) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """(A' (2r, in), B' (out, 2r), scaling) with B' A' s = s (B A - B0 A0): the trained adapter of a
-    PiSSA / LoRA-GA layer as a plain LoRA against the original weight W0 = W_res + s B0 A0."""
+    PiSSA / LoRA-GA layer as a plain LoRA against the original weight W0 = W_res + s B0 A0. For a
+    MergedLinear, per enabled chunk i: A'_i = [A_i; A0_i], B'_i = [B_i, -B0_i], laid out as its own factors
+    (A' (n 2r, in), B' (n out_g, 2r))."""
     if not getattr(layer, "initial_factors_set", False):
         raise ValueError(f"a {type(layer).__name__} with init_lora_weights={layer.init_lora_weights!r} whose "
                          "initialisation has not run has no initial factors to convert against")
-    A0, B0 = layer.lora_A0, layer.lora_B0
-    A = torch.cat([layer.lora_A.detach(), A0.to(layer.lora_A.dtype)], dim=0)
-    B = torch.cat([layer.lora_B.detach(), -B0.to(layer.lora_B.dtype)], dim=1)
-    return A, B, layer.scaling
+    A, A0 = layer.lora_A.detach(), layer.lora_A0.to(layer.lora_A.dtype)
+    B, B0 = layer.lora_B.detach(), layer.lora_B0.to(layer.lora_B.dtype)
+    chunks = _chunks(layer)
+    A2 = torch.cat([torch.cat([A[a], A0[a]], dim=0) for _, a, _ in chunks], dim=0)
+    B2 = torch.cat([torch.cat([B[b], -B0[b]], dim=1) for _, _, b in chunks], dim=0)
+    return A2, B2, layer.scaling

@@ -14,7 +14,7 @@ merge-on-eval behaviour. Differences, each a fix of the released code:
   loading a state dict into a merged layer re-merges with the loaded factors. A model saved after
   `eval()` therefore never gets B A added twice. `loralib.merged_state_dict` gives folded weights.
 - `use_rslora=True` scales by lora_alpha / sqrt(r) (rank-stabilised LoRA) instead of lora_alpha / r.
-- `init_lora_weights` (Linear): True (kaiming A, zero B), "gaussian" (A ~ N(0, 1/r^2), zero B), "pissa" /
+- `init_lora_weights` (Linear, MergedLinear chunk by chunk): True (kaiming A, zero B), "gaussian" (A ~ N(0, 1/r^2), zero B), "pissa" /
   "pissa_niter_<N>" (factors from the weight's top-r singular triplets, residual kept as the weight, see
   loralib.init_methods) or "lora_ga" (set later by loralib.init_methods.loraga_init), as PEFT names them.
   Weight-dependent initialisation runs in `init_from_weight()`, once the layer holds its real weight.
@@ -328,10 +328,7 @@ class MergedLinear(nn.Linear, LoRALayer):
                  lora_dropout: float = 0.0, enable_lora: List[bool] = [False],
                  fan_in_fan_out: bool = False, merge_weights: bool = True, use_rslora: bool = False,
                  init_lora_weights=True, **kwargs):
-        self.init_lora_weights = init_methods.check_init(init_lora_weights)
-        if init_methods.is_pissa(self.init_lora_weights) or self.init_lora_weights == "lora_ga":
-            raise ValueError(f"init_lora_weights={init_lora_weights!r} needs one weight matrix per adapter; "
-                             "a fused projection (MergedLinear, e.g. GPT-2's c_attn) has several chunks")
+        self.init_lora_weights = init_methods.check_init(init_lora_weights)  # PiSSA / LoRA-GA: chunk by chunk
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights, use_rslora=use_rslora)
@@ -353,6 +350,7 @@ class MergedLinear(nn.Linear, LoRALayer):
             # Not persistent: 0.1.2's state dict has no such key, and it is derived from enable_lora.
             self.register_buffer("lora_columns", self._enabled_columns(), persistent=False)
             self._add_adapter_parameters()
+            init_methods.add_initial_factors(self)
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
@@ -375,6 +373,7 @@ class MergedLinear(nn.Linear, LoRALayer):
     def rebuild_buffers(self) -> None:
         if self.has_lora:
             self.lora_columns = self._enabled_columns()
+        init_methods.materialise_initial_factors(self)
 
     def _chunked_factors(self):
         """A as (n, r, in) and B as (n, out_g, r)."""

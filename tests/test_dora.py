@@ -287,10 +287,14 @@ from test_run_glue import LORA2, LORAPLUS, NLU, _base, _json, files  # noqa: E40
     (LORAPLUS, ("--target_modules", "query, value", "--use_original_init", "--init_lora_weights", "lora_ga",
                 "--loraga_batches", "2"),
      (False, "lora_ga")),
+    # GPT-2's fused c_attn: PiSSA chunk by chunk
+    (LORAPLUS, ("--target_modules", "c_attn, c_proj, c_fc", "--use_original_init", "--init_lora_weights",
+                "pissa_niter_2"), (False, "pissa_niter_2")),
 ])
 def test_glue_entry_points_rerun_a_row_with_a_baseline(files, tmp_path, entry, extra, want):
     out = tmp_path / "run"
-    argv = _base(files, "roberta", "rte", out, "--do_train", "--do_eval", "--max_steps", "2", *extra)
+    model = "gpt2" if "c_attn, c_proj, c_fc" in extra else "roberta"
+    argv = _base(files, model, "rte", out, "--do_train", "--do_eval", "--max_steps", "2", *extra)
     assert entry.main(argv) == 0
     lora_cfg = _json(out / "run_config.json")["lora"]
     assert (lora_cfg["use_dora"], lora_cfg["init_lora_weights"]) == want

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 
 import loralib as lora
 from test_dora import TARGETS, Tiny
@@ -238,3 +239,57 @@ def test_one_matrix_at_a_time_gives_the_same_init_with_one_gradient_alive(monkey
         a, b = getattr(together, name), getattr(apart, name)
         torch.testing.assert_close(b.lora_B @ b.lora_A, a.lora_B @ a.lora_A, rtol=0, atol=1e-5)
         torch.testing.assert_close(b.weight, a.weight, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_fused_projection_gets_peft_loraga_of_each_chunk(fan_in_fan_out, monkeypatch):
+    """q|k|v fused in one MergedLinear (LoRA on q, v) vs PEFT on three separate projections (nn.Linear, or
+    Conv1D for a fan_in_fan_out weight): the same gradients, so the same chunk factors and residuals."""
+    from transformers.pytorch_utils import Conv1D
+
+    seeded_svd_lowrank(monkeypatch)
+    torch.manual_seed(0)
+    fused = lora.MergedLinear(8, 12, r=2, lora_alpha=4, enable_lora=[True, False, True], fan_in_fan_out=fan_in_fan_out,
+                              init_lora_weights="lora_ga", merge_weights=False)
+    W0 = (fused.weight.t() if fan_in_fan_out else fused.weight).detach().clone()
+
+    class Separate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, rows in (("q", slice(0, 4)), ("k", slice(4, 8)), ("v", slice(8, 12))):
+                layer = Conv1D(4, 8) if fan_in_fan_out else nn.Linear(8, 4)
+                with torch.no_grad():
+                    layer.weight.copy_(W0[rows].t() if fan_in_fan_out else W0[rows])
+                    layer.bias.copy_(fused.bias[rows])
+                setattr(self, name, layer)
+
+        def forward(self, x):
+            return torch.cat([self.q(x), self.k(x), self.v(x)], -1)
+
+    separate = Separate()
+    batches = [torch.randn(5, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def step_of(model):
+        def step():
+            for x in batches:
+                (10 * model(x).tanh().pow(2).sum()).backward()
+        return step
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], init_lora_weights="lora_ga",
+                             lora_ga_config=peft.LoraGAConfig())
+    peft.preprocess_loraga(separate, config, step_of(separate))
+    theirs = peft.get_peft_model(separate, config)
+    ours = nn.Sequential(fused)
+    lora.loraga_init(ours, step_of(ours))
+    delta = fused.delta_weight()
+    delta, W = (delta.t(), fused.weight.t()) if fan_in_fan_out else (delta, fused.weight)
+    for name, rows in (("q", slice(0, 4)), ("v", slice(8, 12))):
+        ref = theirs.base_model.model.get_submodule(name)
+        ref_ba = ref.scaling["default"] * ref.lora_B["default"].weight @ ref.lora_A["default"].weight
+        # gradients through a fused and through separate layers differ in rounding: 1e-5 relative to entries ~2
+        torch.testing.assert_close(delta[rows], ref_ba, rtol=1e-5, atol=1e-5)
+        ref_w = ref.base_layer.weight
+        torch.testing.assert_close(W[rows], ref_w.t() if fan_in_fan_out else ref_w, rtol=1e-5, atol=1e-5)
+    assert delta.abs().max() > 1e-3 and torch.equal(delta[4:8], torch.zeros_like(delta[4:8]))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(ours(x), x @ W0.t() + fused.bias, rtol=0, atol=1e-5)

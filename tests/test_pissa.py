@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 
 import loralib as lora
 from test_dora import TARGETS, Tiny
@@ -167,5 +168,41 @@ def test_bad_combinations_name_both():
         lora.LoRAConfig(init_lora_weights="pissa_niter_4", init_swapped=True)
     with pytest.raises(ValueError, match=r"init_lora_weights='olora' is not one of"):
         lora.LoRAConfig(init_lora_weights="olora")
-    with pytest.raises(ValueError, match="fused projection"):
-        lora.MergedLinear(8, 12, r=2, enable_lora=[True, False, True], init_lora_weights="pissa")
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_fused_projection_is_initialised_chunk_by_chunk_as_peft_does_separate_projections(tmp_path, fan_in_fan_out):
+    """A MergedLinear (q|k|v, LoRA on q and v) gets PEFT's PiSSA of q and v as two projections of their own;
+    the step-0 output is the base's, and the converted adapter (a whole-projection LoRA of rank 2 (2r), zero
+    rows for k) loads in PEFT on the original fused weight."""
+    torch.manual_seed(0)
+    fused = lora.MergedLinear(8, 12, r=2, lora_alpha=4, enable_lora=[True, False, True], fan_in_fan_out=fan_in_fan_out,
+                              merge_weights=False)
+    W0 = (fused.weight.t() if fan_in_fan_out else fused.weight).detach().clone()  # (out, in)
+    bias = fused.bias.detach().clone()
+    pissa = lora.MergedLinear(8, 12, r=2, lora_alpha=4, enable_lora=[True, False, True], fan_in_fan_out=fan_in_fan_out,
+                              init_lora_weights="pissa", merge_weights=False)
+    pissa.load_state_dict({"weight": fused.weight, "bias": bias}, strict=False)  # an original weight: no residual
+    pissa.reset_lora_parameters()  # PiSSA of the weight it now holds
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(pissa(x), x @ W0.t() + bias, rtol=0, atol=1e-5)
+    for g, rows in ((0, slice(0, 4)), (2, slice(8, 12))):
+        sep = nn.Sequential(nn.Linear(8, 4, bias=False))
+        with torch.no_grad():
+            sep[0].weight.copy_(W0[rows])
+        ref = peft.get_peft_model(sep, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights="pissa"))
+        layer = ref.base_model.model[0]
+        ref_ba = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        ours_ba = pissa.delta_weight()
+        ours_ba = (ours_ba.t() if fan_in_fan_out else ours_ba)[rows]
+        torch.testing.assert_close(ours_ba, ref_ba, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        pissa.lora_A.add_(0.1), pissa.lora_B.add_(0.1)
+    model = nn.Sequential(pissa)
+    lora.mark_only_lora_as_trainable(model)
+    lora.export_peft(model, tmp_path / "conv")
+    plain = nn.Sequential(nn.Linear(8, 12))
+    with torch.no_grad():
+        plain[0].weight.copy_(W0), plain[0].bias.copy_(bias)
+    loaded = peft.PeftModel.from_pretrained(plain, tmp_path / "conv")
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-5)
