@@ -10,7 +10,7 @@ from .config import LoRAConfig, make_linear, register_method, target_matches
 
 __version__ = "0.2.0"
 from .inject import inject
-from .dora import DoRAEmbedding, DoRALinear, DoRAMergedLinear
+from .dora import DoRAConv1d, DoRAConv2d, DoRAConv3d, DoRAEmbedding, DoRALinear, DoRAMergedLinear
 from .init_methods import as_plain_lora, loraga_init
 from .adapters import AdapterError, export_peft, import_peft, load_adapter, save_adapter
 # Importing the method modules registers their layer types ("adalora", "lora2") with LoRAConfig.

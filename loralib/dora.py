@@ -14,6 +14,8 @@ The norm is computed without autograd from W + delta_weight() in fp32; no identi
 through the factors and no dense update is kept for backward (PEFT does both). Merging writes
 f * (W + s B A) into the weight in fp32; the unmerged weight is kept while merged, so unmerging
 restores it bit for bit (cost: one copy of each DoRA weight while merged).
+Layers: DoRALinear, DoRAMergedLinear (a fused q|k|v: m over the whole projection), DoRAEmbedding (m per
+embedding coordinate) and DoRAConv1d/2d/3d (m per output channel), as PEFT defines them for its layers.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ class DoRAMixin:
         """||W + s B A|| per output row, (out,), fp32, of the unmerged weight; no autograd."""
         weight = self._unmerged_weight() if self.merged else self._base_weight()
         full = _transpose_if(_wide(weight.detach()) + self.delta_weight(), self.fan_in_fan_out)
-        return torch.linalg.vector_norm(full, dim=1)
+        return torch.linalg.vector_norm(full.flatten(1), dim=1)  # a kernel (out, in, k, ...): all but out
 
     def dora_scale(self) -> torch.Tensor:
         """f = m / ||W + s B A||, (out,); differentiable in m only."""
@@ -58,8 +60,11 @@ class DoRAMixin:
         return m / self.weight_norm().to(m.dtype)
 
     def _scale_view(self, f: torch.Tensor) -> torch.Tensor:
-        """f shaped to multiply the weight as stored ((out, in), or (in, out) with fan_in_fan_out)."""
-        return f.view(1, -1) if self.fan_in_fan_out else f.view(-1, 1)
+        """f shaped to multiply the weight as stored ((out, in), (in, out) with fan_in_fan_out, or a kernel
+        (out, in, k, ...))."""
+        if self.fan_in_fan_out:
+            return f.view(1, -1)
+        return f.view(-1, *([1] * (self._base_weight().dim() - 1)))
 
     # -- merging: exact, by keeping the unmerged weight ---------------------------------------------------
     @torch.no_grad()
@@ -139,3 +144,34 @@ class DoRAEmbedding(DoRAMixin, layers.Embedding):
         f = self.dora_scale()
         out = layers.Embedding.forward(self, x)
         return out * f.to(out.dtype)
+
+
+class DoRAConvMixin(DoRAMixin):
+    """A loralib convolution with DoRA: one magnitude per output channel, the norm over the rest of the
+    kernel (as PEFT's DoRA convolutions), y = conv(x, f * (W + delta-W)) + b with f = m / ||W + delta-W||
+    (the norm detached). delta-W is this layer's (B A).view(kernel) * s (see loralib.layers.ConvLoRA)."""
+
+    fan_in_fan_out = False
+
+    def _add_adapter_parameters(self) -> None:
+        self.lora_magnitude_vector = nn.Parameter(self.conv.weight.new_ones(self.conv.weight.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.has_lora or self.merged:
+            return self.conv(x)
+        delta = (self.lora_B @ self.lora_A).view(self.conv.weight.shape) * self.scaling
+        f = self._scale_view(self.dora_scale())
+        weight = (self.conv.weight + delta.to(self.conv.weight.dtype)) * f.to(self.conv.weight.dtype)
+        return self.conv._conv_forward(x, weight, self.conv.bias)
+
+
+class DoRAConv1d(DoRAConvMixin, layers.Conv1d):
+    pass
+
+
+class DoRAConv2d(DoRAConvMixin, layers.Conv2d):
+    pass
+
+
+class DoRAConv3d(DoRAConvMixin, layers.Conv3d):
+    pass

@@ -69,22 +69,23 @@ def _lora_layer_for(module: nn.Module, path: str, config: LoRAConfig) -> nn.Modu
     if config.method != "lora":
         raise ValueError(f"module {path!r} is a {type(module).__name__}; method {config.method!r} "
                          "adapts linear projections only")
-    if config.init_lora_weights is not True or (config.use_dora and not isinstance(module, nn.Embedding)):
-        what = "DoRA (use_dora=True)" if config.use_dora else f"init_lora_weights={config.init_lora_weights!r}"
-        raise ValueError(f"module {path!r} is a {type(module).__name__}; {what} is implemented for linear "
-                         "projections (nn.Linear, transformers' Conv1D)" + (" and embeddings" if config.use_dora
-                                                                             else "") + " only")
-    if isinstance(module, nn.Embedding):
-        from .dora import DoRAEmbedding
+    if config.init_lora_weights is not True:
+        raise ValueError(f"module {path!r} is a {type(module).__name__}; init_lora_weights="
+                         f"{config.init_lora_weights!r} is implemented for linear projections (nn.Linear, "
+                         "transformers' Conv1D) only")
+    from . import dora
 
+    if isinstance(module, nn.Embedding):
         with torch.device("meta"):
-            layer = (DoRAEmbedding if config.use_dora else layers.Embedding)(module.num_embeddings, module.embedding_dim, r=config.r,
-                                     lora_alpha=config.lora_alpha, merge_weights=config.merge_weights,
-                                     use_rslora=config.use_rslora, padding_idx=module.padding_idx,
-                                     max_norm=module.max_norm, norm_type=module.norm_type,
-                                     scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse)
+            cls = dora.DoRAEmbedding if config.use_dora else layers.Embedding
+            layer = cls(module.num_embeddings, module.embedding_dim, r=config.r, lora_alpha=config.lora_alpha,
+                        merge_weights=config.merge_weights, use_rslora=config.use_rslora,
+                        padding_idx=module.padding_idx, max_norm=module.max_norm, norm_type=module.norm_type,
+                        scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse)
         return _materialise(layer, {"weight": module.weight}, device, dtype)
-    conv_types = {nn.Conv1d: layers.Conv1d, nn.Conv2d: layers.Conv2d, nn.Conv3d: layers.Conv3d}
+    plain = {nn.Conv1d: layers.Conv1d, nn.Conv2d: layers.Conv2d, nn.Conv3d: layers.Conv3d}
+    with_dora = {nn.Conv1d: dora.DoRAConv1d, nn.Conv2d: dora.DoRAConv2d, nn.Conv3d: dora.DoRAConv3d}
+    conv_types = with_dora if config.use_dora else plain
     if type(module) in conv_types:
         ks = set(module.kernel_size)
         if len(ks) != 1:

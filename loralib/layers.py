@@ -507,6 +507,7 @@ class ConvLoRA(nn.Module, LoRALayer):
                  lora_alpha: int = 1, lora_dropout: float = 0.0, merge_weights: bool = True,
                  use_rslora: bool = False, **kwargs):
         nn.Module.__init__(self)
+        self.init_lora_weights = True
         self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights, use_rslora=use_rslora)
@@ -520,9 +521,11 @@ class ConvLoRA(nn.Module, LoRALayer):
                 self.conv.weight.new_zeros((out_channels // self.conv.groups * kernel_size, r * kernel_size)))
             self.scaling = lora_scaling(r, lora_alpha, use_rslora)
             self.conv.weight.requires_grad = False
+            self._add_adapter_parameters()
         self.reset_parameters()
         self.merged = False
         self._register_merge_safe_state_hooks()
+        self._finish_build()
 
     def reset_parameters(self) -> None:
         self.conv.reset_parameters()
@@ -532,6 +535,8 @@ class ConvLoRA(nn.Module, LoRALayer):
         if hasattr(self, "lora_A"):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+            if getattr(self, "_weight_ready", False) and not self.conv.weight.is_meta:
+                self.init_from_weight()
 
     # Read-through attributes so code that used the wrapped conv keeps working.
     @property

@@ -230,10 +230,46 @@ def test_dora_with_a_rank_adaptive_method_is_refused_naming_both(method):
         lora.LoRAConfig(method=method, use_dora=True)
 
 
-def test_dora_on_a_convolution_is_refused_with_the_module_named():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3))
-    with pytest.raises(ValueError, match=r"'0' is a Conv2d; DoRA \(use_dora=True\) is implemented for linear"):
-        lora.inject(model, ["0"], use_dora=True)
+def test_dora_on_a_1x1_convolution_equals_peft():
+    """A 1x1 kernel: our conv factors (A (r, in), B (out, r)) are PEFT's, so forward and gradients compare."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(4, 6, 1, bias=True))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"],
+                                                                      use_dora=True))
+    ours = lora.inject(copy.deepcopy(base), ["0"], r=2, lora_alpha=4, use_dora=True, merge_weights=False)
+    ref = theirs.base_model.model[0]
+    torch.testing.assert_close(ours[0].lora_magnitude_vector, ref.lora_magnitude_vector["default"].weight.flatten(),
+                               rtol=0, atol=1e-6)
+    with torch.no_grad():
+        ours[0].lora_A.normal_(), ours[0].lora_B.normal_(), ours[0].lora_magnitude_vector.mul_(1.3)
+        ref.lora_A["default"].weight.copy_(ours[0].lora_A.view(2, 4, 1, 1))
+        ref.lora_B["default"].weight.copy_(ours[0].lora_B.view(6, 2, 1, 1))
+        ref.lora_magnitude_vector["default"].weight.copy_(ours[0].lora_magnitude_vector.view(1, 6, 1, 1))
+    x = torch.randn(2, 4, 5, 5)
+    y_ours, y_peft = ours(x), theirs(x)
+    torch.testing.assert_close(y_ours, y_peft, rtol=0, atol=1e-5)
+    w = torch.randn_like(y_ours)
+    (y_ours * w).sum().backward(), (y_peft * w).sum().backward()
+    torch.testing.assert_close(ours[0].lora_A.grad, ref.lora_A["default"].weight.grad.view(2, 4), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours[0].lora_B.grad, ref.lora_B["default"].weight.grad.view(6, 2), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours[0].lora_magnitude_vector.grad,
+                               ref.lora_magnitude_vector["default"].weight.grad.flatten(), rtol=0, atol=1e-5)
+
+
+def test_dora_on_a_3x3_convolution_is_the_formula_and_merges_exactly():
+    conv = lora.DoRAConv2d(3, 4, 3, r=2, lora_alpha=4, padding=1, merge_weights=False)
+    with torch.no_grad():
+        conv.lora_B.normal_(), conv.lora_magnitude_vector.mul_(torch.rand(4) + 0.5)
+    x = torch.randn(2, 3, 6, 6)
+    W = conv.conv.weight + (conv.lora_B @ conv.lora_A).view(4, 3, 3, 3) * conv.scaling
+    f = conv.lora_magnitude_vector / W.flatten(1).norm(dim=1)
+    want = torch.nn.functional.conv2d(x, W * f.view(-1, 1, 1, 1), conv.conv.bias, padding=1)
+    torch.testing.assert_close(conv(x), want, rtol=0, atol=1e-5)
+    before = conv.conv.weight.detach().clone()
+    conv.merge()
+    torch.testing.assert_close(conv(x), want, rtol=0, atol=1e-5)
+    conv.unmerge()
+    assert torch.equal(conv.conv.weight, before)
 
 
 def test_loraplus_puts_the_magnitude_where_peft_does():
