@@ -36,8 +36,8 @@ def _materialise(layer: nn.Module, base_params: Dict[str, nn.Parameter], device,
     for name, param in layer.named_parameters():
         if name not in base_params and param.dtype != dtype and param.is_floating_point():
             param.data = param.data.to(dtype)
+    layer.rebuild_buffers()  # first: a weight-dependent init (DoRA's m, PiSSA) reads them (MergedLinear's columns)
     layer.reset_lora_parameters()
-    layer.rebuild_buffers()
     return layer
 
 

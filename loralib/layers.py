@@ -132,6 +132,7 @@ class LoRALayer:
         nn.init.zeros_(self.lora_B)
         init_methods.clear_initial_factors(self)
         if getattr(self, "_weight_ready", False) and not self._base_weight().is_meta:
+            self.rebuild_buffers()  # a loader may not have rebuilt them yet; the init reads them
             self.init_from_weight()
 
     def _finish_build(self) -> None:

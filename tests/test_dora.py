@@ -436,3 +436,51 @@ def test_dora_on_an_embedding_equals_peft_forward_gradients_merge_and_files(tmp_
     theirs.save_pretrained(tmp_path / "p")
     back = lora.import_peft(copy.deepcopy(base), tmp_path / "p")
     torch.testing.assert_close(back(ids), y_peft, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", [True, "pissa"])
+def test_gpt2_fused_qv_with_dora_exports_to_peft_exactly(tmp_path, init):
+    """transformers' GPT-2 (Conv1D, fan_in_fan_out) with DoRA on c_attn's q and v (a fused DoRA layer, m over the
+    whole projection) and, for PiSSA, residual q and v chunks: the PEFT export gives PEFT the same logits on the
+    original model, and importing it back gives ours again."""
+    from _tiny_hf import randomise_lora, tiny_gpt2, token_batch
+
+    base = tiny_gpt2()
+    model = lora.inject(copy.deepcopy(base), ["c_attn"], r=2, lora_alpha=8, enable_lora=[True, False, True],
+                        use_dora=True, init_lora_weights=init, merge_weights=False)
+    assert isinstance(model.transformer.h[0].attn.c_attn, lora.DoRAMergedLinear)
+    ids, mask = token_batch()
+    if init == "pissa":
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   base(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-5)
+    randomise_lora(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "magnitude" in name:
+                p.abs_().add_(0.5)
+    want = model(input_ids=ids, attention_mask=mask).logits
+    lora.export_peft(model, tmp_path / "p")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "p"))
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, want, rtol=1e-5, atol=1e-5)
+    back = lora.import_peft(copy.deepcopy(base), tmp_path / "p")
+    torch.testing.assert_close(back(input_ids=ids, attention_mask=mask).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_and_pissa_inside_our_gpt2_model_file(tmp_path):
+    """Our GPT-2 file (c_attn a MergedLinear with q, v enabled) built by the loader with DoRA + PiSSA: the
+    buffers the init reads are rebuilt first; the step-0 logits are transformers' GPT-2's."""
+    from _tiny_hf import tiny_gpt2, token_batch
+    from loralib.models.loading import from_pretrained
+
+    hf = tiny_gpt2()
+    hf.save_pretrained(tmp_path / "g")
+    config = lora.LoRAConfig(r=2, lora_alpha=4, target_modules=("c_attn", "c_fc"), enable_lora=(True, False, True),
+                             use_dora=True, init_lora_weights="pissa", merge_weights=False)
+    ours = from_pretrained(tmp_path / "g", lora=config)
+    c_attn = ours.transformer.h[0].attn.c_attn
+    assert isinstance(c_attn, lora.DoRAMergedLinear) and c_attn.initial_factors_set
+    ids, mask = token_batch()
+    keep = mask.bool()  # padded positions are not compared (ours and transformers' differ there for any model)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, mask).logits[keep], hf(input_ids=ids, attention_mask=mask).logits[keep],
+                                   rtol=0, atol=1e-4)
