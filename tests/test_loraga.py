@@ -293,3 +293,23 @@ def test_fused_projection_gets_peft_loraga_of_each_chunk(fan_in_fan_out, monkeyp
     assert delta.abs().max() > 1e-3 and torch.equal(delta[4:8], torch.zeros_like(delta[4:8]))
     x = torch.randn(3, 8)
     torch.testing.assert_close(ours(x), x @ W0.t() + fused.bias, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dora", "lora-ga"])
+def test_baselines_on_two_processes_equal_one(assets, tmp_path, method):
+    """torchrun DDP: the magnitude vector is reduced like any parameter, and every rank computes the same
+    LoRA-GA init (from the same first batches); the adapters (lora_A0 / lora_B0 included) equal one process's."""
+    from pathlib import Path
+    from test_lorapro_train import _adapter, _subprocess
+    from loralib.tasks.instruct import run
+
+    common = ["--lora", method, "--lr", "1e-2", "--max_steps", "2", "--loraga_batches", "2"]
+    one = tmp_path / "one"
+    run.run_training(argv(assets, one, *common))
+    two = tmp_path / "two"
+    _subprocess(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 str(Path(run.__file__).resolve().parents[3] / "lorapro" / "train.py"), *argv(assets, two, *common)])
+    a, b = _adapter(one), _adapter(two)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(k.endswith("lora_magnitude_vector" if method == "dora" else "lora_A0") for k in a)
