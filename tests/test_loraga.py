@@ -313,3 +313,24 @@ def test_baselines_on_two_processes_equal_one(assets, tmp_path, method):
     a, b = _adapter(one), _adapter(two)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(k.endswith("lora_magnitude_vector" if method == "dora" else "lora_A0") for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dora", "pissa"])
+def test_baselines_under_zero3_on_two_processes_equal_one(assets, tmp_path, method):
+    """ZeRO-3 partitions the weights, DoRA's magnitude and PiSSA's residual record included: the adapter equals
+    the one-process run's, and rank 0's evaluation (base read again, adapter loaded) gives the same answers."""
+    pytest.importorskip("deepspeed")
+    from test_lorapro_train import PARTITION_ALL, _adapter, _torchrun_deepspeed, _write
+    from loralib.tasks.instruct import run
+
+    common = ["--lora", method, "--lr", "1e-2", "--max_steps", "2", "--max_grad_norm", "0", "--gradient_checkpointing",
+              "--do_eval", "--eval_data_path", assets["gsm8k"], "--max_new_tokens", "6"]
+    one = tmp_path / "one"
+    run.run_training(argv(assets, one, *common))
+    two = tmp_path / "two"
+    config = _write(tmp_path / "ds3.json", {"zero_optimization": {"stage": 3, **PARTITION_ALL}})
+    _torchrun_deepspeed(tmp_path, argv(assets, two, *common, "--deepspeed", config))
+    a, b = _adapter(one), _adapter(two)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert (two / "predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()
