@@ -296,41 +296,31 @@ def test_fused_projection_gets_peft_loraga_of_each_chunk(fan_in_fan_out, monkeyp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dora", "lora-ga"])
-def test_baselines_on_two_processes_equal_one(assets, tmp_path, method):
-    """torchrun DDP: the magnitude vector is reduced like any parameter, and every rank computes the same
-    LoRA-GA init (from the same first batches); the adapters (lora_A0 / lora_B0 included) equal one process's."""
+@pytest.mark.parametrize("method, zero3", [("dora", False), ("lora-ga", False), ("dora", True), ("pissa", True)])
+def test_baselines_on_two_processes_equal_one(assets, tmp_path, method, zero3):
+    """torchrun DDP: the magnitude vector is reduced like any parameter and every rank computes the same LoRA-GA
+    init (from the same first batches). DeepSpeed ZeRO-3 partitions the weights, DoRA's magnitude and PiSSA's
+    residual record included, and rank 0 evaluates on the base read again. Either way the adapter (lora_A0 /
+    lora_B0 included) equals one process's, and so do the answers."""
     from pathlib import Path
-    from test_lorapro_train import _adapter, _subprocess
+    from test_lorapro_train import PARTITION_ALL, _adapter, _subprocess, _torchrun_deepspeed, _write
     from loralib.tasks.instruct import run
 
-    common = ["--lora", method, "--lr", "1e-2", "--max_steps", "2", "--loraga_batches", "2"]
-    one = tmp_path / "one"
-    run.run_training(argv(assets, one, *common))
-    two = tmp_path / "two"
-    _subprocess(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                 str(Path(run.__file__).resolve().parents[3] / "lorapro" / "train.py"), *argv(assets, two, *common)])
-    a, b = _adapter(one), _adapter(two)
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert any(k.endswith("lora_magnitude_vector" if method == "dora" else "lora_A0") for k in a)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["dora", "pissa"])
-def test_baselines_under_zero3_on_two_processes_equal_one(assets, tmp_path, method):
-    """ZeRO-3 partitions the weights, DoRA's magnitude and PiSSA's residual record included: the adapter equals
-    the one-process run's, and rank 0's evaluation (base read again, adapter loaded) gives the same answers."""
-    pytest.importorskip("deepspeed")
-    from test_lorapro_train import PARTITION_ALL, _adapter, _torchrun_deepspeed, _write
-    from loralib.tasks.instruct import run
-
-    common = ["--lora", method, "--lr", "1e-2", "--max_steps", "2", "--max_grad_norm", "0", "--gradient_checkpointing",
-              "--do_eval", "--eval_data_path", assets["gsm8k"], "--max_new_tokens", "6"]
-    one = tmp_path / "one"
-    run.run_training(argv(assets, one, *common))
-    two = tmp_path / "two"
-    config = _write(tmp_path / "ds3.json", {"zero_optimization": {"stage": 3, **PARTITION_ALL}})
-    _torchrun_deepspeed(tmp_path, argv(assets, two, *common, "--deepspeed", config))
-    a, b = _adapter(one), _adapter(two)
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert (two / "predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()
+    flags = ["--lora", method, "--lr", "1e-2", "--max_steps", "2", "--loraga_batches", "2", "--max_grad_norm", "0"]
+    if zero3:
+        flags += ["--gradient_checkpointing", "--do_eval", "--eval_data_path", assets["gsm8k"], "--max_new_tokens", "6"]
+    run.run_training(argv(assets, tmp_path / "one", *flags))
+    if zero3:
+        pytest.importorskip("deepspeed")
+        ds3 = _write(tmp_path / "ds3.json", {"zero_optimization": {"stage": 3, **PARTITION_ALL}})
+        _torchrun_deepspeed(tmp_path, argv(assets, tmp_path / "two", *flags, "--deepspeed", ds3))
+    else:
+        train_py = Path(run.__file__).resolve().parents[3] / "lorapro" / "train.py"
+        _subprocess(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(train_py),
+                     *argv(assets, tmp_path / "two", *flags)])
+    single, double = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert single.keys() == double.keys()
+    assert all(torch.allclose(single[k], double[k], atol=1e-5) for k in single)
+    assert any(k.endswith("lora_magnitude_vector" if method == "dora" else "lora_A0") for k in single)
+    if zero3:
+        assert (tmp_path / "two" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
