@@ -307,6 +307,9 @@ def test_import_peft_reads_a_peft_dora_adapter(tmp_path):
     assert isinstance(back.q, lora.DoRALinear) and back.loralib_config.use_dora
     x = torch.randn(6, 12)
     torch.testing.assert_close(back(x), theirs(x), rtol=0, atol=1e-6)
+    lora.export_peft(back, tmp_path / "again")  # and back to PEFT
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again")
+    torch.testing.assert_close(again(x), theirs(x), rtol=0, atol=1e-6)
     # into layers built beforehand without DoRA: refused, naming the layer
     plain = lora.inject(copy.deepcopy(base), TARGETS, r=4, lora_alpha=8)
     with pytest.raises(lora.AdapterError, match=r"use_dora=true but the model's layer '.' is a Linear, built without DoRA"):
