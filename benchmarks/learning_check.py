@@ -24,6 +24,10 @@ Methods (adapters on fc1, fc2, fc3 and head; s = alpha / r = 2 everywhere):
     loraplus    LoRA with lr_B = ratio * lr_A, lr_A = LR, ratio = 16 (create_loraplus_optimizer)
     adalora     SVDLinear r = 8 -> average 4 (RankAllocator), orth. regularizer 0.1, lr = LR_RANK
     lora2       LoRA2Linear r = 8 -> average 4, k = 8 (LoRA2RankAllocator), regularizer 0.1, lr = LR_RANK
+    dora        DoRA r = 4 (loralib.dora: LoRA + a trained magnitude per row), AdamW, lr = LR
+    pissa       LoRA r = 4 from W0's top-4 singular triplets (residual frozen), AdamW, lr = LR
+    lora_ga     LoRA r = 4 from the SVD of W0's gradient over the first 8 minibatches (PEFT's defaults:
+                ArB2r, stable, gamma 16; residual frozen), AdamW, lr = LR
 AdaLoRA and LoRA² start from r = 8 per layer and end with the same total budget as LoRA's r = 4
 (16 ranks over 4 layers); their final rank pattern (ranks kept per layer) is reported.
 Learning rates: LR = 1e-3 (AdamW's usual lr for full fine-tuning) for full, LoRA, LoRA-Pro and LoRA+'s A: the
@@ -226,12 +230,22 @@ def build(method: str, problem: Problem, run: RunConfig) -> Setup:
         model = _adapted(problem, run)
         return Setup(model, create_loraplus_optimizer(model, torch.optim.AdamW, lr=run.lr,
                                                       loraplus_lr_ratio=run.ratio, weight_decay=0.0))
+    if method in ("dora", "pissa", "lora_ga"):
+        model = _adapted(problem, run, method.replace("_", "-"))
+        if method == "lora_ga":  # the gradient of the loss over the first 8 minibatches of the training set
+            def train_step():
+                for i in range(8):
+                    rows = slice(i * run.batch, (i + 1) * run.batch)
+                    _loss(model, problem, problem.x[rows], problem.y[rows]).backward()
+            loralib.loraga_init(model, train_step)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return Setup(model, torch.optim.AdamW(params, lr=run.lr, weight_decay=0.0))
     if method in ("adalora", "lora2"):
         return _rank_allocated(problem, run, method)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-METHODS = ("full", "lora", "lorapro", "lorapro_eff", "loraplus", "adalora", "lora2")
+METHODS = ("full", "lora", "lorapro", "lorapro_eff", "loraplus", "adalora", "lora2", "dora", "pissa", "lora_ga")
 
 
 # -- training -------------------------------------------------------------------------------------

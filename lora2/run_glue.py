@@ -13,7 +13,8 @@
 
 --apply_rankselector (the released MRPC scripts' spelling) means --apply_adalora, and --cls_dropout is
 honoured (the released LoRA² code hard-coded 0.15). The final rank pattern is written to
-output_dir/rank_pattern.json. Everything else is loralib.tasks.glue.run; see its docstring.
+output_dir/rank_pattern.json. LoRA rows (not AdaLoRA / LoRA², which refuse them) take --use_dora and
+--init_lora_weights pissa | pissa_niter_N | lora_ga. Everything else is loralib.tasks.glue.run; see its docstring.
 """
 import sys
 

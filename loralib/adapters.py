@@ -14,6 +14,9 @@ AdaLoRA and LoRA² layers are exported exactly as plain PEFT LoRAs too (any PEFT
                                                  or A' = diag(E') B' A, B' = bb aa' when r' < k (rank r')
 with s = alpha / (ranknum + 1e-5), and primes / kept = the ranks with E != 0 (pruned ones add nothing); a
 layer with none left adds nothing and is left out.
+DoRA layers add "base_model.model.<path>.lora_magnitude_vector" (out,) and "use_dora": true, as PEFT saves
+them. PiSSA / LoRA-GA adapters are written by default as PEFT's conversion writes them: a plain LoRA of
+rank 2 r that applies to the ORIGINAL weights, A' = [A; A0], B' = [B, -B0] (loralib.init_methods).
 
 Files are written to a temporary name and renamed into place, the config last, so an interrupted save
 never leaves a config pointing at a half-written tensor file.
@@ -30,7 +33,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from . import layers
+from . import init_methods, layers
 from .adalora import SVDLinear
 from .config import LoRAConfig
 from .lora2 import LoRA2Linear
@@ -154,16 +157,22 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
 
 
 # -- PEFT ------------------------------------------------------------------------------------------
+def _whole_projection(layer: "layers.MergedLinear", A: torch.Tensor, B: torch.Tensor):
+    """A MergedLinear's chunked factors, A (n k, in) and B (n out_g, k), as one LoRA of rank n k on the whole
+    projection: A as is, B (out, n k) block-structured with zeros for the disabled chunks."""
+    n, chunk = layer.n_enabled, layer.chunk_size
+    k = A.shape[0] // n
+    whole_B = B.new_zeros((layer.out_features, n * k))
+    for i, g in enumerate(g for g, on in enumerate(layer.enable_lora) if on):
+        whole_B[g * chunk:(g + 1) * chunk, i * k:(i + 1) * k] = B[i * chunk:(i + 1) * chunk]
+    return A, whole_B
+
+
 def _peft_factors(layer: nn.Module):
     """(A (r, in), B (out, r), scaling) of a layer as a PEFT LoRA on the whole projection, with
     delta-W = B A * scaling exactly; r may be 0 (an AdaLoRA layer whose triplets were all pruned)."""
     if isinstance(layer, layers.MergedLinear):
-        A_chunks, B_chunks = layer._chunked_factors()  # (n, r, in), (n, out_g, r)
-        n, r = layer.n_enabled, layer.r
-        A = A_chunks.reshape(n * r, -1)
-        B = layer.lora_B.new_zeros((layer.out_features, n * r))
-        for i, g in enumerate(g for g, on in enumerate(layer.enable_lora) if on):
-            B[g * layer.chunk_size:(g + 1) * layer.chunk_size, i * r:(i + 1) * r] = B_chunks[i]
+        A, B = _whole_projection(layer, layer.lora_A, layer.lora_B)
         return A, B, layer.scaling
     if isinstance(layer, (layers.Linear, layers.Embedding)):
         return layer.lora_A, layer.lora_B, layer.scaling
@@ -180,20 +189,45 @@ def _peft_factors(layer: nn.Module):
                        "Embedding, AdaLoRA and LoRA² layers do)")
 
 
+def _uniform(adapted, what: str, value_of):
+    """The value every adapted layer shares (PEFT's config holds one), or an AdapterError naming a layer."""
+    first = value_of(adapted[0][1])
+    for path, layer in adapted:
+        if value_of(layer) != first:
+            raise AdapterError(f"export_peft: {path!r} differs from {adapted[0][0]!r} in {what}")
+    return first
+
+
 def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: Optional[str] = None,
-                task_type: Optional[str] = None, modules_to_save: Optional[List[str]] = None) -> Path:
+                task_type: Optional[str] = None, modules_to_save: Optional[List[str]] = None,
+                convert_to_lora: bool = True) -> Path:
     """Write the model's adapter as a PEFT LoRA (from LoRA, fused, AdaLoRA or LoRA² layers: see the module
     docstring), loadable with PeftModel.from_pretrained on the same (transformers) model. modules_to_save: names of trained non-LoRA modules (a classifier head);
-    by default the top-level modules that hold trainable non-LoRA parameters."""
+    by default the top-level modules that hold trainable non-LoRA parameters.
+
+    DoRA layers add their `lora_magnitude_vector` and use_dora=true. PiSSA / LoRA-GA layers (whose frozen
+    weight is a residual): with convert_to_lora (default) the adapter is written as PEFT's conversion writes
+    it, a plain LoRA of rank 2 r against the ORIGINAL weights (init_lora_weights=true, alpha doubled, or
+    * sqrt 2 with rsLoRA); without, as trained (rank r, init_lora_weights "pissa..." / "lora_ga"), which
+    PEFT re-initialises on the original weights when loading ("pissa" only: LoRA-GA's gradient is gone)."""
     adapted = [(p, l) for p, l in lora_layers(model) if l.has_lora]
     if not adapted:
         raise AdapterError("export_peft: the model has no LoRA layers")
-    use_rslora = adapted[0][1].use_rslora
+    use_rslora = _uniform(adapted, "rsLoRA scaling (use_rslora)", lambda l: l.use_rslora)
+    use_dora = _uniform(adapted, "DoRA (use_dora)", lambda l: hasattr(l, "lora_magnitude_vector"))
+    init = _uniform(adapted, "init_lora_weights", lambda l: getattr(l, "init_lora_weights", True))
+    convert = convert_to_lora and init_methods.mutates_weight(init)
     factors = {}
     for path, layer in adapted:
-        if layer.use_rslora != use_rslora:
-            raise AdapterError(f"export_peft: {path!r} mixes rsLoRA and LoRA scaling")
-        A, B, scaling = _peft_factors(layer)
+        if convert:
+            if not layer.initial_factors_set:
+                raise AdapterError(f"export_peft: {path!r} was made with init_lora_weights={init!r} but its "
+                                   "initialisation has not run (LoRA-GA: loraga_init): nothing to convert")
+            A, B, scaling = init_methods.as_plain_lora(layer)
+            if isinstance(layer, layers.MergedLinear):
+                A, B = _whole_projection(layer, A, B)
+        else:
+            A, B, scaling = _peft_factors(layer)
         if A.shape[0] > 0:
             factors[path] = (A.detach(), B.detach(), scaling, layer)
     if not factors:
@@ -202,6 +236,8 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
     alphas = {path: scaling * (math.sqrt(A.shape[0]) if use_rslora else A.shape[0])
               for path, (A, _, scaling, _) in factors.items()}
     r_global, alpha_global = adapted[0][1].r, adapted[0][1].lora_alpha
+    if convert:  # PEFT's conversion: twice the rank at the same scaling
+        r_global, alpha_global = 2 * r_global, alpha_global * (math.sqrt(2) if use_rslora else 2)
     tensors: Dict[str, torch.Tensor] = {}
     rank_pattern = {path: A.shape[0] for path, (A, *_) in factors.items() if A.shape[0] != r_global}
     alpha_pattern = {path: alpha for path, alpha in alphas.items() if not math.isclose(alpha, alpha_global)}
@@ -214,6 +250,8 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
             fan_in_fan_out = fan_in_fan_out or layer.fan_in_fan_out
             tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = A
             tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = B
+        if use_dora:
+            tensors[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
     if modules_to_save is None:
         modules_to_save = sorted({n.split(".")[0] for n, p in model.named_parameters()
                                   if p.requires_grad and "lora_" not in n}) or None
@@ -231,9 +269,9 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
             adapted[0][1].lora_dropout, "p", 0.0)),
         "target_modules": sorted(factors), "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern, "use_rslora": use_rslora, "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none", "modules_to_save": modules_to_save, "init_lora_weights": True,
-        "inference_mode": True, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
-        "revision": None,
+        "bias": "none", "modules_to_save": modules_to_save,
+        "init_lora_weights": True if convert else init, "inference_mode": True, "use_dora": use_dora,
+        "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }
     _atomic_write_tensors(tensors, directory / PEFT_WEIGHTS)
     _atomic_write_json(config, directory / ADAPTER_CONFIG)
@@ -258,8 +296,13 @@ def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = Tru
     cfg = _read_json(config_path)
     if cfg.get("peft_type") != "LORA":
         raise AdapterError(f"{config_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters import")
-    if cfg.get("use_dora"):
-        raise AdapterError(f"{config_path}: use_dora=true; DoRA adapters are not plain LoRA")
+    use_dora = bool(cfg.get("use_dora", False))
+    init = cfg.get("init_lora_weights", True)
+    init = True if init is True or init == "lora_ga" or init is None else init  # PEFT: LoRA-GA loads as plain
+    try:
+        init_methods.check_init(init)
+    except ValueError as err:
+        raise AdapterError(f"{config_path}: {err}") from None
     weights_path = directory / PEFT_WEIGHTS
     if weights_path.is_file():
         tensors = load_file(str(weights_path))
@@ -270,7 +313,8 @@ def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = Tru
         raise FileNotFoundError(f"{directory}: neither {PEFT_WEIGHTS} nor adapter_model.bin")
     factors: Dict[str, Dict[str, torch.Tensor]] = {}
     extras: Dict[str, torch.Tensor] = {}
-    factor_names = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
+    factor_names = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
+                    "lora_magnitude_vector": "m"}
     pattern = re.compile(r"(.*)\.(" + "|".join(re.escape(n) for n in factor_names) + ")")
     for key, value in tensors.items():
         if not key.startswith(PEFT_PREFIX):
@@ -287,6 +331,10 @@ def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = Tru
         A, B = pair.get("A"), pair.get("B")
         if A is None or B is None:
             raise AdapterError(f"{weights_path}: module {path!r} lacks its lora_A or lora_B")
+        if use_dora != ("m" in pair):
+            raise AdapterError(f"{weights_path}: module {path!r} " + (
+                "lacks its lora_magnitude_vector (the config says use_dora=true)" if use_dora else
+                "has a lora_magnitude_vector but the config says use_dora=false"))
         if path not in modules:
             raise AdapterError(f"{weights_path}: key for module {path!r}, which the model "
                                f"({type(model).__name__}) does not have")
@@ -294,11 +342,15 @@ def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = Tru
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, path, cfg["lora_alpha"])
         layer_config = LoRAConfig(r=rank, lora_alpha=alpha, lora_dropout=float(cfg.get("lora_dropout", 0.0)),
                                   target_modules=re.escape(path), use_rslora=use_rslora,
-                                  merge_weights=merge_weights)
+                                  merge_weights=merge_weights, use_dora=use_dora, init_lora_weights=init)
         if not getattr(modules[path], "has_lora", False):  # a plain module, or a rank-0 loralib Linear
             inject(model, target_modules=None, config=layer_config, freeze=False)
         layer = model.get_submodule(path)
-        for name, value in (("lora_A", A), ("lora_B", B)):
+        if use_dora != hasattr(layer, "lora_magnitude_vector"):
+            raise AdapterError(f"{config_path}: use_dora={str(use_dora).lower()} but the model's layer {path!r} "
+                               f"is a {type(layer).__name__}, built {'without' if use_dora else 'with'} DoRA")
+        tensors_of_layer = [("lora_A", A), ("lora_B", B)] + ([("lora_magnitude_vector", pair["m"])] if use_dora else [])
+        for name, value in tensors_of_layer:
             target = getattr(layer, name)
             if tuple(target.shape) != tuple(value.shape):
                 raise AdapterError(f"{weights_path}: {path}.{name} has shape {tuple(value.shape)}, the model "
@@ -306,8 +358,8 @@ def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = Tru
         with torch.no_grad():
             was_merged = layer.merged
             layer.unmerge()
-            layer.lora_A.copy_(A.to(layer.lora_A.dtype))
-            layer.lora_B.copy_(B.to(layer.lora_B.dtype))
+            for name, value in tensors_of_layer:
+                getattr(layer, name).copy_(value.to(getattr(layer, name).dtype))
             # a layer built beforehand (from the global r / alpha) takes this module's alpha_pattern value
             layer.lora_alpha, layer.scaling = alpha, layers.lora_scaling(rank, alpha, use_rslora)
             if was_merged:
@@ -322,7 +374,7 @@ def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = Tru
         model.load_state_dict(extras, strict=False)
     model.loralib_config = LoRAConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
                                       target_modules=tuple(sorted(factors)), use_rslora=use_rslora,
-                                      merge_weights=merge_weights)
+                                      merge_weights=merge_weights, use_dora=use_dora, init_lora_weights=init)
     mark_only_lora_as_trainable(model)
     for name, param in model.named_parameters():
         if name in extras:  # a trained head (modules_to_save) stays trainable

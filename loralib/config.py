@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-from . import layers
+from . import init_methods, layers
 
 LinearFactory = Callable[..., nn.Module]
 _METHODS: Dict[str, LinearFactory] = {}
@@ -34,18 +34,47 @@ def target_matches(targets: Union[str, Sequence[str]], path: str, roles: Sequenc
     return any(t == path or path.endswith("." + t) or t in roles for t in targets)
 
 
+_METHOD_NAMES = {"adalora": "AdaLoRA", "lora2": "LoRA²"}
+# method names that are LoRA with another layer or init (the method registry's "dora", "pissa", "lora-ga")
+VARIANT_METHODS = {"dora": {"use_dora": True}, "pissa": {"init_lora_weights": "pissa"},
+                   "lora-ga": {"init_lora_weights": "lora_ga"}}
+_DEFAULTS = {"use_dora": False, "init_lora_weights": True}
+
+
+def check_combination(method: str, use_dora: bool, init_lora_weights, init_swapped: bool = False) -> None:
+    """One ValueError naming both sides of a combination that does not compose."""
+    init_name = {"lora_ga": "LoRA-GA"}.get(init_lora_weights, "PiSSA" if init_methods.is_pissa(init_lora_weights)
+                                          else f"init_lora_weights={init_lora_weights!r}")
+    if method in _METHOD_NAMES:
+        if use_dora:
+            raise ValueError(f"DoRA (use_dora=True) does not compose with {_METHOD_NAMES[method]} "
+                             f"(method={method!r}): its layers have no DoRA form")
+        if init_lora_weights is not True:
+            raise ValueError(f"{init_name} does not compose with {_METHOD_NAMES[method]} (method={method!r}): "
+                             "its layers have their own initialisation")
+    if init_swapped and init_methods.mutates_weight(init_lora_weights):
+        raise ValueError(f"{init_name} does not compose with LoRA+'s swapped init (init_swapped=True): "
+                         "both set the factors")
+
+
 @dataclass
 class LoRAConfig:
     """How to adapt a model.
 
     r, lora_alpha, lora_dropout, use_rslora: the low-rank update and its scaling (alpha/r or alpha/sqrt r).
     target_modules: names (dotted suffixes or roles) or one regex; see `target_matches`.
-    method: "lora" (default), or a method registered by loralib ("adalora", "lora2").
+    method: "lora" (default), or a method registered by loralib ("adalora", "lora2"); "dora", "pissa" and
+        "lora-ga" are read as method "lora" with use_dora=True / init_lora_weights "pissa" / "lora_ga".
     enable_lora: for fused projections (GPT-2's c_attn = q|k|v), which chunks get LoRA;
         None enables every chunk. The LoRA paper used (True, False, True).
     merge_weights: fold B A into W on eval() and out again on train(), as loralib 0.1.2 does.
     init_swapped: LoRA+'s experiments initialised B with kaiming and A with zeros; False keeps LoRA's.
     lora2_k: inner rank of LoRA²'s factors.
+    use_dora: DoRA (loralib.dora): a trainable magnitude per output row on top of the low-rank update.
+    init_lora_weights: PEFT's names: True (kaiming A, zero B), "gaussian", "pissa", "pissa_niter_<N>" or
+        "lora_ga" (then loralib.loraga_init(model, train_step)); see loralib.init_methods.
+    Combinations that do not compose (AdaLoRA / LoRA² with DoRA, PiSSA or LoRA-GA; LoRA+'s swapped init
+    with PiSSA or LoRA-GA) raise one ValueError naming both.
     """
 
     r: int = 8
@@ -58,6 +87,8 @@ class LoRAConfig:
     merge_weights: bool = True
     init_swapped: bool = False
     lora2_k: int = 8
+    use_dora: bool = False
+    init_lora_weights: Union[bool, str] = True
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, tuple)):
@@ -65,6 +96,21 @@ class LoRAConfig:
         if not self.target_modules:
             raise ValueError("LoRAConfig.target_modules is empty: name at least one projection")
         layers._check_hparams(self.r, self.lora_alpha, self.lora_dropout)
+        init_methods.check_init(self.init_lora_weights)
+        if self.method in VARIANT_METHODS:  # "dora" -> method "lora" + use_dora=True, and so on
+            self._expand_variant_method()
+        check_combination(self.method, self.use_dora, self.init_lora_weights, self.init_swapped)
+
+    def _expand_variant_method(self) -> None:
+        name = self.method
+        for key, value in VARIANT_METHODS[name].items():
+            current = getattr(self, key)
+            same_kind = key == "init_lora_weights" and init_methods.is_pissa(current) and init_methods.is_pissa(value)
+            if current != value and current != _DEFAULTS[key] and not same_kind:
+                raise ValueError(f"LoRAConfig(method={name!r}) sets {key}={value!r}; it was given {key}={current!r}")
+            if not same_kind:
+                setattr(self, key, value)
+        self.method = "lora"
 
     def matches(self, path: str, roles: Sequence[str] = ()) -> bool:
         return target_matches(self.target_modules, path, roles)
@@ -110,17 +156,21 @@ def _swap_init(layer: nn.Module) -> None:
 
 def _lora_factory(config: LoRAConfig, in_features: int, out_features: int, bias: bool = True,
                   fan_in_fan_out: bool = False, chunks: int = 1) -> nn.Module:
+    from . import dora
+
     common = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                   fan_in_fan_out=fan_in_fan_out, merge_weights=config.merge_weights,
-                  use_rslora=config.use_rslora, bias=bias)
+                  use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights, bias=bias)
     if chunks > 1:
         enable = config.enable_lora if config.enable_lora is not None else (True,) * chunks
         if len(enable) != chunks:
             raise ValueError(f"LoRAConfig.enable_lora={enable!r} has {len(enable)} entries; "
                              f"this fused projection has {chunks} chunks")
-        layer = layers.MergedLinear(in_features, out_features, enable_lora=list(enable), **common)
+        cls = dora.DoRAMergedLinear if config.use_dora else layers.MergedLinear
+        layer = cls(in_features, out_features, enable_lora=list(enable), **common)
     else:
-        layer = layers.Linear(in_features, out_features, **common)
+        cls = dora.DoRALinear if config.use_dora else layers.Linear
+        layer = cls(in_features, out_features, **common)
     if config.init_swapped and layer.has_lora:
         _swap_init(layer)
     return layer

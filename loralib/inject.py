@@ -7,13 +7,14 @@ no re-initialisation of the big weight); only the low-rank factors are new.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from . import layers
 from .config import LoRAConfig, _swap_init, target_matches
+from .init_methods import loraga_init
 from .utils import mark_only_lora_as_trainable
 
 
@@ -35,8 +36,8 @@ def _materialise(layer: nn.Module, base_params: Dict[str, nn.Parameter], device,
     for name, param in layer.named_parameters():
         if name not in base_params and param.dtype != dtype and param.is_floating_point():
             param.data = param.data.to(dtype)
+    layer.rebuild_buffers()  # first: a weight-dependent init (DoRA's m, PiSSA) reads them (MergedLinear's columns)
     layer.reset_lora_parameters()
-    layer.rebuild_buffers()
     return layer
 
 
@@ -68,15 +69,23 @@ def _lora_layer_for(module: nn.Module, path: str, config: LoRAConfig) -> nn.Modu
     if config.method != "lora":
         raise ValueError(f"module {path!r} is a {type(module).__name__}; method {config.method!r} "
                          "adapts linear projections only")
+    if config.init_lora_weights is not True:
+        raise ValueError(f"module {path!r} is a {type(module).__name__}; init_lora_weights="
+                         f"{config.init_lora_weights!r} is implemented for linear projections (nn.Linear, "
+                         "transformers' Conv1D) only")
+    from . import dora
+
     if isinstance(module, nn.Embedding):
         with torch.device("meta"):
-            layer = layers.Embedding(module.num_embeddings, module.embedding_dim, r=config.r,
-                                     lora_alpha=config.lora_alpha, merge_weights=config.merge_weights,
-                                     use_rslora=config.use_rslora, padding_idx=module.padding_idx,
-                                     max_norm=module.max_norm, norm_type=module.norm_type,
-                                     scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse)
+            cls = dora.DoRAEmbedding if config.use_dora else layers.Embedding
+            layer = cls(module.num_embeddings, module.embedding_dim, r=config.r, lora_alpha=config.lora_alpha,
+                        merge_weights=config.merge_weights, use_rslora=config.use_rslora,
+                        padding_idx=module.padding_idx, max_norm=module.max_norm, norm_type=module.norm_type,
+                        scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse)
         return _materialise(layer, {"weight": module.weight}, device, dtype)
-    conv_types = {nn.Conv1d: layers.Conv1d, nn.Conv2d: layers.Conv2d, nn.Conv3d: layers.Conv3d}
+    plain = {nn.Conv1d: layers.Conv1d, nn.Conv2d: layers.Conv2d, nn.Conv3d: layers.Conv3d}
+    with_dora = {nn.Conv1d: dora.DoRAConv1d, nn.Conv2d: dora.DoRAConv2d, nn.Conv3d: dora.DoRAConv3d}
+    conv_types = with_dora if config.use_dora else plain
     if type(module) in conv_types:
         ks = set(module.kernel_size)
         if len(ks) != 1:
@@ -101,13 +110,20 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
            lora_dropout: float = 0.0, use_rslora: bool = False, method: str = "lora",
            enable_lora: Optional[Sequence[bool]] = None, merge_weights: bool = True,
            init_swapped: bool = False, freeze: bool = True, bias: str = "none",
-           config: Optional[LoRAConfig] = None) -> nn.Module:
+           config: Optional[LoRAConfig] = None, use_dora: bool = False,
+           init_lora_weights: Union[bool, str] = True,
+           loraga_train_step: Optional[Callable[[], None]] = None) -> nn.Module:
     """Replace the target modules of `model` with LoRA layers, in place; returns the model.
 
     target_modules: names matched as dotted suffixes of module paths (["q_proj", "v_proj"]) or one regex
         matched against whole paths (PEFT's convention). Every listed name must match at least one module.
     enable_lora: for fused projections (GPT-2's c_attn), which equal output chunks get LoRA.
     freeze: mark only LoRA parameters (and `bias`) trainable afterwards.
+    use_dora, init_lora_weights: DoRA and PiSSA / LoRA-GA initialisation, named as PEFT names them
+        (see LoRAConfig). PiSSA and LoRA-GA replace the targeted weights by their residuals, in place.
+    loraga_train_step: with init_lora_weights="lora_ga", the callback (forward + backward over the
+        gradient-estimation batches) that loralib.loraga_init runs right after injection; without it,
+        call loraga_init(model, train_step) yourself before training.
     config: a ready LoRAConfig instead of the keyword arguments.
     The config used is stored as `model.loralib_config` for save_adapter / export_peft.
     """
@@ -115,7 +131,11 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
         config = LoRAConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                             target_modules=target_modules, use_rslora=use_rslora, method=method,
                             enable_lora=tuple(enable_lora) if enable_lora is not None else None,
-                            merge_weights=merge_weights, init_swapped=init_swapped)
+                            merge_weights=merge_weights, init_swapped=init_swapped, use_dora=use_dora,
+                            init_lora_weights=init_lora_weights)
+    if loraga_train_step is not None and config.init_lora_weights != "lora_ga":
+        raise ValueError("inject: loraga_train_step is given but init_lora_weights is "
+                         f"{config.init_lora_weights!r}, not 'lora_ga'")
     targets = config.target_modules
     matched: List[Tuple[str, nn.Module]] = [
         (path, module) for path, module in model.named_modules()
@@ -126,6 +146,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, child, _lora_layer_for(module, path, config))
     model.loralib_config = config
+    if loraga_train_step is not None:
+        loraga_init(model, loraga_train_step)
     if freeze:
         mark_only_lora_as_trainable(model, bias=bias)
     return model

@@ -14,6 +14,10 @@ merge-on-eval behaviour. Differences, each a fix of the released code:
   loading a state dict into a merged layer re-merges with the loaded factors. A model saved after
   `eval()` therefore never gets B A added twice. `loralib.merged_state_dict` gives folded weights.
 - `use_rslora=True` scales by lora_alpha / sqrt(r) (rank-stabilised LoRA) instead of lora_alpha / r.
+- `init_lora_weights` (Linear, MergedLinear chunk by chunk): True (kaiming A, zero B), "gaussian" (A ~ N(0, 1/r^2), zero B), "pissa" /
+  "pissa_niter_<N>" (factors from the weight's top-r singular triplets, residual kept as the weight, see
+  loralib.init_methods) or "lora_ga" (set later by loralib.init_methods.loraga_init), as PEFT names them.
+  Weight-dependent initialisation runs in `init_from_weight()`, once the layer holds its real weight.
 - Bad hyperparameters raise a ValueError naming the argument.
 """
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import init_methods
 
 
 def _check_hparams(r, lora_alpha, lora_dropout) -> None:
@@ -103,8 +109,45 @@ class LoRALayer:
             for name, p in self._lora_factors().items():
                 p.data = current[name]
 
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The frozen weight without the merged update, in its own dtype (for state_dict while merged)."""
+        w = self._base_weight()
+        return (_wide(w.detach()) - self._merged_delta()).to(w.dtype)
+
     def rebuild_buffers(self) -> None:
         """Recompute derived buffers (after materialising a layer built on the meta device)."""
+
+    def _add_adapter_parameters(self) -> None:
+        """Parameters a variant adds next to lora_A / lora_B (DoRA's magnitude vector); none for LoRA."""
+
+    def _reset_factors(self) -> None:
+        """lora_A / lora_B for init_lora_weights True (kaiming A) or "gaussian" (A ~ N(0, 1/r^2), PEFT's);
+        B zero; then the weight-dependent part (PiSSA, DoRA's magnitude) once the real weight is in place."""
+        if not hasattr(self, "lora_A"):
+            return
+        if self.init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        init_methods.clear_initial_factors(self)
+        if getattr(self, "_weight_ready", False) and not self._base_weight().is_meta:
+            self.rebuild_buffers()  # a loader may not have rebuilt them yet; the init reads them
+            self.init_from_weight()
+
+    def _finish_build(self) -> None:
+        """End of __init__: the weight has its final layout, so weight-dependent init can run."""
+        self._weight_ready = True
+        if self.has_lora and not self._base_weight().is_meta:
+            with torch.no_grad():
+                self.init_from_weight()
+
+    @torch.no_grad()
+    def init_from_weight(self) -> None:
+        """Weight-dependent initialisation: PiSSA's SVD of the current weight (which then holds the residual).
+        "lora_ga" keeps the plain init until loralib.init_methods.loraga_init sets the factors."""
+        if init_methods.is_pissa(self.init_lora_weights):
+            init_methods.pissa_init_(self)
 
     def _weight_key(self) -> str:
         """The state-dict key of the weight B A is folded into (ConvLoRA: "conv.weight")."""
@@ -142,8 +185,7 @@ class LoRALayer:
         def save_hook(module, state_dict, prefix, local_metadata):
             key = prefix + weight_key
             if module.merged and module.has_lora and key in state_dict:
-                w = module._base_weight()
-                state_dict[key] = (_wide(w.detach()) - module._merged_delta()).to(w.dtype)
+                state_dict[key] = module._unmerged_weight()
 
         def load_pre_hook(module, state_dict, prefix, *args):
             module._remerge_after_load = module.merged
@@ -172,6 +214,7 @@ class Embedding(nn.Embedding, LoRALayer):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: int = 1,
                  merge_weights: bool = True, use_rslora: bool = False, **kwargs):
+        self.init_lora_weights = True  # the embedding's own init (A zero, B normal), as 0.1.2 and PEFT
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0.0,
                            merge_weights=merge_weights, use_rslora=use_rslora)
@@ -180,8 +223,10 @@ class Embedding(nn.Embedding, LoRALayer):
             self.lora_B = nn.Parameter(self.weight.new_zeros((embedding_dim, r)))
             self.scaling = lora_scaling(r, lora_alpha, use_rslora)
             self.weight.requires_grad = False
+            self._add_adapter_parameters()
         self.reset_parameters()
         self._register_merge_safe_state_hooks()
+        self._finish_build()
 
     def reset_parameters(self) -> None:
         nn.Embedding.reset_parameters(self)
@@ -191,6 +236,8 @@ class Embedding(nn.Embedding, LoRALayer):
         if hasattr(self, "lora_A"):
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
+            if getattr(self, "_weight_ready", False) and not self.weight.is_meta:
+                self.init_from_weight()
 
     def delta_weight(self) -> torch.Tensor:
         """(num_embeddings, embedding_dim), in fp32 (fp64 for fp64 factors)."""
@@ -219,7 +266,8 @@ class Linear(nn.Linear, LoRALayer):
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
-                 use_rslora: bool = False, **kwargs):
+                 use_rslora: bool = False, init_lora_weights=True, **kwargs):
+        self.init_lora_weights = init_methods.check_init(init_lora_weights)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights, use_rslora=use_rslora)
@@ -229,19 +277,23 @@ class Linear(nn.Linear, LoRALayer):
             self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
             self.scaling = lora_scaling(r, lora_alpha, use_rslora)
             self.weight.requires_grad = False
+            self._add_adapter_parameters()
+            init_methods.add_initial_factors(self)  # PiSSA / LoRA-GA: A0, B0 (their residual's record)
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
         self._register_merge_safe_state_hooks()
+        self._finish_build()
 
     def reset_parameters(self) -> None:
         nn.Linear.reset_parameters(self)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
-        if hasattr(self, "lora_A"):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+        self._reset_factors()
+
+    def rebuild_buffers(self) -> None:
+        init_methods.materialise_initial_factors(self)
 
     def delta_weight(self) -> torch.Tensor:
         """B A * scaling in fp32, laid out like `weight` ((in, out) when fan_in_fan_out)."""
@@ -276,7 +328,8 @@ class MergedLinear(nn.Linear, LoRALayer):
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
                  lora_dropout: float = 0.0, enable_lora: List[bool] = [False],
                  fan_in_fan_out: bool = False, merge_weights: bool = True, use_rslora: bool = False,
-                 **kwargs):
+                 init_lora_weights=True, **kwargs):
+        self.init_lora_weights = init_methods.check_init(init_lora_weights)  # PiSSA / LoRA-GA: chunk by chunk
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights, use_rslora=use_rslora)
@@ -297,19 +350,20 @@ class MergedLinear(nn.Linear, LoRALayer):
             self.weight.requires_grad = False
             # Not persistent: 0.1.2's state dict has no such key, and it is derived from enable_lora.
             self.register_buffer("lora_columns", self._enabled_columns(), persistent=False)
+            self._add_adapter_parameters()
+            init_methods.add_initial_factors(self)
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
         self._register_merge_safe_state_hooks()
+        self._finish_build()
 
     def reset_parameters(self) -> None:
         nn.Linear.reset_parameters(self)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
-        if hasattr(self, "lora_A"):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+        self._reset_factors()
 
     def _enabled_columns(self) -> torch.Tensor:
         """Indices of the output features that belong to enabled chunks, (out_g * n,)."""
@@ -320,6 +374,7 @@ class MergedLinear(nn.Linear, LoRALayer):
     def rebuild_buffers(self) -> None:
         if self.has_lora:
             self.lora_columns = self._enabled_columns()
+        init_methods.materialise_initial_factors(self)
 
     def _chunked_factors(self):
         """A as (n, r, in) and B as (n, out_g, r)."""
@@ -453,6 +508,7 @@ class ConvLoRA(nn.Module, LoRALayer):
                  lora_alpha: int = 1, lora_dropout: float = 0.0, merge_weights: bool = True,
                  use_rslora: bool = False, **kwargs):
         nn.Module.__init__(self)
+        self.init_lora_weights = True
         self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights, use_rslora=use_rslora)
@@ -466,9 +522,11 @@ class ConvLoRA(nn.Module, LoRALayer):
                 self.conv.weight.new_zeros((out_channels // self.conv.groups * kernel_size, r * kernel_size)))
             self.scaling = lora_scaling(r, lora_alpha, use_rslora)
             self.conv.weight.requires_grad = False
+            self._add_adapter_parameters()
         self.reset_parameters()
         self.merged = False
         self._register_merge_safe_state_hooks()
+        self._finish_build()
 
     def reset_parameters(self) -> None:
         self.conv.reset_parameters()
@@ -478,6 +536,8 @@ class ConvLoRA(nn.Module, LoRALayer):
         if hasattr(self, "lora_A"):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+            if getattr(self, "_weight_ready", False) and not self.conv.weight.is_meta:
+                self.init_from_weight()
 
     # Read-through attributes so code that used the wrapped conv keeps working.
     @property

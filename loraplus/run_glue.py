@@ -10,7 +10,8 @@ B is trained with lr * --loraplus_lr_ratio (loralib.optim.create_loraplus_optimi
 default to on, as in the LoRA+ script (--no_do_train / --no_do_eval turn them off). The LoRA+ experiments'
 swapped init (B kaiming, A zeros) is the default; --use_original_init (or --lora_use_original_init) gives
 LoRA's. GPT-2 pads with its eos token, Llama gets a new [PAD] token (embedding grown, new row = mean).
-Everything else is loralib.tasks.glue.run; see its docstring.
+--use_dora and --init_lora_weights (pissa / lora_ga need --use_original_init: both set the factors) re-run a
+row with DoRA, PiSSA or LoRA-GA. Everything else is loralib.tasks.glue.run; see its docstring.
 """
 import sys
 

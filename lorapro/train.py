@@ -6,7 +6,8 @@
     torchrun --nproc_per_node 8 lorapro/train.py --lora rslora-pro ...        # DDP, global batch still 32
     torchrun --nproc_per_node 8 lorapro/train.py --lora lora-pro --deepspeed ds_zero2.json ...  # efficient mode
 
---lora: lora, rslora, lora-pro (= lora-pro-full), rslora-pro, loraplus, adalora, lora2, full. Everything else,
+--lora: lora, rslora, lora-pro (= lora-pro-full), rslora-pro, loraplus, adalora, lora2, dora, pissa, lora-ga, full
+(--use_rslora, --use_dora, --init_lora_weights compose with the LoRA ones). Everything else,
 and what lands in --output_dir, is loralib.tasks.instruct.run; see its docstring or --help.
 """
 import sys

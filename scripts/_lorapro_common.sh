@@ -32,11 +32,15 @@ fi
 # files, lengths, split sizes). Each run writes OUT_DIR/<method>/seed<seed>/.
 run_rows() {
     local method seed
+    local -a method_args
     for method in "${TASKS[@]}"; do
+        method_args=()
+        [[ $method == lora-ga ]] && method_args=(--loraga_batches "${LORAGA_BATCHES:-8}")
         for seed in $SEEDS; do
             launch lorapro/train.py \
                 --model_name_or_path "$(model_path meta-llama/Llama-2-7b-hf)" \
                 --lora "$method" \
+                "${method_args[@]+"${method_args[@]}"}" \
                 "$@" \
                 --lora_r 8 \
                 --lora_alpha 16 \

@@ -97,7 +97,7 @@ def test_methods_seeds_processes_and_deepspeed(recorder, tmp_path):
 
 
 @pytest.mark.parametrize("args, env, message", [
-    (["dora"], {}, "unknown task 'dora'"),
+    (["vera"], {}, "unknown task 'vera'"),
     (["--bogus"], {}, "unknown option --bogus"),
     ([], {"NPROC": "0"}, "NPROC must be a positive integer"),
     ([], {"DEEPSPEED": "/nonexistent/ds.json"}, "DEEPSPEED=/nonexistent/ds.json: no such file"),

@@ -220,8 +220,8 @@ def test_bad_flags_give_one_clear_error_and_write_nothing(assets, tmp_path, caps
 
 def test_unknown_method_and_busy_output_dir(assets, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        run.build_parser().parse_args(argv(assets, tmp_path / "x", "--lora", "dora"))
-    assert "unknown method 'dora'" in capsys.readouterr().err
+        run.build_parser().parse_args(argv(assets, tmp_path / "x", "--lora", "vera"))
+    assert "unknown method 'vera'" in capsys.readouterr().err
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("keep me")

@@ -9,7 +9,8 @@
     python examples/NLU/run_glue.py --model_name_or_path roberta-base --task_name mnli --do_eval \
         --lora_path roberta_base_lora_mnli.bin --apply_lora --lora_r 8 --lora_alpha 16 --output_dir out/eval
 
-LoRA goes on the self-attention query and value projections. Everything else (data, model, training,
+LoRA goes on the self-attention query and value projections. Any row re-runs with a baseline: --use_dora
+(DoRA), --init_lora_weights pissa | pissa_niter_N | lora_ga (with --loraga_batches N). Everything else (data, model, training,
 results files, the decisions where the original was silent) is loralib.tasks.glue.run; see its docstring.
 """
 import sys

@@ -117,6 +117,13 @@ def _add_common(parser: argparse.ArgumentParser, flavour: str) -> None:
     g.add_argument("--lora_path", default=None, help="adapter to start from or evaluate: microsoft's released .bin, "
                    "or one of our adapter folders")
 
+    b = parser.add_argument_group("baselines (any LoRA run)")
+    b.add_argument("--use_dora", action="store_true", help="DoRA layers (loralib.dora)")
+    b.add_argument("--init_lora_weights", type=_init_flag, default=None,
+                   help="True, gaussian, pissa, pissa_niter_N or lora_ga (PEFT's names)")
+    b.add_argument("--loraga_batches", type=int, default=8,
+                   help="lora_ga: training batches (per-device size) for the gradient estimate")
+
     t = parser.add_argument_group("training")
     default_do = flavour == "loraplus"  # the LoRA+ script's TrainingArguments default both to True
     t.add_argument("--do_train", action="store_true", default=default_do)
@@ -176,6 +183,15 @@ def _add_common(parser: argparse.ArgumentParser, flavour: str) -> None:
                    help="the loop logs every --logging_steps steps to metrics.jsonl")
     c.add_argument("--tb_writter_loginterval", type=int, default=None,
                    help="AdaLoRA's scripts: the interval of its rank TensorBoard logs (ranks go to metrics.jsonl)")
+
+
+def _init_flag(text: str):
+    from ...init_methods import check_init
+
+    try:
+        return check_init(True if text.lower() == "true" else text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_lora(parser: argparse.ArgumentParser, flavour: str) -> None:
@@ -304,6 +320,25 @@ def resolve_method(args: argparse.Namespace, adapter_lora: Optional[LoRAConfig])
                              "--deepspeed is not supported (DeepSpeed runs plain SGD on the full variant's "
                              "directions): use 0, --lorapro_mode efficient, or torchrun")
         method.name, method.lorapro_mode = "lorapro", args.lorapro_mode
+    return method
+
+
+def with_baseline_flags(args: argparse.Namespace, method: Method) -> Method:
+    """--use_dora / --init_lora_weights on the method's LoRAConfig; one error naming the flags otherwise."""
+    if not (args.use_dora or args.init_lora_weights is not None):
+        return method
+    if method.lora is None:
+        raise ValueError("--use_dora / --init_lora_weights configure LoRA, which is off: add --apply_lora")
+    if args.use_dora and method.lorapro_mode is not None:
+        raise ValueError("DoRA (--use_dora) does not compose with LoRA-Pro (--apply_lorapro): LoRA-Pro's equivalent "
+                         "gradient is that of W0 + s B A, which DoRA rescales")
+    changes = {"use_dora": True} if args.use_dora else {}
+    if args.init_lora_weights is not None:
+        changes["init_lora_weights"] = args.init_lora_weights
+    try:
+        method.lora = method.lora.replace(**changes)
+    except ValueError as err:
+        raise ValueError(f"--use_dora / --init_lora_weights: {err}") from None
     return method
 
 
@@ -690,6 +725,21 @@ def _seed(seed: int) -> None:
         pass
 
 
+def loraga_from_features(model: nn.Module, features: List[dict], collate: Callable, batch_size: int,
+                         n_batches: int) -> None:
+    """LoRA-GA's init from the mean gradient of the training loss over the first n_batches batches."""
+    from ...init_methods import loraga_init
+
+    if n_batches < 1:
+        raise ValueError(f"--loraga_batches must be >= 1, got {n_batches}")
+
+    def train_step():
+        for start in range(0, min(len(features), n_batches * batch_size), batch_size):
+            model(**collate(features[start:start + batch_size])).loss.backward()
+
+    loraga_init(model, train_step)
+
+
 def prepare(args: argparse.Namespace) -> Prepared:
     """Check the flags, read the data, build the model (LoRA inline) and load --lora_path. Writes nothing."""
     from ...models.loading import check_tokenizer_fits, family_module, load_tokenizer, read_config
@@ -717,7 +767,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     num_labels = (train_data or dev_data[0]).num_labels
 
     adapter = read_lora_path(args.lora_path) if args.lora_path else None
-    method = resolve_method(args, adapter.lora if adapter else None)
+    method = with_baseline_flags(args, resolve_method(args, adapter.lora if adapter else None))
     model_path = resolve_model_path(args.model_name_or_path)
     hf_config = read_config(model_path)
     model_type = hf_config.get("model_type")
@@ -757,6 +807,10 @@ def prepare(args: argparse.Namespace) -> Prepared:
         args.pad_to_max_length, is_regression=task.is_regression)
     train_features = encode(train_data, args.max_train_samples) if train_data is not None else None
     dev = [(d, encode(d, args.max_eval_samples)) for d in dev_data]
+    if train_features and method.lora is not None and method.lora.init_lora_weights == "lora_ga" \
+            and not args.resume_from_checkpoint:  # a resumed run loads A0, B0 (and so the residual) instead
+        loraga_from_features(model, train_features, GlueCollator(tokenizer), args.per_device_train_batch_size,
+                             args.loraga_batches)
     for data, features in dev:
         if any("labels" not in f for f in features):
             raise ValueError(f"{data.source}: the dev set has examples without a label; it cannot be scored")

@@ -28,7 +28,16 @@ Methods (--lora; run_config.json's "method" in brackets):
                                         --lora_r) per matrix on average; warmups as fractions of the run
                                         (--init_warmup_ratio 0.1, --final_warmup_ratio 0.3), mask every 10
                                         steps, beta 0.85 / 0.85, --reg_orth_coef 0.1; LoRA² inner rank --lora2_k 8
+    dora [dora]                         DoRA (loralib.dora): LoRA + a trained magnitude per output row; AdamW
+    pissa [pissa]                       LoRA from W0's top-r singular triplets (PiSSA), W0's residual frozen;
+                                        --init_lora_weights pissa_niter_N for the randomised SVD
+    lora-ga [lora-ga]                   LoRA from the SVD of W0's gradient over --loraga_batches batches (the
+                                        first training examples; PEFT's defaults ArB2r / stable / gamma 16)
     full [full]                         every weight trained with AdamW
+    --use_rslora, --use_dora and --init_lora_weights compose with lora, dora, pissa, lora-ga, loraplus and
+    lora-pro (e.g. --lora lora-pro --init_lora_weights lora_ga, --lora dora --use_rslora); AdaLoRA / LoRA²
+    refuse them. PiSSA / LoRA-GA: adapter/ records A0, B0 and loads on the ORIGINAL base; peft_adapter/ is
+    PEFT's conversion, a plain LoRA of rank 2 r against the ORIGINAL weights.
 
 Defaults are the paper's (recipes.md §LoRA-Pro): r 8, alpha 16, dropout 0, the seven projections, lr 2e-5,
 1 epoch, cosine, warmup ratio 0.03, global batch 32 = 1 per device x accumulation 32 / world size, weight
@@ -78,8 +87,12 @@ from ...train.run_lock import hold_output_dir
 
 logger = logging.getLogger("loralib.instruct")
 
-METHODS = ("lora", "rslora", "lora-pro", "rslora-pro", "loraplus", "adalora", "lora2", "full")
-ALIASES = {"lora-pro-full": "lora-pro", "lorapro": "lora-pro", "rslora-pro-full": "rslora-pro"}
+METHODS = ("lora", "rslora", "lora-pro", "rslora-pro", "loraplus", "adalora", "lora2", "dora", "pissa", "lora-ga",
+           "full")
+ALIASES = {"lora-pro-full": "lora-pro", "lorapro": "lora-pro", "rslora-pro-full": "rslora-pro",
+           "loraga": "lora-ga", "lora_ga": "lora-ga"}
+# the baselines that are LoRA with another layer or init: (use_dora, init_lora_weights)
+VARIANTS = {"dora": (True, True), "pissa": (False, "pissa"), "lora-ga": (False, "lora_ga")}
 RUN_CONFIG_NAME = {"lora-pro": "lorapro"}  # the contract's method names in run_config.json
 DATASETS = ("metamath", "codefeedback", "wizardlm")
 EVAL_TASKS = ("gsm8k", "humaneval", "mt-bench")
@@ -101,6 +114,16 @@ def _method(name: str) -> str:
     if name not in METHODS:
         raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return name
+
+
+def _init_flag(text: str):
+    from ...init_methods import check_init
+
+    value = True if text.lower() == "true" else text
+    try:
+        return check_init(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser(prog: Optional[str] = None, training: bool = True) -> argparse.ArgumentParser:
@@ -152,6 +175,13 @@ def build_parser(prog: Optional[str] = None, training: bool = True) -> argparse.
     m.add_argument("--mask_interval", type=int, default=10)
     m.add_argument("--reg_orth_coef", type=float, default=0.1)
     m.add_argument("--lora2_k", type=int, default=8)
+    m.add_argument("--use_rslora", action="store_true", help="rsLoRA scaling alpha / sqrt r with any LoRA method")
+    m.add_argument("--use_dora", action="store_true", help="DoRA layers with any LoRA method")
+    m.add_argument("--init_lora_weights", type=_init_flag, default=None,
+                   help="True, gaussian, pissa, pissa_niter_N or lora_ga (default: the method's)")
+    m.add_argument("--loraga_batches", type=int, default=8,
+                   help="lora_ga: per-device batches of the first training examples for the gradient estimate "
+                        "(the LoRA-GA setting's number is not known here)")
 
     t = parser.add_argument_group("training")
     t.add_argument("--lr", "--learning_rate", dest="lr", type=float, default=2e-5)
@@ -235,6 +265,12 @@ def resolve_method(args, model_type: str) -> Method:
     for flag in ("lora_r", "mask_interval", "lora2_k"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if name == "full" or adaptive:
+        for flag in ("use_rslora", "use_dora"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag} does not compose with --lora {name}")
+        if args.init_lora_weights not in (None, True):
+            raise ValueError(f"--init_lora_weights {args.init_lora_weights} does not compose with --lora {name}")
     if name == "full":
         return Method("full", None)
     targets = _targets(args, model_type)
@@ -246,7 +282,17 @@ def resolve_method(args, model_type: str) -> Method:
             raise ValueError(f"--target_rank {target} / --init_rank {init}: need 1 <= target_rank <= init_rank")
         lora = LoRAConfig(r=init, method=name, lora2_k=args.lora2_k, **common)
         return Method(name, lora, target_rank=target, reg_orth_coef=args.reg_orth_coef)
-    lora = LoRAConfig(r=args.lora_r, use_rslora=name.startswith("rslora"), **common)
+    use_dora, init = VARIANTS.get(name, (False, True))
+    use_dora = use_dora or args.use_dora
+    if use_dora and pro:
+        raise ValueError(f"DoRA (--use_dora) does not compose with LoRA-Pro (--lora {name}): LoRA-Pro's equivalent "
+                         "gradient is that of W0 + s B A, which DoRA rescales")
+    init = init if args.init_lora_weights is None else args.init_lora_weights
+    try:
+        lora = LoRAConfig(r=args.lora_r, use_rslora=name.startswith("rslora") or args.use_rslora,
+                          use_dora=use_dora, init_lora_weights=init, **common)
+    except ValueError as err:
+        raise ValueError(f"--lora {name} with --use_dora / --init_lora_weights: {err}") from None
     ratio = (16.0 if args.loraplus_lr_ratio is None else args.loraplus_lr_ratio) if name == "loraplus" else None
     if ratio is not None and ratio <= 0:
         raise ValueError(f"--loraplus_lr_ratio must be > 0, got {ratio}")
@@ -414,7 +460,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     from ...models.grad_checkpoint import enable_gradient_checkpointing
     from ...models.loading import load_tokenizer, read_config
     from ..glue.run import check_targets, resolve_model_path
-    from . import build_examples, load_records, split_train_eval
+    from . import InstructCollator, build_examples, load_records, split_train_eval
 
     out = Path(args.output_dir)
     _positive(args, "per_device_train_batch_size", "global_batch_size", "max_length", "n_train", "max_steps",
@@ -474,6 +520,10 @@ def prepare(args: argparse.Namespace) -> Prepared:
     model = load_model(model_path, method.lora, precision)
     mark_trainable(model, method)
     checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else torch.cuda.is_available()
+    if method.lora is not None and method.lora.init_lora_weights == "lora_ga" and args.do_train \
+            and not args.resume_from_checkpoint:  # a resumed run loads A0, B0 (and so the residual) instead
+        loraga_from_examples(model, train_examples, InstructCollator(pad_id(tokenizer)),
+                             args.per_device_train_batch_size, args.loraga_batches, args.seed)
     if checkpointing and args.do_train:
         enable_gradient_checkpointing(model)
 
@@ -563,6 +613,29 @@ def eval_loss(model: nn.Module, examples: List[dict], collate, batch_size: int =
         total += losses.item()
         tokens += int((labels != -100).sum())
     return {"loss": total / max(tokens, 1)}
+
+
+def loraga_from_examples(model: nn.Module, examples: List[dict], collate, batch_size: int, n_batches: int,
+                         seed: int) -> None:
+    """LoRA-GA's init from the mean gradient of the training loss over the first n_batches batches (on the GPU
+    when there is one; every process computes the same, from the same batches and seed)."""
+    from ...init_methods import loraga_init
+
+    if n_batches < 1:
+        raise ValueError(f"--loraga_batches must be >= 1, got {n_batches}")
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+
+    def train_step():
+        for i in range(0, min(len(examples), n_batches * batch_size), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
+            with _autocast(device, model):
+                logits = model(batch["input_ids"], batch["attention_mask"]).logits.float()
+            nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                        ignore_index=-100).backward()
+
+    _seed(seed)
+    loraga_init(model, train_step)
 
 
 def _autocast(device: torch.device, model: nn.Module):
@@ -727,7 +800,7 @@ def prepare_evaluation(args: argparse.Namespace) -> Prepared:
             targets = raw.get("target_modules") or ()
             lora = LoRAConfig(r=int(raw["r"]), lora_alpha=float(raw["lora_alpha"]),
                               target_modules=targets if isinstance(targets, str) else tuple(targets),
-                              use_rslora=bool(raw.get("use_rslora", False)))
+                              use_rslora=bool(raw.get("use_rslora", False)), use_dora=bool(raw.get("use_dora")))
         else:
             meta = read_adapter_config(folder)
             lora = LoRAConfig.from_dict(meta["lora"]) if meta.get("lora") else None
