@@ -131,9 +131,10 @@ def test_compare_never_shows_a_non_finite_measurement(tmp_path):
 
 # -- an entry point end to end --------------------------------------------------------------------------
 
-def test_run_glue_refuses_a_diverging_run_in_one_line(tmp_path, capsys):
+def test_run_glue_refuses_a_diverging_run_in_one_line(tmp_path, capsys, monkeypatch):
     """The paper scripts share the loop: a too-high learning rate is one line and exit 2, not accuracy 0.5."""
     pytest.importorskip("transformers")
+    monkeypatch.setenv("LORALIB_PROGRESS", "off")  # stderr then holds only what the run says on its own
     from loralib.tasks.glue import run as driver
 
     write_tiny_roberta(tmp_path / "roberta")
