@@ -37,7 +37,8 @@ from . import init_methods, layers
 from .adalora import SVDLinear
 from .config import LoRAConfig
 from .lora2 import LoRA2Linear
-from .files import read_json, write_json_atomic
+from .files import apply_umask, read_json, write_json_atomic
+from .transaction import model_transaction
 from .utils import lora_layers, mark_only_lora_as_trainable
 
 FORMAT = "loralib-adapter"
@@ -58,7 +59,16 @@ class AdapterError(ValueError):
 def _atomic_write_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    apply_umask(tmp)  # safetensors writes 0600; an adapter is shared like any other file
     os.replace(tmp, path)
+
+
+def _load_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    """A safetensors file, or one error naming it (a truncated or foreign file is a SafetensorError)."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError and OSError subclasses
+        raise AdapterError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
 
 
 def _atomic_write_json(obj: dict, path: Path) -> None:
@@ -145,14 +155,16 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
     weights_path = directory / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path}: adapter weights missing")
-    tensors = load_file(str(weights_path))
-    if not any(layer.has_lora for _, layer in lora_layers(model)):
-        if meta.get("lora") is None:
-            raise AdapterError(f"{directory / ADAPTER_CONFIG}: the model has no LoRA layers and the adapter "
-                               "records no LoRAConfig to create them")
-        inject(model, target_modules=None, config=LoRAConfig.from_dict(meta["lora"]))
-    _check_against_model(model, tensors, weights_path, strict)
-    model.load_state_dict(tensors, strict=False)
+    tensors = _load_tensors(weights_path)
+    # all or nothing: a file that does not fit leaves the model as it was (the injection undone)
+    with model_transaction(model, tensors=lambda name, _: name in tensors):
+        if not any(layer.has_lora for _, layer in lora_layers(model)):
+            if meta.get("lora") is None:
+                raise AdapterError(f"{directory / ADAPTER_CONFIG}: the model has no LoRA layers and the adapter "
+                                   "records no LoRAConfig to create them")
+            inject(model, target_modules=None, config=LoRAConfig.from_dict(meta["lora"]))
+        _check_against_model(model, tensors, weights_path, strict)
+        model.load_state_dict(tensors, strict=False)
     return model
 
 
@@ -296,6 +308,10 @@ def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = Tru
     cfg = _read_json(config_path)
     if cfg.get("peft_type") != "LORA":
         raise AdapterError(f"{config_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters import")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
+            raise AdapterError(f"{config_path}: key {key!r} " + ("is missing" if key not in cfg else
+                               f"is {cfg[key]!r}, not a number") + " (a PEFT LoRA config has r and lora_alpha)")
     use_dora = bool(cfg.get("use_dora", False))
     init = cfg.get("init_lora_weights", True)
     init = True if init is True or init == "lora_ga" or init is None else init  # PEFT: LoRA-GA loads as plain
@@ -305,7 +321,7 @@ def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = Tru
         raise AdapterError(f"{config_path}: {err}") from None
     weights_path = directory / PEFT_WEIGHTS
     if weights_path.is_file():
-        tensors = load_file(str(weights_path))
+        tensors = _load_tensors(weights_path)
     elif (directory / "adapter_model.bin").is_file():
         weights_path = directory / "adapter_model.bin"
         tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
@@ -326,55 +342,66 @@ def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = Tru
         else:
             extras[inner] = value
     use_rslora = bool(cfg.get("use_rslora", False))
-    modules = dict(model.named_modules())
-    for path, pair in factors.items():
-        A, B = pair.get("A"), pair.get("B")
-        if A is None or B is None:
-            raise AdapterError(f"{weights_path}: module {path!r} lacks its lora_A or lora_B")
-        if use_dora != ("m" in pair):
-            raise AdapterError(f"{weights_path}: module {path!r} " + (
-                "lacks its lora_magnitude_vector (the config says use_dora=true)" if use_dora else
-                "has a lora_magnitude_vector but the config says use_dora=false"))
-        if path not in modules:
-            raise AdapterError(f"{weights_path}: key for module {path!r}, which the model "
-                               f"({type(model).__name__}) does not have")
-        rank = A.shape[0]
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, path, cfg["lora_alpha"])
-        layer_config = LoRAConfig(r=rank, lora_alpha=alpha, lora_dropout=float(cfg.get("lora_dropout", 0.0)),
-                                  target_modules=re.escape(path), use_rslora=use_rslora,
-                                  merge_weights=merge_weights, use_dora=use_dora, init_lora_weights=init)
-        if not getattr(modules[path], "has_lora", False):  # a plain module, or a rank-0 loralib Linear
-            inject(model, target_modules=None, config=layer_config, freeze=False)
-        layer = model.get_submodule(path)
-        if use_dora != hasattr(layer, "lora_magnitude_vector"):
-            raise AdapterError(f"{config_path}: use_dora={str(use_dora).lower()} but the model's layer {path!r} "
-                               f"is a {type(layer).__name__}, built {'without' if use_dora else 'with'} DoRA")
-        tensors_of_layer = [("lora_A", A), ("lora_B", B)] + ([("lora_magnitude_vector", pair["m"])] if use_dora else [])
-        for name, value in tensors_of_layer:
-            target = getattr(layer, name)
-            if tuple(target.shape) != tuple(value.shape):
-                raise AdapterError(f"{weights_path}: {path}.{name} has shape {tuple(value.shape)}, the model "
-                                   f"expects {tuple(target.shape)}")
-        with torch.no_grad():
-            was_merged = layer.merged
-            layer.unmerge()
-            for name, value in tensors_of_layer:
-                getattr(layer, name).copy_(value.to(getattr(layer, name).dtype))
-            # a layer built beforehand (from the global r / alpha) takes this module's alpha_pattern value
-            layer.lora_alpha, layer.scaling = alpha, layers.lora_scaling(rank, alpha, use_rslora)
-            if was_merged:
-                layer.merge()
-    if extras:
-        state = model.state_dict()
-        for key, value in extras.items():
-            if key not in state or tuple(state[key].shape) != tuple(value.shape):
-                raise AdapterError(f"{weights_path}: key {key!r} does not fit the model"
-                                   + (f" (shape {tuple(value.shape)} vs {tuple(state[key].shape)})"
-                                      if key in state else ""))
-        model.load_state_dict(extras, strict=False)
-    model.loralib_config = LoRAConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
-                                      target_modules=tuple(sorted(factors)), use_rslora=use_rslora,
+    # all or nothing: an adapter that fails half-way leaves the model as it was (layers injected and merged
+    # so far undone). Copied for that: the LoRA tensors of the modules the adapter names, the extras, and the
+    # whole of a named layer that is merged now (unmerge / merge rewrite its frozen weight).
+    present = dict(model.named_modules())
+    merged_now = tuple(p for p in factors if getattr(present.get(p), "merged", False))
+
+    def _touched(name: str, _) -> bool:
+        under = lambda paths: any(name.startswith(p + ".") for p in paths)  # noqa: E731
+        return name in extras or under(merged_now) or ("lora_" in name.rsplit(".", 1)[-1] and under(factors))
+
+    with model_transaction(model, tensors=_touched):
+        modules = dict(model.named_modules())
+        for path, pair in factors.items():
+            A, B = pair.get("A"), pair.get("B")
+            if A is None or B is None:
+                raise AdapterError(f"{weights_path}: module {path!r} lacks its lora_A or lora_B")
+            if use_dora != ("m" in pair):
+                raise AdapterError(f"{weights_path}: module {path!r} " + (
+                    "lacks its lora_magnitude_vector (the config says use_dora=true)" if use_dora else
+                    "has a lora_magnitude_vector but the config says use_dora=false"))
+            if path not in modules:
+                raise AdapterError(f"{weights_path}: key for module {path!r}, which the model "
+                                   f"({type(model).__name__}) does not have")
+            rank = A.shape[0]
+            alpha = _pattern_value(cfg.get("alpha_pattern") or {}, path, cfg["lora_alpha"])
+            layer_config = LoRAConfig(r=rank, lora_alpha=alpha, lora_dropout=float(cfg.get("lora_dropout", 0.0)),
+                                      target_modules=re.escape(path), use_rslora=use_rslora,
                                       merge_weights=merge_weights, use_dora=use_dora, init_lora_weights=init)
+            if not getattr(modules[path], "has_lora", False):  # a plain module, or a rank-0 loralib Linear
+                inject(model, target_modules=None, config=layer_config, freeze=False)
+            layer = model.get_submodule(path)
+            if use_dora != hasattr(layer, "lora_magnitude_vector"):
+                raise AdapterError(f"{config_path}: use_dora={str(use_dora).lower()} but the model's layer {path!r} "
+                                   f"is a {type(layer).__name__}, built {'without' if use_dora else 'with'} DoRA")
+            tensors_of_layer = [("lora_A", A), ("lora_B", B)] + ([("lora_magnitude_vector", pair["m"])] if use_dora else [])
+            for name, value in tensors_of_layer:
+                target = getattr(layer, name)
+                if tuple(target.shape) != tuple(value.shape):
+                    raise AdapterError(f"{weights_path}: {path}.{name} has shape {tuple(value.shape)}, the model "
+                                       f"expects {tuple(target.shape)}")
+            with torch.no_grad():
+                was_merged = layer.merged
+                layer.unmerge()
+                for name, value in tensors_of_layer:
+                    getattr(layer, name).copy_(value.to(getattr(layer, name).dtype))
+                # a layer built beforehand (from the global r / alpha) takes this module's alpha_pattern value
+                layer.lora_alpha, layer.scaling = alpha, layers.lora_scaling(rank, alpha, use_rslora)
+                if was_merged:
+                    layer.merge()
+        if extras:
+            state = model.state_dict()
+            for key, value in extras.items():
+                if key not in state or tuple(state[key].shape) != tuple(value.shape):
+                    raise AdapterError(f"{weights_path}: key {key!r} does not fit the model"
+                                       + (f" (shape {tuple(value.shape)} vs {tuple(state[key].shape)})"
+                                          if key in state else ""))
+            model.load_state_dict(extras, strict=False)
+        model.loralib_config = LoRAConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
+                                          target_modules=tuple(sorted(factors)), use_rslora=use_rslora,
+                                          merge_weights=merge_weights, use_dora=use_dora, init_lora_weights=init)
     mark_only_lora_as_trainable(model)
     for name, param in model.named_parameters():
         if name in extras:  # a trained head (modules_to_save) stays trainable

@@ -14,7 +14,9 @@ import torch.nn as nn
 
 from . import layers
 from .config import LoRAConfig, _swap_init, target_matches
+from . import init_methods
 from .init_methods import loraga_init
+from .transaction import model_transaction
 from .utils import mark_only_lora_as_trainable
 
 
@@ -141,13 +143,19 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
         (path, module) for path, module in model.named_modules()
         if path and target_matches(targets, path) and not _inside_lora_layer(model, path)]
     _check_every_target_matched(model, targets, [p for p, _ in matched])
-    for path, module in matched:
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, _lora_layer_for(module, path, config))
-    model.loralib_config = config
-    if loraga_train_step is not None:
-        loraga_init(model, loraga_train_step)
+    paths = tuple(p for p, _ in matched)
+    # all or nothing: a layer that cannot be built (or a LoRA-GA step that fails) leaves the model as it was.
+    # The new layers share the frozen tensors, so only PiSSA / LoRA-GA (which rewrite them in place) need
+    # copies, of the matched modules' tensors alone; otherwise the module tree is all that is restored.
+    copied = paths if init_methods.mutates_weight(config.init_lora_weights) else ()
+    with model_transaction(model, tensors=lambda name, _: any(name.startswith(p + ".") for p in copied)):
+        for path, module in matched:
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, child, _lora_layer_for(module, path, config))
+        model.loralib_config = config
+        if loraga_train_step is not None:
+            loraga_init(model, loraga_train_step)
     if freeze:
         mark_only_lora_as_trainable(model, bias=bias)
     return model

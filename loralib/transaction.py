@@ -7,7 +7,8 @@ What is snapshot on entry, and put back when the block raises (then the exceptio
   - the module tree: every module's children, parameters and buffers (the objects themselves, so a layer the
     call swapped in is dropped and the original module, with its original Parameter objects, is back);
   - the values of every parameter and buffer (copies; restored into the same Parameter objects, so optimizers
-    and references held outside stay valid), and each parameter's requires_grad;
+    and references held outside stay valid), and every parameter's requires_grad (also where `tensors`
+    leaves its value uncopied);
   - every module's plain attributes (training mode, LoRA's merged / scaling / r, model.loralib_config, ...),
     dict-valued ones (hooks) copied one level deep.
 Cost: one copy of the tensors the `tensors` filter selects (all by default), on `copy_device` (default: where
@@ -38,6 +39,8 @@ def model_transaction(model: nn.Module, tensors: Optional[Callable[[str, torch.T
     modules: List[nn.Module] = list(model.modules())
     states = [(m, _module_state(m)) for m in modules]
     copies: Dict[int, Tuple[torch.Tensor, torch.Tensor, bool]] = {}
+    # every parameter's flag, copied or not (freezing is cheap to undo and a failed call may have frozen all)
+    flags = [(p, p.requires_grad) for p in {id(p): p for p in model.parameters()}.values()]
     for prefix, module in model.named_modules(remove_duplicate=True):
         for kind in ("_parameters", "_buffers"):
             for name, t in getattr(module, kind).items():
@@ -62,4 +65,6 @@ def model_transaction(model: nn.Module, tensors: Optional[Callable[[str, torch.T
                 t.data = saved.to(t.device) if saved.device != t.device else saved
                 if isinstance(t, nn.Parameter):
                     t.requires_grad_(requires_grad)
+            for p, requires_grad in flags:
+                p.requires_grad_(requires_grad)
         raise

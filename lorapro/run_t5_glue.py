@@ -4,7 +4,8 @@
         --seed 0 --output_dir outputs/lorapro_t5_glue/mnli/lora-pro/seed0
 
 --task: mnli, sst2, cola, qnli, mrpc. --lora: lora, rslora, lora-pro (= lora-pro-full), rslora-pro, loraplus,
-adalora, lora2, full. Every flag is a field of loralib.tasks.t5glue.run.T5GlueRun (same name, same default: the
+adalora, lora2, dora, pissa, lora-ga, full (--use_rslora / --use_dora / --init_lora_weights compose as in
+lorapro/train.py). Every flag is a field of loralib.tasks.t5glue.run.T5GlueRun (same name, same default: the
 setting's hyper-parameters); what is written to --output_dir, and the decisions, are in that module's docstring.
 """
 import argparse
@@ -13,7 +14,7 @@ import sys
 import typing
 
 from loralib.cli import run_entry_point
-from loralib.tasks.instruct.run import ALIASES
+from loralib.tasks.instruct.run import ALIASES, _init_flag
 from loralib.tasks.t5glue import run as t5glue
 
 HIDDEN = ("given", "deepspeed")  # filled in here / not offered
@@ -29,7 +30,9 @@ HELP = {"model_name_or_path": "a T5 model folder, or a hub name looked up in mod
         "mask_label_padding": "ignore padded label positions in the loss (released: trained as pad tokens)",
         "eval_mode": "score the label words' first tokens (the setting) or generate them",
         "max_train_samples": "first N training examples (default all)", "max_eval_samples": "first N dev examples",
-        "bf16": "bf16 frozen weights + autocast (the setting: fp32)"}
+        "bf16": "bf16 frozen weights + autocast (the setting: fp32)",
+        "use_rslora": "rsLoRA scaling alpha / sqrt(r)", "use_dora": "DoRA layers (not with LoRA-Pro)",
+        "loraga_batches": "LoRA-GA: training batches of the gradient estimate"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
                                 help=HELP.get(f.name))
+        elif f.name == "init_lora_weights":
+            parser.add_argument("--init_lora_weights", type=_init_flag, default=None,
+                                help="True, gaussian, pissa, pissa_niter_N or lora_ga (default: the method's)")
         elif f.name == "lora":
             parser.add_argument("--lora", type=lambda s: ALIASES.get(s.lower(), s.lower()), default=f.default,
                                 choices=CHOICES["lora"], help=HELP["lora"])

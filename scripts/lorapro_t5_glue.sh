@@ -2,23 +2,28 @@
 # LoRA-Pro's T5-base GLUE table (the LoRA-GA setting): every method x task x seed, through lorapro/run_t5_glue.py.
 #
 #   scripts/lorapro_t5_glue.sh [--smoke] [METHOD ...]   METHOD: lora rslora loraplus adalora lora-pro rslora-pro full
-#                                                    (the table's rows we have; default all of them), lora2, or all
+#                                                    dora pissa lora-ga (the table's rows; default all of them),
+#                                                    lora2, or all
 #
-#   scripts/lorapro_t5_glue.sh                          # 7 methods x mnli sst2 cola qnli mrpc x seeds 0 1 2
+#   scripts/lorapro_t5_glue.sh                          # 10 methods x mnli sst2 cola qnli mrpc x seeds 0 1 2
 #   GLUE_TASKS="sst2 cola" SEEDS=0 scripts/lorapro_t5_glue.sh lora-pro
 #   scripts/lorapro_t5_glue.sh --smoke                  # tiny random T5 + tiny GLUE files, seconds a row
 #
 # The setting (loralib/tasks/t5glue/run.py's docstring, from LoRA-GA's released code): t5-base in fp32, r 8,
 # alpha 16, dropout 0 on every linear layer but the head, lr 1e-4, 1 epoch, batch 32, cosine, warmup ratio
 # 0.03, weight decay 0, max length 128; LoRA+ ratio 16; accuracy on the dev split by scoring the label words.
-# DoRA, PiSSA and LoRA-GA rows: not here until loralib has those methods.
+# DoRA, PiSSA and LoRA-GA rows (loralib.dora, loralib.init_methods, held to PEFT): the same r, alpha, lr and
+# targets; PiSSA with the full SVD; LoRA-GA's gradient over LORAGA_BATCHES (8, conf/init/gradient.yaml's iters)
+# per-device batches of the first training examples, PEFT's direction ArB2r / scale stable / gamma 16. Not
+# known here: whether the table's LoRA-GA row also used rsLoRA scaling (LoRA-GA's README recommends it; pass
+# it with EXTRA_ARGS="--use_rslora").
 # Results: OUT_DIR/<task>/<method>/seed<seed>/{eval_results.json,run_config.json,adapter/,peft_adapter/};
 # `loralib compare OUT_DIR --paper lorapro` sets them against the reported rows.
 # Environment: SEEDS ("0 1 2"), GLUE_TASKS ("mnli sst2 cola qnli mrpc"), LR (1e-4), NPROC (1), MODEL_DIR (folder
 # holding t5-base; default: models/, else a download), DATA_DIR (data), OUT_DIR (outputs/lorapro_t5_glue),
-# PYTHON, SMOKE_DIR (.cache/smoke).
-ALL_TASKS=(lora rslora loraplus adalora lora-pro rslora-pro full lora2)
-DEFAULT_TASKS=(lora rslora loraplus adalora lora-pro rslora-pro full)
+# PYTHON, SMOKE_DIR (.cache/smoke), LORAGA_BATCHES (8), EXTRA_ARGS (appended to every row).
+ALL_TASKS=(lora rslora loraplus adalora lora-pro rslora-pro full dora pissa lora-ga lora2)
+DEFAULT_TASKS=(lora rslora loraplus adalora lora-pro rslora-pro full dora pissa lora-ga)
 SMOKE_TASKS=(lora lora-pro)
 source "$(dirname "$0")/_common.sh"
 parse_args "$@"
@@ -47,7 +52,10 @@ export PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false
 
 for task in $GLUE_TASKS; do
     for method in "${TASKS[@]}"; do
+        method_args=()
+        [[ $method == lora-ga ]] && method_args=(--loraga_batches "${LORAGA_BATCHES:-8}")
         for seed in $SEEDS; do
+            # shellcheck disable=SC2086  # EXTRA_ARGS is split into flags on purpose
             launch lorapro/run_t5_glue.py \
                 --model_name_or_path "$(model_path t5-base)" \
                 --task "$task" \
@@ -66,7 +74,8 @@ for task in $GLUE_TASKS; do
                 --max_length 128 \
                 --eval_mode score \
                 --seed "$seed" \
-                --output_dir "$OUT_DIR/$task/$method/seed$seed"
+                --output_dir "$OUT_DIR/$task/$method/seed$seed" \
+                "${method_args[@]}" ${EXTRA_ARGS:-}
         done
     done
 done

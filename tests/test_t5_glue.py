@@ -139,3 +139,9 @@ def test_every_method_trains_a_row_on_t5(assets, tmp_path, method, mode):
         assert sorted({g["lr"] for g in out["train"]["param_groups"] if g["numel"]}) == [1e-4, 16e-4]
     if method in ("adalora", "lora2"):
         assert (tmp_path / method / "rank_pattern.json").is_file()
+    if method == "dora":  # a trained magnitude per output row on every adapted layer
+        assert config["lora"]["use_dora"] and any("lora_magnitude_vector" in n for n in before)
+    if method in ("pissa", "lora-ga"):  # the init's factors kept, the frozen weight its residual
+        assert config["lora"]["init_lora_weights"] == {"pissa": "pissa", "lora-ga": "lora_ga"}[method]
+        a0 = dict(p.model.named_buffers())["encoder.block.0.layer.0.SelfAttention.q.lora_A0"]
+        assert a0.abs().sum() > 0

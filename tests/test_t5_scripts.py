@@ -25,7 +25,7 @@ SETTING = {"lora_r": "8", "lora_alpha": "16", "lora_dropout": "0", "lr": "1e-4",
            "per_device_train_batch_size": "32", "global_batch_size": "32", "warmup_ratio": "0.03",
            "lr_scheduler_type": "cosine", "weight_decay": "0", "max_length": "128", "eval_mode": "score",
            "model_name_or_path": "M/t5-base", "data_dir": "D"}
-ROWS = ["lora", "rslora", "loraplus", "adalora", "lora-pro", "rslora-pro", "full"]
+ROWS = ["lora", "rslora", "loraplus", "adalora", "lora-pro", "rslora-pro", "full", "dora", "pissa", "lora-ga"]
 
 
 def _env(**extra):
@@ -54,8 +54,8 @@ def test_every_row_gets_the_setting(tmp_path):
 
 
 def test_unknown_method_is_refused(tmp_path):
-    proc = run_script(SCRIPT, "dora", steering_keys=ENV_KEYS, **_env(OUT_DIR=tmp_path))
-    assert proc.returncode == 2 and "unknown task 'dora'" in proc.stderr
+    proc = run_script(SCRIPT, "vera", steering_keys=ENV_KEYS, **_env(OUT_DIR=tmp_path))
+    assert proc.returncode == 2 and "unknown task 'vera'" in proc.stderr
 
 
 def test_bad_flag_gives_one_error_line(tmp_path):

@@ -48,7 +48,8 @@ from .evaluate import MODES, evaluate, first_tokens
 
 logger = logging.getLogger("loralib.t5glue")
 
-METHODS = ("lora", "rslora", "lora-pro", "rslora-pro", "loraplus", "adalora", "lora2", "full")
+METHODS = ("lora", "rslora", "lora-pro", "rslora-pro", "loraplus", "adalora", "lora2", "dora", "pissa", "lora-ga",
+           "full")
 
 
 @dataclass
@@ -66,6 +67,10 @@ class T5GlueRun:
     lora_dropout: float = 0.0
     target_modules: Optional[str] = None          # default: every linear layer of the model but the head
     loraplus_lr_ratio: Optional[float] = None     # default 16 (the setting's conf/peft)
+    use_rslora: bool = False                      # rsLoRA scaling with lora / dora / pissa / lora-ga / loraplus
+    use_dora: bool = False                        # DoRA layers with the LoRA methods (not LoRA-Pro)
+    init_lora_weights: Optional[str] = None       # True, gaussian, pissa, pissa_niter_N, lora_ga (default: method's)
+    loraga_batches: int = 8                       # LoRA-GA: batches of the gradient estimate (conf/init/gradient.yaml: 8 iters)
     target_rank: Optional[int] = None
     init_rank: Optional[int] = None
     init_warmup_ratio: float = 0.0
@@ -192,6 +197,10 @@ def prepare(spec: T5GlueRun) -> Prepared:
     _seed(spec.seed)  # the LoRA factors are drawn next
     model = load_model(model_path, method.lora, spec.bf16)
     mark_trainable(model, method)
+    if method.lora is not None and method.lora.init_lora_weights == "lora_ga" and spec.do_train \
+            and not spec.resume_from_checkpoint:  # a resumed run loads A0, B0 (and so the residual) instead
+        loraga_from_examples(model, train_examples, T5GlueCollator(model.config.pad_token_id, spec.mask_label_padding),
+                             spec.per_device_train_batch_size, spec.loraga_batches, spec.seed)
     p = Prepared(spec, Path(spec.output_dir), model_path, model, tokenizer, method, train_examples, dev_examples,
                  grad_accum)
     if spec.do_train:
@@ -199,6 +208,24 @@ def prepare(spec: T5GlueRun) -> Prepared:
         if method.name == "lora2" or (method.name == "adalora" and spec.adalora_allocate):
             p.allocator = _allocator(model, method, spec, p.total_steps)
     return p
+
+
+def loraga_from_examples(model: nn.Module, examples: List[T5GlueExample], collate, batch_size: int, n_batches: int,
+                         seed: int) -> None:
+    """LoRA-GA's init from the gradient of the seq2seq loss summed over the first n_batches training batches
+    (the setting estimates it before training, then trains from the adjusted W0)."""
+    from ...init_methods import loraga_init
+    from ..instruct.run import _seed
+
+    if n_batches < 1:
+        raise ValueError(f"--loraga_batches must be >= 1, got {n_batches}")
+
+    def train_step():
+        for i in range(0, min(len(examples), n_batches * batch_size), batch_size):
+            model(**collate(examples[i:i + batch_size])).loss.backward()
+
+    _seed(seed)
+    loraga_init(model, train_step)
 
 
 def run_config(p: Prepared) -> dict:
@@ -232,6 +259,7 @@ def execute(p: Prepared) -> Dict[str, Any]:
     """Train (if asked), save the adapters, evaluate (if asked); returns {"train": ..., "eval": ...}."""
     from ...adapters import export_peft
     from ...train import train
+    from ...train.run_lock import hold_output_dir
     from ..instruct.run import _clear_previous_run, _rank, make_optimizer
 
     s = p.spec
@@ -239,6 +267,7 @@ def execute(p: Prepared) -> Dict[str, Any]:
     results: Dict[str, Any] = {}
     if s.do_train:
         if main_process:
+            hold_output_dir(p.output_dir)  # one run per folder, locked before the first write (to process exit)
             if s.overwrite_output_dir and not s.resume_from_checkpoint:
                 _clear_previous_run(p.output_dir)
             p.output_dir.mkdir(parents=True, exist_ok=True)
