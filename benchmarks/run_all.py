@@ -22,6 +22,7 @@ BENCHMARKS = {
     "allocator": ["bench_allocator.py"],
     "lorapro": ["bench_lorapro.py"],
     "lorapro_memory": ["bench_lorapro_memory.py"],
+    "dora": ["bench_dora.py", "--repeats", "7"],
     "learning_check": ["learning_check.py"],
 }
 
