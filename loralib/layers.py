@@ -23,6 +23,7 @@ merge-on-eval behaviour. Differences, each a fix of the released code:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import List, Optional
 
 import torch
@@ -30,6 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import init_methods
+
+
+def _warn_if_rank_exceeds(r: int, in_features: int, out_features: int) -> None:
+    """A rank above min(in, out) adds parameters but no expressiveness (B A has rank <= min(in, out)) and makes
+    LoRA-Pro's r x r systems singular: said once per layer, not refused (PEFT accepts it too)."""
+    if r > min(in_features, out_features):
+        warnings.warn(f"LoRA rank r={r} exceeds min(in_features={in_features}, out_features={out_features}) of "
+                      f"this layer: B A cannot have rank above {min(in_features, out_features)}", stacklevel=3)
 
 
 def _check_hparams(r, lora_alpha, lora_dropout) -> None:
@@ -273,6 +282,7 @@ class Linear(nn.Linear, LoRALayer):
                            merge_weights=merge_weights, use_rslora=use_rslora)
         self.fan_in_fan_out = fan_in_fan_out
         if r > 0:
+            _warn_if_rank_exceeds(r, in_features, out_features)
             self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
             self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
             self.scaling = lora_scaling(r, lora_alpha, use_rslora)
@@ -344,6 +354,7 @@ class MergedLinear(nn.Linear, LoRALayer):
         self.n_enabled = sum(enable_lora)
         self.column_runs = self._column_runs()
         if r > 0 and self.n_enabled > 0:
+            _warn_if_rank_exceeds(r, in_features, self.chunk_size)
             self.lora_A = nn.Parameter(self.weight.new_zeros((r * self.n_enabled, in_features)))
             self.lora_B = nn.Parameter(self.weight.new_zeros((self.chunk_size * self.n_enabled, r)))
             self.scaling = lora_scaling(r, lora_alpha, use_rslora)

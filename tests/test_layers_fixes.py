@@ -244,3 +244,20 @@ def test_factors_changed_while_merged_unmerge_exactly():
     torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)
     x = torch.randn(3, 8)
     torch.testing.assert_close(layer(x), x @ w0.T + layer.bias + x @ layer.lora_A.T @ layer.lora_B.T * layer.scaling)
+
+
+def test_a_rank_above_the_layer_is_said_not_silent():
+    """Issue 13 §6: r > min(in, out) was accepted silently; it is a warning naming the sizes (PEFT accepts it,
+    and the layer still works), once per layer."""
+    import warnings
+
+    import loralib as lora
+
+    with pytest.warns(UserWarning, match=r"r=6 exceeds min\(in_features=4, out_features=8\)"):
+        lora.Linear(4, 8, r=6)
+    with pytest.warns(UserWarning, match=r"r=3 exceeds min\(in_features=8, out_features=2\)"):
+        lora.MergedLinear(8, 6, r=3, enable_lora=[True, False, True])  # chunks of 2 outputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora.Linear(4, 8, r=4)
+        lora.MergedLinear(8, 6, r=2, enable_lora=[True, False, True])

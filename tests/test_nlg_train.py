@@ -475,3 +475,14 @@ def test_a_second_run_into_a_held_work_dir_is_refused_before_it_writes(tmp_path,
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_file_given_as_work_dir_is_one_error_before_anything_is_read(tmp_path, data, base_dir, capsys):
+    """Issue 13 §6: a file as --work_dir (or on its way) was a traceback after the model was built."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    for work in (blocker, blocker / "run"):
+        assert train.main(ft_args(data, base_dir, work, "--max_step", "2")) == 2
+        err = capsys.readouterr().err
+        assert "--work_dir" in err and "is a file, not a folder" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a folder"

@@ -70,7 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...config import LoRAConfig
-from ...files import write_json_atomic
+from ...files import check_output_folder, write_json_atomic
 from ...models.outputs import ModelOutput
 from ...models.released import ENABLE_QV
 
@@ -534,6 +534,7 @@ def _total_steps(n: int, args) -> int:
 
 
 def _check_work_dir(work_dir: Path, args) -> None:
+    check_output_folder(work_dir, "--work_dir")  # a file in its place or on its way, or read-only: refused now
     previous = work_dir.is_dir() and any(
         p.name.startswith("checkpoint-") or p.name in ("adapter", "run_config.json") for p in work_dir.iterdir())
     if previous and not (args.resume_from_checkpoint or args.overwrite_work_dir):
