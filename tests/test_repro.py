@@ -145,7 +145,8 @@ def test_reported_numbers_of_the_other_papers_and_their_marks(reg):
     assert {r.paper for r in reg.find(paper="lora2", task="rte")} == {"adalora"}
     # row counts per paper: a number dropped from the file fails here
     counts = {p: sum(r.paper == p for r in reg.reported) for p in reg.papers}
-    assert counts == {"lora": 115, "adalora": 60, "lora2": 3, "loraplus": 11, "lorapro": 38}
+    # issue 14: lora 115 -> 114, the "computed" 0.3M row folded into Table 2's RoBERTa-base LoRA row
+    assert counts == {"lora": 114, "adalora": 60, "lora2": 3, "loraplus": 11, "lorapro": 38}
 
 
 def test_model_names_and_folders_map_to_registry_models(reg):
@@ -398,15 +399,20 @@ def test_compare_prints_reported_vs_measured_and_writes_a_png(results_dir, tmp_p
     assert cli.main(["compare", str(results_dir), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     lines = text.splitlines()
-    assert lines[0] == "| run | model | method | task | metric | reported | measured | Δ | reported by |"
+    # issue 14: the seeds and protocol columns (one run of a table that took 5 seeds, no per-epoch history)
+    assert lines[0] == ("| run | model | method | task | metric | reported | measured | seeds | Δ | reported by "
+                        "| protocol |")
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| run ")]
+    unmet = "1 of 5 seeds; last evaluation, not best epoch"
     assert rows == [
-        "| demo/wn-lex-lora | all-MiniLM-L6-v2 | lora | wn-lex | accuracy | — | 61.40 |  | — |",
-        "| roberta-mnli | roberta-base | lora | mnli | accuracy | 87.50 ± 0.30 | 87.12 | -0.38 | lora |",
-        "| roberta-mnli | roberta-base | lora | mnli | accuracy | 84.50 [unverified] | 87.12 | +2.62 | loraplus (equal lrs) |",
-        "| roberta-mnli | roberta-base | lora | mnli-mm | accuracy | 86.90 ± 0.30 | 86.55 | -0.35 | lora |",
+        "| demo/wn-lex-lora | all-MiniLM-L6-v2 | lora | wn-lex | accuracy | — | 61.40 | 1 |  | — | — |",
+        f"| roberta-mnli | roberta-base | lora | mnli | accuracy | 87.50 ± 0.30 | 87.12 | 1/5 | -0.38 | lora | {unmet} |",
+        "| roberta-mnli | roberta-base | lora | mnli | accuracy | 84.50 [unverified] | 87.12 | 1 | +2.62 | "
+        "loraplus (equal lrs) | aggregation not stated (mean shown); selection not stated (final evaluation) |",
+        f"| roberta-mnli | roberta-base | lora | mnli-mm | accuracy | 86.90 ± 0.30 | 86.55 | 1/5 | -0.35 | lora | {unmet} |",
         # AdaLoRA's table has LoRA at r=8 and r=2: the run's r picks the row
-        "| v3-cola | microsoft/deberta-v3-base | lora | cola | matthews_correlation | 69.82 | 70.31 | +0.49 | adalora (r=8) |",
+        "| v3-cola | microsoft/deberta-v3-base | lora | cola | matthews_correlation | 69.82 | 70.31 | 1/5 | +0.49 | "
+        "adalora (r=8) | 1 of 5 seeds; selection not stated (final evaluation) |",
     ]
     assert "—: no paper in the registry reports that model / method / task / metric (1 of 5 rows; tasks wn-lex)" in text
     assert "not the papers' numbers" in text
@@ -421,12 +427,12 @@ def test_compare_paper_filter_loraplus_method_and_default_chart(results_dir, cap
     assert compare.main([str(results_dir), "--paper", "lora"]) == 0
     text = capsys.readouterr().out
     assert "loraplus (equal lrs)" not in text
-    assert "| roberta-qnli-plus | roberta-base | loraplus | qnli | accuracy | — | 91.66 |  | — |" in text
+    assert "| roberta-qnli-plus | roberta-base | loraplus | qnli | accuracy | — | 91.66 | 1 |  | — | — |" in text
     assert "| v3-cola | microsoft/deberta-v3-base | lora | cola | matthews_correlation | — |" in text
     assert (results_dir / "compare.png").is_file()
     assert compare.main([str(results_dir), "--paper", "loraplus", "--out", str(results_dir / "p.png")]) == 0
     text = capsys.readouterr().out
-    assert "| roberta-qnli-plus | roberta-base | loraplus | qnli | accuracy | 92.10 [unverified] | 91.66 | -0.44 |" in text
+    assert "| roberta-qnli-plus | roberta-base | loraplus | qnli | accuracy | 92.10 [unverified] | 91.66 | 1 | -0.44 |" in text
     assert compare.main([str(results_dir), "--paper", "lora2", "--out", str(results_dir / "q.png")]) == 0
     text = capsys.readouterr().out
     assert "rows of adalora stand in as the baseline" in text and "adalora (r=8)" in text

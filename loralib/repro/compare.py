@@ -11,6 +11,21 @@ writes into --output_dir):
                         (written by training runs; an evaluation-only run has none: model and method
                         are then unknown and nothing is matched)
 
+    metrics.jsonl       (training runs) the loop's log; its evaluation records {"step", "epoch", "eval_<metric>": v}
+                        are the run's per-evaluation history (run_glue.py: every epoch under
+                        --evaluation_strategy epoch, the first dev set only; gpt2_ft.py: eval_loss every
+                        --eval_interval, no BLEU; the instruction runs: none)
+
+Runs whose run_config.json agree on everything but the seed (and the folders and paths they name) are seeds
+of one experiment and make one row. The reported number's table protocol (registry "protocols") says how:
+each run's value is its best evaluation in metrics.jsonl where the table selects the best epoch (else its
+eval_results.json), and the runs' values are aggregated as the table did (median or mean; the ± shown is the
+sample standard deviation over the seeds). A row says where the protocol was not met: "1 of 5 seeds",
+"last evaluation, not best epoch" (no history of that metric: NLG BLEU, MNLI mismatched, a run without
+--evaluation_strategy epoch), "protocol not known" (then the mean is shown).
+Metrics a paper computes from ours are added first (loralib.tasks.glue.metrics.compare_metrics: AdaLoRA's
+STS-B average correlation from pearson and spearmanr).
+
 A measured (task, metric) is matched to the registry's reported rows by (model, method, task, metric):
 the model from --model_name_or_path (a hub name, or a folder named like the model), the method from
 run_config (LoRA with a loraplus_lr_ratio counts as loraplus). Where a paper reports several rows for
@@ -26,12 +41,14 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
-from .registry import Registry, Reported, load_registry
+from ..tasks.glue.metrics import compare_metrics
+from .registry import Protocol, Registry, Reported, load_registry
 
 PAPERS = ("lora", "adalora", "lora2", "loraplus", "lorapro")
 # metrics our GLUE evaluation returns as fractions in [-1, 1]
@@ -42,6 +59,13 @@ METHOD_ALIASES = {"ft": "full", "full_ft": "full", "full-ft": "full", "fft": "fu
                   "lora_plus": "loraplus", "lora-plus": "loraplus", "lora-pro": "lorapro", "lora_pro": "lorapro",
                   "lora²": "lora2", "lora_ga": "lora-ga"}
 TASK_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli_mismatched": "mnli-mm", "mnli-m": "mnli"}
+# run_config.json keys that differ between seeds of one experiment without changing it: the seed itself and
+# the folders / files a run names (each seed writes its own folder; the MNLI adapter an MRPC seed starts from)
+NOT_SETTINGS = frozenset({"seed", "random_seed", "output_dir", "work_dir", "logging_dir", "run_name", "model_path",
+                          "init_checkpoint", "resume_from_checkpoint", "overwrite_output_dir", "data_dir",
+                          "train_data", "valid_data", "test_data", "cache_dir", "lora_path", "local_rank",
+                          "report_to", "disable_tqdm", "dataloader_num_workers"})
+LOWER_IS_BETTER = frozenset({"loss", "ter", "ter_sacrebleu"})
 
 
 @dataclass
@@ -55,23 +79,57 @@ class Run:
     method: Optional[str]
     r: Optional[int]
     measured: List[tuple] = field(default_factory=list)   # (task, split, metric, value)
+    seed: Optional[int] = None
+    settings: Optional[str] = None   # run_config.json less NOT_SETTINGS, as sorted JSON; None: no run_config
+    history: List[dict] = field(default_factory=list)     # metrics.jsonl's evaluation records, in order
+
+    def evaluations(self, task: str, metric: str) -> List[float]:
+        """Every in-training value of `metric` (history), for the run's first evaluation's task only (the
+        loop evaluates the first dev set: MNLI matched, never mismatched)."""
+        if not self.measured or self.measured[0][0] != task:
+            return []
+        values = [record.get("eval_" + metric) for record in self.history]
+        return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v)]
 
 
 @dataclass
 class Row:
-    run: Run
+    run: Run                         # the first of the runs (seeds) the row aggregates
     task: str
     metric: str
-    value: float                     # as measured (a fraction for GLUE metrics)
+    value: float                     # as measured (a fraction for GLUE metrics), aggregated over the seeds
     model: Optional[str]             # registry model key, if the run's model is one of the papers'
     reported: Optional[Reported]
+    runs: List[Run] = field(default_factory=list)         # every seed ([run] for one run)
+    values: List[float] = field(default_factory=list)     # each seed's value (after selection)
+    spread: Optional[float] = None   # sample standard deviation over the seeds (None below 2)
+    unmet: List[str] = field(default_factory=list)        # where the table's protocol was not met
+
+    @property
+    def scale(self) -> float:
+        """x100 for a per-cent row (or, unmatched, a GLUE fraction metric), unless the value is already
+        above 1 (then it was written in per cent)."""
+        per_cent = self.reported.unit == "%" if self.reported else self.metric in FRACTION_METRICS
+        return 100.0 if per_cent and abs(self.value) <= 1 else 1.0
 
     @property
     def shown(self) -> float:
-        """The measured value on the reported row's scale: x100 for a per-cent row (or, unmatched, a
-        GLUE fraction metric), unless it is already above 1 (then it was written in per cent)."""
-        per_cent = self.reported.unit == "%" if self.reported else self.metric in FRACTION_METRICS
-        return self.value * 100 if per_cent and abs(self.value) <= 1 else self.value
+        """The measured value on the reported row's scale."""
+        return self.value * self.scale
+
+    @property
+    def shown_spread(self) -> Optional[float]:
+        return None if self.spread is None else self.spread * self.scale
+
+    @property
+    def name(self) -> str:
+        """The run folder, or the seeds' folders as one pattern: lora/mnli/seed-{0,1,2}."""
+        names = [run.name for run in (self.runs or [self.run])]
+        if len(names) == 1:
+            return names[0]
+        prefix = os.path.commonprefix(names)
+        return prefix + "{" + ",".join(n[len(prefix):] for n in names) + "}"
 
     @property
     def delta(self) -> Optional[float]:
@@ -125,10 +183,52 @@ def _read_run(folder: Path, root: Path) -> Run:
         run.method = method_of(cfg)
         lora = cfg.get("lora")
         run.r = lora.get("r") if isinstance(lora, dict) else None
+        run.seed = _seed_of(cfg)
+        run.settings = json.dumps(_settings(cfg), sort_keys=True, default=str)
     results_file = folder / "eval_results.json"
     results = _read_json(results_file)
     run.measured = _measurements(results, results_file)
+    run.history = _evaluation_history(folder / "metrics.jsonl")
     return run
+
+
+def _seed_of(config: dict) -> Optional[int]:
+    """--seed (GLUE, instruction runs) or --random_seed (gpt2_ft.py), at the top or under "args"."""
+    for where in (config, config.get("args") if isinstance(config.get("args"), dict) else {}):
+        for key in ("seed", "random_seed"):
+            if isinstance(where.get(key), int) and not isinstance(where.get(key), bool):
+                return where[key]
+    return None
+
+
+def _settings(value):
+    """A run_config.json without what differs between seeds of one experiment (NOT_SETTINGS, at any depth)."""
+    if isinstance(value, dict):
+        return {k: _settings(v) for k, v in value.items() if k not in NOT_SETTINGS}
+    if isinstance(value, list):
+        return [_settings(v) for v in value]
+    return value
+
+
+def _evaluation_history(path: Path) -> List[dict]:
+    """metrics.jsonl's evaluation records (those with an eval_* key), derived metrics added; a later record
+    of a step replaces an earlier one (a resumed run). A torn last line is skipped; [] without the file."""
+    if not path.is_file():
+        return []
+    by_step: Dict[int, dict] = {}
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue  # a run killed mid-write
+            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
+        if isinstance(record, dict) and any(k.startswith("eval_") for k in record):
+            by_step[record.get("step", i)] = compare_metrics(record)
+    return [by_step[step] for step in sorted(by_step, key=lambda s: (not isinstance(s, int), s))]
 
 
 def _measurements(results: dict, source: Path) -> List[tuple]:
@@ -150,6 +250,9 @@ def _measurements(results: dict, source: Path) -> List[tuple]:
             if not math.isfinite(value):  # inf (a diverged run) is no score either: shown as nan, never ranked
                 value = float("nan")
             out.append((task, record.get("split"), key, float(value)))
+        derived = compare_metrics({metric: value for _t, _s, metric, value in out})
+        out += [(task, record.get("split"), key, value) for key, value in derived.items()
+                if key not in {m for _t, _s, m, _v in out}]
         return out
 
     measured = one(results, "the top level")
@@ -172,15 +275,78 @@ def match(registry: Registry, run: Run, task: str, metric: str, paper: Optional[
     return rows
 
 
+def seed_groups(runs: Sequence[Run]) -> List[List[Run]]:
+    """Runs that differ only by seed, together (in the order of their first run); a run without
+    run_config.json stands alone."""
+    groups: Dict[object, List[Run]] = {}
+    for i, run in enumerate(runs):
+        key = run.settings if run.settings is not None else ("alone", i)
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
 def compare_rows(runs: Sequence[Run], registry: Optional[Registry] = None, paper: Optional[str] = None) -> List[Row]:
+    """One row per (seed group, measured task and metric, matching reported number), the reported number's
+    table protocol applied."""
     registry = registry or load_registry()
     rows = []
-    for run in runs:
-        model = registry.model_key(run.model_name) or registry.model_key(run.model_path)
-        for task, _split, metric, value in run.measured:
-            reported = match(registry, run, task, metric, paper) or [None]
-            rows += [Row(run, task, metric, value, model, rep) for rep in reported]
+    for group in seed_groups(runs):
+        first = group[0]
+        model = registry.model_key(first.model_name) or registry.model_key(first.model_path)
+        seen = []
+        for run in group:
+            seen += [(task, metric) for task, _split, metric, _value in run.measured if (task, metric) not in seen]
+        for task, metric in seen:
+            for rep in match(registry, first, task, metric, paper) or [None]:
+                rows.append(protocol_row(group, task, metric, model, rep))
     return rows
+
+
+def _final_value(run: Run, task: str, metric: str) -> float:
+    """The run's eval_results.json value (nan where it has none)."""
+    return next((v for t, _s, m, v in run.measured if t == task and m == metric), float("nan"))
+
+
+def protocol_row(group: Sequence[Run], task: str, metric: str, model: Optional[str],
+                 reported: Optional[Reported]) -> Row:
+    """The seeds' values, each selected and then aggregated as `reported`'s table protocol says."""
+    protocol: Optional[Protocol] = reported.protocol if reported else None
+    unmet = []
+    values, without_history = [], 0
+    for run in group:
+        final = _final_value(run, task, metric)
+        if protocol is not None and protocol.selection == "best":
+            history = run.evaluations(task, metric)
+            if history:
+                pick = min if metric in LOWER_IS_BETTER else max
+                final = pick(history + ([final] if math.isfinite(final) else []))
+            else:
+                without_history += 1
+        values.append(final)
+    finite = [v for v in values if math.isfinite(v)]
+    if reported is not None and protocol is None:
+        unmet.append("protocol not known")
+    if protocol is not None:
+        if protocol.seeds is not None and len(finite) != protocol.seeds:
+            unmet.append(f"{len(finite)} of {protocol.seeds} seeds")
+        if protocol.aggregation is None:
+            unmet.append("aggregation not stated (mean shown)")
+        if protocol.selection is None:
+            unmet.append("selection not stated (final evaluation)")
+        if without_history:
+            unmet.append("last evaluation, not best epoch" if without_history == len(group)
+                         else f"last evaluation for {without_history} of {len(group)} runs")
+    seeds = [run.seed for run in group if run.seed is not None]
+    if len(set(seeds)) < len(seeds):
+        unmet.append("a seed repeated")
+    if not finite:
+        value = float("nan")
+    elif protocol is not None and protocol.aggregation == "median":
+        value = statistics.median(finite)
+    else:
+        value = statistics.fmean(finite)
+    spread = statistics.stdev(finite) if len(finite) >= 2 else None
+    return Row(group[0], task, metric, value, model, reported, list(group), values, spread, unmet)
 
 
 # -- output -----------------------------------------------------------------------------------------
@@ -204,26 +370,49 @@ def _display_model(model_name: Optional[str]) -> str:
     return folder.name
 
 
-TABLE_HEADER = ("run", "model", "method", "task", "metric", "reported", "measured", "Δ", "reported by")
+TABLE_HEADER = ("run", "model", "method", "task", "metric", "reported", "measured", "seeds", "Δ", "reported by",
+                "protocol")
 
 
 def table_cells(rows: Sequence[Row]) -> List[List[str]]:
-    """The table's cells, one list per row, in TABLE_HEADER's order."""
+    """The table's cells, one list per row, in TABLE_HEADER's order. measured: the aggregate ± the
+    seeds' standard deviation; seeds: how many runs / how many the table used; protocol: what was not as
+    the table did it ("as the table" when nothing)."""
     cells = []
     for row in rows:
         run, rep = row.run, row.reported
         model = row.model or _display_model(run.model_name)
         by = "—" if rep is None else rep.paper + (f" ({rep.setting})" if rep.setting else "")
-        cells.append([run.name, model, run.method or "?", row.task, row.metric, "—" if rep is None else rep.text(),
-                      _fmt(row.shown), _fmt(row.delta, sign=True), by])
+        measured = _fmt(row.shown) + (f" ± {_fmt(row.shown_spread)}" if row.shown_spread is not None else "")
+        n = len(row.runs or [run])
+        wanted = rep.protocol.seeds if rep is not None and rep.protocol is not None else None
+        seeds = f"{n}/{wanted}" if wanted else str(n)
+        protocol = "—" if rep is None else ("; ".join(row.unmet) or "as the table")
+        cells.append([row.name, model, run.method or "?", row.task, row.metric, "—" if rep is None else rep.text(),
+                      measured, seeds, _fmt(row.delta, sign=True), by, protocol])
     return cells
 
 
 def protocol_notes(rows: Sequence[Row], registry: Registry, paper: Optional[str] = None) -> List[str]:
     """The sentences under the table: where the reported numbers come from and what '—' means (source lines
     start with "- ")."""
-    notes = ["Measured: each run's eval_results.json, x100 where the paper reports per cent. "
+    notes = ["Measured: each run's eval_results.json, x100 where the paper reports per cent; runs that differ "
+             "only by seed are one row, each run's value taken and the seeds aggregated as the reported "
+             "number's table did (below); ± is the sample standard deviation over the seeds. "
              "Δ = measured − reported."]
+    protocols = {}
+    for row in rows:
+        if row.reported is not None and row.reported.protocol is not None:
+            protocols.setdefault(row.reported.protocol.key, row.reported.protocol)
+    for key, protocol in sorted(protocols.items()):
+        notes.append(f"Protocol {key}: {protocol.text()}; metric: {protocol.metric}. Source: {protocol.source}."
+                     + (f" {protocol.note}." if protocol.note else ""))
+    if any(row.reported is not None and row.reported.protocol is None for row in rows):
+        notes.append("protocol not known: the registry holds no protocol for that table; the seeds' mean is shown.")
+    alternatives = sorted({f"{row.reported.text()} ({row.reported.source}): {a.source} prints "
+                           f"{a.value:.2f}" + (f" ± {a.std:.2f}" if a.std is not None else "")
+                           for row in rows if row.reported for a in row.reported.alternatives})
+    notes += [f"Other source: {text}." for text in alternatives]
     unmatched = [row for row in rows if row.reported is None]
     if unmatched:
         tasks = sorted({row.task for row in unmatched})
@@ -279,12 +468,14 @@ def write_chart(rows: Sequence[Row], out: os.PathLike | str, title: str = "Repor
            width=0.4, yerr=[e for e, h in zip(errors, has_reported) if h], capsize=3, color="#9db4d0",
            label="reported")
     measured = [0.0 if math.isnan(row.shown) else row.shown for row in rows]
-    ax.bar([x + 0.2 for x in xs], measured, width=0.4, color="#d9822b", label="measured")
+    spreads = [row.shown_spread or 0.0 for row in rows]  # the seeds' standard deviation
+    ax.bar([x + 0.2 for x in xs], measured, width=0.4, yerr=spreads, capsize=3, color="#d9822b",
+           label="measured (± std over seeds)")
     for x, h in zip(xs, has_reported):
         if not h:
             ax.text(x - 0.2, 0, "—", ha="center", va="bottom", fontsize=9)
     ax.set_xticks(xs)
-    labels = [f"{row.run.name}\n{row.task} {row.metric}" + (f"\nvs {row.reported.paper}"
+    labels = [f"{row.name} (n={len(row.runs or [row.run])})\n{row.task} {row.metric}" + (f"\nvs {row.reported.paper}"
                                                             + (f" ({row.reported.setting})" if row.reported.setting else "")
                                                             if row.reported else "") for row in rows]
     ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)

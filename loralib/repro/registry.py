@@ -9,6 +9,11 @@ Schema of registry.json (schema 1). One JSON object:
 
     schema     1
     about      free text
+    protocols  {key: {paper, source, seeds, aggregation, selection, metric, note (optional)}}: how a table's
+               numbers were made from runs. seeds: how many runs per number (null: not stated);
+               aggregation: "median" or "mean" over the seeds (null: not stated); selection: "best" (each
+               run's best evaluation, the best epoch) or "last" (the run's final model), null: not stated;
+               metric: the exact metric in words. `loralib compare` applies it (loralib.repro.compare).
     papers     {paper_key: {title, authors, venue, url, notes: [str], baseline_from: [paper_key] (optional)}}
                paper keys: lora, adalora, lora2, loraplus, lorapro. baseline_from names papers whose rows
                stand in for this one's (LoRA² per-task numbers are not read yet: its comparisons use AdaLoRA's).
@@ -45,6 +50,9 @@ Schema of registry.json (schema 1). One JSON object:
                        "score" (MT-Bench 0-10), "fraction" (reported as 0..1), "x" (a multiple)
         marks          [] or some of: unverified, second-hand, computed, metric-assumed, headline, approximate
         note           (optional) free text
+        protocol       (optional) a key of protocols; absent or null: the table's protocol is not known
+        alternatives   (optional) [{value, std, source}]: the same cell as another source prints it (the
+                       microsoft/LoRA README where it differs from the paper)
     } ]
 
 Loading checks every field; a bad one is a RegistryError naming the file, the entry and the field.
@@ -53,7 +61,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -62,6 +70,8 @@ REGISTRY_FILE = Path(__file__).with_name("registry.json")
 
 UNITS = ("%", "M", "score", "fraction", "x")
 MARKS = ("unverified", "second-hand", "computed", "metric-assumed", "headline", "approximate")
+AGGREGATIONS = ("median", "mean")
+SELECTIONS = ("best", "last")
 METHODS = ("full", "lora", "adapter", "prefix", "adalora", "lora2", "loraplus", "lorapro", "dora", "pissa",
            "rslora", "lora-ga")
 
@@ -123,6 +133,39 @@ class Adapter:
 
 
 @dataclass(frozen=True)
+class Protocol:
+    """How a table's numbers were made: `seeds` runs per number (None: not stated), aggregated by
+    `aggregation` ("median" / "mean", None: not stated), each run's value taken at `selection` ("best":
+    its best evaluation, the paper's best epoch; "last": the final model; None: not stated)."""
+
+    key: str
+    paper: str
+    source: str
+    seeds: Optional[int]
+    aggregation: Optional[str]
+    selection: Optional[str]
+    metric: str
+    note: Optional[str] = None
+
+    def text(self) -> str:
+        """'median of 5 seeds, best epoch' (what is not stated says so)."""
+        how = f"{self.aggregation} of {self.seeds} seeds" if self.aggregation and self.seeds else (
+            f"{self.aggregation or 'aggregation not stated'}, {self.seeds or 'number of'} seeds"
+            + ("" if self.seeds else " not stated"))
+        pick = {"best": "best epoch", "last": "final model", None: "selection not stated"}[self.selection]
+        return f"{how}, {pick}"
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """The same cell as another source prints it."""
+
+    value: float
+    std: Optional[float]
+    source: str
+
+
+@dataclass(frozen=True)
 class Reported:
     paper: str
     source: str
@@ -139,6 +182,8 @@ class Reported:
     range: Optional[Tuple[float, float]] = None
     r: Optional[int] = None
     note: Optional[str] = None
+    protocol: Optional[Protocol] = None
+    alternatives: Tuple[Alternative, ...] = ()
 
     @property
     def center(self) -> float:
@@ -161,6 +206,7 @@ class Registry:
     models: Mapping[str, dict]
     adapters: Mapping[str, Adapter]
     reported: Tuple[Reported, ...]
+    protocols: Mapping[str, Protocol] = field(default_factory=dict)
 
     def adapter(self, name: str) -> Adapter:
         """By file stem; "roberta-base-lora-mnli" and "roberta_base_lora_mnli.bin" are accepted too."""
@@ -280,6 +326,8 @@ def parse_registry(data: Any, source: str = "registry") -> Registry:
                 entry.fail("baseline_from", f"names unknown paper {other!r}")
     for key, info in models.items():
         _Entry(info, source, f"models[{key!r}]").get("hub", str)
+    protocols = {key: _parse_protocol(key, _Entry(info, source, f"protocols[{key!r}]"), papers)
+                 for key, info in (top.get("protocols", dict, optional=True) or {}).items()}
 
     adapters: Dict[str, Adapter] = {}
     for i, raw in enumerate(top.get("adapters", list)):
@@ -292,8 +340,9 @@ def parse_registry(data: Any, source: str = "registry") -> Registry:
     for i, raw in enumerate(top.get("reported", list)):
         label = " ".join(str(raw.get(k)) for k in ("paper", "model", "method", "task", "metric")) \
             if isinstance(raw, dict) else "?"
-        reported.append(_parse_reported(_Entry(raw, source, f"reported[{i}] ({label})"), papers, models))
-    return Registry(source, papers, models, adapters, tuple(reported))
+        reported.append(_parse_reported(_Entry(raw, source, f"reported[{i}] ({label})"), papers, models,
+                                        protocols))
+    return Registry(source, papers, models, adapters, tuple(reported), protocols)
 
 
 class _Entry:
@@ -390,7 +439,27 @@ def _parse_adapter(e: _Entry, papers: Mapping, models: Mapping) -> Adapter:
         strip_prefix=keys.get("strip_prefix", str, optional=True))
 
 
-def _parse_reported(e: _Entry, papers: Mapping, models: Mapping) -> Reported:
+def _parse_protocol(key: str, e: _Entry, papers: Mapping) -> Protocol:
+    seeds = e.get("seeds", int, nullable=True)
+    if seeds is not None and seeds < 1:
+        e.fail("seeds", f"must be >= 1 or null, got {seeds!r}")
+    return Protocol(key=key, paper=e.choice("paper", tuple(papers)), source=e.get("source", str), seeds=seeds,
+                    aggregation=e.choice("aggregation", AGGREGATIONS, nullable=True),
+                    selection=e.choice("selection", SELECTIONS, nullable=True), metric=e.get("metric", str),
+                    note=e.get("note", str, optional=True))
+
+
+def _parse_alternatives(e: _Entry) -> Tuple[Alternative, ...]:
+    out = []
+    for j, raw in enumerate(e.get("alternatives", list, optional=True) or []):
+        a = _Entry(raw, e.source, f"{e.where} alternatives[{j}]")
+        std = a.number("std", nullable=True)
+        out.append(Alternative(float(a.number("value")), float(std) if std is not None else None,
+                               a.get("source", str)))
+    return tuple(out)
+
+
+def _parse_reported(e: _Entry, papers: Mapping, models: Mapping, protocols: Optional[Mapping] = None) -> Reported:
     model = e.get("model", str, nullable=True)
     if model is not None and model not in models:
         e.fail("model", f"{model!r} is not a key of 'models'")
@@ -411,10 +480,15 @@ def _parse_reported(e: _Entry, papers: Mapping, models: Mapping) -> Reported:
         if mark not in MARKS:
             e.fail("marks", f"holds unknown mark {mark!r}: expected some of {', '.join(MARKS)}")
     r = e.get("r", int, optional=True)
+    protocol = e.get("protocol", str, optional=True)
+    protocols = protocols or {}
+    if protocol is not None and protocol not in protocols:
+        e.fail("protocol", f"{protocol!r} is not a key of 'protocols'")
     return Reported(
         paper=e.choice("paper", tuple(papers)), source=e.get("source", str), model=model,
         method=e.choice("method", METHODS), setting=e.get("setting", str, nullable=True),
         task=e.get("task", str, nullable=True), split=e.get("split", str, nullable=True),
         metric=e.get("metric", str), value=float(value) if value is not None else None,
         std=float(std) if std is not None else None, unit=e.choice("unit", UNITS), marks=tuple(marks),
-        range=span, r=r, note=e.get("note", str, optional=True))
+        range=span, r=r, note=e.get("note", str, optional=True),
+        protocol=protocols[protocol] if protocol is not None else None, alternatives=_parse_alternatives(e))

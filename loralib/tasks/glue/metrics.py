@@ -13,6 +13,9 @@ MNLI matched and mismatched are two evaluations: call compute_metrics("mnli", ..
 predictions and compute_metrics("mnli-mm", ...) on the dev_mismatched ones, and report them side by side
 (a trainer prefixes them, e.g. eval_mnli_accuracy and eval_mnli-mm_accuracy).
 
+Papers also report metrics made from these (compare_metrics adds them to a run's results): AdaLoRA's STS-B
+column is the average correlation, average_correlation = (pearson + spearmanr) / 2.
+
 Degenerate inputs follow scikit-learn / scipy: MCC is 0 when either side is constant, F1 is 0 with no
 positive in predictions nor labels, Pearson/Spearman are nan when either side is constant.
 Non-finite predictions (a diverged model's nan / inf scores or logits) score nan for every metric of the
@@ -115,6 +118,26 @@ def compute_metrics(task_name: str, predictions, labels) -> dict[str, float]:
     elif predictions.ndim == 2:
         predictions = predictions.argmax(axis=1)
     return {name: _METRIC_FUNCTIONS[name](predictions, labels) for name in task.metrics}
+
+
+# metric a paper reports -> the metrics it is the mean of
+DERIVED_METRICS = {"average_correlation": ("pearson", "spearmanr")}
+
+
+def compare_metrics(metrics: dict) -> dict:
+    """`metrics` (one evaluation's {name: value}, keys bare or eval_-prefixed) with the derived metrics added
+    where all their parts are there: eval_pearson 0.90 and eval_spearmanr 0.88 add eval_average_correlation
+    0.89. A part that is nan or not a number gives nan."""
+    out = dict(metrics)
+    for prefix in ("", "eval_"):
+        for name, parts in DERIVED_METRICS.items():
+            keys = [prefix + part for part in parts]
+            if prefix + name in out or not all(k in out for k in keys):
+                continue
+            values = [out[k] for k in keys]
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            out[prefix + name] = float(np.mean(values)) if ok else float("nan")
+    return out
 
 
 def main_metric(task_name: str) -> str:
