@@ -250,9 +250,6 @@ def _measurements(results: dict, source: Path) -> List[tuple]:
             if not math.isfinite(value):  # inf (a diverged run) is no score either: shown as nan, never ranked
                 value = float("nan")
             out.append((task, record.get("split"), key, float(value)))
-        derived = compare_metrics({metric: value for _t, _s, metric, value in out})
-        out += [(task, record.get("split"), key, value) for key, value in derived.items()
-                if key not in {m for _t, _s, m, _v in out}]
         return out
 
     measured = one(results, "the top level")
@@ -296,15 +293,25 @@ def compare_rows(runs: Sequence[Run], registry: Optional[Registry] = None, paper
         seen = []
         for run in group:
             seen += [(task, metric) for task, _split, metric, _value in run.measured if (task, metric) not in seen]
-        for task, metric in seen:
-            for rep in match(registry, first, task, metric, paper) or [None]:
+        derived = [(task, metric) for task in dict.fromkeys(t for t, _m in seen)
+                   for metric in _final_values(first, task) if (task, metric) not in seen]
+        for task, metric in seen + derived:
+            reported = match(registry, first, task, metric, paper)
+            if (task, metric) in derived and not reported:
+                continue  # a derived metric is shown only where a paper reports it
+            for rep in reported or [None]:
                 rows.append(protocol_row(group, task, metric, model, rep))
     return rows
 
 
+def _final_values(run: Run, task: str) -> Dict[str, float]:
+    """The run's eval_results.json metrics of `task`, with the derived ones (compare_metrics) added."""
+    return compare_metrics({m: v for t, _s, m, v in run.measured if t == task})
+
+
 def _final_value(run: Run, task: str, metric: str) -> float:
     """The run's eval_results.json value (nan where it has none)."""
-    return next((v for t, _s, m, v in run.measured if t == task and m == metric), float("nan"))
+    return _final_values(run, task).get(metric, float("nan"))
 
 
 def protocol_row(group: Sequence[Run], task: str, metric: str, model: Optional[str],

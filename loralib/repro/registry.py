@@ -453,9 +453,8 @@ def _parse_alternatives(e: _Entry) -> Tuple[Alternative, ...]:
     out = []
     for j, raw in enumerate(e.get("alternatives", list, optional=True) or []):
         a = _Entry(raw, e.source, f"{e.where} alternatives[{j}]")
-        std = a.number("std", nullable=True)
-        out.append(Alternative(float(a.number("value")), float(std) if std is not None else None,
-                               a.get("source", str)))
+        value, std = a.number("value"), a.number("std", nullable=True)
+        out.append(Alternative(float(value), float(std) if std is not None else None, a.get("source", str)))
     return tuple(out)
 
 
