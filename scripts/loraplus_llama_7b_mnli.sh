@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# LoRA+ (Hayou et al. 2024), Llama-7B on MNLI: the Llama row of the LoRA+ GLUE experiments, with the flags of
-# nikhil-ghosh-berkeley/loraplus scripts/run_llama-7b_lora_mnli.sh (loraplus/run_glue.py here). One run of
-# the learning-rate sweep (scripts/loraplus_llama_7b_mnli_sweep.sh calls it once per grid point and seed).
+# LoRA+ (Hayou et al. 2024), Llama-7B on MNLI: the Llama row of the LoRA+ GLUE experiments (loraplus/run_glue.py
+# here). One run of the learning-rate sweep: the LoRA+ repository's glue/scripts/sweep_llama-7b_lora_mnli.sh
+# calls ./scripts/exec_llama-7b_lora_mnli.sh once per grid point and seed, a script its repository does not
+# hold; its flags are those of the one-run script of the repository's first layout, scripts/run_llama-7b_lora_mnli.sh
+# (commit b43a154; removed since, glue/scripts/run_llama-7b_lora.sh is a 3-step debug run), which this script
+# passes (that sweep passes lr_B lr_A seed device, the first layout's script read lr lr_ratio seed device).
+# scripts/loraplus_llama_7b_mnli_sweep.sh calls this one once per grid point and seed.
 #
 #   scripts/loraplus_llama_7b_mnli.sh [--smoke] [TASK ...]        TASK: mnli (the paper's), or another GLUE task
 #
