@@ -43,6 +43,7 @@ Schema of registry.json (schema 1). One JSON object:
                        (trainable parameters, headline claims)
         split          dev, test, eval or null
         metric         the key a results file uses (accuracy, f1, matthews_correlation, pearson, spearmanr,
+                       average_correlation (their mean, loralib.tasks.glue.metrics.compare_metrics),
                        bleu, bleu_unseen/seen/all, pass@1, first_turn_score, average, trainable_params, ...)
         value, std     the number and its ± (null if none given); value null only when range is given
         range          (optional) [low, high] for numbers reported as a span
