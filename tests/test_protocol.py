@@ -214,3 +214,14 @@ def test_compare_metrics_adds_the_average_correlation():
     assert compare_metrics({"accuracy": 0.9}) == {"accuracy": 0.9}
     nan = compare_metrics({"pearson": None, "spearmanr": 0.8})["average_correlation"]
     assert nan != nan
+
+
+def test_a_resumed_history_counts_a_step_once_and_a_broken_line_is_named(five_seeds, capsys):
+    log = five_seeds / "lora/rte/seed-0/metrics.jsonl"
+    log.write_text(log.read_text() + json.dumps({"step": 20, "epoch": 2.0, "eval_accuracy": 0.95}) + "\n{\"step\": 4")
+    [run] = [r for r in compare.read_runs(five_seeds) if r.name == "lora/rte/seed-0"]
+    assert run.evaluations("rte", "accuracy") == [0.70, 0.95, 0.84, 0.83]  # step 20 re-logged; torn line skipped
+    assert run.evaluations("mnli-mm", "accuracy") == []                   # only the first dev set is evaluated
+    log.write_text("{\"step\": 4\n" + log.read_text())
+    assert compare.main([str(five_seeds)]) == 1
+    assert f"{log}:1: not valid JSON" in capsys.readouterr().err

@@ -63,7 +63,8 @@ TASK_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli_mismatched": "mnli-mm", 
 # the folders / files a run names (each seed writes its own folder; the MNLI adapter an MRPC seed starts from)
 NOT_SETTINGS = frozenset({"seed", "random_seed", "output_dir", "work_dir", "logging_dir", "run_name", "model_path",
                           "init_checkpoint", "resume_from_checkpoint", "overwrite_output_dir", "data_dir",
-                          "train_data", "valid_data", "test_data", "cache_dir", "lora_path", "local_rank",
+                          "train_data", "valid_data", "test_data", "data_path", "eval_data_path", "cache_dir",
+                          "root_output_dir", "overwrite_work_dir", "lora_path", "local_rank",
                           "report_to", "disable_tqdm", "dataloader_num_workers"})
 LOWER_IS_BETTER = frozenset({"loss", "ter", "ter_sacrebleu"})
 
@@ -215,7 +216,7 @@ def _evaluation_history(path: Path) -> List[dict]:
     of a step replaces an earlier one (a resumed run). A torn last line is skipped; [] without the file."""
     if not path.is_file():
         return []
-    by_step: Dict[int, dict] = {}
+    by_step: Dict[object, dict] = {}
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
@@ -228,7 +229,7 @@ def _evaluation_history(path: Path) -> List[dict]:
             raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
         if isinstance(record, dict) and any(k.startswith("eval_") for k in record):
             by_step[record.get("step", i)] = compare_metrics(record)
-    return [by_step[step] for step in sorted(by_step, key=lambda s: (not isinstance(s, int), s))]
+    return list(by_step.values())
 
 
 def _measurements(results: dict, source: Path) -> List[tuple]:
