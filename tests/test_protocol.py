@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ import pytest
 from loralib.repro import compare
 from loralib.repro.registry import REGISTRY_FILE, RegistryError, load_registry, parse_registry
 from loralib.tasks.glue.metrics import compare_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tests' fixture modules (_glue_fixtures, ...)
 
 ROBERTA = {"method": "lora", "model_name_or_path": "roberta-base", "lora": {"r": 8, "lora_alpha": 16},
            "loraplus_lr_ratio": None}
@@ -225,3 +228,30 @@ def test_a_resumed_history_counts_a_step_once_and_a_broken_line_is_named(five_se
     log.write_text("{\"step\": 4\n" + log.read_text())
     assert compare.main([str(five_seeds)]) == 1
     assert f"{log}:1: not valid JSON" in capsys.readouterr().err
+
+
+def test_real_glue_runs_of_two_seeds_are_one_row_with_their_best_epochs(tmp_path, monkeypatch):
+    """run_glue.py as the scripts call it (--evaluation_strategy epoch): two seeds in two folders group by their
+    run_config.json, and each counts with the best of its per-epoch evaluations in metrics.jsonl."""
+    pytest.importorskip("transformers")
+    from _glue_fixtures import write_glue_tsv
+    from _hardening_fixtures import write_tiny_roberta
+
+    from loralib.tasks.glue import run as driver
+
+    monkeypatch.setenv("LORALIB_PROGRESS", "off")
+    model, data = write_tiny_roberta(tmp_path / "roberta-base"), write_glue_tsv(tmp_path / "glue", tasks=("rte",))
+    for seed in (1, 2):
+        argv = ["--model_name_or_path", str(model), "--task_name", "rte", "--data_dir", str(data), "--output_dir",
+                str(tmp_path / "runs" / f"seed{seed}"), "--do_train", "--do_eval", "--apply_lora", "--lora_r", "2",
+                "--num_train_epochs", "3", "--evaluation_strategy", "epoch", "--save_strategy", "no",
+                "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--max_seq_length", "32",
+                "--seed", str(seed), "--disable_tqdm"]
+        assert driver.main(argv, "nlu") == 0
+    runs = compare.read_runs(tmp_path / "runs")
+    assert [len(run.evaluations("rte", "accuracy")) for run in runs] == [3, 3]
+    [group] = compare.seed_groups(runs)
+    [row] = [r for r in compare.compare_rows(runs, load_registry(), paper="lora") if r.reported is not None]
+    assert len(group) == 2 and row.reported.value == 86.6  # the folder is named roberta-base: LoRA's RTE row
+    assert row.values == [max(run.evaluations("rte", "accuracy")) for run in runs]
+    assert row.unmet == ["2 of 5 seeds"]
