@@ -162,6 +162,13 @@ def build_parser(prog: Optional[str] = None, training: bool = True) -> argparse.
     m.add_argument("--lora", type=_method, default="lora", help=f"one of {', '.join(METHODS)}")
     m.add_argument("--lorapro_mode", choices=("full", "efficient"), default=None,
                    help="LoRA-Pro variant (default full)")
+    m.add_argument("--lorapro_released_clipping", action="store_true",
+                   help="full mode: the released DeepSpeed patch's clipping: factor min(1, max_grad_norm / (|raw "
+                        "gradients| + 1e-6)) applied to the Adam direction (default: the raw gradients clipped)")
+    m.add_argument("--lorapro_released_weight_decay", action="store_true",
+                   help="efficient mode: the released decay of A and B by (1 - lr wd) each (default: W decayed)")
+    m.add_argument("--lorapro_released_scaling", action="store_true",
+                   help="full mode: the released hard-coded s = 2 in LoRA-Pro's formulas (default: each layer's s)")
     m.add_argument("--lora_r", "--lora_rank", dest="lora_r", type=int, default=8)
     m.add_argument("--lora_alpha", type=float, default=16)
     m.add_argument("--lora_dropout", type=float, default=0.0)
@@ -258,6 +265,12 @@ def resolve_method(args, model_type: str) -> Method:
             raise ValueError(f"--lora {name} with a ZeRO-3 --deepspeed config is not supported (the factors rank "
                              "allocation scores and masks are partitioned there); use ZeRO-1/2 or torchrun")
     mode = (args.lorapro_mode or "full") if pro else None
+    for flag, needs in (("lorapro_released_clipping", "full"), ("lorapro_released_scaling", "full"),
+                        ("lorapro_released_weight_decay", "efficient")):
+        if getattr(args, flag, False) and mode != needs:
+            raise ValueError(f"--{flag} is the released {needs} variant's rule: it needs --lora lora-pro / rslora-pro "
+                             f"with --lorapro_mode {needs}, not --lora {name}"
+                             + (f" --lorapro_mode {mode}" if mode else ""))
     if args.deepspeed and mode == "full" and args.weight_decay:
         raise ValueError(f"--weight_decay {args.weight_decay} with --lorapro_mode full under --deepspeed is not "
                          "supported (DeepSpeed runs plain SGD on the full variant's directions); use weight decay 0, "
@@ -305,8 +318,11 @@ def make_optimizer(model: nn.Module, method: Method, args) -> torch.optim.Optimi
 
     betas, eps = (args.adam_beta1, args.adam_beta2), args.adam_epsilon
     if method.lorapro_mode is not None:
+        released = lorapro_released(args)
         return LoRAProAdamW(model, lr=args.lr, betas=betas, eps=eps, weight_decay=args.weight_decay,
-                            mode=method.lorapro_mode, decay_base_weight=False)
+                            mode=method.lorapro_mode, decay_base_weight=False,
+                            released_clip_norm=args.max_grad_norm if released["clipping"] else 0.0,
+                            released_weight_decay=released["weight_decay"], released_scaling=released["scaling"])
     if method.loraplus_ratio is not None:
         return create_loraplus_optimizer(model, torch.optim.AdamW, lr=args.lr, loraplus_lr_ratio=method.loraplus_ratio,
                                          weight_decay=args.weight_decay, betas=betas, eps=eps)
@@ -315,6 +331,12 @@ def make_optimizer(model: nn.Module, method: Method, args) -> torch.optim.Optimi
     groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     return torch.optim.AdamW(groups, lr=args.lr, betas=betas, eps=eps)
+
+
+def lorapro_released(args) -> Dict[str, bool]:
+    """Which of the released LoRA-Pro rules the flags ask for (recorded in run_config.json)."""
+    return {key: bool(getattr(args, f"lorapro_released_{key}", False))
+            for key in ("clipping", "weight_decay", "scaling")}
 
 
 # -- model, data --------------------------------------------------------------------------------------
@@ -577,6 +599,7 @@ def run_config(p: Prepared) -> dict:
             "model_path": str(p.model_path), "model_type": p.model.hf_config.get("model_type"),
             "lora": p.method.lora.to_dict() if p.method.lora is not None else None,
             "lorapro_mode": p.method.lorapro_mode, "loraplus_lr_ratio": p.method.loraplus_ratio,
+            "lorapro_released": lorapro_released(p.args) if p.method.lorapro_mode else None,
             "task": p.eval_task, "dataset": getattr(p.args, "dataset", None), "precision": p.precision,
             "world_size": _world_size(), "gradient_accumulation_steps": p.grad_accum,
             "gradient_checkpointing": p.gradient_checkpointing, "args": dict(vars(p.args))}
@@ -685,8 +708,14 @@ def execute(p: Prepared) -> dict:
         if a.deepspeed is not None and p.method.lorapro_mode is not None:
             from ...optim.deepspeed_lorapro import lorapro_under_deepspeed
 
+            released = lorapro_released(a)
             config, factory, callbacks = lorapro_under_deepspeed(config, p.method.lorapro_mode,
-                                                                 (a.adam_beta1, a.adam_beta2), a.adam_epsilon)
+                                                                 (a.adam_beta1, a.adam_beta2), a.adam_epsilon,
+                                                                 released["clipping"], released["scaling"])
+        elif lorapro_released(a)["clipping"]:  # LoRAProAdamW clips (the released rule), not the loop
+            import dataclasses
+
+            config = dataclasses.replace(config, max_grad_norm=0.0)
         outcome = train(p.model, p.train_examples, collate, config, eval_fn=eval_fn, optimizer_factory=factory,
                         regularizer=regularizer, allocator=p.allocator, callbacks=callbacks)
         results["train"] = {"global_step": outcome.global_step, "epoch": outcome.epoch,
