@@ -103,7 +103,8 @@ DATASET_DEFAULTS = {"metamath": ("gsm8k", 512, 100_000, 10_000),
 LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj"
 GPT2_TARGETS = "c_attn,c_proj,c_fc"
 RUN_OUTPUTS = ("adapter", "best_adapter", "peft_adapter", "metrics.jsonl", "tensorboard", "run_config.json",
-               "train_results.json", "eval_results.json", "predictions.jsonl", "mtbench_answers.jsonl",
+               "train_results.json", "eval_results.json", "predictions.jsonl", "predictions_released.jsonl",
+               "mtbench_answers.jsonl",
                "rank_pattern.json")
 
 
@@ -141,6 +142,9 @@ def build_parser(prog: Optional[str] = None, training: bool = True) -> argparse.
     g.add_argument("--template", choices=("alpaca", "chat"), default="alpaca",
                    help="prompt format: the paper's Alpaca prompt, or the tokenizer's chat template")
     g.add_argument("--max_new_tokens", type=int, default=512)
+    g.add_argument("--eval_mode", choices=("both", "ours", "released"), default="both",
+                   help="GSM8K / HumanEval: our evaluation (\"accuracy\" / \"pass@1\"), LoRA-Pro's released scripts' "
+                        "prompt, decoding and extraction (\"accuracy_released\" / \"pass@1_released\"), or both")
     g.add_argument("--eval_batch_size", type=int, default=16, help="generation batch size")
     g.add_argument("--output_dir", required=True)
     g.add_argument("--seed", type=int, default=0)
@@ -757,7 +761,7 @@ def evaluate(p: Prepared) -> dict:
     per-example file. Other ranks return {}."""
     if _rank() != 0:
         return {}
-    from . import evaluate_gsm8k, evaluate_humaneval, generate_mtbench_answers, write_mtbench_answers
+    from . import generate_mtbench_answers, write_mtbench_answers
 
     a = p.args
     model = p.model.eval()
@@ -765,15 +769,10 @@ def evaluate(p: Prepared) -> dict:
     model.to(device)
     gen = dict(max_new_tokens=a.max_new_tokens, batch_size=a.eval_batch_size, template=a.template)
     p.output_dir.mkdir(parents=True, exist_ok=True)
+    rows_released = None
     with _autocast(device, model):
-        if p.eval_task == "gsm8k":
-            metrics, rows = _split_rows(evaluate_gsm8k(model, p.tokenizer, p.eval_records, **gen))
-            record = {"task": "gsm8k", "split": "test", "num_examples": metrics["num_examples"],
-                      "accuracy": metrics["accuracy"]}
-        elif p.eval_task == "humaneval":
-            metrics, rows = _split_rows(evaluate_humaneval(model, p.tokenizer, p.eval_records, n_samples=1, k=(1,), **gen))
-            record = {"task": "humaneval", "split": "test", "num_examples": metrics["num_examples"],
-                      "pass@1": metrics["pass@1"]}
+        if p.eval_task in ("gsm8k", "humaneval"):
+            record, rows, rows_released = _evaluate_modes(p, model, device, gen)
         else:
             model_id = f"{Path(a.model_name_or_path).name}-{p.method.run_config_name}-seed{a.seed}"
             answers = generate_mtbench_answers(model, p.tokenizer, p.eval_records, **gen)
@@ -785,11 +784,43 @@ def evaluate(p: Prepared) -> dict:
                       "judge": "score with FastChat's llm_judge (gen_judgment.py, GPT-4)"}
     if rows is not None:
         write_jsonl_atomic(p.output_dir / "predictions.jsonl", rows)
+    if rows_released is not None:
+        write_jsonl_atomic(p.output_dir / "predictions_released.jsonl", rows_released)
     if not (p.output_dir / "run_config.json").exists():  # evaluation only: say what was evaluated
         write_json_atomic(p.output_dir / "run_config.json", run_config(p))
     write_json_atomic(p.output_dir / "eval_results.json", record)
     logger.info("eval %s: %s", p.eval_task, record)
     return record
+
+
+def _evaluate_modes(p: Prepared, model: nn.Module, device: torch.device, gen: dict):
+    """GSM8K / HumanEval in the modes --eval_mode asks for: (eval_results record, our rows, released rows).
+    Ours: "accuracy" / "pass@1", greedy; released: "accuracy_released" / "pass@1_released" with the released
+    scripts' prompt, extraction / post-processing and decoding (sampling seeded with --seed when the model
+    folder's generation_config.json sets do_sample, as transformers' generate did there)."""
+    from . import evaluate_gsm8k, evaluate_humaneval
+    from .prompts import released_decoding
+
+    a = p.args
+    metric = "accuracy" if p.eval_task == "gsm8k" else "pass@1"
+    run_one = evaluate_gsm8k if p.eval_task == "gsm8k" else \
+        (lambda *args, **kw: evaluate_humaneval(*args, n_samples=1, k=(1,), **kw))  # noqa: E731
+    record: Dict[str, Any] = {"task": p.eval_task, "split": "test"}
+    rows = rows_released = None
+    if a.eval_mode in ("both", "ours"):
+        metrics, rows = _split_rows(run_one(model, p.tokenizer, p.eval_records, **gen))
+        record.update(num_examples=metrics["num_examples"], **{metric: metrics[metric]})
+    if a.eval_mode in ("both", "released"):
+        config_file = Path(p.model_path) / "generation_config.json"
+        decoding = released_decoding(read_json(config_file, str(config_file)) if config_file.is_file() else None)
+        if decoding["do_sample"]:
+            decoding["generator"] = torch.Generator(device=device).manual_seed(a.seed)
+        logger.info("released %s evaluation, decoding %s", p.eval_task,
+                    {k: v for k, v in decoding.items() if k != "generator"})
+        metrics, rows_released = _split_rows(run_one(model, p.tokenizer, p.eval_records, mode="released",
+                                                     **gen, **decoding))
+        record.update(num_examples=metrics["num_examples"], **{f"{metric}_released": metrics[metric]})
+    return record, rows, rows_released
 
 
 def _split_rows(result):
