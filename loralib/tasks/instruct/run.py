@@ -14,7 +14,9 @@ argparse -> prepare() (flags checked, data read and tokenised, model built; noth
     peft_adapter/        the same adapter as a PEFT LoRA (PeftModel.from_pretrained; AdaLoRA / LoRA²: exact plain-LoRA form)
     train_results.json   steps, mean loss, eval loss, the optimizer's parameter groups
     eval_results.json    {"task": "gsm8k"|"humaneval"|"mt-bench", "split": "test", "num_examples", "accuracy" |
-                         "pass@1" | "answers_file"}; predictions.jsonl or mtbench_answers.jsonl beside it
+                         "pass@1" | "answers_file", and with --eval_mode both (the default) "accuracy_released" |
+                         "pass@1_released"}; predictions.jsonl (+ predictions_released.jsonl) or
+                         mtbench_answers.jsonl beside it
 
 Methods (--lora; run_config.json's "method" in brackets):
     lora [lora], rslora [rslora]        AdamW on B A (rsLoRA: scaling alpha / sqrt r instead of alpha / r)
@@ -62,6 +64,14 @@ Decisions:
 - LoRA-Pro's weight decay (0 in the paper) pulls s B A toward 0 and leaves W0 as loaded
   (decay_base_weight=False), because the adapter folders hold only the LoRA factors.
 - An --output_dir holding files is refused unless --overwrite_output_dir or --resume_from_checkpoint.
+- Released LoRA-Pro behaviours, off by default, each a flag recorded in run_config.json ("lorapro_released"):
+  --lorapro_released_clipping (full: the clip factor of the raw gradients' norm applied to the Adam direction;
+  the loop then does not clip), --lorapro_released_weight_decay (efficient: A and B each decayed by 1 - lr wd),
+  --lorapro_released_scaling (full: s = 2 in LoRA-Pro's formulas). loralib.optim.lorapro says what each changes.
+- --eval_mode both (default) | ours | released: GSM8K / HumanEval scored our way ("accuracy", "pass@1": greedy,
+  our extraction / post-processing) and the released scripts' way ("accuracy_released", "pass@1_released": their
+  prompt, decoding and extraction / post-processing; loralib.tasks.instruct.gsm8k / humaneval), each from its
+  own generation.
 """
 from __future__ import annotations
 
