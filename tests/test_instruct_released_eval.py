@@ -113,7 +113,8 @@ def test_released_humaneval_prompt_byte_for_byte():
     # the whole function, fenced, tab-indented, with a docstring and a blank line
     ('def add(a, b):\n\t"""Sum."""\n\n\treturn a + b\n```\n', "def add(a, b):\n    return a + b"),
     # odd indentation re-levelled from the def line
-    ("def add(a, b):\n  if a:\n     return a + b\n  return b\n", "def add(a, b):\n    if a:\n        return a + b\n    return b"),
+    ("def add(a, b):\n  if a:\n     return a + b\n  return b\n",
+     "def add(a, b):\n    if a:\n        return a + b\n    return b"),
     # a body at column 0 stays there (no def line): the released completion then fails to run
     ("return a + b\n", "return a + b"),
     # "def" as a substring ("default") is the released def line

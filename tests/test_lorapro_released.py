@@ -208,7 +208,8 @@ def test_released_clip_factor_and_deepspeed_wiring():
 
     assert released_clip_factor(9.0, 1.0) == 1.0 / max(1.0, (9.0 + 1e-6) / 1.0)
     assert released_clip_factor(0.5, 1.0) == 1.0
-    config = TrainConfig(output_dir="x", max_steps=1, deepspeed_config={"zero_optimization": {"stage": 2}}, max_grad_norm=1.0)
+    config = TrainConfig(output_dir="x", max_steps=1, deepspeed_config={"zero_optimization": {"stage": 2}},
+                         max_grad_norm=1.0)
     config, _factory, callbacks = lorapro_under_deepspeed(config, "full", released_clipping=True,
                                                           released_scaling=True)
     assert config.max_grad_norm == 0.0

@@ -117,18 +117,17 @@ def evaluate_gsm8k(model, tokenizer, records: Sequence[dict], max_new_tokens: in
     if not records:
         raise ValueError("no GSM8K records to evaluate")
     released = mode == "released"
-    prompts = [RELEASED_GSM8K_PROMPT.format(query=r["query"]) if released else format_prompt(r["query"], tokenizer, template)
-               for r in records]
+    prompts = [RELEASED_GSM8K_PROMPT.format(query=r["query"]) if released
+               else format_prompt(r["query"], tokenizer, template) for r in records]
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                            add_special_tokens=released or template == "alpaca", **generate_kwargs)
     if released:
-        outputs = [prompt + text for prompt, text in zip(prompts, texts)]
-        accuracy = gsm8k_accuracy_released(outputs, [r["answer"] for r in records])
-        per_example = [{"query": r["query"], "target": extract_gsm8k_answer_released(r["answer"]), "generation": t,
-                        "prediction": extract_gsm8k_answer_released(o),
-                        "correct": extract_gsm8k_answer_released(o) == extract_gsm8k_answer_released(r["answer"])}
-                       for r, t, o in zip(records, texts, outputs)]
-        return {"accuracy": accuracy, "num_examples": len(records), "records": per_example}
+        predictions = [extract_gsm8k_answer_released(prompt + text) for prompt, text in zip(prompts, texts)]
+        targets = [extract_gsm8k_answer_released(r["answer"]) for r in records]
+        per_example = [{"query": r["query"], "target": target, "generation": t, "prediction": p, "correct": p == target}
+                       for r, t, p, target in zip(records, texts, predictions, targets)]
+        return {"accuracy": sum(row["correct"] for row in per_example) / len(records), "num_examples": len(records),
+                "records": per_example}
     predictions = [extract_gsm8k_answer(t) for t in texts]
     targets = [r["target"] for r in records]
     per_example = [{"query": r["query"], "target": r["target"], "generation": t, "prediction": p,
