@@ -273,3 +273,50 @@ def test_deepspeed_full_released_rules_equal_lorapro_adamw(tmp_path):
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=2e-6)
+
+
+def test_released_clipping_through_lorapro_train(tmp_path):
+    """lorapro/train.py --lorapro_released_clipping on a tiny Llama: the loop leaves the gradients alone and the
+    run equals direct LoRAProAdamW(released_clip_norm=--max_grad_norm) steps; without the flag (the loop clips
+    the raw gradients) the adapter differs; run_config.json records the rules."""
+    import json
+    from pathlib import Path
+
+    from loralib.tasks.instruct import InstructCollator, run
+
+    assets = run.build_smoke_assets(tmp_path / "smoke")
+    # One step, from B = 0 (well conditioned; later steps of a tiny fp32 run amplify rounding, lorapro/README.md
+    # "Numerics"); eps 1e-3: Adam's first direction is ~ sign(g~), which rounding could flip where g~ ~ 0.
+    lr, clip, steps, eps = 1e-2, 0.05, 1, 1e-3
+
+    def train(out, *extra):
+        args = run.build_parser().parse_args([
+            "--model_name_or_path", assets["model"], "--dataset", "metamath", "--data_path", assets["metamath.jsonl"],
+            "--output_dir", str(out), "--n_train", "4", "--n_eval", "0", "--global_batch_size", "4",
+            "--max_steps", str(steps), "--lr", str(lr), "--lr_scheduler_type", "constant", "--warmup_ratio", "0",
+            "--max_grad_norm", str(clip), "--adam_epsilon", str(eps), "--lora", "lora-pro", "--no-bf16",
+            "--disable_tqdm", *extra])
+        p = run.prepare(args)
+        run.execute(p)
+        return p, {n: t.detach().clone() for n, t in p.model.named_parameters() if "lora_" in n}
+
+    p, released = train(tmp_path / "released", "--lorapro_released_clipping")
+    _, ours = train(tmp_path / "ours")
+    config = json.loads((tmp_path / "released" / "run_config.json").read_text())
+    assert config["lorapro_released"] == {"clipping": True, "weight_decay": False, "scaling": False}
+
+    run._seed(0)
+    model = run.load_model(Path(assets["model"]), p.method.lora, "fp32").train()
+    run.mark_trainable(model, p.method)
+    opt = LoRAProAdamW(model, lr=lr, eps=eps, mode="full", released_clip_norm=clip)
+    collate = InstructCollator(run.pad_id(p.tokenizer))
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        for example in p.train_examples:  # the loop's gradient: the mean over micro-batches of one example
+            (model(**collate([example])).loss / len(p.train_examples)).backward()
+        assert opt._released_clip_factor() < 1.0  # the clip is active
+        opt.step()
+    for name, value in model.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(released[name], value.detach(), atol=2e-6, rtol=1e-4)
+    assert max((released[n] - ours[n]).abs().max().item() for n in ours) > 1e-4
