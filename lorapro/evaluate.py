@@ -9,6 +9,9 @@
 --lora_path: our adapter folder (adapter/, checkpoint-N/adapter) or a PEFT LoRA folder; none evaluates the base
 model. Writes eval_results.json ({"task", "split": "test", "num_examples", "accuracy" | "pass@1" | "answers_file"}),
 predictions.jsonl (or mtbench_answers.jsonl, for FastChat's llm_judge) and run_config.json if absent.
+--eval_mode both (default) | ours | released: GSM8K and HumanEval also (or only) scored as LoRA-Pro's released
+scripts did (their prompt, decoding, extraction / post-processing): "accuracy_released" / "pass@1_released" and
+predictions_released.jsonl (lorapro/README.md, "Released vs corrected").
 """
 import sys
 

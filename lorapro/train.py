@@ -7,7 +7,9 @@
     torchrun --nproc_per_node 8 lorapro/train.py --lora lora-pro --deepspeed ds_zero2.json ...  # efficient mode
 
 --lora: lora, rslora, lora-pro (= lora-pro-full), rslora-pro, loraplus, adalora, lora2, dora, pissa, lora-ga, full
-(--use_rslora, --use_dora, --init_lora_weights compose with the LoRA ones). Everything else,
+(--use_rslora, --use_dora, --init_lora_weights compose with the LoRA ones). The released code's rules, off by
+default (lorapro/README.md, "Released vs corrected"): --lorapro_released_clipping, --lorapro_released_scaling
+(full mode), --lorapro_released_weight_decay (efficient mode). Everything else,
 and what lands in --output_dir, is loralib.tasks.instruct.run; see its docstring or --help.
 """
 import sys

@@ -42,7 +42,8 @@ from typing import List, Sequence
 import torch
 import torch.nn as nn
 
-from .lorapro import LoRAPair, full_mode_direction, lora_pairs, lorapro_gradients, update_adam_moments
+from .lorapro import (RELEASED_SCALING, LoRAPair, full_mode_direction, lora_pairs, lorapro_gradients,
+                      released_clip_factor, update_adam_moments)
 
 
 def _model_of(engine_or_model) -> nn.Module:
@@ -123,10 +124,16 @@ class ZeROLoRAProFull:
     the full variant's state (the released code kept it wherever ZeRO's flat partitions put A and B, and
     paired A with B by position there). state_dict() / load_state_dict(): this rank's moments, which the
     loop writes to each checkpoint per rank. Weight decay is not supported (the paper's runs use 0).
+
+    released_clipping: the released patch's rule instead (loralib.optim.lorapro's module docstring): the
+    factor min(1, max_grad_norm / (N + 1e-6)) of the raw gradients' norm N scales the directions, not the
+    gradients. released_scaling: s = 2 in the LoRA-Pro formulas (the patch's constant), not the layer's.
     """
 
-    def __init__(self, betas=(0.9, 0.999), eps: float = 1e-8, max_grad_norm: float = 0.0):
+    def __init__(self, betas=(0.9, 0.999), eps: float = 1e-8, max_grad_norm: float = 0.0,
+                 released_clipping: bool = False, released_scaling: bool = False):
         self.betas, self.eps, self.max_grad_norm = tuple(betas), float(eps), float(max_grad_norm or 0.0)
+        self.released_clipping, self.released_scaling = bool(released_clipping), bool(released_scaling)
         self.state: dict = {}  # unit name -> {"step", "exp_avg", "exp_avg_sq"}, the units this rank owns
         self._units = None  # [(name, pair or parameter, owner rank)], found and dealt at the first step
 
@@ -171,18 +178,23 @@ class ZeROLoRAProFull:
                 raise RuntimeError(f"no gradient for {name!r}: call adjust() right after engine.backward() on an "
                                    "accumulation boundary, before engine.step()")
             grads[name] = [g.float() for g in found]
+        direction_scale = 1.0
         if self.max_grad_norm > 0:  # the raw gradients' global norm, as torch.nn.utils.clip_grad_norm_
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for gs in grads.values()
                                                          for g in gs]))
-            coefficient = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-            grads = {name: [g * coefficient for g in gs] for name, gs in grads.items()}
+            if self.released_clipping:  # the released patch: the factor scales the directions
+                direction_scale = released_clip_factor(float(norm), self.max_grad_norm)
+            else:
+                coefficient = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+                grads = {name: [g * coefficient for g in gs] for name, gs in grads.items()}
         count = 0
         for name, unit, owner in self._units:
             mine = owner == rank
             if isinstance(unit, LoRAPair):
                 A, B = unit.stacked(_whole(unit.A), _whole(unit.B))  # collectives: every rank
                 if mine:
-                    dA, dB = full_mode_direction(A, B, *unit.stacked(*grads[name]), unit.scaling,
+                    scaling = RELEASED_SCALING if self.released_scaling else unit.scaling
+                    dA, dB = full_mode_direction(A, B, *unit.stacked(*grads[name]), scaling,
                                                  self.state.setdefault(name, {}), self.betas, self.eps)
                     directions = [dA.reshape(grads[name][0].shape), dB.reshape(grads[name][1].shape)]
                 else:
@@ -194,7 +206,7 @@ class ZeROLoRAProFull:
                               if mine else torch.empty_like(grads[name][0])]
                 params = (unit,)
             for p, d in zip(params, directions):
-                d = d.float().contiguous()
+                d = (d.float() * direction_scale).contiguous()
                 if world > 1:
                     dist.broadcast(d, src=owner)
                 _set_whole_grad(p, d)
@@ -249,7 +261,8 @@ class ZeROLoRAProEfficient:
             adjust_zero_gradients(engine)
 
 
-def lorapro_under_deepspeed(config, mode: str, betas=(0.9, 0.999), eps: float = 1e-8):
+def lorapro_under_deepspeed(config, mode: str, betas=(0.9, 0.999), eps: float = 1e-8,
+                            released_clipping: bool = False, released_scaling: bool = False):
     """What loralib.train.train needs to run LoRA-Pro under DeepSpeed: (config, optimizer_factory,
     callbacks) for a TrainConfig whose deepspeed_config is set.
 
@@ -258,6 +271,8 @@ def lorapro_under_deepspeed(config, mode: str, betas=(0.9, 0.999), eps: float = 
     full: DeepSpeed runs sgd_for_full_mode on the directions ZeROLoRAProFull writes, which clips the raw
         gradients at config.max_grad_norm itself, so DeepSpeed's clipping is turned off; ZeRO is told to
         accept SGD (zero_allow_untested_optimizer). A weight decay > 0 is a ValueError.
+    released_clipping / released_scaling (full only): ZeROLoRAProFull's released rules. The released
+    efficient weight decay (A and B each by 1 - lr wd) is what DeepSpeed's AdamW does here anyway.
     """
     import dataclasses
 
@@ -272,6 +287,7 @@ def lorapro_under_deepspeed(config, mode: str, betas=(0.9, 0.999), eps: float = 
                          "supported (DeepSpeed runs plain SGD on its directions): use 0, the paper's setting, the "
                          "efficient variant, or torchrun")
     ds = dict(read_deepspeed_config(config.deepspeed_config), zero_allow_untested_optimizer=True)
-    callback = ZeROLoRAProFull(betas, eps, max_grad_norm=config.max_grad_norm)  # the raw gradients' clipping
+    callback = ZeROLoRAProFull(betas, eps, max_grad_norm=config.max_grad_norm,  # the raw gradients' norm
+                               released_clipping=released_clipping, released_scaling=released_scaling)
     config = dataclasses.replace(config, max_grad_norm=0.0, deepspeed_config=ds)
     return config, (lambda model: sgd_for_full_mode(model, config.lr)), [callback]

@@ -50,6 +50,24 @@ adapter. `decay_base_weight=False` decays only s B A (W is pulled toward W0 inst
 W0 untouched. In bf16 the W0 factor (1 - lr*wd) usually rounds to 1: keep wd = 0 (the paper's setting)
 or the base weights in fp32 if the decay of W0 matters.
 
+Released behaviours, each an explicit option of `LoRAProAdamW` (default: the corrected math above), read from
+github.com/mrflogs/LoRA-Pro (DeepSpeed-0.15.1/deepspeed/runtime/zero/stage_1_and_2.py at commit fe26027, the
+full variant the paper's runs used; peta/optim.py at commit 2d8f44a, the older efficient variant):
+- `released_clip_norm=c` (full mode): the patched DeepSpeed computed the global norm N of the raw LoRA gradients,
+  replaced the gradients by the full variant's direction d, then scaled d by min(1, c / (N + 1e-6)) (its
+  unscale_and_clip_grads, gradient_clipping "auto" = max_grad_norm 1.0) and stepped with SGD. The step is then
+  -lr * min(1, c / (N + 1e-6)) * d: a large raw gradient shrinks the step itself. Ours (the default, and the
+  training loop's max_grad_norm) clips the raw gradients before Adam's moments, whose normalisation then
+  largely cancels the clip. With this option the optimizer clips (the loop's clipping must be off); other
+  trainable parameters' Adam steps are scaled by the same factor (the released run had none).
+- `released_weight_decay=True` (efficient mode): A <- (1 - lr wd) A and B <- (1 - lr wd) B before the Adam
+  update (peta/optim.py's step_efficient), so s B A shrinks by (1 - lr wd)^2 and W0 stays; ours decays W.
+- `released_scaling=True` (full mode): s = 2 (the patch's hard-coded 16 / 8) in every LoRA-Pro formula instead
+  of each layer's scaling; the forward pass keeps the layer's own s. For alpha 16, r 8 LoRA nothing changes;
+  for rsLoRA (s = 16 / sqrt 8) each step of A and B is s / 2 = 2.83 times the corrected one (the direction d
+  does not depend on s; it is mapped back to A and B through 1 / s).
+Each option is refused in the mode the released code did not use it in (ValueError).
+
 Supported layers: loralib's Linear, MergedLinear (each enabled chunk is its own (B_g, A_g) pair), Embedding
 and Conv1d/2d/3d (the pair (A, B) with s B A reshaped to the kernel), so also a transformers model after
 `loralib.inject`; and PEFT's LoRA Linear (nn.Linear or GPT-2's Conv1D base) and Embedding layers of a
@@ -72,6 +90,8 @@ import torch.nn as nn
 from ..layers import ConvLoRA, Embedding, Linear, LoRALayer, MergedLinear
 
 _SUPPORTED = (Linear, MergedLinear, Embedding, ConvLoRA)
+# the released DeepSpeed patch's scaling, hard-coded for every method (lora_alpha / lora_r = 16 / 8)
+RELEASED_SCALING = 16 / 8
 
 
 # -- pairing ------------------------------------------------------------------------------------
@@ -381,13 +401,21 @@ class LoRAProAdamW(_LoRAProBase):
         "efficient" adjusts (g_A, g_B) and keeps ordinary fp32 Adam moments of A and B.
     weight_decay: decoupled, on W = W0 + s B A for LoRA pairs (see `decay_base_weight`), on the
         parameter itself for the other trainable parameters.
+    released_clip_norm, released_weight_decay, released_scaling: the released code's rules (module
+        docstring), off by default: clip factor min(1, c / (N + 1e-6)) of the raw gradients' norm N applied
+        to the full variant's step; A and B each decayed by (1 - lr wd) in efficient mode; s = 2.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, mode: str = "full",
-                 decay_base_weight: bool = True):
+                 decay_base_weight: bool = True, released_clip_norm: float = 0.0,
+                 released_weight_decay: bool = False, released_scaling: bool = False):
         if mode not in ("full", "efficient"):
             raise ValueError(f"mode must be 'full' or 'efficient', got mode={mode!r}")
+        check_released_options(mode, released_clip_norm, released_weight_decay, released_scaling)
+        self.released_clip_norm = float(released_clip_norm or 0.0)
+        self.released_weight_decay = bool(released_weight_decay)
+        self.released_scaling = bool(released_scaling)
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must lie in [0, 1), got betas={betas!r}")
         if not eps >= 0:
@@ -397,9 +425,10 @@ class LoRAProAdamW(_LoRAProBase):
         super().__init__(model, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode),
                          decay_base_weight)
 
-    def _adam(self, params: List[torch.Tensor], grads: List[torch.Tensor], group: dict) -> None:
+    def _adam(self, params: List[torch.Tensor], grads: List[torch.Tensor], group: dict, scale: float = 1.0) -> None:
         """One Adam update of each param with its grad: fp32 moments (fp64 for fp64 params), bias
-        correction with step t = 1 on the first update, foreach kernels over all params."""
+        correction with step t = 1 on the first update, foreach kernels over all params; the update times
+        `scale` (the released clip factor, else 1)."""
         beta1, beta2 = group["betas"]
         by_step: Dict[int, list] = {}
         for p, g in zip(params, grads):
@@ -423,7 +452,7 @@ class LoRAProAdamW(_LoRAProBase):
             torch._foreach_div_(denom, math.sqrt(1 - beta2 ** step))
             torch._foreach_add_(denom, group["eps"])
             updates = torch._foreach_div(ms, denom)
-            torch._foreach_mul_(updates, -group["lr"] / (1 - beta1 ** step))
+            torch._foreach_mul_(updates, -group["lr"] * scale / (1 - beta1 ** step))
             self._write_all(ps, updates)
 
     @torch.no_grad()
@@ -433,20 +462,22 @@ class LoRAProAdamW(_LoRAProBase):
             with torch.enable_grad():
                 loss = closure()
         self._check_not_flattened()
+        clip = self._released_clip_factor() if self.released_clip_norm > 0 else 1.0
         for group in self.param_groups:
             if group["name"] == "other":
                 params = [p for p in group["params"] if p.grad is not None]
                 if group["weight_decay"] and params:
                     torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-                self._adam(params, [p.grad for p in params], group)
+                self._adam(params, [p.grad for p in params], group, clip)
             elif self.mode == "full":
                 for pair, gA, gB in self._pairs_with_grads():
-                    self._full_step(pair, gA, gB, group)
+                    self._full_step(pair, gA, gB, group, clip)
             else:
+                decay = self._decay_factors if self.released_weight_decay else self._decay_W
                 for pairs, gAs, gBs in _buckets(self._pairs_with_grads()):
                     new_gA, new_gB = _solve_bucket(pairs, gAs, gBs)
                     for pair in pairs:
-                        self._decay_W(pair, group["lr"], group["weight_decay"])
+                        decay(pair, group["lr"], group["weight_decay"])
                     self._stacked_adam([pair.A for pair in pairs], new_gA, group)
                     self._stacked_adam([pair.B for pair in pairs], new_gB, group)
         return loss
@@ -492,14 +523,52 @@ class LoRAProAdamW(_LoRAProBase):
         self._moment_buffers[key] = buffers
         return buffers
 
-    def _full_step(self, pair: LoRAPair, gA, gB, group: dict) -> None:
+    def _full_step(self, pair: LoRAPair, gA, gB, group: dict, clip: float = 1.0) -> None:
         A, B = pair.stacked(pair.A.detach(), pair.B.detach())
+        scaling = RELEASED_SCALING if self.released_scaling else pair.scaling
         # the pair's state lives under its A
-        dA, dB = full_mode_direction(A, B, *pair.stacked(gA, gB), pair.scaling, self.state[pair.A],
+        dA, dB = full_mode_direction(A, B, *pair.stacked(gA, gB), scaling, self.state[pair.A],
                                      group["betas"], group["eps"])
         self._decay_W(pair, group["lr"], group["weight_decay"])
-        self._write(pair.A, dA.reshape(pair.A.shape).mul_(-group["lr"]))
-        self._write(pair.B, dB.reshape(pair.B.shape).mul_(-group["lr"]))
+        self._write(pair.A, dA.reshape(pair.A.shape).mul_(-group["lr"] * clip))
+        self._write(pair.B, dB.reshape(pair.B.shape).mul_(-group["lr"] * clip))
+
+    def _released_clip_factor(self) -> float:
+        """min(1, c / (N + 1e-6)), N the global norm of the raw gradients of every trainable parameter
+        (under DDP already all-reduced): the released DeepSpeed patch's clip, taken before LoRA-Pro."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return 1.0
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        return released_clip_factor(float(norm), self.released_clip_norm)
+
+    @torch.no_grad()
+    def _decay_factors(self, pair: LoRAPair, lr: float, wd: float) -> None:
+        """The released efficient variant's weight decay: A and B each scaled by (1 - lr wd); W0 untouched."""
+        if wd == 0 or lr == 0:
+            return
+        pair.A.mul_(1.0 - lr * wd)
+        pair.B.mul_(1.0 - lr * wd)
+
+
+def released_clip_factor(norm: float, max_norm: float) -> float:
+    """The released clip factor min(1, max_norm / (norm + 1e-6)) (DeepSpeed's unscale_and_clip_grads)."""
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
+def check_released_options(mode: str, clip_norm: float, weight_decay: bool, scaling: bool) -> None:
+    """ValueError for a released option in the mode the released code never ran it in."""
+    if not (clip_norm or 0.0) >= 0:
+        raise ValueError(f"released_clip_norm must be >= 0, got {clip_norm!r}")
+    if clip_norm and mode != "full":
+        raise ValueError("released_clip_norm is the released full variant's clipping (its DeepSpeed patch); the "
+                         "efficient variant clipped the raw gradients (the default): use mode='full'")
+    if scaling and mode != "full":
+        raise ValueError("released_scaling is the released full variant's hard-coded s = 2; the efficient "
+                         "variant took s from the LoRA config: use mode='full'")
+    if weight_decay and mode != "efficient":
+        raise ValueError("released_weight_decay is the released efficient variant's decay of A and B; the full "
+                         "variant decayed W (the default): use mode='efficient'")
 
 
 def update_adam_moments(grad: torch.Tensor, state: dict, betas: Tuple[float, float]):

