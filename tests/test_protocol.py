@@ -255,3 +255,17 @@ def test_real_glue_runs_of_two_seeds_are_one_row_with_their_best_epochs(tmp_path
     assert len(group) == 2 and row.reported.value == 86.6  # the folder is named roberta-base: LoRA's RTE row
     assert row.values == [max(run.evaluations("rte", "accuracy")) for run in runs]
     assert row.unmet == ["2 of 5 seeds"]
+
+
+def test_the_released_evaluation_score_is_held_against_the_paper_too(tmp_path):
+    """lorapro/evaluate.py --eval_mode both writes "accuracy" (ours) and "accuracy_released" (LoRA-Pro's released
+    script's rule); both rows meet the paper's accuracy row, each under its own name."""
+    root = tmp_path / "results"
+    llama = {"method": "lora", "model_name_or_path": "meta-llama/Llama-2-7b-hf", "lora": {"r": 8}}
+    for seed, (ours, released) in enumerate(((0.43, 0.41), (0.45, 0.42), (0.44, 0.40))):
+        _run(root, f"gsm8k/lora/seed{seed}", llama,
+             {"task": "gsm8k", "split": "test", "accuracy": ours, "accuracy_released": released}, seed=seed)
+    rows = {r.metric: r for r in _rows(root) if r.reported is not None and r.task == "gsm8k"}
+    assert set(rows) == {"accuracy", "accuracy_released"}
+    assert rows["accuracy"].reported == rows["accuracy_released"].reported
+    assert rows["accuracy_released"].shown == pytest.approx(41.0) and rows["accuracy"].shown == pytest.approx(44.0)

@@ -267,6 +267,8 @@ def match(registry: Registry, run: Run, task: str, metric: str, paper: Optional[
     model = registry.model_key(run.model_name) or registry.model_key(run.model_path)
     if model is None or run.method is None:
         return []
+    if metric.endswith("_released"):  # scored as the paper's released scripts score (lorapro/evaluate.py --eval_mode)
+        metric = metric[:-len("_released")]
     rows = registry.find(model=model, method=run.method, task=task, metric=metric, paper=paper)
     if run.r is not None and any(row.r == run.r for row in rows):
         rows = [row for row in rows if row.r is None or row.r == run.r]
