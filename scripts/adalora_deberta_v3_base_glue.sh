@@ -69,7 +69,7 @@ for task in "${TASKS[@]}"; do
       ratio:*) warmup_flag=(--warmup_ratio "${warmup#ratio:}") ;;
       *) warmup_flag=(--warmup_steps "$warmup") ;;
   esac
-  for seed in $(seed_list "$task_seed" $((task_seed + 1)) $((task_seed + 2)) $((task_seed + 3)) $((task_seed + 4))); do
+  for seed in $(seed_list $(seq "$task_seed" $((task_seed + 4)))); do  # the task's seed and the next four
     launch lora2/run_glue_adalora.py \
         --model_name_or_path "$(model_path microsoft/deberta-v3-base)" \
         --task_name "$task" \

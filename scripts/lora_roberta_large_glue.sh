@@ -11,7 +11,7 @@
 #   scripts/lora_roberta_large_glue.sh --smoke                 # mnli, then stsb from it, on a tiny model
 #
 # LoRA r 8, alpha 16 on self-attention query and value; the classifier is trained too. MRPC, RTE and STS-B
-# start from the MNLI LoRA checkpoint (--lora_path): MNLI_LORA, else OUT_DIR/mnli/model/best_adapter (so
+# start from the MNLI LoRA checkpoint (--lora_path): MNLI_LORA, else OUT_DIR/mnli/seed<S>/model/best_adapter (so
 # run mnli first; seed by seed). The paper's global batch (per-device x 8) on any NPROC, by gradient
 # accumulation (KEEP_PER_DEVICE_BATCH=1: the per-device batch instead); the paper's 5 seeds. RECIPE=paper: the
 # paper's Table 9 where it differs from the scripts (SST-2 batch 4 / seq 128; CoLA lr 2e-4; STS-B batch 8,
