@@ -104,7 +104,8 @@ def test_every_size_and_task_gets_the_recipe(recorder, inputs, tmp_path, recipe)
                    "train_data": str(data / task / "train.jsonl"), "valid_data": str(data / task / "valid.jsonl")},
                where)
         b = parse_flags(beam[1:])
-        _check(b, BEAM | (PAPER_BEAM.get(task, {}) if recipe == "paper" else {}) | {"model_card": card, "base_checkpoint": str(models / model), "work_dir": run_dir,
+        beam_recipe = BEAM | (PAPER_BEAM.get(task, {}) if recipe == "paper" else {})
+        _check(b, beam_recipe | {"model_card": card, "base_checkpoint": str(models / model), "work_dir": run_dir,
                           "init_checkpoint": f"{run_dir}/model.123.pt", "data": str(data / task / "test.jsonl")},
                f"{where} gpt2_beam.py")
         d = parse_flags(decode[1:])

@@ -167,9 +167,10 @@ DEBERTA_XXL_PAPER["cola"]["learning_rate"] = "1e-4"
 DEBERTA_XXL_PAPER["rte"]["learning_rate"] = "2e-4"
 ADALORA_PAPER = {"qnli": {"learning_rate": "1.2e-3"}, "qqp": {"learning_rate": "5e-4"},
                  "cola": {"learning_rate": "5e-4", "reg_orth_coef": "0.5"}, "stsb": {"reg_orth_coef": "0.1"}}
-PROCS = {"lora_roberta_base_glue.sh": {t: 2 if t == "cola" else 8 for t in TASKS},
-         "lora_roberta_large_glue.sh": dict.fromkeys(TASKS, 8), "lora_deberta_v2_xxlarge_glue.sh": dict.fromkeys(TASKS, 8),
-         "adalora_deberta_v3_base_glue.sh": dict.fromkeys(TASKS, 1), "lora2_deberta_v3_base_glue.sh": dict.fromkeys(TASKS, 1)}
+PROCS = {  # the original's process count per task
+    "lora_roberta_base_glue.sh": {t: 2 if t == "cola" else 8 for t in TASKS},
+    "lora_roberta_large_glue.sh": dict.fromkeys(TASKS, 8), "lora_deberta_v2_xxlarge_glue.sh": dict.fromkeys(TASKS, 8),
+    "adalora_deberta_v3_base_glue.sh": dict.fromkeys(TASKS, 1), "lora2_deberta_v3_base_glue.sh": dict.fromkeys(TASKS, 1)}
 
 GLUE_ROWS = {  # script -> (entry point, hub name, per-task recipe, common flags, the paper's differing values)
     "lora_roberta_base_glue.sh": ("examples/NLU/run_glue.py", "roberta-base", ROBERTA_BASE, ROBERTA_COMMON,
@@ -250,7 +251,8 @@ def test_the_global_batch_is_the_papers_on_any_nproc(recorder, tmp_path, nproc, 
     flags = parse_flags(argv[argv.index(str(REPO / "examples/NLU/run_glue.py")) + 1:])
     assert (flags["per_device_train_batch_size"], flags["gradient_accumulation_steps"]) == (per_device, accum)
     assert ("NOT the paper's 128" in proc.stderr) == (keep == "1")
-    assert f"global batch {int(per_device) * nproc * int(accum)} = per-device {per_device} x NPROC {nproc}" in proc.stderr
+    global_ = int(per_device) * nproc * int(accum)
+    assert f"global batch {global_} = per-device {per_device} x NPROC {nproc}" in proc.stderr
 
 
 @pytest.mark.parametrize("script", sorted(LORAPLUS))

@@ -85,7 +85,7 @@ def test_smoke_runs_and_compare_matches_the_reported_rows(tmp_path):
                       **_env(SMOKE_DIR=tmp_path / "smoke", OUT_DIR=out, SEEDS="0", GLUE_TASKS="cola"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((out / "cola" / "lora" / "seed0" / "run_config.json").read_text())
-    assert config["args"]["global_batch_size"] == 32 and config["gradient_accumulation_steps"] == 8  # 4 x 8: the setting's
+    assert config["args"]["global_batch_size"] == 32 and config["gradient_accumulation_steps"] == 8  # 4 x 8
     rows = compare_rows(read_runs(out), paper="lorapro")
     by_metric = {row.metric: row for row in rows}
     assert set(by_metric) == {"accuracy", "matthews_correlation"} and {row.task for row in rows} == {"cola"}
