@@ -1,6 +1,9 @@
-"""LoRA² and AdaLoRA on GLUE with the flags of the released LoRA² / AdaLoRA scripts (DeBERTaV3).
+"""LoRA² (and AdaLoRA) on GLUE with the flags of the released LoRA² scripts (DeBERTaV3). A released LoRA² command
+means here what it meant in the LoRA² repository: `--apply_adalora --lora_type svd` builds LoRA²'s layer (that
+repository's loralib redefined SVDLinear as LoRA²'s, inner rank k = 8), and the head dropout is the released
+run_glue.py's fixed 0.15 whatever --cls_dropout says, unless --recipe paper (then --cls_dropout is honoured).
 
-    # AdaLoRA (SVDLinear, rank allocation, orthogonal regularizer)
+    # LoRA², the released MRPC command
     python lora2/run_glue.py --model_name_or_path microsoft/deberta-v3-base --task_name mrpc \
         --apply_lora --apply_adalora --lora_type svd --target_rank 1 --lora_r 8 --reg_orth_coef 0.1 \
         --init_warmup 600 --final_warmup 1800 --mask_interval 1 --beta1 0.85 --beta2 0.85 \
@@ -9,11 +12,11 @@
         --num_train_epochs 30 --warmup_ratio 0.1 --cls_dropout 0.0 --weight_decay 0.01 --seed 6 \
         --root_output_dir ./output/debertav3-base/mrpc --overwrite_output_dir
 
-    # LoRA²: the same command plus --apply_lora2 (inner rank --lora2_k, 8 in the released code)
+    # AdaLoRA from the same command: lora2/run_glue_adalora.py (AdaLoRA's repository's meaning), or add
+    # --svd_layer adalora here. --apply_lora2 builds LoRA² whatever --svd_layer says (inner rank --lora2_k).
 
---apply_rankselector (the released MRPC scripts' spelling) means --apply_adalora, and --cls_dropout is
-honoured (the released LoRA² code hard-coded 0.15). The final rank pattern is written to
-output_dir/rank_pattern.json. LoRA rows (not AdaLoRA / LoRA², which refuse them) take --use_dora and
+--apply_rankselector (the released MRPC scripts' spelling) means --apply_adalora. The final rank pattern is
+written to output_dir/rank_pattern.json. LoRA rows (not AdaLoRA / LoRA², which refuse them) take --use_dora and
 --init_lora_weights pissa | pissa_niter_N | lora_ga. Everything else is loralib.tasks.glue.run; see its docstring.
 """
 import sys
@@ -22,7 +25,9 @@ from loralib.tasks.glue import run
 
 
 def main(argv=None) -> int:
-    return run.main(argv, flavour="lora2", prog="lora2/run_glue.py")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the LoRA² repository's meaning of --lora_type svd first; a --svd_layer given on the command line wins
+    return run.main(["--svd_layer", "lora2", *argv], flavour="lora2", prog="lora2/run_glue.py")
 
 
 if __name__ == "__main__":

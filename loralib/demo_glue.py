@@ -12,7 +12,7 @@ the monorepo, through the same entry points a paper run uses, ending in the `lor
        full      examples/NLU/run_glue.py  (no --apply_lora)
        lora      examples/NLU/run_glue.py  --apply_lora --lora_r 8
        loraplus  loraplus/run_glue.py      --target_modules "query, value" --loraplus_lr_ratio 16
-       adalora   lora2/run_glue.py         --apply_adalora --lora_type svd --lora_r 8 --target_rank 4
+       adalora   lora2/run_glue.py         --svd_layer adalora --apply_adalora --lora_type svd --lora_r 8 ...
        lora2     lora2/run_glue.py         --apply_adalora --apply_lora2 --lora_r 8 --target_rank 4
        lorapro   examples/NLU/run_glue.py  --apply_lora --apply_lorapro --lorapro_mode full
    LoRA on query and value (r 8, alpha 16) everywhere; the same steps (150), batch (16), linear schedule with
@@ -73,7 +73,8 @@ def methods(steps: int) -> List[DemoMethod]:
         DemoMethod("loraplus", "loraplus", 1e-3, ("--target_modules", "query, value", "--lora_rank", "8",
                                                   "--lora_alpha", "16", "--lora_dropout", "0.0",
                                                   "--loraplus_lr_ratio", "16")),
-        DemoMethod("adalora", "lora2", 1e-3, lora + ("--apply_adalora", "--lora_type", "svd") + schedule),
+        DemoMethod("adalora", "lora2", 1e-3,  # --svd_layer adalora: AdaLoRA's meaning of --lora_type svd
+                   lora + ("--svd_layer", "adalora", "--apply_adalora", "--lora_type", "svd") + schedule),
         DemoMethod("lora2", "lora2", 1e-3, lora + ("--apply_adalora", "--apply_lora2", "--lora2_k", "4") + schedule),
         DemoMethod("lorapro", "nlu", 1e-3, lora + ("--apply_lorapro", "--lorapro_mode", "full")),
     ]

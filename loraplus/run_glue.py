@@ -11,7 +11,8 @@ default to on, as in the LoRA+ script (--no_do_train / --no_do_eval turn them of
 swapped init (B kaiming, A zeros) is the default; --use_original_init (or --lora_use_original_init) gives
 LoRA's. GPT-2 pads with its eos token, Llama gets a new [PAD] token (embedding grown, new row = mean).
 --use_dora and --init_lora_weights (pissa / lora_ga need --use_original_init: both set the factors) re-run a
-row with DoRA, PiSSA or LoRA-GA. Everything else is loralib.tasks.glue.run; see its docstring.
+row with DoRA, PiSSA or LoRA-GA. --recipe released|paper is recorded in run_config.json (no disagreement between
+the LoRA+ paper and its scripts is known). Everything else is loralib.tasks.glue.run; see its docstring.
 """
 import sys
 

@@ -13,6 +13,11 @@
 #   OUT_DIR    where the runs go (default outputs/<script name>)
 #   PYTHON     interpreter (default: the repository's .venv/bin/python, else python3)
 #   SMOKE_DIR  smoke mode: where the tiny models and GLUE files are built (default .cache/smoke in the repo)
+#   RECIPE     released (default): the released scripts' values; paper: the paper's table where the two disagree
+#              (scripts/README.md lists every disagreement); passed on as --recipe where the entry point records it
+#   SEEDS      space-separated seeds (default: the paper's count, see each script; smoke mode: the first only)
+#   KEEP_PER_DEVICE_BATCH  1: keep the original per-device batch on any NPROC (the global batch then scales
+#              with NPROC); default: the paper's global batch, by gradient accumulation (see global_batch)
 set -euo pipefail
 
 SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -22,6 +27,8 @@ if [[ -z ${PYTHON:-} ]]; then
     if [[ -x $REPO/.venv/bin/python ]]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
 fi
 NPROC=${NPROC:-1}
+RECIPE=${RECIPE:-released}
+KEEP_PER_DEVICE_BATCH=${KEEP_PER_DEVICE_BATCH:-0}
 SMOKE=0
 TASKS=()
 SMOKE_ARGS=()
@@ -56,6 +63,13 @@ parse_args() {
         fi
     fi
     [[ $NPROC =~ ^[1-9][0-9]*$ ]] || die "NPROC must be a positive integer, got '$NPROC'"
+    [[ $RECIPE == released || $RECIPE == paper ]] || die "RECIPE must be released or paper, got '$RECIPE'"
+    [[ $KEEP_PER_DEVICE_BATCH == 0 || $KEEP_PER_DEVICE_BATCH == 1 ]] \
+        || die "KEEP_PER_DEVICE_BATCH must be 0 or 1, got '$KEEP_PER_DEVICE_BATCH'"
+    if [[ -n ${SEEDS:-} ]]; then
+        local seed
+        for seed in $SEEDS; do [[ $seed =~ ^[0-9]+$ ]] || die "SEEDS must list non-negative integers, got '$SEEDS'"; done
+    fi
 }
 
 # Smoke mode: build (once) the tiny stand-ins of SMOKE_MODELS and the tiny GLUE folder, and point MODEL_DIR
@@ -91,13 +105,52 @@ setup_run() {
     export PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false
 }
 
-# note_nproc TASK N: the per-device batch sizes are the original's, so the global batch is the paper's only
-# with the paper's process count; say so when NPROC differs.
-note_nproc() {
-    if (( ! SMOKE )) && [[ $NPROC != "$2" ]]; then
-        echo "$SCRIPT_NAME: note: the paper ran $1 on $2 process(es); NPROC=$NPROC makes the global batch" \
-             "NPROC x the per-device batch" >&2
+# global_batch TASK PER_DEVICE PROCS [ACCUM]: the original ran PER_DEVICE x PROCS processes x ACCUM (default 1)
+# accumulation steps. Sets BATCH_FLAGS (--per_device_train_batch_size, --gradient_accumulation_steps) so that
+# NPROC processes train on the same global batch: the per-device batch is kept and the accumulation makes up
+# the rest (NPROC 1 of an 8-process original: accumulation x 8); with more processes than the original, the
+# per-device batch shrinks. KEEP_PER_DEVICE_BATCH=1 keeps the original's per-device batch and accumulation
+# (the global batch then scales with NPROC). Prints the effective configuration on stderr.
+global_batch() {
+    local task=$1 per_device=$2 procs=$3 accum=${4:-1}
+    local paper=$((per_device * procs * accum)) batch=$per_device steps=$accum
+    if (( ! KEEP_PER_DEVICE_BATCH )); then
+        if (( paper % (per_device * NPROC) == 0 )); then
+            steps=$((paper / (per_device * NPROC)))
+        elif (( paper % NPROC == 0 )); then
+            batch=$((paper / NPROC)); steps=1
+        else
+            die "$task: the paper's global batch $paper (per-device $per_device x $procs process(es) x" \
+                "accumulation $accum) cannot be split over NPROC=$NPROC processes: use an NPROC that divides" \
+                "$paper, or KEEP_PER_DEVICE_BATCH=1"
+        fi
     fi
+    BATCH_FLAGS=(--per_device_train_batch_size "$batch" --gradient_accumulation_steps "$steps")
+    local global=$((batch * NPROC * steps)) verdict="the paper's"
+    (( global == paper )) || verdict="NOT the paper's $paper (KEEP_PER_DEVICE_BATCH=1)"
+    echo "$SCRIPT_NAME: $task: global batch $global = per-device $batch x NPROC $NPROC x accumulation $steps," \
+         "$verdict (the original: $per_device x $procs process(es) x $accum); recipe $RECIPE" >&2
+}
+
+# seed_list DEFAULT...: the seeds to run: SEEDS when set, else the defaults (the paper's count); smoke mode
+# runs only the first unless SEEDS is set.
+seed_list() {
+    if [[ -n ${SEEDS:-} ]]; then
+        echo "$SEEDS"
+    elif (( SMOKE )); then
+        echo "$1"
+    else
+        echo "$*"
+    fi
+}
+
+# recipe_row TASK: the task's line of the table RELEASED (the released scripts' values), or of PAPER (the
+# paper's table, rows only where it differs) when RECIPE=paper.
+recipe_row() {
+    local line=""
+    if [[ $RECIPE == paper && -n ${PAPER:-} ]]; then line=$(grep -E "^$1 " <<<"$PAPER" || true); fi
+    [[ -n $line ]] || line=$(grep -E "^$1 " <<<"$RELEASED")
+    echo "$line"
 }
 
 model_path() {  # hub name -> what --model_name_or_path gets
@@ -117,19 +170,19 @@ launch() {
     "${cmd[@]}"
 }
 
-# The paper's MRPC, RTE and STS-B runs start from the MNLI LoRA checkpoint: MNLI_LORA when set (e.g. microsoft's
-# released roberta_base_lora_mnli.bin; ignored in smoke mode, whose tiny models fit no real adapter), else the
-# best adapter (else the last) of this script's own MNLI run.
+# mnli_lora TASK [SEED]: the paper's MRPC, RTE and STS-B runs start from the MNLI LoRA checkpoint: MNLI_LORA when
+# set (e.g. microsoft's released roberta_base_lora_mnli.bin; ignored in smoke mode, whose tiny models fit no real
+# adapter), else the best adapter (else the last) of this script's own MNLI run of the same seed.
 mnli_lora() {
     if [[ -n ${MNLI_LORA:-} ]] && (( ! SMOKE )); then
         [[ -e $MNLI_LORA ]] || die "MNLI_LORA=$MNLI_LORA does not exist"
         echo "$MNLI_LORA"
         return
     fi
-    local run=$OUT_DIR/mnli/model candidate
+    local run=$OUT_DIR/mnli/${2:+seed$2/}model candidate
     for candidate in "$run/best_adapter" "$run/adapter"; do
         if [[ -d $candidate ]]; then echo "$candidate"; return; fi
     done
-    die "$1 starts from the MNLI LoRA checkpoint, and $run has none: run the mnli task first (same OUT_DIR)," \
-        "or set MNLI_LORA to an adapter (e.g. a released *_lora_mnli.bin)"
+    die "$1 starts from the MNLI LoRA checkpoint, and $run has none: run the mnli task first (same OUT_DIR" \
+        "and SEEDS), or set MNLI_LORA to an adapter (e.g. a released *_lora_mnli.bin)"
 }

@@ -11,8 +11,9 @@ if (( SMOKE )); then
     MODEL_DIR=$SMOKE_DIR/models
     DATA_DIR=$SMOKE_DIR/instruct
     OUT_DIR=${OUT_DIR:-$SMOKE_DIR/runs/$SCRIPT_NAME}
-    # Only caps: a few steps on a few examples, short generations (argparse keeps a flag's last value).
-    SMOKE_ARGS=(--max_steps 2 --n_train 8 --n_eval 2 --global_batch_size 4 --max_length 400 --max_new_tokens 8
+    # Only caps: a few steps on a few examples, short generations (argparse keeps a flag's last value); the
+    # global batch stays the paper's 32.
+    SMOKE_ARGS=(--max_steps 2 --n_train 8 --n_eval 2 --max_length 400 --max_new_tokens 8
                 --max_eval_samples 2 --eval_batch_size 2 --logging_steps 1 --disable_tqdm --overwrite_output_dir)
 else
     DATA_DIR=${DATA_DIR:-data/instruct}
@@ -33,6 +34,9 @@ fi
 run_rows() {
     local method seed
     local -a method_args
+    (( 32 % NPROC == 0 )) || die "the paper's global batch 32 (per device 1) cannot be split over NPROC=$NPROC processes"
+    echo "$SCRIPT_NAME: global batch 32 = per-device 1 x NPROC $NPROC x accumulation $((32 / NPROC)), the paper's" \
+         "(the original: 1 x 8 process(es) x 4)" >&2
     for method in "${TASKS[@]}"; do
         method_args=()
         [[ $method == lora-ga ]] && method_args=(--loraga_batches "${LORAGA_BATCHES:-8}")

@@ -11,8 +11,9 @@
 # LoRA r 8, alpha 8 on c_attn, c_proj and c_fc; B trained with lr x LR_RATIO (the LoRA+ optimizer), the
 # score head trained too; GPT-2 pads with its eos token. AdamW betas (0.9, 0.99), eps 1e-8, linear schedule,
 # 3 epochs, batch 32, --fp16 (fp32 with a warning without a GPU). SEED unset: run_glue.py's default (42, as
-# transformers'). Results: OUT_DIR/<task>/lr-LR_ratio-LR_RATIO/eval_results.json. Environment: LR, LR_RATIO,
-# SEED, NPROC (default 1), MODEL_DIR, DATA_DIR, OUT_DIR, PYTHON, SMOKE_DIR (see scripts/_common.sh).
+# transformers'). The global batch stays 32 on any NPROC (KEEP_PER_DEVICE_BATCH=1: 32 per device); RECIPE is
+# recorded (no table/script disagreement is known for this row). Results: OUT_DIR/<task>/lr-LR_ratio-LR_RATIO/eval_results.json. Environment: LR, LR_RATIO,
+# SEED, NPROC (default 1), RECIPE, KEEP_PER_DEVICE_BATCH, MODEL_DIR, DATA_DIR, OUT_DIR, PYTHON, SMOKE_DIR (see scripts/_common.sh).
 ALL_TASKS=(mnli sst2 mrpc cola qnli qqp rte stsb)
 DEFAULT_TASKS=(mnli)
 SMOKE_TASKS=(mnli)
@@ -26,7 +27,7 @@ seed_flag=()
 if [[ -n ${SEED:-} ]]; then seed_flag=(--seed "$SEED"); fi
 
 for task in "${TASKS[@]}"; do
-    note_nproc "$task" 1
+    global_batch "$task" 32 1  # the LoRA+ GLUE runs: one process, batch 32
     out=$OUT_DIR/$task/lr-${LR}_ratio-${LR_RATIO}${SEED:+_seed-$SEED}
     launch loraplus/run_glue.py \
         --model_name_or_path "$(model_path gpt2)" \
@@ -41,7 +42,7 @@ for task in "${TASKS[@]}"; do
         --do_train \
         --do_eval \
         --max_seq_length 128 \
-        --per_device_train_batch_size 32 \
+        "${BATCH_FLAGS[@]}" \
         --per_device_eval_batch_size 128 \
         --eval_steps 500 \
         --save_steps 500 \
@@ -62,5 +63,6 @@ for task in "${TASKS[@]}"; do
         --keep_checkpoints eval \
         --overwrite_output_dir \
         --save_total_limit 1 \
+        --recipe "$RECIPE" \
         "${seed_flag[@]+"${seed_flag[@]}"}"
 done

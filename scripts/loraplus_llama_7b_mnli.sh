@@ -18,8 +18,9 @@
 # weight decay 0, batch 8 x gradient accumulation 4, 1 epoch, --fp16 (fp32 with a warning without a GPU).
 # --gradient_checkpointing as the original (each decoder block recomputed in the backward pass); the
 # original's --logging_strategy steps is passed (the default); its wandb reporting is left out (TensorBoard).
-# Results: OUT_DIR/<task>/lr-LR_ratio-LR_RATIO_seed-SEED/eval_results.json. Environment: LR, LR_RATIO, SEED,
-# NPROC (default 1), MODEL_DIR, DATA_DIR, OUT_DIR, PYTHON, SMOKE_DIR (see scripts/_common.sh).
+# The global batch stays 8 x 4 = 32 on any NPROC (the accumulation shrinks; KEEP_PER_DEVICE_BATCH=1 keeps 8 x 4
+# per process). Results: OUT_DIR/<task>/lr-LR_ratio-LR_RATIO_seed-SEED/eval_results.json. Environment: LR,
+# LR_RATIO, SEED, NPROC (default 1), RECIPE, KEEP_PER_DEVICE_BATCH, MODEL_DIR, DATA_DIR, OUT_DIR, PYTHON, SMOKE_DIR (see scripts/_common.sh).
 ALL_TASKS=(mnli sst2 mrpc cola qnli qqp rte stsb)
 DEFAULT_TASKS=(mnli)
 SMOKE_TASKS=(mnli)
@@ -32,7 +33,7 @@ LR_RATIO=${LR_RATIO:-1}
 SEED=${SEED:-0}
 
 for task in "${TASKS[@]}"; do
-    note_nproc "$task" 1
+    global_batch "$task" 8 1 4  # the original: one process, batch 8 x accumulation 4
     out=$OUT_DIR/$task/lr-${LR}_ratio-${LR_RATIO}_seed-${SEED}
     launch loraplus/run_glue.py \
         --model_name_or_path "$(model_path huggyllama/llama-7b)" \
@@ -48,9 +49,8 @@ for task in "${TASKS[@]}"; do
         --adam_beta2 0.999 \
         --weight_decay 0.0 \
         --max_seq_length 128 \
-        --per_device_train_batch_size 8 \
+        "${BATCH_FLAGS[@]}" \
         --per_device_eval_batch_size 16 \
-        --gradient_accumulation_steps 4 \
         --num_train_epochs 1 \
         --evaluation_strategy steps \
         --eval_steps 500 \
@@ -65,5 +65,6 @@ for task in "${TASKS[@]}"; do
         --report_to tensorboard \
         --keep_checkpoints eval \
         --ignore_mismatched_sizes \
-        --seed "$SEED"
+        --seed "$SEED" \
+        --recipe "$RECIPE"
 done

@@ -12,8 +12,9 @@
 # LoRA r 8, alpha 8 on query and value; B trained with lr x LR_RATIO (the LoRA+ optimizer); the classifier's
 # out_proj trained, its dense layer frozen (as the LoRA+ script did). AdamW betas (0.9, 0.99), eps 1e-8,
 # linear schedule, 3 epochs, batch 32, --fp16 (fp32 with a warning without a GPU). SEED unset: run_glue.py's
-# default (42). Results: OUT_DIR/<task>/lr-LR_ratio-LR_RATIO/eval_results.json. Environment: LR, LR_RATIO,
-# SEED, NPROC (default 1), MODEL_DIR, DATA_DIR, OUT_DIR, PYTHON, SMOKE_DIR (see scripts/_common.sh).
+# default (42). The global batch stays 32 on any NPROC (KEEP_PER_DEVICE_BATCH=1: 32 per device); RECIPE is
+# recorded (no table/script disagreement is known for this row). Results: OUT_DIR/<task>/lr-LR_ratio-LR_RATIO/eval_results.json. Environment: LR, LR_RATIO,
+# SEED, NPROC (default 1), RECIPE, KEEP_PER_DEVICE_BATCH, MODEL_DIR, DATA_DIR, OUT_DIR, PYTHON, SMOKE_DIR (see scripts/_common.sh).
 ALL_TASKS=(mnli sst2 mrpc cola qnli qqp rte stsb)
 DEFAULT_TASKS=(mnli)
 SMOKE_TASKS=(mnli)
@@ -27,7 +28,7 @@ seed_flag=()
 if [[ -n ${SEED:-} ]]; then seed_flag=(--seed "$SEED"); fi
 
 for task in "${TASKS[@]}"; do
-    note_nproc "$task" 1
+    global_batch "$task" 32 1  # the LoRA+ GLUE runs: one process, batch 32
     out=$OUT_DIR/$task/lr-${LR}_ratio-${LR_RATIO}${SEED:+_seed-$SEED}
     launch loraplus/run_glue.py \
         --model_name_or_path "$(model_path roberta-base)" \
@@ -36,7 +37,7 @@ for task in "${TASKS[@]}"; do
         --use_lora \
         --target_modules "query, value" \
         --do_train \
-        --per_device_train_batch_size 32 \
+        "${BATCH_FLAGS[@]}" \
         --per_device_eval_batch_size 128 \
         --max_seq_length 128 \
         --eval_steps 500 \
@@ -61,5 +62,6 @@ for task in "${TASKS[@]}"; do
         --overwrite_output_dir \
         --ignore_mismatched_sizes \
         --save_total_limit 1 \
+        --recipe "$RECIPE" \
         "${seed_flag[@]+"${seed_flag[@]}"}"
 done

@@ -40,8 +40,9 @@ if (( SMOKE )); then
     MODEL_DIR=$SMOKE_DIR/models
     DATA_DIR=$SMOKE_DIR/glue
     OUT_DIR=${OUT_DIR:-$SMOKE_DIR/runs/$SCRIPT_NAME}
-    # Only caps: a few optimizer steps of a few examples (argparse keeps a flag's last value).
-    SMOKE_ARGS=(--max_steps 2 --per_device_train_batch_size 4 --global_batch_size 4 --logging_steps 1
+    # Only caps: a few optimizer steps of a few examples (argparse keeps a flag's last value); the global batch
+    # stays the setting's 32 (4 per device x accumulation 8).
+    SMOKE_ARGS=(--max_steps 2 --per_device_train_batch_size 4 --logging_steps 1
                 --disable_tqdm --overwrite_output_dir)
 else
     DATA_DIR=${DATA_DIR:-data}
@@ -50,6 +51,10 @@ fi
 MODEL_DIR=${MODEL_DIR:-}
 export PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false
 
+(( 32 % NPROC == 0 )) || die "the setting's global batch 32 cannot be split over NPROC=$NPROC processes"
+PER_DEVICE=$((32 / NPROC))  # the setting's global batch 32 (LoRA-GA's: 32 on one process) on any NPROC
+echo "$SCRIPT_NAME: global batch 32 = per-device $PER_DEVICE x NPROC $NPROC x accumulation 1, the setting's" \
+     "(the original: 32 x 1 process(es) x 1); smoke mode: 4 per device x accumulation $((32 / NPROC / 4 > 0 ? 32 / NPROC / 4 : 1))" >&2
 for task in $GLUE_TASKS; do
     for method in "${TASKS[@]}"; do
         method_args=()
@@ -66,7 +71,7 @@ for task in $GLUE_TASKS; do
                 --lora_dropout 0 \
                 --lr "$LR" \
                 --num_train_epochs 1 \
-                --per_device_train_batch_size 32 \
+                --per_device_train_batch_size "$PER_DEVICE" \
                 --global_batch_size 32 \
                 --warmup_ratio 0.03 \
                 --lr_scheduler_type cosine \

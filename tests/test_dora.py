@@ -348,7 +348,7 @@ def test_glue_refuses_dora_with_lorapro_naming_both(files, tmp_path, capsys):
 
 def test_glue_refuses_dora_with_adalora_naming_both(files, tmp_path, capsys):
     argv = _base(files, "roberta", "rte", tmp_path / "o", "--do_train", "--apply_lora", "--lora_type", "svd",
-                 "--apply_adalora", "--target_rank", "2", "--use_dora")
+                 "--svd_layer", "adalora", "--apply_adalora", "--target_rank", "2", "--use_dora")
     assert LORA2.main(argv) != 0
     assert "--use_dora / --init_lora_weights: DoRA (use_dora=True) does not compose with AdaLoRA" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -121,6 +121,10 @@ def _smoke(script, tmp_path):
     out = tmp_path / "runs" / "lora-pro" / "seed0"
     config = json.loads((out / "run_config.json").read_text())
     assert config["method"] == "lorapro" and config["lorapro_mode"] == "full" and config["lora"]["r"] == 8
+    # the paper's global batch 32 on the smoke run's one process: 1 per device x accumulation 32
+    batch = (config["args"]["global_batch_size"], config["gradient_accumulation_steps"], config["world_size"])
+    assert batch == (32, 32, 1)
+    assert "global batch 32 = per-device 1 x NPROC 1 x accumulation 32, the paper's" in proc.stderr
     assert (out / "adapter" / "adapter.safetensors").is_file() and (out / "peft_adapter").is_dir()
     return json.loads((out / "eval_results.json").read_text()), out
 

@@ -9,6 +9,7 @@ whole pipeline (train -> beam -> decode -> evaluate) in --smoke mode on a tiny r
 """
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -20,7 +21,8 @@ from _script_helpers import argv_recorder, parse_flags, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "lora_gpt2_nlg.sh"
-ENV_KEYS = ("NPROC", "MODEL_DIR", "DATA_DIR", "OUT_DIR", "SMOKE_DIR", "PYTHON", "LENGTH_PENALTY")
+ENV_KEYS = ("NPROC", "MODEL_DIR", "DATA_DIR", "OUT_DIR", "SMOKE_DIR", "PYTHON", "LENGTH_PENALTY", "SEEDS", "RECIPE",
+            "KEEP_PER_DEVICE_BATCH")
 TASKS = ("e2e", "webnlg", "dart")
 
 if shutil.which("bash") is None:
@@ -30,7 +32,7 @@ if shutil.which("bash") is None:
 TRAIN_COMMON = {"train_batch_size": "8", "grad_acc": "1", "valid_batch_size": "4", "seq_len": "512", "clip": "0.0",
                 "lr": "0.0002", "correct_bias": True, "adam_beta2": "0.999", "scheduler": "linear",
                 "warmup_step": "500", "max_epoch": "5", "save_interval": "1000", "lora_dim": "4",
-                "lora_alpha": "32", "random_seed": "110", "platform": "local"}
+                "lora_alpha": "32", "platform": "local"}
 TRAIN_TASK = {"e2e": {"weight_decay": "0.01", "lora_dropout": "0.1", "label_smooth": "0.1"},
               "webnlg": {"weight_decay": "0.01", "lora_dropout": "0.1", "label_smooth": "0.1"},
               "dart": {"weight_decay": "0.0", "lora_dropout": "0.0", "label_smooth": "0.0"}}
@@ -73,57 +75,66 @@ def _check(flags: dict, expected: dict, where: str) -> None:
         assert flags[key] == want, f"{where}: --{key} {flags[key]!r}, the recipe says {want!r}"
 
 
-def test_every_size_and_task_gets_the_recipe(recorder, inputs, tmp_path):
+# the paper's Table 11 where it differs from the README's commands: E2E's length penalty
+PAPER_BEAM = {"e2e": {"length_penalty": "0.9"}}
+
+
+@pytest.mark.parametrize("recipe", ["released", "paper"])
+def test_every_size_and_task_gets_the_recipe(recorder, inputs, tmp_path, recipe):
     stub, calls = recorder
     data, models = inputs
     out = tmp_path / "out"
-    proc = _run("md", "lg", "all", PYTHON=stub, DATA_DIR=data, MODEL_DIR=models, OUT_DIR=out)
+    proc = _run("md", "lg", "all", PYTHON=stub, DATA_DIR=data, MODEL_DIR=models, OUT_DIR=out, RECIPE=recipe)
     assert proc.returncode == 0, proc.stderr
     runs = calls()
-    assert len(runs) == 4 * len(SIZES) * len(TASKS), runs
+    assert len(runs) == 4 * len(SIZES) * len(TASKS) * 3, runs  # x the paper's 3 seeds
     i = 0
-    for size, (card, model) in SIZES.items():
-        for task in TASKS:
-            ft, beam, decode, evaluate = runs[i:i + 4]
-            i += 4
-            where = f"{size} {task}"
-            assert ft[0].endswith("examples/NLG/gpt2_ft.py") and beam[0].endswith("examples/NLG/gpt2_beam.py")
-            assert decode[0].endswith("examples/NLG/gpt2_decode.py")
-            assert evaluate[0].endswith("examples/NLG/eval_nlg.py")
-            run_dir = str(out / size / task)
-            f = parse_flags(ft[1:])
-            _check(f, TRAIN_COMMON | TRAIN_TASK[task], f"{where} gpt2_ft.py")
-            _check(f, {"model_card": card, "init_checkpoint": str(models / model), "work_dir": run_dir,
-                       "train_data": str(data / task / "train.jsonl"), "valid_data": str(data / task / "valid.jsonl")},
-                   where)
-            b = parse_flags(beam[1:])
-            _check(b, BEAM | {"model_card": card, "base_checkpoint": str(models / model), "work_dir": run_dir,
-                              "init_checkpoint": f"{run_dir}/model.123.pt", "data": str(data / task / "test.jsonl")},
-                   f"{where} gpt2_beam.py")
-            d = parse_flags(decode[1:])
-            _check(d, DECODE[task] | {"sample_file": f"{run_dir}/{b['output_file']}",
-                                      "input_file": str(data / task / "test_formatted.jsonl")}, f"{where} decode")
-            assert ("output_category_file" in d) == (task == "webnlg"), where
-            e = parse_flags(evaluate[1:])
-            _check(e, {"task": task, "output_dir": run_dir, "ref_file": d["output_ref_file"],
-                       "pred_file": d["output_pred_file"]}, f"{where} eval_nlg.py")
-            if task == "webnlg":  # seen / unseen / all BLEU need each input's category
-                assert e["category_file"] == d["output_category_file"]
+    seeds = ("110", "111", "112")  # the README's 110 and the next two
+    for (size, (card, model)), task, seed in itertools.product(SIZES.items(), TASKS, seeds):
+        ft, beam, decode, evaluate = runs[i:i + 4]
+        i += 4
+        where = f"{size} {task} {seed} {recipe}"
+        assert ft[0].endswith("examples/NLG/gpt2_ft.py") and beam[0].endswith("examples/NLG/gpt2_beam.py")
+        assert decode[0].endswith("examples/NLG/gpt2_decode.py")
+        assert evaluate[0].endswith("examples/NLG/eval_nlg.py")
+        run_dir = str(out / size / task / f"seed{seed}")
+        f = parse_flags(ft[1:])
+        _check(f, TRAIN_COMMON | TRAIN_TASK[task] | {"random_seed": seed, "recipe": recipe}, f"{where} gpt2_ft.py")
+        _check(f, {"model_card": card, "init_checkpoint": str(models / model), "work_dir": run_dir,
+                   "train_data": str(data / task / "train.jsonl"), "valid_data": str(data / task / "valid.jsonl")},
+               where)
+        b = parse_flags(beam[1:])
+        beam_recipe = BEAM | (PAPER_BEAM.get(task, {}) if recipe == "paper" else {})
+        _check(b, beam_recipe | {"model_card": card, "base_checkpoint": str(models / model), "work_dir": run_dir,
+                          "init_checkpoint": f"{run_dir}/model.123.pt", "data": str(data / task / "test.jsonl")},
+               f"{where} gpt2_beam.py")
+        d = parse_flags(decode[1:])
+        _check(d, DECODE[task] | {"sample_file": f"{run_dir}/{b['output_file']}",
+                                  "input_file": str(data / task / "test_formatted.jsonl")}, f"{where} decode")
+        assert ("output_category_file" in d) == (task == "webnlg"), where
+        e = parse_flags(evaluate[1:])
+        _check(e, {"task": task, "output_dir": run_dir, "ref_file": d["output_ref_file"],
+                   "pred_file": d["output_pred_file"]}, f"{where} eval_nlg.py")
+        if task == "webnlg":  # seen / unseen / all BLEU need each input's category
+            assert e["category_file"] == d["output_category_file"]
 
 
 def test_defaults_and_processes(recorder, inputs, tmp_path):
     stub, calls = recorder
     data, models = inputs
     proc = _run(PYTHON=stub, DATA_DIR=data, MODEL_DIR=models, OUT_DIR=tmp_path / "out", NPROC="2",
-                LENGTH_PENALTY="0.9")
+                LENGTH_PENALTY="0.7", SEEDS="110")
     assert proc.returncode == 0, proc.stderr
     runs = calls()
     assert len(runs) == 4  # md e2e by default
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     assert runs[0][:5] == launcher and runs[1][:5] == launcher  # training and beam search on NPROC processes
     assert runs[2][0].endswith("gpt2_decode.py") and runs[3][0].endswith("eval_nlg.py")  # one process each
-    assert parse_flags(runs[1][6:])["length_penalty"] == "0.9"
-    assert "NPROC=2 makes the global batch" in proc.stderr  # the paper trained on one process
+    assert parse_flags(runs[1][6:])["length_penalty"] == "0.7"  # LENGTH_PENALTY overrides either recipe
+    # the README trained 8 a batch on one process: 2 processes keep the global batch 8 with 4 each
+    train = parse_flags(runs[0][6:])
+    assert (train["train_batch_size"], train["grad_acc"]) == ("4", "1")
+    assert "global batch 8 = per-device 4 x NPROC 2 x accumulation 1, the paper's" in proc.stderr
 
 
 @pytest.mark.parametrize("args, env, phrase", [
@@ -155,12 +166,13 @@ def test_smoke_runs_the_pipeline_end_to_end(tmp_path):
     """GPT-2 M on E2E: train 2 steps -> beam search -> decode -> the E2E metrics, on the tiny assets."""
     proc = _run("--smoke", SMOKE_DIR=tmp_path / "smoke", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "smoke" / "runs" / "lora_gpt2_nlg" / "md" / "e2e"
+    run = tmp_path / "smoke" / "runs" / "lora_gpt2_nlg" / "md" / "e2e" / "seed110"  # smoke: the first seed
     results = json.loads((run / "eval_results.json").read_text())
     assert results["task"] == "e2e" and results["split"] == "test"
     assert {"bleu", "nist", "meteor", "rouge_l", "cider"} <= set(results)
     config = json.loads((run / "run_config.json").read_text())
     assert config["method"] == "lora" and config["model_name_or_path"] == "gpt2-medium"
+    assert config["global_batch_size"] == 8 and config["recipe"] == "released"  # the README's batch, one process
     test_lines = (tmp_path / "smoke" / "nlg" / "data" / "e2e" / "test.jsonl").read_text().splitlines()
     predictions = [json.loads(x) for x in (run / "predict.jsonl").read_text().splitlines()]
     assert [p["id"] for p in predictions] == list(range(len(test_lines)))

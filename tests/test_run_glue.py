@@ -214,14 +214,70 @@ def test_lora2_resume_after_a_crash_is_exact(files, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.3])
-def test_lora2_cls_dropout_is_honoured(files, tmp_path, p):
-    # regression: the released LoRA² code hard-coded cls_dropout = 0.15 whatever the flag said
-    args = driver.parse_args(_adaptive_argv(files, tmp_path / "x", "--apply_lora2", "--cls_dropout", str(p)), "lora2")
+def test_lora2_cls_dropout_is_honoured_under_the_paper_recipe(files, tmp_path, p):
+    # the LoRA² paper's table gives a head dropout per task; --recipe paper honours it
+    args = driver.parse_args(_adaptive_argv(files, tmp_path / "x", "--apply_lora2", "--cls_dropout", str(p),
+                                            "--recipe", "paper"), "lora2")
     model = driver.prepare(args).model
     assert model.dropout.p == p and model.hf_config["cls_dropout"] == p
     roberta = driver.prepare(driver.parse_args(_base(files, "roberta", "rte", tmp_path / "y", "--do_eval",
                                                      "--cls_dropout", str(p)), "nlu")).model
     assert roberta.classifier.dropout.p == p
+    adalora = driver.prepare(driver.parse_args(_adaptive_argv(files, tmp_path / "z", "--apply_adalora",
+                                                              "--cls_dropout", str(p)), "lora2")).model
+    assert adalora.dropout.p == p  # AdaLoRA's code honoured the flag under either recipe
+
+
+def test_lora2_released_recipe_fixes_the_head_dropout_at_0_15(files, tmp_path):
+    # the released LoRA² run_glue.py ignored --cls_dropout and hard-coded 0.15: the default recipe runs that
+    args = driver.parse_args(_adaptive_argv(files, tmp_path / "x", "--apply_lora2", "--cls_dropout", "0.2"), "lora2")
+    with pytest.warns(UserWarning, match="--cls_dropout 0.2 is ignored for LoRA² under --recipe released"):
+        model = driver.prepare(args).model
+    assert args.recipe == "released" and model.dropout.p == 0.15 and model.hf_config["cls_dropout"] == 0.15
+
+
+def test_an_original_lora2_command_builds_lora2_and_adalora_has_its_own_entry_point(files, tmp_path):
+    """The LoRA² scripts write AdaLoRA's command (--apply_adalora --lora_type svd, no --apply_lora2); in the
+    LoRA² repository its loralib made that LoRA²'s layer with k = 8. lora2/run_glue.py keeps that meaning;
+    lora2/run_glue_adalora.py keeps AdaLoRA's, and --svd_layer chooses explicitly."""
+    adalora_entry = _entry("lora2/run_glue_adalora.py")
+    cases = [(LORA2, [], "LoRA2Linear", "lora2"), (adalora_entry, [], "SVDLinear", "adalora"),
+             (LORA2, ["--svd_layer", "adalora"], "SVDLinear", "adalora"),
+             (adalora_entry, ["--svd_layer", "lora2"], "LoRA2Linear", "lora2")]
+    for i, (entry, extra, layer_type, method) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        argv = _adaptive_argv(files, out, "--apply_adalora", "--max_steps", "3", *extra)
+        assert entry.main(argv) == 0, (entry, extra)
+        config = _json(out / "run_config.json")
+        assert config["method"] == method and config["lora"]["method"] == method, (entry, extra)
+        assert config["recipe"] == "released"
+        if method == "lora2":
+            assert config["lora"]["lora2_k"] == 8  # the LoRA² repository's fixed inner rank
+    assert driver.parse_args(_adaptive_argv(files, tmp_path), "lora2").svd_layer == "adalora"  # the driver's default
+    layers = {type(m).__name__ for m in driver.run_glue(
+        ["--svd_layer", "lora2"] + _adaptive_argv(files, tmp_path / "x", "--apply_adalora", "--max_steps", "3"),
+        "lora2").model.modules()}
+    assert "LoRA2Linear" in layers and "SVDLinear" not in layers
+
+
+def test_lora_a_init_normal_draws_from_the_initializer_range(files, tmp_path):
+    """--lora_a_init normal: lora_A ~ N(0, 0.02) (the DeBERTa fork's _init_weights); B stays zero."""
+    def a_factors(*extra):
+        args = driver.parse_args(_base(files, "deberta", "rte", tmp_path / "o", "--do_train", "--apply_lora",
+                                       "--lora_r", "8", *extra), "nlu")
+        model = driver.prepare(args).model
+        return ([p for n, p in model.named_parameters() if n.endswith("lora_A")],
+                [p for n, p in model.named_parameters() if n.endswith("lora_B")])
+    normal, b = a_factors("--lora_a_init", "normal")
+    kaiming, _ = a_factors()
+    values = torch.cat([p.detach().flatten() for p in normal])
+    assert len(normal) == 4 and all(torch.count_nonzero(p) == 0 for p in b)
+    assert abs(values.std().item() - 0.02) < 0.004 and abs(values.mean().item()) < 0.004
+    # loralib's default: kaiming uniform with a = sqrt(5), bound 1 / sqrt(in_features) = 0.25 here
+    assert torch.cat([p.detach().flatten() for p in kaiming]).abs().max() > 0.1
+    with pytest.raises(ValueError, match="has no lora_A"):
+        driver.prepare(driver.parse_args(_base(files, "deberta", "rte", tmp_path / "o", "--do_eval",
+                                               "--lora_a_init", "normal"), "nlu"))
 
 
 def test_lora2_root_output_dir(files, tmp_path):

@@ -32,7 +32,7 @@ SCRIPTS = REPO / "scripts"
 TASKS = ("mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb")
 FROM_MNLI = ("mrpc", "rte", "stsb")  # the LoRA paper's tasks that start from the MNLI LoRA checkpoint
 ENV_KEYS = ("NPROC", "MODEL_DIR", "DATA_DIR", "OUT_DIR", "SMOKE_DIR", "MNLI_LORA", "LR", "LR_RATIO", "SEED",
-            "LRS_A", "LRS_B", "SEEDS", "JOBS", "PYTHON")
+            "LRS_A", "LRS_B", "SEEDS", "JOBS", "PYTHON", "RECIPE", "KEEP_PER_DEVICE_BATCH", "BUDGET", "LORA_A_INIT")
 
 if shutil.which("bash") is None:
     pytest.skip("the scripts need bash", allow_module_level=True)
@@ -73,7 +73,7 @@ qqp  512 4 3e-4 20
 rte  512 8 4e-4 20
 stsb 128 4 3e-4 10""", "max_seq_length per_device_train_batch_size learning_rate num_train_epochs")
 ROBERTA_COMMON = {"apply_lora": True, "lora_r": "8", "lora_alpha": "16", "warmup_ratio": "0.06",
-                  "weight_decay": "0.1", "seed": "0", "evaluation_strategy": "epoch", "save_strategy": "epoch",
+                  "weight_decay": "0.1", "evaluation_strategy": "epoch", "save_strategy": "epoch",
                   "do_train": True, "do_eval": True}
 # DeBERTa-v2-XXL: seq / batch / lr / epochs / warmup (steps, or ratio) / cls_dropout / weight_decay
 DEBERTA_XXL = _cols("""
@@ -87,7 +87,7 @@ rte  320 4  2.6e-4 11 50        0.2  0.01
 stsb 128 4  2e-4   10 100       0.2  0.1""",
                     "max_seq_length per_device_train_batch_size learning_rate num_train_epochs warmup cls_dropout "
                     "weight_decay")
-DEBERTA_COMMON = {"apply_lora": True, "lora_r": "16", "lora_alpha": "32", "fp16": True, "seed": "0"}
+DEBERTA_COMMON = {"apply_lora": True, "lora_r": "16", "lora_alpha": "32", "fp16": True, "lora_a_init": "normal"}
 # LoRA² on DeBERTaV3-base: r / target_rank / init_warmup / final_warmup / mask_interval / reg_orth_coef / alpha /
 # lr / epochs / warmup / seq / cls_dropout / weight_decay / seed
 LORA2 = _cols("""
@@ -155,43 +155,104 @@ def _record(recorder, tmp_path, script, *args, **env):
     return calls(), proc
 
 
-GLUE_ROWS = {  # script -> (entry point, hub name, per-task recipe, common flags)
-    "lora_roberta_base_glue.sh": ("examples/NLU/run_glue.py", "roberta-base", ROBERTA_BASE, ROBERTA_COMMON),
-    "lora_roberta_large_glue.sh": ("examples/NLU/run_glue.py", "roberta-large", ROBERTA_LARGE, ROBERTA_COMMON),
+# The papers' own tables where they differ from the released scripts (scripts/README.md, "Released run vs
+# paper"): LoRA Table 9 (RoBERTa), Table 10 (DeBERTa XXL), AdaLoRA Table 8.
+ROBERTA_BASE_PAPER = {task: {"lora_alpha": "8"} for task in TASKS}
+ROBERTA_LARGE_PAPER = {"sst2": {"per_device_train_batch_size": "4", "max_seq_length": "128"},
+                       "cola": {"learning_rate": "2e-4"},
+                       "stsb": {"per_device_train_batch_size": "8", "num_train_epochs": "30", "learning_rate": "2e-4",
+                                "max_seq_length": "512"}}
+DEBERTA_XXL_PAPER = {task: {"warmup": "ratio:0.1"} for task in TASKS}
+DEBERTA_XXL_PAPER["cola"]["learning_rate"] = "1e-4"
+DEBERTA_XXL_PAPER["rte"]["learning_rate"] = "2e-4"
+ADALORA_PAPER = {"qnli": {"learning_rate": "1.2e-3"}, "qqp": {"learning_rate": "5e-4"},
+                 "cola": {"learning_rate": "5e-4", "reg_orth_coef": "0.5"}, "stsb": {"reg_orth_coef": "0.1"}}
+PROCS = {  # the original's process count per task
+    "lora_roberta_base_glue.sh": {t: 2 if t == "cola" else 8 for t in TASKS},
+    "lora_roberta_large_glue.sh": dict.fromkeys(TASKS, 8), "lora_deberta_v2_xxlarge_glue.sh": dict.fromkeys(TASKS, 8),
+    "adalora_deberta_v3_base_glue.sh": dict.fromkeys(TASKS, 1), "lora2_deberta_v3_base_glue.sh": dict.fromkeys(TASKS, 1)}
+
+GLUE_ROWS = {  # script -> (entry point, hub name, per-task recipe, common flags, the paper's differing values)
+    "lora_roberta_base_glue.sh": ("examples/NLU/run_glue.py", "roberta-base", ROBERTA_BASE, ROBERTA_COMMON,
+                                  ROBERTA_BASE_PAPER),
+    "lora_roberta_large_glue.sh": ("examples/NLU/run_glue.py", "roberta-large", ROBERTA_LARGE, ROBERTA_COMMON,
+                                   ROBERTA_LARGE_PAPER),
     "lora_deberta_v2_xxlarge_glue.sh": ("examples/NLU/run_glue.py", "microsoft/deberta-v2-xxlarge", DEBERTA_XXL,
-                                        DEBERTA_COMMON),
-    "adalora_deberta_v3_base_glue.sh": ("lora2/run_glue.py", "microsoft/deberta-v3-base", _adalora(),
-                                        ADAPTIVE_COMMON),
-    "lora2_deberta_v3_base_glue.sh": ("lora2/run_glue.py", "microsoft/deberta-v3-base", LORA2,
-                                      ADAPTIVE_COMMON | {"apply_lora2": True}),
+                                        DEBERTA_COMMON, DEBERTA_XXL_PAPER),
+    # AdaLoRA's command, unchanged, where it builds AdaLoRA; LoRA²'s, where it builds LoRA² (no --apply_lora2)
+    "adalora_deberta_v3_base_glue.sh": ("lora2/run_glue_adalora.py", "microsoft/deberta-v3-base", _adalora(),
+                                        ADAPTIVE_COMMON, ADALORA_PAPER),
+    "lora2_deberta_v3_base_glue.sh": ("lora2/run_glue.py", "microsoft/deberta-v3-base", LORA2, ADAPTIVE_COMMON, {}),
 }
+FIVE_SEEDS = {"examples/NLU/run_glue.py": lambda row: ["0", "1", "2", "3", "4"],  # the LoRA paper: median of 5
+              "lora2/run_glue_adalora.py": lambda row: [str(int(row["seed"]) + i) for i in range(5)],
+              "lora2/run_glue.py": lambda row: [str(int(row["seed"]) + i) for i in range(5)]}
 
 
+def _global_batch(argv: list, flags: dict) -> int:
+    nproc = int(argv[argv.index("--nproc_per_node") + 1]) if "--nproc_per_node" in argv else 1
+    return int(flags["per_device_train_batch_size"]) * int(flags.get("gradient_accumulation_steps", 1)) * nproc
+
+
+@pytest.mark.parametrize("recipe_name", ["released", "paper"])
 @pytest.mark.parametrize("script", sorted(GLUE_ROWS))
-def test_glue_row_passes_the_recipe_of_every_task(recorder, tmp_path, script):
-    entry, hub_name, recipe, common = GLUE_ROWS[script]
+def test_glue_row_passes_the_recipe_of_every_task(recorder, tmp_path, script, recipe_name):
+    entry, hub_name, recipe, common, paper = GLUE_ROWS[script]
     mnli_adapter = tmp_path / "mnli_lora.bin"
     mnli_adapter.write_bytes(b"")
-    calls, _ = _record(recorder, tmp_path, script, MNLI_LORA=mnli_adapter)
-    assert len(calls) == len(TASKS), calls
-    seen = []
+    env = {"RECIPE": "paper"} if recipe_name == "paper" else {}
+    calls, proc = _record(recorder, tmp_path, script, MNLI_LORA=mnli_adapter, **env)
+    assert len(calls) == 5 * len(TASKS), calls  # every task x the paper's 5 seeds
+    seen = {}
     for argv in calls:
         assert argv[0] == str(REPO / entry), argv[:2]
         flags = parse_flags(argv[1:])
         task = flags["task_name"]
-        seen.append(task)
-        where = f"{script} {task}"
-        _check(flags, {**common, **recipe[task]}, where)
+        seen.setdefault(task, []).append(flags["seed"])
+        where = f"{script} {task} {recipe_name}"
+        row = {k: v for k, v in recipe[task].items() if k != "seed"}
+        want = {**common, **row, **(paper.get(task, {}) if recipe_name == "paper" else {}), "recipe": recipe_name}
+        _check(flags, want, where)
+        # one process: the paper's global batch = the per-device batch x its process count, by accumulation
+        assert _global_batch(argv, flags) == int(want.get("per_device_train_batch_size", 32)) * PROCS[script][task]
         assert flags["model_name_or_path"] == f"M/{hub_name}" and flags["data_dir"] == "D", where
         out = flags.get("output_dir") or f"{flags['root_output_dir']}/model"
-        assert out == str(tmp_path / "out" / task / "model"), where
-        if entry == "lora2/run_glue.py":
-            assert "lora_path" not in flags, where
+        assert out == str(tmp_path / "out" / task / f"seed{flags['seed']}" / "model"), where
+        if entry.startswith("lora2/"):
+            assert "lora_path" not in flags and "apply_lora2" not in flags and "svd_layer" not in flags, where
             if script.startswith("adalora"):  # recipes.md: AdaLoRA's own scripts use r 2-3
                 assert flags["lora_r"] in ("2", "3"), where
         else:  # the LoRA paper: MRPC, RTE and STS-B start from the MNLI LoRA checkpoint
             assert flags.get("lora_path") == (str(mnli_adapter) if task in FROM_MNLI else None), where
     assert sorted(seen) == sorted(TASKS)
+    assert all(seeds == FIVE_SEEDS[entry](recipe[task]) for task, seeds in seen.items()), seen
+    assert proc.stderr.count(f"the paper's (the original:") == len(TASKS)  # the effective configuration, per task
+
+
+def test_adalora_runs_the_two_budgets_of_its_table_1(recorder, tmp_path):
+    """0.32M: final total rank 144 from r 4; 1.27M: 576 from r 12 (over the 72 adapted matrices)."""
+    for budget, (r, total) in {"0.32M": ("4", "144"), "1.27M": ("12", "576")}.items():
+        calls, _ = _record(recorder, tmp_path, "adalora_deberta_v3_base_glue.sh", "rte", BUDGET=budget, SEEDS="6")
+        flags = parse_flags(calls[-1][1:])
+        assert (flags["lora_r"], flags["target_total_rank"]) == (r, total), budget
+    stub, calls = recorder
+    proc = _run("adalora_deberta_v3_base_glue.sh", "rte", PYTHON=stub, BUDGET="1M", OUT_DIR=tmp_path)
+    assert proc.returncode == 2 and "BUDGET must be released, 0.32M or 1.27M" in proc.stderr
+
+
+@pytest.mark.parametrize("nproc, keep, per_device, accum", [
+    (1, "0", "16", "8"), (2, "0", "16", "4"), (8, "0", "16", "1"), (16, "0", "8", "1"), (2, "1", "16", "1")])
+def test_the_global_batch_is_the_papers_on_any_nproc(recorder, tmp_path, nproc, keep, per_device, accum):
+    """RoBERTa-base MNLI: 16 per device on 8 GPUs = 128. Fewer processes accumulate, more split the batch;
+    KEEP_PER_DEVICE_BATCH=1 keeps 16 per device (and says the global batch is not the paper's)."""
+    calls, proc = _record(recorder, tmp_path, "lora_roberta_base_glue.sh", "mnli", NPROC=nproc,
+                          KEEP_PER_DEVICE_BATCH=keep, SEEDS="0")
+    argv = calls[0]
+    flags = parse_flags(argv[argv.index(str(REPO / "examples/NLU/run_glue.py")) + 1:])
+    assert (flags["per_device_train_batch_size"], flags["gradient_accumulation_steps"]) == (per_device, accum)
+    assert ("NOT the paper's 128" in proc.stderr) == (keep == "1")
+    global_ = int(per_device) * nproc * int(accum)
+    assert f"global batch {global_} = per-device {per_device} x NPROC {nproc}" in proc.stderr
 
 
 @pytest.mark.parametrize("script", sorted(LORAPLUS))
@@ -226,13 +287,14 @@ def test_sweep_covers_the_grid_with_both_seeds(recorder, tmp_path):
 
 
 def test_nproc_launches_torch_distributed_run(recorder, tmp_path):
-    calls, proc = _record(recorder, tmp_path, "lora_roberta_base_glue.sh", "cola", NPROC=4)
+    calls, proc = _record(recorder, tmp_path, "lora_roberta_base_glue.sh", "cola", NPROC=4, SEEDS="0")
     argv = calls[0]
     assert argv[:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
                         str(REPO / "examples/NLU/run_glue.py")]
-    assert "paper ran cola on 2 process(es)" in proc.stderr  # per-device batch is the original's: say so
-    calls, proc = _record(recorder, tmp_path, "lora_roberta_large_glue.sh", "mnli", NPROC=8)
-    assert calls[-1][4] == "8" and "note:" not in proc.stderr
+    # CoLA ran 32 per device on 2 GPUs: 4 processes keep the global 64 with 16 per device
+    assert _global_batch(argv, parse_flags(argv[6:])) == 64 and "(the original: 32 x 2 process(es) x 1)" in proc.stderr
+    calls, proc = _record(recorder, tmp_path, "lora_roberta_large_glue.sh", "mnli", NPROC=8, SEEDS="0")
+    assert calls[-1][4] == "8" and "accumulation 1, the paper's" in proc.stderr
 
 
 # -- errors ----------------------------------------------------------------------------------------------
@@ -243,6 +305,10 @@ def test_nproc_launches_torch_distributed_run(recorder, tmp_path):
     (["mnli"], {"NPROC": "0"}, "NPROC must be a positive integer"),
     (["mrpc"], {}, "starts from the MNLI LoRA checkpoint"),
     (["rte"], {"MNLI_LORA": "/nonexistent/mnli.bin"}, "MNLI_LORA=/nonexistent/mnli.bin does not exist"),
+    (["mnli"], {"RECIPE": "table"}, "RECIPE must be released or paper"),
+    (["mnli"], {"KEEP_PER_DEVICE_BATCH": "yes"}, "KEEP_PER_DEVICE_BATCH must be 0 or 1"),
+    (["mnli"], {"SEEDS": "0 x"}, "SEEDS must list non-negative integers"),
+    (["mnli"], {"NPROC": "3"}, "cannot be split over NPROC=3 processes"),
 ])
 def test_errors_are_one_clear_line_and_launch_nothing(recorder, tmp_path, args, env, phrase):
     stub, calls = recorder
@@ -318,19 +384,33 @@ def test_smoke_assets_are_built_once_and_refuse_unknown_models(smoke_dir, capsys
 # case -> (arguments, extra environment, {run folder under OUT_DIR: metric names}). A representative run of
 # every script; the LoRA rows of RoBERTa-base and DeBERTa-XXL also chain MRPC / RTE on their own MNLI run.
 SMOKE = {
-    "lora_roberta_base_glue.sh": (["--smoke"], {}, {"mnli/model": {"accuracy", "mnli-mm"},
-                                                    "mrpc/model": {"accuracy", "f1"}}),
-    "lora_roberta_large_glue.sh": (["--smoke", "cola"], {}, {"cola/model": {"matthews_correlation"}}),
-    "lora_deberta_v2_xxlarge_glue.sh": (["--smoke"], {}, {"mnli/model": {"accuracy", "mnli-mm"},
-                                                          "rte/model": {"accuracy"}}),
-    "adalora_deberta_v3_base_glue.sh": (["--smoke"], {}, {"mrpc/model": {"accuracy", "f1"}}),
-    "lora2_deberta_v3_base_glue.sh": (["--smoke"], {}, {"rte/model": {"accuracy"}}),
+    "lora_roberta_base_glue.sh": (["--smoke"], {}, {"mnli/seed0/model": {"accuracy", "mnli-mm"},
+                                                    "mrpc/seed0/model": {"accuracy", "f1"}}),
+    "lora_roberta_large_glue.sh": (["--smoke", "cola"], {}, {"cola/seed0/model": {"matthews_correlation"}}),
+    "lora_deberta_v2_xxlarge_glue.sh": (["--smoke"], {}, {"mnli/seed0/model": {"accuracy", "mnli-mm"},
+                                                          "rte/seed0/model": {"accuracy"}}),
+    "adalora_deberta_v3_base_glue.sh": (["--smoke"], {}, {"mrpc/seed6/model": {"accuracy", "f1"}}),
+    "lora2_deberta_v3_base_glue.sh": (["--smoke"], {}, {"rte/seed4/model": {"accuracy"}}),
     "loraplus_gpt2_mnli.sh": (["--smoke"], {}, {"mnli/lr-2e-4_ratio-10": {"accuracy", "mnli-mm"}}),
     "loraplus_roberta_base_mnli.sh": (["--smoke"], {}, {"mnli/lr-5e-5_ratio-80": {"accuracy", "mnli-mm"}}),
     "loraplus_llama_7b_mnli.sh": (["--smoke"], {}, {"mnli/lr-0.0001_ratio-1_seed-0": {"accuracy", "mnli-mm"}}),
     "loraplus_llama_7b_mnli_sweep.sh": (["--smoke"], {"SEEDS": "1"},
                                         {"mnli/lr-1e-4_ratio-4_seed-1": {"accuracy", "mnli-mm"}}),
+    # RECIPE=paper: the paper tables' values where they differ (RoBERTa-large SST-2: batch 4 x 8 GPUs, seq 128;
+    # DeBERTa XXL CoLA: warmup ratio 0.1, lr 1e-4; AdaLoRA CoLA: gamma 0.5; LoRA²: the table's head dropout)
+    "lora_roberta_large_glue.sh paper": (["--smoke", "sst2"], {"RECIPE": "paper"}, {"sst2/seed0/model": {"accuracy"}}),
+    "lora_deberta_v2_xxlarge_glue.sh paper": (["--smoke", "cola"], {"RECIPE": "paper"},
+                                              {"cola/seed0/model": {"matthews_correlation"}}),
+    "adalora_deberta_v3_base_glue.sh paper": (["--smoke", "cola"], {"RECIPE": "paper"},
+                                              {"cola/seed6/model": {"matthews_correlation"}}),
+    "lora2_deberta_v3_base_glue.sh paper": (["--smoke", "cola"], {"RECIPE": "paper"},
+                                            {"cola/seed6/model": {"matthews_correlation"}}),
 }
+# the paper's global batch of each smoke run (per-device x the original's processes x accumulation)
+SMOKE_GLOBAL = {"lora_roberta_base_glue.sh": {"mnli": 128, "mrpc": 128}, "lora_roberta_large_glue.sh": {"cola": 32},
+                "lora_roberta_large_glue.sh paper": {"sst2": 32},
+                "lora_deberta_v2_xxlarge_glue.sh": {"mnli": 64, "rte": 32},
+                "lora_deberta_v2_xxlarge_glue.sh paper": {"cola": 32}}
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +424,7 @@ def smoke_runs(request, smoke_dir, tmp_path_factory):
         args, env, _ = SMOKE[case]
         out = root / case
         start = time.perf_counter()
-        proc = _run(case, *args, SMOKE_DIR=smoke_dir, OUT_DIR=out, **env)
+        proc = _run(case.split()[0], *args, SMOKE_DIR=smoke_dir, OUT_DIR=out, **env)
         return proc, out, time.perf_counter() - start
 
     pool = ThreadPoolExecutor(max_workers=2)
@@ -366,8 +446,16 @@ def test_smoke_run(smoke_runs, smoke_dir, case):
         config = json.loads((out / folder / "run_config.json").read_text())
         assert config["args"]["max_steps"] in (2, 3), folder  # the smoke cap, after the recipe's flags
         assert Path(config["model_path"]).is_relative_to(smoke_dir / "models"), config["model_path"]
-        if folder.split("/")[0] in FROM_MNLI and case.startswith("lora_"):  # chained on this script's MNLI run
-            assert config["lora_path"] == str(out / "mnli" / "model" / "best_adapter")
+        task = folder.split("/")[0]
+        # the paper's global batch, on the smoke run's one process, recorded with the recipe
+        assert config["global_batch_size"] == SMOKE_GLOBAL.get(case, {}).get(task, 32), (folder, config["args"])
+        assert config["recipe"] == ("paper" if case.endswith(" paper") else "released")
+        if task in FROM_MNLI and case.startswith("lora_") and not case.endswith(" paper"):  # chained on its MNLI run
+            assert config["lora_path"] == str(out / "mnli" / "seed0" / "model" / "best_adapter")
+    if case == "lora2_deberta_v3_base_glue.sh":  # LoRA² as released: head dropout 0.15 (the flag said 0.2)
+        assert config["method"] == "lora2" and "cls_dropout 0.2 is ignored" in proc.stderr
+    if case == "adalora_deberta_v3_base_glue.sh paper":
+        assert config["method"] == "adalora" and config["args"]["reg_orth_coef"] == 0.5
     if "sweep" in case:
         header, *rows = (out / "sweep_results.tsv").read_text().splitlines()
         assert header.split("\t")[:6] == ["lr_A", "lr_B", "ratio", "seed", "accuracy", "accuracy_mm"]
@@ -393,5 +481,5 @@ def test_smoke_on_two_processes(smoke_dir, tmp_path):
     proc = _run("lora_roberta_base_glue.sh", "--smoke", "mnli", SMOKE_DIR=smoke_dir, OUT_DIR=tmp_path, NPROC=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "torch.distributed.run --standalone --nproc_per_node 2" in proc.stderr
-    results = json.loads((tmp_path / "mnli" / "model" / "eval_results.json").read_text())
+    results = json.loads((tmp_path / "mnli" / "seed0" / "model" / "eval_results.json").read_text())
     assert results["num_examples"] == 6 and results["mnli-mm"]["num_examples"] == 6

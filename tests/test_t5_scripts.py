@@ -3,6 +3,7 @@ which lorapro/run_t5_glue.py's real parser must accept), and --smoke end to end 
 the registry's T5-base rows."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -53,6 +54,18 @@ def test_every_row_gets_the_setting(tmp_path):
     assert seen == {(t, m, s) for t in ("mnli", "sst2", "cola", "qnli", "mrpc") for m in ROWS for s in "012"}
 
 
+def test_the_global_batch_stays_32_on_any_nproc(tmp_path):
+    stub, recorded = argv_recorder(tmp_path)
+    proc = run_script(SCRIPT, "lora", steering_keys=ENV_KEYS, **_env(PYTHON=stub, MODEL_DIR="M", DATA_DIR="D",
+                      OUT_DIR=tmp_path / "out", NPROC="4", SEEDS="0", GLUE_TASKS="cola"))
+    assert proc.returncode == 0, proc.stderr
+    argv = recorded()[0]
+    flags = parse_flags(argv[argv.index(str(REPO / "lorapro" / "run_t5_glue.py")) + 1:])
+    assert (flags["per_device_train_batch_size"], flags["global_batch_size"]) == ("8", "32")  # 8 x 4 processes
+    proc = run_script(SCRIPT, "lora", steering_keys=ENV_KEYS, **_env(PYTHON=stub, NPROC="3", OUT_DIR=tmp_path))
+    assert proc.returncode == 2 and "cannot be split over NPROC=3" in proc.stderr
+
+
 def test_unknown_method_is_refused(tmp_path):
     proc = run_script(SCRIPT, "vera", steering_keys=ENV_KEYS, **_env(OUT_DIR=tmp_path))
     assert proc.returncode == 2 and "unknown task 'vera'" in proc.stderr
@@ -71,6 +84,8 @@ def test_smoke_runs_and_compare_matches_the_reported_rows(tmp_path):
     proc = run_script(SCRIPT, "--smoke", "lora", steering_keys=ENV_KEYS, timeout=600,
                       **_env(SMOKE_DIR=tmp_path / "smoke", OUT_DIR=out, SEEDS="0", GLUE_TASKS="cola"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "cola" / "lora" / "seed0" / "run_config.json").read_text())
+    assert config["args"]["global_batch_size"] == 32 and config["gradient_accumulation_steps"] == 8  # 4 x 8
     rows = compare_rows(read_runs(out), paper="lorapro")
     by_metric = {row.metric: row for row in rows}
     assert set(by_metric) == {"accuracy", "matthews_correlation"} and {row.task for row in rows} == {"cola"}

@@ -10,7 +10,10 @@
         --lora_path roberta_base_lora_mnli.bin --apply_lora --lora_r 8 --lora_alpha 16 --output_dir out/eval
 
 LoRA goes on the self-attention query and value projections. Any row re-runs with a baseline: --use_dora
-(DoRA), --init_lora_weights pissa | pissa_niter_N | lora_ga (with --loraga_batches N). Everything else (data, model, training,
+(DoRA), --init_lora_weights pissa | pissa_niter_N | lora_ga (with --loraga_batches N). --lora_a_init normal draws
+lora_A from N(0, 0.02) as microsoft's DeBERTa fork did (default: loralib's kaiming init); --recipe released|paper
+is recorded in run_config.json (scripts/README.md lists where the paper's tables and its scripts disagree; the
+scripts choose the flag values). Everything else (data, model, training,
 results files, the decisions where the original was silent) is loralib.tasks.glue.run; see its docstring.
 """
 import sys

@@ -25,7 +25,14 @@ Decisions (each one a place where the original scripts were silent, wrong or imp
   Evaluating an adapter whose head has another label count, or that belongs to another model family or
   size, is an error. Training from one (the paper's "MRPC, RTE, STS-B start from the MNLI LoRA
   checkpoint") keeps its LoRA factors and starts a new head where the label count differs, and says so.
-- --cls_dropout is passed into the model config (the released LoRA² code hard-coded 0.15).
+- --cls_dropout is passed into the model config, except for LoRA² under --recipe released (the default):
+  the released LoRA² run_glue.py ignored the flag and hard-coded 0.15, so LoRA² gets 0.15 (and a warning
+  when the flag says otherwise); --recipe paper honours --cls_dropout (the per-task values of its table).
+- --recipe released|paper (every flavour; default released): which of a paper's two accounts the run
+  follows where its table and its released code disagree; recorded as "recipe" in run_config.json. The
+  scripts in scripts/ choose the flag values per recipe; here it decides only LoRA²'s classifier dropout.
+- --lora_a_init kaiming|normal (nlu, lora2): lora_A drawn as loralib's default (kaiming uniform) or from
+  N(0, initializer_range) (0.02), as microsoft/LoRA's DeBERTa fork did; B stays zero.
 - --fp16 on a machine without a GPU: a warning and fp32 (the released commands all carry --fp16, and a
   precision flag is no reason to refuse a run); --fp16 with --bf16 is an error.
 - --output_dir that holds files: training is refused without --overwrite_output_dir (which removes the
@@ -33,8 +40,11 @@ Decisions (each one a place where the original scripts were silent, wrong or imp
   evaluation-only run just replaces eval_results.json.
 - lora2: --apply_rankselector is accepted as --apply_adalora (the released MRPC scripts used it);
   --apply_adalora or --apply_lora2 imply --apply_lora; --apply_adalora needs --lora_type svd (or
-  --apply_lora2) and --target_rank (or --target_total_rank). --lora_type svd builds AdaLoRA's SVDLinear,
-  --apply_lora2 LoRA²'s layer (inner rank --lora2_k); the allocator runs only with --apply_adalora.
+  --apply_lora2) and --target_rank (or --target_total_rank). --lora_type svd builds the layer --svd_layer
+  names: "adalora" (AdaLoRA's SVDLinear; the driver's default, and lora2/run_glue_adalora.py's) or "lora2"
+  (lora2/run_glue.py's default: in the LoRA² repository the same command built LoRA²'s layer, its loralib
+  redefining SVDLinear with inner rank k = 8); --apply_lora2 always builds LoRA² (inner rank --lora2_k);
+  the allocator runs only with --apply_adalora.
 - loraplus: the LoRA+ repository initialised B with kaiming and A with zeros unless
   --lora_use_original_init was given, and its learning-rate ratios were tuned that way, so the swapped
   init is the default here too; --use_original_init (or its original name) restores LoRA's init. As in
@@ -88,6 +98,8 @@ from .tokenize import GlueCollator, encode_examples, ensure_pad_token
 logger = logging.getLogger("loralib.glue")
 
 FLAVOURS = ("nlu", "lora2", "loraplus")
+RECIPES = ("released", "paper")
+LORA2_RELEASED_CLS_DROPOUT = 0.15  # the released LoRA² run_glue.py's hard-coded head dropout
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CLASSIFIER_FAMILIES = ("roberta", "bert", "deberta-v2")  # config.json model types with a dropout in the head
 # What a previous training run left in output_dir (removed by --overwrite_output_dir, nothing else is).
@@ -150,6 +162,9 @@ def _add_common(parser: argparse.ArgumentParser, flavour: str) -> None:
     t.add_argument("--warmup_ratio", type=float, default=0.0)
     t.add_argument("--warmup_steps", type=int, default=0, help="> 0 overrides --warmup_ratio")
     t.add_argument("--cls_dropout", type=float, default=None, help="dropout of the classification head")
+    t.add_argument("--recipe", choices=RECIPES, default="released",
+                   help="released: the released code's behaviour where it and the paper disagree (LoRA²: head "
+                        "dropout fixed at 0.15); paper: the paper's table (--cls_dropout honoured)")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--evaluation_strategy", "--eval_strategy", dest="evaluation_strategy", default="no",
                    choices=("no", "steps", "epoch"))
@@ -204,6 +219,8 @@ def _add_lora(parser: argparse.ArgumentParser, flavour: str) -> None:
                    help="train the LoRA factors with LoRA-Pro (loralib.optim.LoRAProAdamW); needs --apply_lora")
     g.add_argument("--lorapro_mode", choices=("full", "efficient"), default="full",
                    help="full: Adam moments of the m x n equivalent gradient (the paper's); efficient: Adam on A, B")
+    g.add_argument("--lora_a_init", choices=("kaiming", "normal"), default="kaiming",
+                   help="kaiming: loralib's lora_A init; normal: N(0, initializer_range), as the DeBERTa fork")
     if flavour == "lora2":
         g.add_argument("--lora_module", default="query,value",
                        help="comma list of query,key,value,intermediate,layer.output,attention.output")
@@ -216,6 +233,9 @@ def _add_adalora(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--apply_adalora", "--apply_rankselector", dest="apply_adalora", action="store_true",
                    help="allocate ranks during training (--apply_rankselector: the released scripts' spelling)")
     g.add_argument("--apply_lora2", action="store_true", help="LoRA²: P and Q themselves low-rank (inner rank --lora2_k)")
+    g.add_argument("--svd_layer", choices=("adalora", "lora2"), default="adalora",
+                   help="what --lora_type svd builds: AdaLoRA's SVDLinear, or LoRA²'s layer (the LoRA² repository's "
+                        "meaning; lora2/run_glue.py's default)")
     g.add_argument("--lora2_k", type=int, default=8)
     g.add_argument("--target_rank", type=int, default=None, help="average final rank per matrix")
     g.add_argument("--target_total_rank", type=int, default=None, help="final total rank (overrides --target_rank)")
@@ -361,6 +381,7 @@ def _resolve_lora_method(args: argparse.Namespace, adapter_lora: Optional[LoRACo
 
     targets = _split_list(args.lora_module, "--lora_module")
     lora_type = args.lora_type or ("svd" if args.apply_lora2 else "frd")
+    lora2 = args.apply_lora2 or (lora_type == "svd" and args.svd_layer == "lora2")
     if args.apply_lora2 and lora_type != "svd":
         raise ValueError("--apply_lora2 builds LoRA² layers, which are SVD-form: drop --lora_type frd")
     if args.apply_adalora and lora_type != "svd":
@@ -373,7 +394,7 @@ def _resolve_lora_method(args: argparse.Namespace, adapter_lora: Optional[LoRACo
     if args.apply_adalora and args.target_rank is None and args.target_total_rank is None:
         raise ValueError("--apply_adalora needs --target_rank (average final rank per matrix) or --target_total_rank")
     _check_positive(args, "lora2_k")
-    name = "lora2" if args.apply_lora2 else ("adalora" if lora_type == "svd" else "lora")
+    name = "lora2" if lora2 else ("adalora" if lora_type == "svd" else "lora")
     lora = LoRAConfig(r=r, lora_alpha=alpha, lora_dropout=args.lora_dropout, target_modules=targets,
                       method=name, lora2_k=args.lora2_k)
     return Method(name, lora, allocate=args.apply_adalora, reg_orth_coef=args.reg_orth_coef)
@@ -446,6 +467,20 @@ def grow_embeddings(model: nn.Module, new_size: int) -> int:
     if hasattr(getattr(model, "config", None), "vocab_size"):
         model.config.vocab_size = new_size
     return n_new
+
+
+def normal_lora_a(model: nn.Module, std: float) -> int:
+    """Redraw every lora_A (r, in) from N(0, std), as microsoft/LoRA's DeBERTa fork initialised it (its
+    _init_weights); lora_B stays zero, so the model's output is unchanged. Returns the count redrawn."""
+    count = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "lora_A":
+                param.normal_(0.0, std)
+                count += 1
+    if not count:
+        raise ValueError("--lora_a_init normal: the model has no lora_A (add --apply_lora)")
+    return count
 
 
 def mark_trainable(model: nn.Module, method: Method, flavour: str) -> None:
@@ -779,6 +814,11 @@ def prepare(args: argparse.Namespace) -> Prepared:
         if model_type not in CLASSIFIER_FAMILIES:
             raise ValueError(f"--cls_dropout: a {model_type} classifier has no dropout (only {', '.join(CLASSIFIER_FAMILIES)})")
         overrides["cls_dropout"] = args.cls_dropout
+    if method.name == "lora2" and args.recipe == "released" and model_type in CLASSIFIER_FAMILIES:
+        if args.cls_dropout not in (None, LORA2_RELEASED_CLS_DROPOUT):
+            warnings.warn(f"--cls_dropout {args.cls_dropout} is ignored for LoRA² under --recipe released (the "
+                          f"released code hard-coded {LORA2_RELEASED_CLS_DROPOUT}); --recipe paper honours it")
+        overrides["cls_dropout"] = LORA2_RELEASED_CLS_DROPOUT
     if method.lora is not None:
         check_targets(hf_config, method.lora,
                       {"nlu": "LoRA target", "lora2": "--lora_module", "loraplus": "--target_modules"}[flavour])
@@ -786,6 +826,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
     _seed(args.seed)  # the head and LoRA factors are drawn next, as in the original scripts (set_seed first)
     model = load_pretrained(model_path, num_labels, method.lora, overrides).train()
     model.loralib_config = method.lora
+    if getattr(args, "lora_a_init", "kaiming") == "normal":
+        normal_lora_a(model, model.hf_config.get("initializer_range", 0.02))
 
     tokenizer = load_tokenizer(Path(args.tokenizer_name) if args.tokenizer_name else model_path)
     added = ensure_pad_token(tokenizer, model_type)
@@ -884,7 +926,9 @@ def _group_summary(optimizer: torch.optim.Optimizer) -> List[dict]:
 
 
 def _run_config(p: Prepared) -> dict:
-    return {"flavour": p.args.flavour, "task": p.task_name, "method": p.method.name,
+    return {"flavour": p.args.flavour, "task": p.task_name, "method": p.method.name, "recipe": p.args.recipe,
+            "global_batch_size": p.args.per_device_train_batch_size * p.args.gradient_accumulation_steps
+            * int(os.environ.get("WORLD_SIZE", "1")),
             "model_name_or_path": p.args.model_name_or_path, "model_path": str(p.model_path),
             "model_type": p.model.hf_config.get("model_type"), "num_labels": p.num_labels,
             "lora": p.method.lora.to_dict() if p.method.lora is not None else None,

@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clm: loss on the completion; jlm: on every token")
     d.add_argument("--lora_dropout", type=float, default=0.0)
     d.add_argument("--label_smooth", type=float, default=0.0)
+    d.add_argument("--recipe", choices=("released", "paper"), default="released",
+                   help="recorded in run_config.json: which account of the paper the run follows (scripts/README.md)")
     d.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' or a checkpoint-<step> folder of --work_dir (not an original flag)")
     d.add_argument("--overwrite_work_dir", action="store_true",
@@ -546,7 +548,9 @@ def run_config(args, lora: Optional[LoRAConfig], checkpoint: str) -> dict:
     return {"method": "lora" if lora is not None else "full",
             "model_name_or_path": MODEL_CARDS[args.model_card][0], "init_checkpoint": checkpoint,
             "model_card": args.model_card, "lora": lora.to_dict() if lora is not None else None,
-            "label_smooth": args.label_smooth, "args": vars(args)}
+            "label_smooth": args.label_smooth, "recipe": args.recipe,
+            "global_batch_size": args.train_batch_size * args.grad_acc * int(os.environ.get("WORLD_SIZE", "1")),
+            "args": vars(args)}
 
 
 def train_nlg(argv: Optional[Sequence[str]] = None):
