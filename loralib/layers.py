@@ -455,6 +455,8 @@ class _FusedChunkLoRA(torch.autograd.Function):
     index_add would keep a copy of the low-rank output; this keeps only x_lora, x A^T (..., n r) and the
     weights, as an unadapted linear layer plus a rank-n r one would. Shapes: x, x_lora (..., in);
     weight (out, in) or (in, out) with fan_in_fan_out; lora_A (n r, in); Bs (n r, n out_g).
+    `Linear` uses it with one run over all columns (n = 1, Bs = B^T s): against autograd through
+    x A^T B^T this adds the two input gradients in place (no (..., in) temporary) and records one node.
     """
 
     @staticmethod
