@@ -74,6 +74,7 @@ def test_training_forward_has_no_graph_break(family, padded):
     assert explanation.graph_count == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_compiled_step_equals_eager(family):
     batch = padded_batch()
@@ -119,6 +120,7 @@ def _train(out, compile_backend, resume=None):
     return model, losses
 
 
+@pytest.mark.slow
 def test_loop_compiled_trains_like_eager_and_resumes(tmp_path):
     eager, eager_losses = _train(tmp_path / "eager", False)
     compiled, losses = _train(tmp_path / "compiled", "aot_eager")
