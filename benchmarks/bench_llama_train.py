@@ -1,6 +1,6 @@
 """Llama LoRA training step: ours against transformers + PEFT, on SmolLM2-135M's real weights, in one run.
 
-    .venv/bin/python benchmarks/bench_llama_train.py [--rounds 5] [--batch 4] [--seq 256]
+    .venv/bin/python benchmarks/bench_llama_train.py [--rounds 5] [--batch 4] [--seq 256] [--autograd] [--no-rss]
 
 One step = forward with labels (mean next-token cross-entropy) + backward + AdamW on the LoRA parameters.
 LoRA on all seven projections (q, k, v, o, gate, up, down), r = 8, alpha = 16, no LoRA dropout, fp32 on
