@@ -1,6 +1,6 @@
 """Llama LoRA training step: ours against transformers + PEFT, on SmolLM2-135M's real weights, in one run.
 
-    .venv/bin/python benchmarks/bench_llama_train.py [--rounds 5] [--batch 4] [--seq 256]
+    .venv/bin/python benchmarks/bench_llama_train.py [--rounds 5] [--batch 4] [--seq 256] [--autograd] [--no-rss]
 
 One step = forward with labels (mean next-token cross-entropy) + backward + AdamW on the LoRA parameters.
 LoRA on all seven projections (q, k, v, o, gate, up, down), r = 8, alpha = 16, no LoRA dropout, fp32 on
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ from _common import interleaved, medians  # noqa: E402
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 R, ALPHA = 8, 16
 TRAINING = ("ours", "peft", "frozen")
+# "autograd": ours with Linear's LoRA path through plain autograd (the implementation before issue 19), --autograd
 
 
 def smollm2(folder) -> Path:
@@ -97,8 +99,8 @@ def copy_factors_to_peft(model, factors: dict) -> None:
 
 
 def build(variant: str, folder: Path, factors=None):
-    """(model in train mode, trainable parameters) for "ours", "peft" (both with the LoRA `factors`, see
-    set_lora_factors) or "frozen" (ours without LoRA, every weight frozen)."""
+    """(model in train mode, trainable parameters) for "ours", "autograd", "peft" (all with the LoRA `factors`,
+    see set_lora_factors) or "frozen" (ours without LoRA, every weight frozen)."""
     torch.manual_seed(0)
     if variant == "peft":
         import peft
@@ -113,7 +115,7 @@ def build(variant: str, folder: Path, factors=None):
         import loralib
         from loralib.models import from_pretrained
         lora = loralib.LoRAConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS) \
-            if variant == "ours" else None
+            if variant in ("ours", "autograd") else None
         model = from_pretrained(folder, lora=lora).train()  # train() before touching B: eval() merged
         if lora is None:
             model.requires_grad_(False)
@@ -122,6 +124,9 @@ def build(variant: str, folder: Path, factors=None):
         else:
             loralib.mark_only_lora_as_trainable(model)
             set_lora_factors(model, factors)
+        if variant == "autograd":
+            for _, layer in loralib.lora_layers(model):
+                layer.forward = types.MethodType(loralib.layers.LoRALayer._linear_forward, layer)
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -205,6 +210,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--folder", default=os.environ.get("LORALIB_SMOLLM2_DIR"),
                     help="SmolLM2 folder (default: .cache/smollm2-135m-instruct, built on first use)")
+    ap.add_argument("--autograd", action="store_true",
+                    help="also time ours with Linear's LoRA path through plain autograd (before issue 19)")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--factors", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -213,21 +221,24 @@ def main() -> None:
 
     t_start = time.perf_counter()
     folder = smollm2(args.folder)
+    variants = TRAINING + (("autograd",) if args.autograd else ())
     models = {"ours": build("ours", folder)}
     factors = set_lora_factors(models["ours"][0])
     models["peft"] = build("peft", folder, factors)
     models["frozen"] = build("frozen", folder)
+    if args.autograd:
+        models["autograd"] = build("autograd", folder, factors)
     ids = batch(args, models["ours"][0].config.vocab_size)
 
     # warm-up step of each, which also checks that ours and PEFT compute the same loss and gradients
-    first = {v: first_step(models[v][0], ids) for v in TRAINING}
+    first = {v: first_step(models[v][0], ids) for v in variants}
     (loss_o, grad_o, _), (loss_p, grad_p, _) = first["ours"], first["peft"]
     grad_rel = ((grad_o - grad_p).norm() / grad_p.norm()).item()
     if abs(loss_o - loss_p) > 1e-4 or grad_rel > 1e-4:
         sys.exit(f"ours and PEFT disagree: loss {loss_o} vs {loss_p}, LoRA gradients' relative difference "
                  f"{grad_rel:.1e}")
-    saved = {v: first[v][2] for v in TRAINING}
-    steps = {v: (lambda step=make_step(*models[v]): step(ids)) for v in TRAINING}
+    saved = {v: first[v][2] for v in variants}
+    steps = {v: (lambda step=make_step(*models[v]): step(ids)) for v in variants}
     times = medians(interleaved(steps, args.rounds))
 
     # merged inference: our LoRA model after eval() against the plain model (the frozen one), no grad
@@ -239,7 +250,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         factors_file = os.path.join(tmp, "factors.pt")
         torch.save(factors, factors_file)
-        rss = {v: peak_rss(v, args, factors_file) for v in TRAINING}
+        rss = {v: peak_rss(v, args, factors_file) if not args.no_rss else float("nan") for v in variants}
 
     tokens = args.batch * args.seq
     print(f"SmolLM2-135M-Instruct ({folder}), LoRA r={R} alpha={ALPHA} on {','.join(TARGETS)}; batch "
@@ -250,8 +261,8 @@ def main() -> None:
     print("| training step | tokens/s | s/step | saved for backward MiB | peak RSS growth of a step MiB |")
     print("|---|---|---|---|---|")
     names = {"ours": "loralib (ours)", "peft": "transformers + PEFT",
-             "frozen": "frozen fwd+bwd, no adapter (ours)"}
-    for v in TRAINING:
+             "frozen": "frozen fwd+bwd, no adapter (ours)", "autograd": "ours, Linear through plain autograd"}
+    for v in variants:
         print(f"| {names[v]} | {tokens / times[v]:.0f} | {times[v]:.3f} | {saved[v] / 2**20:.0f} | "
               f"{rss[v] / 2**20:.0f} |")
     print(f"\n- throughput ours / PEFT: {times['peft'] / times['ours']:.2f}x (target >= 1.25x)")
@@ -259,6 +270,9 @@ def main() -> None:
           f"saved for backward: {saved['ours'] / saved['peft']:.2f}x")
     print(f"- LoRA step / frozen forward+backward (time): ours {times['ours'] / times['frozen']:.2f}x, "
           f"PEFT {times['peft'] / times['frozen']:.2f}x")
+    if args.autograd:
+        print(f"- hand-written Linear backward: ours {times['autograd'] / times['ours']:.3f}x as fast as "
+              "the plain-autograd Linear (same model, same rounds)")
     print(f"- merged inference / plain model: {infer['merged'] / infer['plain']:.3f}x "
           f"({infer['merged']:.3f} s vs {infer['plain']:.3f} s; target <= 1.02x)")
     print(f"\n(wall time {time.perf_counter() - t_start:.0f} s)")

@@ -321,7 +321,14 @@ class Linear(nn.Linear, LoRALayer):
         return (x @ self.lora_A.transpose(0, 1)) @ (self.lora_B.transpose(0, 1) * self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear_forward(x)
+        if not self.has_lora or self.merged:
+            return F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
+        # The fused function with one run over all columns: its hand-written backward keeps only x (once, when
+        # there is no dropout), x A^T and the weights, and adds both paths' input gradients into one tensor.
+        x_lora = self.lora_dropout(x.to(self.lora_A.dtype))
+        return _FusedChunkLoRA.apply(x, x_lora, self.weight, self.bias, self.lora_A,
+                                     self.lora_B.transpose(0, 1) * self.scaling, ((0, 0, self.out_features),),
+                                     self.fan_in_fan_out)
 
 
 class MergedLinear(nn.Linear, LoRALayer):
@@ -448,6 +455,8 @@ class _FusedChunkLoRA(torch.autograd.Function):
     index_add would keep a copy of the low-rank output; this keeps only x_lora, x A^T (..., n r) and the
     weights, as an unadapted linear layer plus a rank-n r one would. Shapes: x, x_lora (..., in);
     weight (out, in) or (in, out) with fan_in_fan_out; lora_A (n r, in); Bs (n r, n out_g).
+    `Linear` uses it with one run over all columns (n = 1, Bs = B^T s): against autograd through
+    x A^T B^T this adds the two input gradients in place (no (..., in) temporary) and records one node.
     """
 
     @staticmethod
@@ -459,6 +468,7 @@ class _FusedChunkLoRA(torch.autograd.Function):
         for out_start, lora_start, width in runs:
             result2[:, out_start:out_start + width].addmm_(a2, Bs[:, lora_start:lora_start + width].to(result.dtype))
         ctx.runs, ctx.fan_in_fan_out = runs, fan_in_fan_out
+        ctx.x_dtype = x.dtype
         ctx.shared_input = x_lora is x  # no dropout: both paths' input gradients go into one tensor
         ctx.weight_needs_grad = weight.requires_grad
         ctx.save_for_backward(x if weight.requires_grad else None, x_lora, weight, after_A, lora_A, Bs)
@@ -475,25 +485,27 @@ class _FusedChunkLoRA(torch.autograd.Function):
         dt = grad.dtype
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
         Bs_dt, a2 = Bs.to(dt), after_A.reshape(-1, after_A.shape[-1]).to(dt)
-        grad_after_A = g2.new_zeros((g2.shape[0], after_A.shape[-1]))
-        grad_Bs = torch.zeros_like(Bs_dt) if needs[5] else None
+        grad_after_A, grad_Bs_runs = None, []
         for out_start, lora_start, width in ctx.runs:
             g_run = g2[:, out_start:out_start + width]  # a strided view, no copy
-            grad_after_A += g_run @ Bs_dt[:, lora_start:lora_start + width].transpose(0, 1)
-            if grad_Bs is not None:
-                grad_Bs[:, lora_start:lora_start + width] = a2.transpose(0, 1) @ g_run
-        grad_x = grad_x_lora = grad_w = grad_b = grad_A = None
-        if needs[1]:
-            grad_x_lora = (grad_after_A @ lora_A.to(dt)).view(x_lora.shape)
+            B_run = Bs_dt[:, lora_start:lora_start + width].transpose(0, 1)
+            if grad_after_A is None:
+                grad_after_A = g_run @ B_run
+            else:
+                grad_after_A.addmm_(g_run, B_run)
+            if needs[5]:
+                grad_Bs_runs.append(a2.transpose(0, 1) @ g_run)
+        grad_x = grad_x_lora = grad_w = grad_b = grad_A = grad_Bs = None
+        if needs[1] or needs[4]:
+            A_dt = lora_A.to(dt)
         if needs[0]:
             w = weight.to(dt)
-            grad_x = grad @ w.t() if ctx.fan_in_fan_out else grad @ w
-            if ctx.shared_input and grad_x_lora is not None:
-                grad_x += grad_x_lora
-                grad_x_lora = None
-            grad_x = grad_x.to(x_lora.dtype if ctx.shared_input else grad_x.dtype)
-        if grad_x_lora is not None:
-            grad_x_lora = grad_x_lora.to(x_lora.dtype)
+            grad_x = g2 @ (w.t() if ctx.fan_in_fan_out else w)  # (N, in)
+            if ctx.shared_input and needs[1]:
+                grad_x.addmm_(grad_after_A, A_dt)  # both paths' input gradients in one tensor, no temporary
+            grad_x = grad_x.view(x_lora.shape).to(ctx.x_dtype)
+        if needs[1] and not ctx.shared_input:
+            grad_x_lora = (grad_after_A @ A_dt).view(x_lora.shape).to(x_lora.dtype)
         if needs[2]:
             x2 = x.reshape(-1, x.shape[-1]).to(dt)
             grad_w = (x2.transpose(0, 1) @ g2 if ctx.fan_in_fan_out else g2.transpose(0, 1) @ x2).to(weight.dtype)
@@ -501,8 +513,8 @@ class _FusedChunkLoRA(torch.autograd.Function):
             grad_b = g2.sum(0).to(ctx.bias_dtype)
         if needs[4]:
             grad_A = (grad_after_A.transpose(0, 1) @ x_lora.reshape(-1, x_lora.shape[-1]).to(dt)).to(lora_A.dtype)
-        if grad_Bs is not None:
-            grad_Bs = grad_Bs.to(Bs.dtype)
+        if needs[5]:
+            grad_Bs = (grad_Bs_runs[0] if len(grad_Bs_runs) == 1 else torch.cat(grad_Bs_runs, dim=1)).to(Bs.dtype)
         return grad_x, grad_x_lora, grad_w, grad_b, grad_A, grad_Bs, None, None
 
 

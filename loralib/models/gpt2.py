@@ -140,7 +140,9 @@ def attention_bias(attention_mask: Optional[torch.Tensor], past: int, T: int,
     s <= past + t. A query at a pad slot would see nothing and give NaN, so it sees itself; its output is
     never read by a real token (pad keys are masked) and callers ignore pad positions.
     """
-    no_padding = attention_mask is None or bool(attention_mask.all())
+    # Under torch.compile the data-dependent check would break the graph: the explicit mask is built instead
+    # (for a mask of all ones it equals the causal rule).
+    no_padding = attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all()))
     if no_padding and past == 0:
         return None, T > 1
     if no_padding and T == 1:

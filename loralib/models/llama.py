@@ -371,7 +371,9 @@ def attention_mask_for(attention_mask: Optional[torch.Tensor], n_new: int, n_pas
     Query t (absolute position n_past + t) sees key s when s <= n_past + t and s is not padding. A query
     that is itself padding would see nothing, which turns softmax into NaN; it sees itself instead (its
     output is never used by a real token)."""
-    has_padding = attention_mask is not None and not bool(attention_mask.all())
+    # Under torch.compile the data-dependent check would break the graph: the explicit mask is built instead
+    # (for a mask of all ones it equals the causal rule).
+    has_padding = attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all()))
     if not has_padding:
         if n_new == 1:
             return None, False                      # one query sees every key

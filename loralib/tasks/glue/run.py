@@ -181,6 +181,7 @@ def _add_common(parser: argparse.ArgumentParser, flavour: str) -> None:
     t.add_argument("--dataloader_num_workers", type=int, default=0)
     t.add_argument("--use_deterministic_algorithms", action="store_true")
     t.add_argument("--disable_tqdm", action="store_true")
+    t.add_argument("--torch_compile", action="store_true", help="torch.compile the training forward (inductor; off by default: see benchmarks/README.md)")
     t.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute each encoder/decoder block in the backward pass (less activation memory)")
 
@@ -916,7 +917,7 @@ def _train_config(p: Prepared):
         metric_for_best=(a.metric_for_best_model or main_metric(p.task_name)) if evaluate else None,
         load_best_at_end=a.load_best_model_at_end and evaluate, seed=a.seed, num_workers=a.dataloader_num_workers,
         log_every=a.logging_steps, tensorboard="tensorboard" in a.report_to, progress_bar=not a.disable_tqdm,
-        resume_from=a.resume_from_checkpoint, deepspeed_config=a.deepspeed)
+        resume_from=a.resume_from_checkpoint, deepspeed_config=a.deepspeed, torch_compile=a.torch_compile)
 
 
 def _group_summary(optimizer: torch.optim.Optimizer) -> List[dict]:

@@ -232,6 +232,7 @@ def build_parser(prog: Optional[str] = None, training: bool = True) -> argparse.
     t.add_argument("--do_train", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--do_eval", action="store_true", help="run the task's evaluation after training")
     t.add_argument("--disable_tqdm", action="store_true")
+    t.add_argument("--torch_compile", action="store_true", help="torch.compile the training forward (inductor; off by default: see benchmarks/README.md)")
     return parser
 
 
@@ -632,7 +633,8 @@ def train_config(p: Prepared):
         eval_every=a.eval_steps if p.dev_examples else None, eval_at_end=bool(p.dev_examples),
         save_strategy="steps" if a.save_steps else "epoch", save_every=a.save_steps,
         save_total_limit=a.save_total_limit, seed=a.seed, log_every=a.logging_steps,
-        progress_bar=not a.disable_tqdm, resume_from=a.resume_from_checkpoint, deepspeed_config=a.deepspeed)
+        progress_bar=not a.disable_tqdm, resume_from=a.resume_from_checkpoint, deepspeed_config=a.deepspeed,
+        torch_compile=a.torch_compile)
 
 
 @torch.no_grad()

@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite_work_dir", action="store_true",
                    help="train into a --work_dir that holds a previous run (not an original flag)")
     d.add_argument("--disable_tqdm", action="store_true", help="no progress bar (not an original flag)")
+    d.add_argument("--torch_compile", action="store_true", help="torch.compile the training forward (inductor; off by default: see benchmarks/README.md) (not an original flag)")
 
     c = p.add_argument_group("accepted for the original commands; they change nothing here")
     c.add_argument("--roll_interval", type=int, default=-1)
@@ -588,7 +589,8 @@ def train_nlg(argv: Optional[Sequence[str]] = None):
         warmup_steps=args.warmup_step, max_grad_norm=args.clip or None, precision=_precision(args),
         eval_strategy="steps", eval_every=args.eval_interval, save_strategy="steps", save_every=args.save_interval,
         save_full_model=lora is None, seed=args.random_seed, log_every=args.log_interval,
-        progress_bar=not args.disable_tqdm and sys.stderr.isatty(), resume_from=args.resume_from_checkpoint)
+        progress_bar=not args.disable_tqdm and sys.stderr.isatty(), resume_from=args.resume_from_checkpoint,
+        torch_compile=args.torch_compile)
     if _rank() == 0:
         work_dir.mkdir(parents=True, exist_ok=True)
         hold_output_dir(work_dir)  # one run per folder, locked before the first write (to process exit)

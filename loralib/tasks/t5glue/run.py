@@ -108,6 +108,7 @@ class T5GlueRun:
     do_train: bool = True
     do_eval: bool = True
     disable_tqdm: bool = False
+    torch_compile: bool = False                   # torch.compile the training forward (TrainConfig.torch_compile)
     deepspeed: Optional[str] = None               # not offered: the method helpers read it
     given: Tuple[str, ...] = field(default_factory=tuple)
 
@@ -252,7 +253,7 @@ def train_config(p: Prepared):
         precision="bf16" if s.bf16 else "fp32", eval_strategy="no", eval_at_end=False,
         save_strategy="steps" if s.save_steps else "epoch", save_every=s.save_steps,
         save_total_limit=s.save_total_limit, seed=s.seed, log_every=s.logging_steps,
-        progress_bar=not s.disable_tqdm, resume_from=s.resume_from_checkpoint)
+        progress_bar=not s.disable_tqdm, resume_from=s.resume_from_checkpoint, torch_compile=s.torch_compile)
 
 
 def execute(p: Prepared) -> Dict[str, Any]:
