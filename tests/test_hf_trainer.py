@@ -83,7 +83,11 @@ def test_lorapro_trainer_equals_reference(tmp_path, which, mode, plain):
 def test_lorapro_trainer_bf16_autocast_equals_reference(tmp_path):
     from loralib.hf import LoRAProTrainer, LoRAProTrainingArguments
 
-    model, twin = peft_and_loralib()
+    # The reference runs on a second, identical PEFT model: in bf16 the forward/backward of PEFT's layers and of
+    # ours (a fused hand-written backward) round differently, so only the same layers can agree to 1e-5 and
+    # isolate what is tested here, the Trainer's wiring of LoRA-Pro under autocast.
+    model, _ = peft_and_loralib()
+    twin, _ = peft_and_loralib()
     data = token_data()
     trainer = LoRAProTrainer(model=model, args=LoRAProTrainingArguments(**trainer_args(tmp_path, bf16=True)),
                              train_dataset=data)
