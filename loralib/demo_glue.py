@@ -134,7 +134,8 @@ def run_argv(method: DemoMethod, model: Path, task: str, data_dir: Path, out: Pa
 
 
 # Seconds per training example (seq 64) and per scored dev example on an idle 2-core machine, set so that the
-# estimate of the default demo (150 steps of batch 16, 600 dev examples) is the 4 min 13 s the README reports.
+# estimate of the default demo (150 steps of batch 16, 600 dev examples) is 4 min 13 s, an earlier idle run's time
+# (the latest idle run took 3 min 06 s: the estimate errs on the long side).
 # Full fine-tuning's step costs 1.5x a LoRA-family step here: 2-3x on an idle machine (the budgets above), about
 # 1x on a busy one (a shared machine, 1 thread: 165 s for full, 111-176 s for the others); the re-estimate after
 # each run follows the machine's actual pace.
