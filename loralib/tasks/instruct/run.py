@@ -86,7 +86,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -654,10 +654,17 @@ def eval_loss(model: nn.Module, examples: List[dict], collate, batch_size: int =
     return {"loss": total / max(tokens, 1)}
 
 
+def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The mean next-token loss of a batch {"input_ids", "attention_mask", "labels"} (-100 = no loss)."""
+    logits = model(batch["input_ids"], batch["attention_mask"]).logits.float()
+    return nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100)
+
+
 def loraga_from_examples(model: nn.Module, examples: List[dict], collate, batch_size: int, n_batches: int,
-                         seed: int) -> None:
-    """LoRA-GA's init from the mean gradient of the training loss over the first n_batches batches (on the GPU
-    when there is one; every process computes the same, from the same batches and seed)."""
+                         seed: int, loss_of: Callable[[nn.Module, dict], torch.Tensor] = causal_lm_loss) -> None:
+    """LoRA-GA's init from the gradient of the training loss (`loss_of(model, batch)`) summed over the first
+    n_batches batches (on the GPU when there is one; every process computes the same, from the same batches and
+    seed). The T5 GLUE driver passes its seq2seq loss."""
     from ...init_methods import loraga_init
 
     if n_batches < 1:
@@ -669,9 +676,8 @@ def loraga_from_examples(model: nn.Module, examples: List[dict], collate, batch_
         for i in range(0, min(len(examples), n_batches * batch_size), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
             with _autocast(device, model):
-                logits = model(batch["input_ids"], batch["attention_mask"]).logits.float()
-            nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
-                                        ignore_index=-100).backward()
+                loss = loss_of(model, batch)
+            loss.backward()
 
     _seed(seed)
     loraga_init(model, train_step)

@@ -171,7 +171,8 @@ def prepare(spec: T5GlueRun) -> Prepared:
     """Check the spec, read and tokenise the data, build the model. Writes nothing."""
     from ...models.loading import load_tokenizer, read_config
     from ..glue.run import check_targets, resolve_model_path
-    from ..instruct.run import _allocator, _seed, accumulation_steps, mark_trainable, resolve_method, total_steps
+    from ..instruct.run import (_allocator, _seed, accumulation_steps, loraga_from_examples, mark_trainable,
+                                resolve_method, total_steps)
 
     _check(spec)
     task = get_task(spec.task)
@@ -201,7 +202,7 @@ def prepare(spec: T5GlueRun) -> Prepared:
     if method.lora is not None and method.lora.init_lora_weights == "lora_ga" and spec.do_train \
             and not spec.resume_from_checkpoint:  # a resumed run loads A0, B0 (and so the residual) instead
         loraga_from_examples(model, train_examples, T5GlueCollator(model.config.pad_token_id, spec.mask_label_padding),
-                             spec.per_device_train_batch_size, spec.loraga_batches, spec.seed)
+                             spec.per_device_train_batch_size, spec.loraga_batches, spec.seed, loss_of=seq2seq_loss)
     p = Prepared(spec, Path(spec.output_dir), model_path, model, tokenizer, method, train_examples, dev_examples,
                  grad_accum)
     if spec.do_train:
@@ -211,22 +212,9 @@ def prepare(spec: T5GlueRun) -> Prepared:
     return p
 
 
-def loraga_from_examples(model: nn.Module, examples: List[T5GlueExample], collate, batch_size: int, n_batches: int,
-                         seed: int) -> None:
-    """LoRA-GA's init from the gradient of the seq2seq loss summed over the first n_batches training batches
-    (the setting estimates it before training, then trains from the adjusted W0)."""
-    from ...init_methods import loraga_init
-    from ..instruct.run import _seed
-
-    if n_batches < 1:
-        raise ValueError(f"--loraga_batches must be >= 1, got {n_batches}")
-
-    def train_step():
-        for i in range(0, min(len(examples), n_batches * batch_size), batch_size):
-            model(**collate(examples[i:i + batch_size])).loss.backward()
-
-    _seed(seed)
-    loraga_init(model, train_step)
+def seq2seq_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The loss our T5 returns for a collated batch (what the loop trains on)."""
+    return model(**batch).loss
 
 
 def run_config(p: Prepared) -> dict:
