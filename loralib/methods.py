@@ -54,7 +54,7 @@ class MethodEntry:
 
 
 ENTRIES: Tuple[MethodEntry, ...] = (
-    MethodEntry("full", "every weight trained with AdamW", layer="none"),
+    MethodEntry("full", "every weight trained with AdamW", aliases=("ft", "fft", "full_ft", "full-ft"), layer="none"),
     MethodEntry("lora", "B A beside each frozen projection, AdamW (Hu et al.)"),
     MethodEntry("rslora", "LoRA scaled by alpha / sqrt(r) instead of alpha / r", lora={"use_rslora": True}),
     MethodEntry("dora", "LoRA plus a trained magnitude per output row (loralib.dora)", lora={"use_dora": True}),
@@ -62,7 +62,7 @@ ENTRIES: Tuple[MethodEntry, ...] = (
                 lora={"init_lora_weights": "pissa"}),
     MethodEntry("lora-ga", "LoRA from the SVD of W0's gradient", aliases=("loraga", "lora_ga"),
                 lora={"init_lora_weights": "lora_ga"}),
-    MethodEntry("loraplus", "LoRA with B's learning rate x ratio (LoRA+)", aliases=("lora+", "lora-plus"),
+    MethodEntry("loraplus", "LoRA with B's learning rate x ratio (LoRA+)", aliases=("lora+", "lora-plus", "lora_plus"),
                 optimizer="loraplus"),
     MethodEntry("adalora", "SVD-form factors, importance-driven rank allocation", layer="adalora", allocates=True),
     MethodEntry("lora2", "LoRA² planes, AdaLoRA's allocation on cheaper scores", aliases=("lora²", "lora-2"),

@@ -31,6 +31,9 @@ the model from --model_name_or_path (a hub name, or a folder named like the mode
 run_config (LoRA with a loraplus_lr_ratio counts as loraplus). Where a paper reports several rows for
 one of those (AdaLoRA's LoRA r=8 and r=2), the row with the run's rank r is taken if there is one,
 else every row is shown. Measured fractions are shown x100 where the paper reports per cent.
+Runs whose run_config.json names a "setting" (examples/NLG/e2e_smollm2.py: "real data, small model") are not a
+paper's setting: they are left out of the table and the chart and printed after them, one table per setting,
+with their measured metrics only.
 The table goes to stdout (markdown); the bar chart (matplotlib, Agg) to --out (default RESULTS_DIR/compare.png).
 --report HTML also draws the runs' training curves into curves.png next to the chart (loralib plot) and writes
 one self-contained page: table, notes, both figures inline, each run's run_config.json (loralib.repro.report).
@@ -55,9 +58,6 @@ PAPERS = ("lora", "adalora", "lora2", "loraplus", "lorapro")
 FRACTION_METRICS = ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr")
 # fields of eval_results.json that are not metrics
 NOT_METRICS = ("task", "split", "num_examples", "epoch", "step", "global_step")
-METHOD_ALIASES = {"ft": "full", "full_ft": "full", "full-ft": "full", "fft": "full", "lora+": "loraplus",
-                  "lora_plus": "loraplus", "lora-plus": "loraplus", "lora-pro": "lorapro", "lora_pro": "lorapro",
-                  "lora²": "lora2", "lora_ga": "lora-ga"}
 TASK_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli_mismatched": "mnli-mm", "mnli-m": "mnli"}
 # run_config.json keys that differ between seeds of one experiment without changing it: the seed itself and
 # the folders / files a run names (each seed writes its own folder; the MNLI adapter an MRPC seed starts from)
@@ -82,6 +82,7 @@ class Run:
     measured: List[tuple] = field(default_factory=list)   # (task, split, metric, value)
     seed: Optional[int] = None
     settings: Optional[str] = None   # run_config.json less NOT_SETTINGS, as sorted JSON; None: no run_config
+    setting: Optional[str] = None    # run_config.json "setting": a run outside the papers' settings (shown apart)
     history: List[dict] = field(default_factory=list)     # metrics.jsonl's evaluation records, in order
 
     def evaluations(self, task: str, metric: str) -> List[float]:
@@ -164,11 +165,18 @@ def _read_json(path: Path) -> dict:
 
 
 def method_of(config: dict) -> Optional[str]:
-    """The method of a run_config.json, by its canonical name (LoRA+ is LoRA with a loraplus_lr_ratio)."""
+    """The method of a run_config.json, by its registry name (loralib.methods: "lora-pro" -> "lorapro", "ft"
+    -> "full"; LoRA+ is also LoRA with a loraplus_lr_ratio). A name the method registry does not hold (a paper's
+    baseline such as "adapter") is kept, lower-cased."""
+    from ..methods import method_entry
+
     method = config.get("method")
     if not isinstance(method, str):
         return None
-    method = METHOD_ALIASES.get(method.lower(), method.lower())
+    try:
+        method = method_entry(method).name
+    except ValueError:
+        method = method.lower()
     if method == "lora" and config.get("loraplus_lr_ratio") is not None:
         method = "loraplus"
     return method
@@ -186,6 +194,7 @@ def _read_run(folder: Path, root: Path) -> Run:
         run.r = lora.get("r") if isinstance(lora, dict) else None
         run.seed = _seed_of(cfg)
         run.settings = json.dumps(_settings(cfg), sort_keys=True, default=str)
+        run.setting = cfg.get("setting") if isinstance(cfg.get("setting"), str) else None
     results_file = folder / "eval_results.json"
     results = _read_json(results_file)
     run.measured = _measurements(results, results_file)
@@ -460,6 +469,26 @@ def markdown_table(rows: Sequence[Row], registry: Registry, paper: Optional[str]
     return "\n".join(lines + [""] + protocol_notes(rows, registry, paper))
 
 
+def side_tables(runs: Sequence[Run]) -> str:
+    """The runs outside the papers' settings (run_config.json "setting", e.g. "real data, small model": SmolLM2
+    on the published E2E files, examples/NLG/e2e_smollm2.py), one markdown table per setting: each run's
+    measured metrics as written, no reported number beside them (no paper ran that setting)."""
+    sections = []
+    for setting in dict.fromkeys(run.setting for run in runs if run.setting):
+        chosen = [run for run in runs if run.setting == setting]
+        metrics = list(dict.fromkeys(m for run in chosen for _t, _s, m, _v in run.measured))
+        header = ["run", "model", "method", "task", "split"] + metrics
+        lines = [f"## {setting} (not a paper's setting: no reported number to hold these against)", "",
+                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for run in chosen:
+            for task, split in dict.fromkeys((t, s) for t, s, _m, _v in run.measured):
+                values = {m: v for t, s, m, v in run.measured if (t, s) == (task, split)}
+                cells = [run.name, _display_model(run.model_name), run.method or "?", task, split or "—"]
+                lines.append("| " + " | ".join(cells + [_fmt(values[m]) if m in values else "—" for m in metrics]) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
+
+
 def write_chart(rows: Sequence[Row], out: os.PathLike | str, title: str = "Reported vs measured") -> Path:
     """A grouped bar chart: per row, the reported number (with its ± as an error bar) and the measured one."""
     import matplotlib
@@ -524,11 +553,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         registry = load_registry()
         runs = read_runs(args.results_dir)
-        rows = compare_rows(runs, registry, args.paper)
+        rows = compare_rows([run for run in runs if run.setting is None], registry, args.paper)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(markdown_table(rows, registry, args.paper))
+    side = side_tables(runs)
+    if side:
+        print("\n" + side)
     out = Path(args.out) if args.out else Path(args.results_dir) / "compare.png"
     title = "Reported vs measured" + (f" ({args.paper})" if args.paper else "")
     try:
