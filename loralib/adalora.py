@@ -10,6 +10,8 @@ init_warmup, final_warmup, mask_interval, beta1, beta2, total_step, target_total
 `update_and_mask(model, global_step)` and `schedule_threshold(step) -> (budget, mask_now)`, and
 `compute_orth_regu(model, regu_weight)`. Plus: the rank pattern (`rank_pattern`, `adalora_state`,
 `apply_rank_pattern`, `trim_ranks`) and an allocator state dict for exact resumption.
+The layer rules SVDLinear shares with LoRA²'s LoRA2Linear (scaling, rank buffers, orthogonality
+gap, regularizer) live in `loralib.svd_form`.
 
 Differences from the released code, each a fix:
 - Impossible settings are a ValueError at construction (total_step <= init_warmup + final_warmup,
@@ -41,32 +43,10 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .config import register_method
 from .layers import LoRALayer, _transpose_if, _wide
+from .svd_form import SVDFormLinear, check_config_for, effective_alpha, init_rank_state, orth_gap, orth_regularizer
 
 
-def _effective_alpha(lora_alpha, r: int) -> float:
-    """AdaLoRA's rule: the scaling is lora_alpha, or r when lora_alpha <= 0."""
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
-        raise ValueError(f"lora_alpha must be a finite number, got lora_alpha={lora_alpha!r}")
-    return float(lora_alpha) if lora_alpha > 0 else float(r)
-
-
-def _init_rank_state(layer: nn.Module, r: int) -> None:
-    """ranknum (persistent, as in the released checkpoints) and the rank mask (kept triplets)."""
-    if r > 0:
-        layer.register_buffer("ranknum", torch.full((1,), float(r), device=layer.weight.device))
-    layer.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=layer.weight.device),
-                          persistent=False)
-    layer.trimmed = False
-
-
-def _orth_gap(m: torch.Tensor) -> torch.Tensor:
-    """M M^T - I or M^T M - I, on the smaller side of M (the Gram that can be the identity)."""
-    rows, cols = m.shape
-    gram = m @ m.transpose(0, 1) if rows <= cols else m.transpose(0, 1) @ m
-    return gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-
-
-class SVDLinear(nn.Linear, LoRALayer):
+class SVDLinear(SVDFormLinear):
     """Linear layer with AdaLoRA: y = x W^T + b + dropout(x) (A * E)^T B^T * scaling / (ranknum + 1e-5).
 
     Shapes: lora_A (r, in), lora_E (r, 1), lora_B (out, r); weight (out, in), or (in, out) with
@@ -82,7 +62,7 @@ class SVDLinear(nn.Linear, LoRALayer):
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
                  **kwargs):
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r=r, lora_alpha=_effective_alpha(lora_alpha, r), lora_dropout=lora_dropout,
+        LoRALayer.__init__(self, r=r, lora_alpha=effective_alpha(lora_alpha, r), lora_dropout=lora_dropout,
                            merge_weights=merge_weights)
         self.fan_in_fan_out = fan_in_fan_out
         if r > 0:
@@ -91,15 +71,11 @@ class SVDLinear(nn.Linear, LoRALayer):
             self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
             self.scaling = self.lora_alpha
             self.weight.requires_grad = False
-        _init_rank_state(self, r)
+        init_rank_state(self, r)
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
         self._register_merge_safe_state_hooks()
-
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
         if hasattr(self, "lora_A"):
@@ -107,29 +83,15 @@ class SVDLinear(nn.Linear, LoRALayer):
             nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
             nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
 
-    def rebuild_buffers(self) -> None:
-        _rebuild_rank_buffers(self)
-
-    def _rank_scale(self) -> torch.Tensor:
-        return self.scaling / (self.ranknum + 1e-5)
-
     def delta_weight(self) -> torch.Tensor:
         """B (E * A) * scaling / (ranknum + 1e-5) in fp32, laid out like `weight`."""
         pea = _wide(self.lora_B) @ (_wide(self.lora_A) * _wide(self.lora_E))
         return _transpose_if(pea, self.fan_in_fan_out) * _wide(self._rank_scale())
 
-    def train(self, mode: bool = True):
-        nn.Linear.train(self, mode)
-        self._train_merge(mode)
-        return self
-
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out) without forming delta-W."""
         x = self.lora_dropout(x.to(self.lora_A.dtype))
         return (x @ (self.lora_A * self.lora_E).transpose(0, 1) @ self.lora_B.transpose(0, 1)) * self._rank_scale()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear_forward(x)
 
     # -- what the allocator and the regularizer see ----------------------------------------------
     def scored_factors(self) -> List[Tuple[str, nn.Parameter]]:
@@ -143,17 +105,8 @@ class SVDLinear(nn.Linear, LoRALayer):
 
     def orth_penalties(self, squared: bool = False) -> List[torch.Tensor]:
         """||A A^T - I||_F and ||B^T B - I||_F (squared if asked)."""
-        out = [torch.norm(_orth_gap(self.lora_A), p="fro"), torch.norm(_orth_gap(self.lora_B), p="fro")]
+        out = [torch.norm(orth_gap(self.lora_A), p="fro"), torch.norm(orth_gap(self.lora_B), p="fro")]
         return [t * t for t in out] if squared else out
-
-
-def _rebuild_rank_buffers(layer: nn.Module) -> None:
-    """After materialising from the meta device: ranknum = initial r, every triplet kept."""
-    r0 = layer.rank_mask.numel()
-    layer.rank_mask = torch.ones(r0, dtype=torch.bool, device=layer.weight.device)
-    if hasattr(layer, "ranknum"):
-        layer.ranknum = torch.full((1,), float(r0), dtype=layer.ranknum.dtype, device=layer.weight.device)
-    layer.trimmed = False
 
 
 # ---- layers, masks, rank patterns -------------------------------------------------------------
@@ -272,13 +225,6 @@ def trim_ranks(model: nn.Module, pattern: Optional[Dict[str, Sequence[bool]]] = 
 
 # ---- the orthogonal regularizer --------------------------------------------------------------
 
-def _orth_regu(layers: Sequence[nn.Module], regu_weight: float, squared: bool, what: str) -> torch.Tensor:
-    terms = [t for layer in layers if layer.has_lora for t in layer.orth_penalties(squared=squared)]
-    if not terms:
-        raise ValueError(f"{what}: the model has no adapted rank-adaptive layer to regularize")
-    return regu_weight * torch.stack(terms).sum() / len(terms)
-
-
 def compute_orth_regu(model: nn.Module, regu_weight: float = 0.1, squared: bool = False) -> torch.Tensor:
     """regu_weight * the mean, over every factor, of its orthogonality gap (AdaLoRA's regularizer).
 
@@ -286,8 +232,8 @@ def compute_orth_regu(model: nn.Module, regu_weight: float = 0.1, squared: bool 
     loralib.lora2). Unsquared norms, averaged over factors, as in the released code and PEFT;
     squared=True gives the paper's squared norms. Add the result to the loss before backward().
     """
-    return _orth_regu([layer for _, layer in rank_adaptive_layers(model)], regu_weight, squared,
-                      "compute_orth_regu")
+    return orth_regularizer([layer for _, layer in rank_adaptive_layers(model)], regu_weight, squared,
+                            "compute_orth_regu")
 
 
 # ---- the rank allocator -----------------------------------------------------------------------
@@ -596,21 +542,12 @@ class RankAllocator:
 
 # ---- registration -----------------------------------------------------------------------------
 
-def _check_config_for(method: str, config) -> None:
-    if config.use_rslora:
-        raise ValueError(f"LoRAConfig.use_rslora=True is not supported with method={method!r} "
-                         f"(its scale is lora_alpha / ranknum)")
-    if config.init_swapped:
-        raise ValueError(f"LoRAConfig.init_swapped=True is not supported with method={method!r} "
-                         f"(E starts at zero; A and B are N(0, 0.02))")
-
-
 def _adalora_factory(config, in_features: int, out_features: int, bias: bool = True,
                      fan_in_fan_out: bool = False, chunks: int = 1) -> SVDLinear:
     if chunks > 1:
         raise ValueError(f"AdaLoRA on fused projections (chunks={chunks}, e.g. GPT-2's c_attn) is "
                          f"unsupported: target separate q/k/v projections, or use method='lora'")
-    _check_config_for("adalora", config)
+    check_config_for("adalora", config)
     return SVDLinear(in_features, out_features, r=config.r, lora_alpha=config.lora_alpha,
                      lora_dropout=config.lora_dropout, fan_in_fan_out=fan_in_fan_out,
                      merge_weights=config.merge_weights, bias=bias)

@@ -10,6 +10,7 @@ Importance (methods.md §3): only the small factors are scored, lora_aa, lora_B 
 triplet score of rank i is s(E_i) + mean_k s(aa[:, i]) + mean_k s(B[i, :]), i.e. 2 r k + r scored
 entries per matrix instead of AdaLoRA's r (in + out + 1). Schedule, threshold and masking are
 AdaLoRA's (`loralib.adalora.RankAllocator`; `LoRA2RankAllocator` is the same restricted to LoRA2 layers).
+What the layer shares with AdaLoRA's SVDLinear (base class, scaling, rank buffers) is `loralib.svd_form`.
 
 Orthogonality regularizer (`compute_lora2_orth_regu`), defined here because the released one cannot run:
     within-factor terms, one per factor, on the Gram of its smaller side:
@@ -41,13 +42,13 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-from .adalora import (RankAllocator, _check_config_for, _effective_alpha, _init_rank_state, _orth_gap,
-                      _orth_regu, _rebuild_rank_buffers, rank_adaptive_layers)
+from .adalora import RankAllocator, rank_adaptive_layers
 from .config import register_method
 from .layers import LoRALayer, _transpose_if, _wide
+from .svd_form import SVDFormLinear, check_config_for, effective_alpha, init_rank_state, orth_gap, orth_regularizer
 
 
-class LoRA2Linear(nn.Linear, LoRALayer):
+class LoRA2Linear(SVDFormLinear):
     """Linear layer with LoRA²: y = x W^T + b + dropout(x) Q~^T diag(E) P~^T * alpha / (ranknum + 1e-5).
 
     Shapes: lora_A (k, in), lora_B (r, k), lora_E (r, 1), lora_aa (k, r), lora_bb (out, k).
@@ -64,7 +65,7 @@ class LoRA2Linear(nn.Linear, LoRALayer):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k (LoRA²'s inner rank) must be an int >= 1, got k={k!r}")
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r=r, lora_alpha=_effective_alpha(lora_alpha, r), lora_dropout=lora_dropout,
+        LoRALayer.__init__(self, r=r, lora_alpha=effective_alpha(lora_alpha, r), lora_dropout=lora_dropout,
                            merge_weights=merge_weights)
         self.k = k
         self.fan_in_fan_out = fan_in_fan_out
@@ -76,27 +77,17 @@ class LoRA2Linear(nn.Linear, LoRALayer):
             self.lora_bb = nn.Parameter(self.weight.new_zeros((out_features, k)))
             self.scaling = self.lora_alpha
             self.weight.requires_grad = False
-        _init_rank_state(self, r)
+        init_rank_state(self, r)
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
         self._register_merge_safe_state_hooks()
-
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
         if hasattr(self, "lora_A"):
             nn.init.zeros_(self.lora_E)
             for p in (self.lora_A, self.lora_B, self.lora_aa, self.lora_bb):
                 nn.init.normal_(p, mean=0.0, std=0.02)
-
-    def rebuild_buffers(self) -> None:
-        _rebuild_rank_buffers(self)
-
-    def _rank_scale(self) -> torch.Tensor:
-        return self.scaling / (self.ranknum + 1e-5)
 
     def planes(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(P~ (out, r), Q~ (r, in)), differentiable."""
@@ -109,11 +100,6 @@ class LoRA2Linear(nn.Linear, LoRALayer):
         delta = p_plane @ (_wide(self.lora_E) * q_plane)
         return _transpose_if(delta, self.fan_in_fan_out) * _wide(self._rank_scale())
 
-    def train(self, mode: bool = True):
-        nn.Linear.train(self, mode)
-        self._train_merge(mode)
-        return self
-
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out) through k, r, k: O(k (in + out) + r k) per token."""
         x = self.lora_dropout(x.to(self.lora_A.dtype))
@@ -121,9 +107,6 @@ class LoRA2Linear(nn.Linear, LoRALayer):
         h = h * self.lora_E.view(-1)
         h = h @ self.lora_aa.transpose(0, 1) @ self.lora_bb.transpose(0, 1)  # (..., out)
         return h * self._rank_scale()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear_forward(x)
 
     # -- what the allocator and the regularizer see ----------------------------------------------
     def scored_factors(self) -> List[Tuple[str, nn.Parameter]]:
@@ -137,7 +120,7 @@ class LoRA2Linear(nn.Linear, LoRALayer):
 
     def orth_penalties(self, squared: bool = False) -> List[torch.Tensor]:
         """Within-factor gaps of A, B, aa, bb, plus ||Q~ P~||_F when in == out (module docstring)."""
-        terms = [torch.norm(_orth_gap(p), p="fro") for p in (self.lora_A, self.lora_B, self.lora_aa, self.lora_bb)]
+        terms = [torch.norm(orth_gap(p), p="fro") for p in (self.lora_A, self.lora_B, self.lora_aa, self.lora_bb)]
         if self.in_features == self.out_features:
             cross = self.lora_B @ (self.lora_A @ self.lora_bb) @ self.lora_aa  # Q~ P~, (r, r), never (d, d)
             terms.append(torch.norm(cross, p="fro"))
@@ -158,7 +141,7 @@ def lora2_layers(model: nn.Module) -> List[Tuple[str, LoRA2Linear]]:
 def compute_lora2_orth_regu(model: nn.Module, regu_weight: float = 0.1, squared: bool = False) -> torch.Tensor:
     """regu_weight * mean of every LoRA² orthogonality term (within-factor and cross-plane; module
     docstring). Differentiable in all five factors; add it to the loss before backward()."""
-    return _orth_regu([m for _, m in lora2_layers(model)], regu_weight, squared, "compute_lora2_orth_regu")
+    return orth_regularizer([m for _, m in lora2_layers(model)], regu_weight, squared, "compute_lora2_orth_regu")
 
 
 def sensitivity_counts(model: nn.Module) -> Dict[str, float]:
@@ -191,7 +174,7 @@ def _lora2_factory(config, in_features: int, out_features: int, bias: bool = Tru
     if chunks > 1:
         raise ValueError(f"LoRA² on fused projections (chunks={chunks}, e.g. GPT-2's c_attn) is "
                          f"unsupported: target separate q/k/v projections, or use method='lora'")
-    _check_config_for("lora2", config)
+    check_config_for("lora2", config)
     return LoRA2Linear(in_features, out_features, r=config.r, lora_alpha=config.lora_alpha, k=config.lora2_k,
                        lora_dropout=config.lora_dropout, fan_in_fan_out=fan_in_fan_out,
                        merge_weights=config.merge_weights, bias=bias)

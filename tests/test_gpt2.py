@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import loralib
-from loralib.models import gpt2
+from loralib.models import gpt2, lm_head
 from loralib.models.cache import KVCache
 
 from _gpt2_fixtures import (PAD, VOCAB, hf_config, hf_model, left_padded_batch, mask_positions, ours_like,
@@ -373,10 +373,10 @@ def test_fused_head_loss_equals_plain_cross_entropy(weight_trains):
     def run(fused):
         h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_(weight_trains)
         if fused:
-            logits, loss = gpt2.lm_head_with_loss(h, w, labels, chunk_rows=3)
+            logits, loss = lm_head.lm_head_with_loss(h, w, labels, chunk_rows=3)
         else:
             logits = h @ w.t()
-            loss = gpt2.causal_lm_loss(logits, labels)
+            loss = lm_head.causal_lm_loss(logits, labels)
         (loss + 0.1 * logits.square().mean()).backward()  # a second loss on the logits too
         return loss, logits, h.grad, w.grad
 
@@ -387,5 +387,5 @@ def test_fused_head_loss_equals_plain_cross_entropy(weight_trains):
         else:
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     # no counted label: nan, as F.cross_entropy gives
-    _, loss = gpt2.lm_head_with_loss(h0.requires_grad_(), w0, torch.full((2, 7), -100))
+    _, loss = lm_head.lm_head_with_loss(h0.requires_grad_(), w0, torch.full((2, 7), -100))
     assert torch.isnan(loss)

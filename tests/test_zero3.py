@@ -15,7 +15,8 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import loralib
-from loralib.models.gpt2 import GPT2Config, GPT2LMHeadModel, fused_head_applies
+from loralib.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from loralib.models.lm_head import fused_head_applies
 from loralib.train import TrainConfig, train
 from loralib.train import zero3
 

@@ -23,6 +23,7 @@ runs on the inputs still decoding only; one host sync per step.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -234,6 +235,70 @@ def _sample_or_greedy(decoder: _Decoder, input_ids, attention_mask, max_new_toke
 
 # -- beam search --------------------------------------------------------------------------------------
 
+@dataclass
+class _BeamSetup:
+    """What stays fixed during one beam search. K beams per input; C = max(2, 1 + #eos) * K candidates
+    kept per step, so that K of them still run even if many end in eos; T prompt length."""
+
+    K: int
+    C: int
+    T: int
+    max_new_tokens: int
+    n_eos: int
+    length_penalty: float
+    early_stopping: Union[bool, str]
+    sampling: Optional[tuple]
+    pad_token_id: int
+    generator: Optional[torch.Generator]
+
+    @property
+    def max_len(self) -> int:
+        return self.T + self.max_new_tokens
+
+
+@dataclass
+class _Beams:
+    """The state of the A inputs still decoding; `alive` (A,) are their indices in the batch.
+
+    running (A, K, L) running beams (never ending in eos) and running_scores (A, K) their total
+    log-probabilities; finished (A, K, max_len) the K best finished beams so far, with finished_scores
+    (A, K) (length-normalised), finished_len (A, K) new tokens, is_finished (A, K) whether the slot holds
+    one; improvable (A, 1) whether a running beam may still enter the finished ones; mask (A K, L) and
+    prompt_start (A K,) per beam row."""
+
+    alive: torch.Tensor
+    running: torch.Tensor
+    running_scores: torch.Tensor
+    finished: torch.Tensor
+    finished_scores: torch.Tensor
+    finished_len: torch.Tensor
+    is_finished: torch.Tensor
+    improvable: torch.Tensor
+    mask: torch.Tensor
+    prompt_start: torch.Tensor
+
+    def keep(self, kept: torch.Tensor, K: int) -> None:
+        """Keep only the inputs `kept` (indices into the A inputs) and their beam rows."""
+        for name in ("alive", "running", "running_scores", "improvable", "finished", "finished_scores",
+                     "finished_len", "is_finished"):
+            setattr(self, name, getattr(self, name)[kept])
+        beam_rows = (kept[:, None] * K + torch.arange(K, device=kept.device)).flatten()
+        self.mask, self.prompt_start = self.mask[beam_rows], self.prompt_start[beam_rows]
+
+
+@dataclass
+class _Candidates:
+    """The C candidates per input of one step: scores (A, C) total log-probabilities, beam (A, C) the
+    running beam each extends, token (A, C) the token it appends, seqs (A, C, L + 1), ends (A, C)
+    whether it ends (eos, or the length limit)."""
+
+    scores: torch.Tensor
+    beam: torch.Tensor
+    token: torch.Tensor
+    seqs: torch.Tensor
+    ends: torch.Tensor
+
+
 def _beam_search(decoder: _Decoder, input_ids, attention_mask, max_new_tokens, K, length_penalty,
                  early_stopping, sampling, pad_token_id, generator) -> torch.Tensor:
     """Per input b: K running beams (never ending in eos) and the K best finished beams so far.
@@ -244,108 +309,132 @@ def _beam_search(decoder: _Decoder, input_ids, attention_mask, max_new_tokens, K
     length-normalised score; the K best non-ending candidates run on.
 
     An input whose finished beams can no longer change is done: its best beam is written out and its
-    rows leave the batch (the model then runs on fewer rows). The state below holds the A inputs
-    still decoding, `alive` (A,) their indices in the batch. (Sampling keeps every input: dropping some
+    rows leave the batch (the model then runs on fewer rows). (Sampling keeps every input: dropping some
     would change how the random stream is consumed, and so the samples.)"""
     B, T = input_ids.shape
     device = input_ids.device
     n_eos = 0 if decoder.eos is None else decoder.eos.numel()
-    C = max(2, 1 + n_eos) * K
-    max_len = T + max_new_tokens
-    prune = sampling is None
-
-    # Prefill once per input, then copy the cache to its K beams.
-    logits = decoder.next_logits(input_ids, attention_mask)
-    beam_rows = torch.arange(B, device=device).repeat_interleave(K)
-    decoder.cache.reorder(beam_rows)
-    logits = logits[beam_rows]
-    mask = attention_mask[beam_rows]                                   # (A*K, T)
-    running = input_ids[beam_rows].view(B, K, T)
-    prompt_start = mask.argmax(-1)
-    # Only beam 0 may extend at the first step, or the K identical beams would pick the same tokens.
-    running_scores = torch.full((B, K), _NEG, device=device)
-    running_scores[:, 0] = 0.0
-
-    finished = torch.full((B, K, max_len), pad_token_id, dtype=torch.long, device=device)
-    finished_scores = torch.full((B, K), _NEG, device=device)
-    finished_len = torch.zeros((B, K), dtype=torch.long, device=device)
-    is_finished = torch.zeros((B, K), dtype=torch.bool, device=device)
-    improvable = torch.ones((B, 1), dtype=torch.bool, device=device)
-    top_ranks = torch.arange(C, device=device) < K                     # (C,)
-    alive = torch.arange(B, device=device)
-    best = torch.full((B, max_len), pad_token_id, dtype=torch.long, device=device)
+    setup = _BeamSetup(K, max(2, 1 + n_eos) * K, T, max_new_tokens, n_eos, length_penalty, early_stopping,
+                       sampling, pad_token_id, generator)
+    beams, logits = _start_beams(decoder, input_ids, attention_mask, setup)
+    top_ranks = torch.arange(setup.C, device=device) < K                # (C,)
+    best = torch.full((B, setup.max_len), pad_token_id, dtype=torch.long, device=device)
     best_len = torch.zeros(B, dtype=torch.long, device=device)
 
     for step in range(max_new_tokens):
-        A, cur_len = running.shape[0], T + step
-        flat = running.view(A * K, cur_len)
-        log_probs = decoder.process(flat, F.log_softmax(logits, dim=-1), prompt_start)
-        if sampling is not None:
-            log_probs = warp_for_sampling(log_probs, *sampling, keep_at_least=1 + max(n_eos, 1))
-        V = log_probs.shape[-1]
-        total = (log_probs.view(A, K, V) + running_scores[:, :, None]).view(A, K * V)
-
-        if sampling is not None:
-            picked = torch.multinomial(total.softmax(-1), C, generator=generator)
-            cand_scores = total.gather(1, picked)
-        else:
-            cand_scores, picked = torch.topk(total, C, dim=1)           # (A, C), best first
-        cand_beam, cand_token = picked // V, picked % V
-        cand_seqs = torch.cat([running.gather(1, cand_beam[..., None].expand(A, C, cur_len)),
-                               cand_token[..., None]], dim=2)          # (A, C, cur_len + 1)
-        ends = decoder.is_eos(cand_token) | (cur_len + 1 >= max_len)
-
-        # The K best candidates that do not end run on.
-        keep_scores, keep = torch.topk(cand_scores + ends.float() * _NEG, K, dim=1)
-        running = cand_seqs.gather(1, keep[..., None].expand(A, K, cur_len + 1))
-        running_scores = keep_scores
-        source_beam = cand_beam.gather(1, keep)                         # (A, K)
-
-        # Ending candidates among the first K ranks compete for the finished slots.
-        new_len = cur_len + 1 - T
-        eligible = ends & top_ranks & improvable
-        if early_stopping is True:
-            eligible &= ~is_finished.all(dim=1, keepdim=True)
-        final_scores = torch.where(eligible, cand_scores / (new_len ** length_penalty), _NEG)
-        pool_scores = torch.cat([finished_scores, final_scores], dim=1)  # (A, K + C)
-        pool_seqs = torch.cat([finished, F.pad(cand_seqs, (0, max_len - cur_len - 1), value=pad_token_id)], 1)
-        pool_len = torch.cat([finished_len, torch.full((A, C), new_len, device=device)], dim=1)
-        pool_done = torch.cat([is_finished, eligible], dim=1)
-        finished_scores, top = torch.topk(pool_scores, K, dim=1)
-        finished = pool_seqs.gather(1, top[..., None].expand(A, K, max_len))
-        finished_len = pool_len.gather(1, top)
-        is_finished = pool_done.gather(1, top)
-
-        # Can a running beam still beat the worst finished one? (Once not, the input is done.)
-        if early_stopping == "never" and length_penalty > 0.0:
-            best_len_reachable = max_new_tokens
-        else:
-            best_len_reachable = new_len
-        best_running = running_scores[:, :1] / (best_len_reachable ** length_penalty)
-        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, _NEG)
-        improvable &= (best_running > worst_finished).any(dim=1, keepdim=True)
-        done = ~improvable[:, 0]
-        if early_stopping is True:
-            done |= is_finished.all(dim=1)
+        A, new_len = beams.running.shape[0], step + 1
+        cand = _candidates(decoder, beams, logits, setup)
+        source_beam = _run_on(beams, cand, setup)
+        _finish(beams, cand, top_ranks & beams.improvable, new_len, setup)
+        done = _inputs_done(beams, new_len, setup)
 
         # One host sync per step: is every input done, did every candidate end, is some input done?
-        all_done, all_end, some_done = torch.stack([done.all(), ends.all(), done.any()]).tolist()
+        all_done, all_end, some_done = torch.stack([done.all(), cand.ends.all(), done.any()]).tolist()
         if all_done or all_end:
             break
         rows = source_beam + torch.arange(A, device=device)[:, None] * K  # cache row of each new beam
-        if prune and some_done:
+        if sampling is None and some_done:
             gone, kept = done.nonzero().flatten(), (~done).nonzero().flatten()
-            best[alive[gone]], best_len[alive[gone]] = finished[gone, 0], finished_len[gone, 0]
-            alive, rows = alive[kept], rows[kept]
-            running, running_scores, improvable = running[kept], running_scores[kept], improvable[kept]
-            finished, finished_scores = finished[kept], finished_scores[kept]
-            finished_len, is_finished = finished_len[kept], is_finished[kept]
-            beam_rows = (kept[:, None] * K + torch.arange(K, device=device)).flatten()
-            mask, prompt_start = mask[beam_rows], prompt_start[beam_rows]
-            A = kept.numel()
+            best[beams.alive[gone]] = beams.finished[gone, 0]
+            best_len[beams.alive[gone]] = beams.finished_len[gone, 0]
+            beams.keep(kept, K)
+            rows, A = rows[kept], kept.numel()
         decoder.cache.reorder(rows.flatten())
-        mask = torch.cat([mask, mask.new_ones((A * K, 1))], dim=1)
-        logits = decoder.next_logits(running[:, :, -1].reshape(A * K, 1), mask)
+        beams.mask = torch.cat([beams.mask, beams.mask.new_ones((A * K, 1))], dim=1)
+        logits = decoder.next_logits(beams.running[:, :, -1].reshape(A * K, 1), beams.mask)
 
-    best[alive], best_len[alive] = finished[:, 0], finished_len[:, 0]
+    best[beams.alive], best_len[beams.alive] = beams.finished[:, 0], beams.finished_len[:, 0]
     return best[:, :T + int(best_len.max())]
+
+
+def _start_beams(decoder: _Decoder, input_ids, attention_mask, setup: _BeamSetup):
+    """Prefill once per input, then copy the cache to its K beams: (the beams, their logits (B K, V))."""
+    B, T = input_ids.shape
+    device, K = input_ids.device, setup.K
+    logits = decoder.next_logits(input_ids, attention_mask)
+    beam_rows = torch.arange(B, device=device).repeat_interleave(K)
+    decoder.cache.reorder(beam_rows)
+    mask = attention_mask[beam_rows]                                   # (B*K, T)
+    # Only beam 0 may extend at the first step, or the K identical beams would pick the same tokens.
+    running_scores = torch.full((B, K), _NEG, device=device)
+    running_scores[:, 0] = 0.0
+    beams = _Beams(
+        alive=torch.arange(B, device=device),
+        running=input_ids[beam_rows].view(B, K, T),
+        running_scores=running_scores,
+        finished=torch.full((B, K, setup.max_len), setup.pad_token_id, dtype=torch.long, device=device),
+        finished_scores=torch.full((B, K), _NEG, device=device),
+        finished_len=torch.zeros((B, K), dtype=torch.long, device=device),
+        is_finished=torch.zeros((B, K), dtype=torch.bool, device=device),
+        improvable=torch.ones((B, 1), dtype=torch.bool, device=device),
+        mask=mask,
+        prompt_start=mask.argmax(-1))
+    return beams, logits[beam_rows]
+
+
+def _candidates(decoder: _Decoder, beams: _Beams, logits: torch.Tensor, setup: _BeamSetup) -> _Candidates:
+    """The C best continuations (or C samples) of each input's running beams, from logits (A K, V)."""
+    A, K, cur_len = beams.running.shape
+    C = setup.C
+    flat = beams.running.view(A * K, cur_len)
+    log_probs = decoder.process(flat, F.log_softmax(logits, dim=-1), beams.prompt_start)
+    if setup.sampling is not None:
+        log_probs = warp_for_sampling(log_probs, *setup.sampling, keep_at_least=1 + max(setup.n_eos, 1))
+    V = log_probs.shape[-1]
+    total = (log_probs.view(A, K, V) + beams.running_scores[:, :, None]).view(A, K * V)
+    if setup.sampling is not None:
+        picked = torch.multinomial(total.softmax(-1), C, generator=setup.generator)
+        scores = total.gather(1, picked)
+    else:
+        scores, picked = torch.topk(total, C, dim=1)                   # (A, C), best first
+    beam, token = picked // V, picked % V
+    seqs = torch.cat([beams.running.gather(1, beam[..., None].expand(A, C, cur_len)),
+                      token[..., None]], dim=2)                        # (A, C, cur_len + 1)
+    ends = decoder.is_eos(token) | (cur_len + 1 >= setup.max_len)
+    return _Candidates(scores, beam, token, seqs, ends)
+
+
+def _run_on(beams: _Beams, cand: _Candidates, setup: _BeamSetup) -> torch.Tensor:
+    """The K best candidates that do not end become the running beams; returns the beam (A, K) each
+    one extends."""
+    A, C, length = cand.seqs.shape
+    keep_scores, keep = torch.topk(cand.scores + cand.ends.float() * _NEG, setup.K, dim=1)
+    beams.running = cand.seqs.gather(1, keep[..., None].expand(A, setup.K, length))
+    beams.running_scores = keep_scores
+    return cand.beam.gather(1, keep)
+
+
+def _finish(beams: _Beams, cand: _Candidates, may_finish: torch.Tensor, new_len: int, setup: _BeamSetup) -> None:
+    """Ending candidates that may finish (A, C) (among the first K ranks, of an input still improvable)
+    compete with the finished beams for the K finished slots, scored sum(log p) / new_len ** length_penalty."""
+    A, C, length = cand.seqs.shape
+    K, max_len = setup.K, setup.max_len
+    eligible = cand.ends & may_finish
+    if setup.early_stopping is True:
+        eligible &= ~beams.is_finished.all(dim=1, keepdim=True)
+    final_scores = torch.where(eligible, cand.scores / (new_len ** setup.length_penalty), _NEG)
+    pool_scores = torch.cat([beams.finished_scores, final_scores], dim=1)  # (A, K + C)
+    pool_seqs = torch.cat([beams.finished, F.pad(cand.seqs, (0, max_len - length), value=setup.pad_token_id)], 1)
+    pool_len = torch.cat([beams.finished_len, torch.full((A, C), new_len, device=cand.seqs.device)], dim=1)
+    pool_done = torch.cat([beams.is_finished, eligible], dim=1)
+    beams.finished_scores, best = torch.topk(pool_scores, K, dim=1)
+    beams.finished = pool_seqs.gather(1, best[..., None].expand(A, K, max_len))
+    beams.finished_len = pool_len.gather(1, best)
+    beams.is_finished = pool_done.gather(1, best)
+
+
+def _inputs_done(beams: _Beams, new_len: int, setup: _BeamSetup) -> torch.Tensor:
+    """(A,) whether each input's finished beams can no longer change: no running beam can beat the
+    worst finished one (judged at the length early_stopping names), or, with early_stopping=True,
+    K beams have finished."""
+    if setup.early_stopping == "never" and setup.length_penalty > 0.0:
+        best_len_reachable = setup.max_new_tokens
+    else:
+        best_len_reachable = new_len
+    best_running = beams.running_scores[:, :1] / (best_len_reachable ** setup.length_penalty)
+    worst_finished = torch.where(beams.is_finished, beams.finished_scores.min(dim=1, keepdim=True).values, _NEG)
+    beams.improvable &= (best_running > worst_finished).any(dim=1, keepdim=True)
+    done = ~beams.improvable[:, 0]
+    if setup.early_stopping is True:
+        done |= beams.is_finished.all(dim=1)
+    return done

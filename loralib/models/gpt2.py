@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..config import LoRAConfig, make_linear
 from .cache import KVCache
+from .lm_head import head_logits_and_loss
 from .outputs import ModelOutput
 
 # The activations a GPT-2 config can name. "gelu_new" (OpenAI's) is the tanh approximation of GELU;
@@ -318,14 +319,7 @@ class GPT2LMHeadModel(nn.Module):
         out = self.transformer(input_ids, attention_mask, token_type_ids=token_type_ids,
                                position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache)
         h = out.hidden_states
-        loss = None
-        if (labels is not None and torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)
-                and fused_head_applies(self.lm_head.weight)):
-            logits, loss = lm_head_with_loss(h, self.lm_head.weight, labels)
-        else:
-            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-            if labels is not None:
-                loss = causal_lm_loss(logits, labels)
+        logits, loss = head_logits_and_loss(self.lm_head, h, labels, logits_to_keep)
         return ModelOutput(logits=logits, loss=loss, past_key_values=out.past_key_values, hidden_states=h)
 
 
@@ -373,86 +367,6 @@ def last_token_index(input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
         raise ValueError("GPT2ForSequenceClassification needs attention_mask (or config pad_token_id) to "
                          "find the last token of each row in a batch of more than one")
     return (torch.arange(T, device=input_ids.device) * real).argmax(-1)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits[:, t] against labels[:, t + 1], skipping -100. The labels are shifted
-    (a -100 appended) rather than the logits, so the (B, T, V) logits are not copied."""
-    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
-
-
-def fused_head_applies(weight: torch.Tensor) -> bool:
-    """Whether lm_head_with_loss may take this head weight. Not a trained weight that DeepSpeed ZeRO-3 has
-    partitioned (it carries ds_id): that one is whole only while its own module runs, and the fused path
-    hands autograd its gradient outside the module, where the partition it would be added to is empty."""
-    return not (weight.requires_grad and hasattr(weight, "ds_id"))
-
-
-def lm_head_with_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                      chunk_rows: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, T, V), loss) as `causal_lm_loss(h @ weight^T, labels)`, for training.
-
-    The plain path keeps fp32 log-probabilities (B T, V) for backward and makes a gradient just as large
-    in it; here the loss's gradient with respect to h (and weight, when it trains) is computed during the
-    forward, `chunk_rows` rows at a time, so only the logits themselves stay alive: for GPT-2 at batch 8 x
-    256 that is 400 MiB instead of 1.2 GiB. Gradients reaching `logits` from another loss still flow.
-    """
-    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-    loss, logits = _LMHeadLoss.apply(h.flatten(0, 1), weight, shifted.flatten(), chunk_rows)
-    return logits.view(*h.shape[:-1], -1), loss
-
-
-class _LMHeadLoss(torch.autograd.Function):
-    """loss = mean over targets != -100 of -log softmax(z_n)[target_n], z = h W^T; returns (loss, z).
-
-    d loss / d z_n = (softmax(z_n) - onehot(target_n)) / n_valid, so the forward folds each row chunk's
-    gradient into dh = dz W and dW = dz^T h and keeps those; backward scales them by the incoming
-    gradient. Shapes: h (N, C), weight (V, C), targets (N,).
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows):
-        ctx.set_materialize_grads(False)
-        logits = h @ weight.t()  # (N, V)
-        valid = targets != -100
-        n_valid = valid.sum()
-        row_scale = valid / n_valid.clamp(min=1)  # a row's share of the mean; 0 for ignored rows
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], chunk_rows):
-            rows = slice(s, s + chunk_rows)
-            log_p = F.log_softmax(logits[rows].float(), dim=-1)  # (n, V), a new fp32 tensor
-            target = targets[rows].clamp(min=0).unsqueeze(1)
-            total -= (log_p.gather(1, target).squeeze(1) * valid[rows]).sum()
-            if need_h or need_w:
-                dz = log_p.exp_()  # softmax, in place
-                dz.scatter_add_(1, target, -torch.ones_like(target, dtype=dz.dtype))
-                dz = dz.mul_(row_scale[rows].unsqueeze(1)).to(weight.dtype)
-                if need_h:
-                    grad_h[rows] = dz @ weight
-                if need_w:
-                    grad_w.addmm_(dz.t().float(), h[rows].float())
-        ctx.save_for_backward(h, weight, grad_h, grad_w)
-        return total / n_valid, logits
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_logits):
-        h, weight, grad_h, grad_w = ctx.saved_tensors
-        dh = dw = None
-        if grad_loss is not None:
-            dh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-            dw = (grad_w * grad_loss).to(weight.dtype) if grad_w is not None else None
-        if grad_logits is not None:  # the logits were used by another loss as well
-            if ctx.needs_input_grad[0]:
-                extra = grad_logits @ weight
-                dh = extra if dh is None else dh + extra
-            if ctx.needs_input_grad[1]:
-                extra = grad_logits.t() @ h
-                dw = extra if dw is None else dw + extra
-        return dh, dw, None, None
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from ..config import LoRAConfig, make_linear
 from .cache import KVCache
-from .gpt2 import causal_lm_loss, fused_head_applies, lm_head_with_loss
+from .lm_head import head_logits_and_loss
 from .outputs import ModelOutput
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -467,17 +467,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError("logits_to_keep and labels cannot be combined: the loss needs every position")
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
         hidden = out.hidden_states
-        head = self.lm_head
-        loss = None
-        if (labels is not None and torch.is_grad_enabled() and type(head) is nn.Linear and head.bias is None
-                and (hidden.requires_grad or head.weight.requires_grad) and fused_head_applies(head.weight)):
-            # Training: the loss's gradient is formed chunk by chunk during the forward, so neither the
-            # fp32 log-probabilities nor a (B, T, vocab) gradient is ever kept (see lm_head_with_loss).
-            logits, loss = lm_head_with_loss(hidden, head.weight, labels)
-        else:
-            logits = head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-            if labels is not None:
-                loss = causal_lm_loss(logits, labels)
+        logits, loss = head_logits_and_loss(self.lm_head, hidden, labels, logits_to_keep)
         return ModelOutput(logits=logits, loss=loss, past_key_values=out.past_key_values, hidden_states=hidden)
 
 
