@@ -42,7 +42,7 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .config import register_method
-from .layers import LoRALayer, _transpose_if, _wide
+from .layers import LoRALayer, transpose_if, widened
 from .svd_form import SVDFormLinear, check_config_for, effective_alpha, init_rank_state, orth_gap, orth_regularizer
 
 
@@ -85,8 +85,8 @@ class SVDLinear(SVDFormLinear):
 
     def delta_weight(self) -> torch.Tensor:
         """B (E * A) * scaling / (ranknum + 1e-5) in fp32, laid out like `weight`."""
-        pea = _wide(self.lora_B) @ (_wide(self.lora_A) * _wide(self.lora_E))
-        return _transpose_if(pea, self.fan_in_fan_out) * _wide(self._rank_scale())
+        pea = widened(self.lora_B) @ (widened(self.lora_A) * widened(self.lora_E))
+        return transpose_if(pea, self.fan_in_fan_out) * widened(self._rank_scale())
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out) without forming delta-W."""

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import layers
-from .layers import _FusedChunkLoRA, _transpose_if, _wide
+from .layers import FusedChunkLoRA, transpose_if, widened
 
 
 class DoRAMixin:
@@ -51,7 +51,7 @@ class DoRAMixin:
     def weight_norm(self) -> torch.Tensor:
         """||W + s B A|| per output row, (out,), fp32, of the unmerged weight; no autograd."""
         weight = self._unmerged_weight() if self.merged else self._base_weight()
-        full = _transpose_if(_wide(weight.detach()) + self.delta_weight(), self.fan_in_fan_out)
+        full = transpose_if(widened(weight.detach()) + self.delta_weight(), self.fan_in_fan_out)
         return torch.linalg.vector_norm(full.flatten(1), dim=1)  # a kernel (out, in, k, ...): all but out
 
     def dora_scale(self) -> torch.Tensor:
@@ -73,9 +73,9 @@ class DoRAMixin:
             return
         if self.has_lora:
             weight = self._base_weight()
-            f = self._scale_view(_wide(self.dora_scale()))
+            f = self._scale_view(widened(self.dora_scale()))
             self._unmerged_data = weight.data.clone()
-            weight.data = (f * (_wide(weight.data) + self.delta_weight())).to(weight.dtype)
+            weight.data = (f * (widened(weight.data) + self.delta_weight())).to(weight.dtype)
         self.merged = True
 
     @torch.no_grad()
@@ -92,7 +92,7 @@ class DoRAMixin:
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = _transpose_if(self.weight, self.fan_in_fan_out)
+        weight = transpose_if(self.weight, self.fan_in_fan_out)
         if not self.has_lora or self.merged:
             return F.linear(x, weight, self.bias)
         f = self.dora_scale()
@@ -112,7 +112,7 @@ class DoRALinear(DoRAMixin, layers.Linear):
 
     def _dora_path(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + s x A^T B^T, no bias: (..., in) -> (..., out)."""
-        base = F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out))
+        base = F.linear(x, transpose_if(self.weight, self.fan_in_fan_out))
         low = (x.to(self.lora_A.dtype) @ self.lora_A.transpose(0, 1)) @ (self.lora_B.transpose(0, 1) * self.scaling)
         return base + low.to(base.dtype)
 
@@ -124,7 +124,7 @@ class DoRAMergedLinear(DoRAMixin, layers.MergedLinear):
 
     def _dora_path(self, x: torch.Tensor) -> torch.Tensor:
         x_lora = x.to(self.lora_A.dtype)
-        return _FusedChunkLoRA.apply(x, x_lora, self.weight, None, self.lora_A, self._scaled_blocks(),
+        return FusedChunkLoRA.apply(x, x_lora, self.weight, None, self.lora_A, self._scaled_blocks(),
                                      self.column_runs, self.fan_in_fan_out)
 
 

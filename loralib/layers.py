@@ -50,7 +50,7 @@ def _check_hparams(r, lora_alpha, lora_dropout) -> None:
         raise ValueError(f"lora_dropout must lie in [0, 1), got lora_dropout={lora_dropout!r}")
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
+def widened(t: torch.Tensor) -> torch.Tensor:
     """t in at least fp32 (bf16/fp16 -> fp32, fp64 stays fp64): the precision merging is done in."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
@@ -87,7 +87,7 @@ class LoRALayer:
             return
         if self.has_lora:
             weight = self._base_weight()
-            weight.data = (_wide(weight.data) + self.delta_weight()).to(weight.dtype)
+            weight.data = (widened(weight.data) + self.delta_weight()).to(weight.dtype)
             self._merged_factors = {name: p.detach().clone() for name, p in self._lora_factors().items()}
         self.merged = True
 
@@ -97,7 +97,7 @@ class LoRALayer:
             return
         if self.has_lora:
             weight = self._base_weight()
-            weight.data = (_wide(weight.data) - self._merged_delta()).to(weight.dtype)
+            weight.data = (widened(weight.data) - self._merged_delta()).to(weight.dtype)
             self._merged_factors = None
         self.merged = False
 
@@ -121,7 +121,7 @@ class LoRALayer:
     def _unmerged_weight(self) -> torch.Tensor:
         """The frozen weight without the merged update, in its own dtype (for state_dict while merged)."""
         w = self._base_weight()
-        return (_wide(w.detach()) - self._merged_delta()).to(w.dtype)
+        return (widened(w.detach()) - self._merged_delta()).to(w.dtype)
 
     def rebuild_buffers(self) -> None:
         """Recompute derived buffers (after materialising a layer built on the meta device)."""
@@ -167,7 +167,7 @@ class LoRALayer:
 
     def _linear_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b + lora_forward(x) for the linear LoRA layers (LoRA, AdaLoRA, LoRA²)."""
-        result = F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
+        result = F.linear(x, transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
         if self.has_lora and not self.merged:
             # In place: F.linear does not keep its output for backward.
             result += self.lora_forward(x).to(result.dtype)
@@ -210,7 +210,7 @@ class LoRALayer:
         self.register_load_state_dict_post_hook(load_post_hook)
 
 
-def _transpose_if(w: torch.Tensor, flag: bool) -> torch.Tensor:
+def transpose_if(w: torch.Tensor, flag: bool) -> torch.Tensor:
     return w.transpose(0, 1) if flag else w
 
 
@@ -250,7 +250,7 @@ class Embedding(nn.Embedding, LoRALayer):
 
     def delta_weight(self) -> torch.Tensor:
         """(num_embeddings, embedding_dim), in fp32 (fp64 for fp64 factors)."""
-        return (_wide(self.lora_B) @ _wide(self.lora_A)).transpose(0, 1) * self.scaling
+        return (widened(self.lora_B) @ widened(self.lora_A)).transpose(0, 1) * self.scaling
 
     def train(self, mode: bool = True):
         nn.Embedding.train(self, mode)
@@ -307,7 +307,7 @@ class Linear(nn.Linear, LoRALayer):
 
     def delta_weight(self) -> torch.Tensor:
         """B A * scaling in fp32, laid out like `weight` ((in, out) when fan_in_fan_out)."""
-        return _transpose_if(_wide(self.lora_B) @ _wide(self.lora_A), self.fan_in_fan_out) * self.scaling
+        return transpose_if(widened(self.lora_B) @ widened(self.lora_A), self.fan_in_fan_out) * self.scaling
 
     def train(self, mode: bool = True):
         nn.Linear.train(self, mode)
@@ -322,11 +322,11 @@ class Linear(nn.Linear, LoRALayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.has_lora or self.merged:
-            return F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
+            return F.linear(x, transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
         # The fused function with one run over all columns: its hand-written backward keeps only x (once, when
         # there is no dropout), x A^T and the weights, and adds both paths' input gradients into one tensor.
         x_lora = self.lora_dropout(x.to(self.lora_A.dtype))
-        return _FusedChunkLoRA.apply(x, x_lora, self.weight, self.bias, self.lora_A,
+        return FusedChunkLoRA.apply(x, x_lora, self.weight, self.bias, self.lora_A,
                                      self.lora_B.transpose(0, 1) * self.scaling, ((0, 0, self.out_features),),
                                      self.fan_in_fan_out)
 
@@ -339,7 +339,7 @@ class MergedLinear(nn.Linear, LoRALayer):
     lora_A (r * n, in) = [A_1; ...; A_n], lora_B (out_g * n, r) = [B_1; ...; B_n].
     The unmerged forward computes x A_g^T B_g^T for all chunks with two small matmuls (see lora_forward)
     and adds the result into the enabled output columns; no dense delta-W is ever formed, and the backward
-    is written by hand (_FusedChunkLoRA) so that it keeps no more than a plain linear layer would.
+    is written by hand (FusedChunkLoRA) so that it keeps no more than a plain linear layer would.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
@@ -403,10 +403,10 @@ class MergedLinear(nn.Linear, LoRALayer):
     def delta_weight(self) -> torch.Tensor:
         """Zero-padded B_g A_g * scaling, (out, in) in fp32, or (in, out) with fan_in_fan_out."""
         A, B = self._chunked_factors()
-        per_chunk = torch.bmm(_wide(B), _wide(A)).reshape(-1, self.in_features)  # (out_g * n, in)
+        per_chunk = torch.bmm(widened(B), widened(A)).reshape(-1, self.in_features)  # (out_g * n, in)
         delta = per_chunk.new_zeros((self.out_features, self.in_features))
         delta.index_copy_(0, self.lora_columns, per_chunk)
-        return _transpose_if(delta, self.fan_in_fan_out) * self.scaling
+        return transpose_if(delta, self.fan_in_fan_out) * self.scaling
 
     def train(self, mode: bool = True):
         nn.Linear.train(self, mode)
@@ -442,13 +442,13 @@ class MergedLinear(nn.Linear, LoRALayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.has_lora or self.merged:
-            return F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
+            return F.linear(x, transpose_if(self.weight, self.fan_in_fan_out), bias=self.bias)
         x_lora = self.lora_dropout(x.to(self.lora_A.dtype))
-        return _FusedChunkLoRA.apply(x, x_lora, self.weight, self.bias, self.lora_A, self._scaled_blocks(),
+        return FusedChunkLoRA.apply(x, x_lora, self.weight, self.bias, self.lora_A, self._scaled_blocks(),
                                      self.column_runs, self.fan_in_fan_out)
 
 
-class _FusedChunkLoRA(torch.autograd.Function):
+class FusedChunkLoRA(torch.autograd.Function):
     """y = x W^T + b, plus (x_lora A^T) Bs in the enabled column runs, with a hand-written backward.
 
     Autograd through in-place slice adds would clone the whole (..., out) gradient once per run, and
@@ -461,7 +461,7 @@ class _FusedChunkLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, Bs, runs, fan_in_fan_out):
-        result = F.linear(x, _transpose_if(weight, fan_in_fan_out), bias=bias)
+        result = F.linear(x, transpose_if(weight, fan_in_fan_out), bias=bias)
         after_A = x_lora @ lora_A.transpose(0, 1)
         # accumulate each run straight into its columns of the output (no (..., n out_g) temporary)
         result2, a2 = result.view(-1, result.shape[-1]), after_A.reshape(-1, after_A.shape[-1]).to(result.dtype)
@@ -578,7 +578,7 @@ class ConvLoRA(nn.Module, LoRALayer):
         return self.conv.weight
 
     def delta_weight(self) -> torch.Tensor:
-        return (_wide(self.lora_B) @ _wide(self.lora_A)).view(self.conv.weight.shape) * self.scaling
+        return (widened(self.lora_B) @ widened(self.lora_A)).view(self.conv.weight.shape) * self.scaling
 
     def train(self, mode: bool = True):
         nn.Module.train(self, mode)

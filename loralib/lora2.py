@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from .adalora import RankAllocator, rank_adaptive_layers
 from .config import register_method
-from .layers import LoRALayer, _transpose_if, _wide
+from .layers import LoRALayer, transpose_if, widened
 from .svd_form import SVDFormLinear, check_config_for, effective_alpha, init_rank_state, orth_gap, orth_regularizer
 
 
@@ -95,10 +95,10 @@ class LoRA2Linear(SVDFormLinear):
 
     def delta_weight(self) -> torch.Tensor:
         """P~ diag(E) Q~ * scaling / (ranknum + 1e-5) in fp32, laid out like `weight`."""
-        p_plane = _wide(self.lora_bb) @ _wide(self.lora_aa)
-        q_plane = _wide(self.lora_B) @ _wide(self.lora_A)
-        delta = p_plane @ (_wide(self.lora_E) * q_plane)
-        return _transpose_if(delta, self.fan_in_fan_out) * _wide(self._rank_scale())
+        p_plane = widened(self.lora_bb) @ widened(self.lora_aa)
+        q_plane = widened(self.lora_B) @ widened(self.lora_A)
+        delta = p_plane @ (widened(self.lora_E) * q_plane)
+        return transpose_if(delta, self.fan_in_fan_out) * widened(self._rank_scale())
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out) through k, r, k: O(k (in + out) + r k) per token."""
