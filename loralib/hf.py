@@ -7,6 +7,7 @@
     from loralib.hf import LoRAProTrainer, LoRAProTrainingArguments              # LoRA-Pro
     args = LoRAProTrainingArguments(output_dir="out", learning_rate=2e-5, lorapro_mode="full")
     LoRAProTrainer(model=peft_model, args=args, train_dataset=train).train()
+    # as released: lorapro_released_clipping / _scaling (full), lorapro_released_weight_decay (efficient)
 
     from loralib.hf import RankAllocatorCallback, RegularizedTrainer             # AdaLoRA / LoRA² ranks
     RegularizedTrainer(model=model, args=args, train_dataset=train,              # model: loralib.inject(...,
@@ -15,7 +16,10 @@
     Trainer(..., callbacks=[RankAllocatorCallback(peft_adalora_model)])          # PEFT's AdaLoRA: its own allocator
 
 Plain-Trainer forms: `optimizers=(loraplus_optimizer(model, args), None)`, `optimizers=(lorapro_optimizer(model,
-args), None)` (not under DeepSpeed: there LoRAProTrainer is needed).
+args), None)` (not under DeepSpeed, nor with the released clipping: there LoRAProTrainer is needed).
+
+The optimizers come from the method registry (loralib.methods: make_method, OptimizerSettings, build_optimizer),
+as in every entry point of loralib; the Trainer's arguments are translated into its settings.
 
 Everything else stays the Trainer's: its lr schedule and warmup (they set each group's "lr", which the
 optimizers read at every step), gradient accumulation (the optimizers read .grad at step time), clipping
@@ -46,10 +50,22 @@ except ImportError as error:  # the core needs only torch; this integration need
     raise ImportError("loralib.hf needs transformers (pip install transformers)") from error
 from accelerate.utils.deepspeed import DeepSpeedEngineWrapper  # accelerate comes with the Trainer
 
-from .optim.loraplus import DEFAULT_LR_EMBEDDING, create_loraplus_optimizer
-from .optim.lorapro import LoRAProAdamW
+from .config import LoRAConfig
+from .methods import Method, OptimizerSettings, build_optimizer, make_method
+from .optim.loraplus import DEFAULT_LR_EMBEDDING
+from .optim.lorapro import LoRAProAdamW, check_released_options
 
 ALLOCATOR_STATE_NAME = "rank_allocator.pt"
+
+
+def trainer_method(name: str, model: nn.Module, **settings) -> Method:
+    """The registry's Method `name` for a model whose adapters are already built (by PEFT or loralib.inject):
+    its LoRAConfig is loralib's own when the model carries one (model.loralib_config, so that make_method can
+    check it, e.g. DoRA with LoRA-Pro), else one standing for the layers present (the optimizers read the layers,
+    not this config)."""
+    config = getattr(model, "loralib_config", None)
+    return make_method(name, config if isinstance(config, LoRAConfig) else LoRAConfig(target_modules=".*"),
+                       **settings)
 
 
 # -- LoRA+ ----------------------------------------------------------------------------------------
@@ -67,15 +83,17 @@ class LoraPlusTrainingArguments(TrainingArguments):
 
 def loraplus_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
     """The optimizer `args.optim` names (with its lr, betas, eps), over create_loraplus_optimizer's four
-    groups; args.weight_decay applies to the decayed groups (biases and LayerNorm take none)."""
+    groups (the registry's "loraplus"); args.weight_decay applies to the decayed groups (biases and LayerNorm
+    take none)."""
     ratio = getattr(args, "loraplus_lr_ratio", None)
     if ratio is None:
         raise ValueError("LoraPlusTrainer: loraplus_lr_ratio is not set; pass LoraPlusTrainingArguments("
                          "..., loraplus_lr_ratio=16) (or use the plain Trainer for LoRA)")
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    return create_loraplus_optimizer(model, optimizer_cls, dict(optimizer_kwargs), loraplus_lr_ratio=ratio,
-                                     loraplus_lr_embedding=getattr(args, "loraplus_lr_embedding", None),
-                                     weight_decay=args.weight_decay)
+    settings = OptimizerSettings(lr=args.learning_rate, weight_decay=args.weight_decay,
+                                 loraplus_lr_embedding=getattr(args, "loraplus_lr_embedding", None),
+                                 base_optimizer=(optimizer_cls, dict(optimizer_kwargs)))
+    return build_optimizer(model, trainer_method("loraplus", model, loraplus_ratio=ratio), settings)
 
 
 class LoraPlusTrainer(Trainer):
@@ -91,34 +109,60 @@ class LoraPlusTrainer(Trainer):
 
 @dataclass
 class LoRAProTrainingArguments(TrainingArguments):
-    """TrainingArguments plus LoRA-Pro's mode; Adam's betas and eps are the Trainer's adam_beta1/2 and
-    adam_epsilon, weight decay is args.weight_decay (on W = W0 + s B A, see loralib.optim.lorapro)."""
+    """TrainingArguments plus LoRA-Pro's mode and the released code's rules (each off by default, the corrected
+    math; see loralib.optim.lorapro); Adam's betas and eps are the Trainer's adam_beta1/2 and adam_epsilon,
+    weight decay is args.weight_decay (on W = W0 + s B A, see loralib.optim.lorapro)."""
 
     lorapro_mode: str = field(default="full", metadata={
         "help": "'full': Adam moments of the m x n equivalent gradient (the paper's); 'efficient': Adam on A, B"})
     lorapro_decay_base_weight: bool = field(default=False, metadata={
         "help": "weight decay also shrinks the frozen W0 in place (a PEFT checkpoint does not save W0, "
                 "so the default decays s B A only)"})
+    lorapro_released_clipping: bool = field(default=False, metadata={
+        "help": "full mode: scale Adam's direction by max_grad_norm / (the raw LoRA gradients' norm), as the "
+                "released DeepSpeed run did, instead of clipping the raw gradients (LoRAProTrainer only)"})
+    lorapro_released_weight_decay: bool = field(default=False, metadata={
+        "help": "efficient mode: decay A and B each by (1 - lr wd), as released, instead of W"})
+    lorapro_released_scaling: bool = field(default=False, metadata={
+        "help": "full mode: the released code's hard-coded s = 2 in the rsLoRA step"})
+
+
+def _released(args: TrainingArguments) -> dict:
+    return {f"lorapro_released_{key}": bool(getattr(args, f"lorapro_released_{key}", False))
+            for key in ("clipping", "weight_decay", "scaling")}
 
 
 def lorapro_optimizer(model: nn.Module, args: TrainingArguments, mode: Optional[str] = None) -> LoRAProAdamW:
     """LoRAProAdamW from TrainingArguments, for `Trainer(optimizers=(lorapro_optimizer(model, args), None))`
     or LoRAProTrainer. `mode` defaults to args.lorapro_mode, else "full"."""
+    if getattr(args, "lorapro_released_clipping", False) and args.max_grad_norm:
+        raise ValueError("lorapro_released_clipping: a plain Trainer clips the raw gradients at max_grad_norm "
+                         "before the optimizer, which undoes the released rule; use LoRAProTrainer")
+    return _lorapro_optimizer(model, args, mode)
+
+
+def _lorapro_optimizer(model: nn.Module, args: TrainingArguments, mode: Optional[str] = None) -> LoRAProAdamW:
     if getattr(args, "optim", None) == "sgd":
         raise ValueError("LoRA-Pro: optim='sgd' was the released code's trick for its patched DeepSpeed; here "
                          "LoRAProAdamW is the optimizer, leave TrainingArguments.optim at its default")
     if getattr(args, "deepspeed", None):
         raise ValueError("lorapro_optimizer: under the Trainer's DeepSpeed integration use LoRAProTrainer (ZeRO "
                          "flattens a client optimizer's parameters, so LoRAProAdamW cannot be handed to DeepSpeed)")
-    return LoRAProAdamW(model, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                        eps=args.adam_epsilon, weight_decay=args.weight_decay,
-                        mode=mode or getattr(args, "lorapro_mode", "full"),
-                        decay_base_weight=getattr(args, "lorapro_decay_base_weight", False))
+    method = trainer_method("lorapro", model, lorapro_mode=mode or getattr(args, "lorapro_mode", "full"))
+    settings = OptimizerSettings(lr=args.learning_rate, weight_decay=args.weight_decay,
+                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                                 max_grad_norm=args.max_grad_norm,
+                                 lorapro_decay_base_weight=getattr(args, "lorapro_decay_base_weight", False),
+                                 **_released(args))
+    return build_optimizer(model, method, settings)
 
 
 class LoRAProTrainer(Trainer):
     """A Trainer that runs LoRAProAdamW (full or efficient, args.lorapro_mode) on the model's LoRA pairs
     (PEFT's LoraConfig layers or loralib's) and AdamW on its other trainable parameters (a head).
+
+    With args.lorapro_released_clipping the Trainer does not clip the raw gradients: LoRAProAdamW scales Adam's
+    direction by max_grad_norm / (their norm), the released rule (under DeepSpeed: ZeROLoRAProFull's).
 
     Under the Trainer's DeepSpeed ZeRO-1/2 (`args.deepspeed`) both modes run through
     loralib.optim.deepspeed_lorapro, unpatched, the LoRA-Pro part inside accelerate's DeepSpeed backward(),
@@ -142,8 +186,13 @@ class LoRAProTrainer(Trainer):
             if self.is_deepspeed_enabled:
                 self.optimizer = self._zero_client_optimizer(opt_model)
             else:
-                self.optimizer = lorapro_optimizer(opt_model, self.args)
+                self.optimizer = _lorapro_optimizer(opt_model, self.args)
         return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        if getattr(self.args, "lorapro_released_clipping", False) and not self.is_deepspeed_enabled:
+            return None  # the optimizer clips (released rule); the Trainer then logs the unclipped norm
+        return super()._clip_grad_norm(model)
 
     def _zero_client_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer DeepSpeed partitions; LoRA-Pro itself acts on the gradients (training_step)."""
@@ -158,6 +207,9 @@ class LoRAProTrainer(Trainer):
             raise ValueError(f"LoRAProTrainer: DeepSpeed ZeRO stage {stage} is not supported under the Trainer; "
                              "use 1 or 2, or loralib.train.train with deepspeed_config= for ZeRO-3")
         lora_pairs(model)  # a model LoRA-Pro cannot pair fails here, before DeepSpeed starts
+        released = _released(args)
+        check_released_options(mode, released["lorapro_released_clipping"] and args.max_grad_norm,
+                               released["lorapro_released_weight_decay"], released["lorapro_released_scaling"])
         if mode == "efficient":
             return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
@@ -170,7 +222,9 @@ class LoRAProTrainer(Trainer):
                              "config, or use lorapro_mode='efficient'")
         config["gradient_clipping"] = 0.0  # ZeROLoRAProFull clips the raw gradients itself
         self._zero_full = ZeROLoRAProFull((args.adam_beta1, args.adam_beta2), args.adam_epsilon,
-                                          max_grad_norm=args.max_grad_norm)
+                                          max_grad_norm=args.max_grad_norm,
+                                          released_clipping=released["lorapro_released_clipping"],
+                                          released_scaling=released["lorapro_released_scaling"])
         return sgd_for_full_mode(model, args.learning_rate)
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -173,7 +173,10 @@ def _with_entry_fields(entry: MethodEntry, lora: LoRAConfig) -> LoRAConfig:
 @dataclass(frozen=True)
 class OptimizerSettings:
     """The optimizer's hyper-parameters, whatever the method. The lorapro_released_* rules are the released
-    LoRA-Pro code's (loralib.optim.lorapro); released clipping applies max_grad_norm inside the optimizer."""
+    LoRA-Pro code's (loralib.optim.lorapro); released clipping applies max_grad_norm inside the optimizer.
+    lorapro_decay_base_weight: LoRA-Pro's weight decay also shrinks the frozen W0 in place (loralib.hf's option).
+    base_optimizer: (class, keyword arguments) the AdamW-family methods (adamw, loraplus) run instead of torch's
+    AdamW with lr / betas / eps, e.g. what transformers' TrainingArguments.optim names (loralib.hf)."""
 
     lr: float
     weight_decay: float = 0.0
@@ -184,6 +187,8 @@ class OptimizerSettings:
     lorapro_released_clipping: bool = False
     lorapro_released_weight_decay: bool = False
     lorapro_released_scaling: bool = False
+    lorapro_decay_base_weight: bool = False
+    base_optimizer: Optional[Tuple[Callable[..., torch.optim.Optimizer], Mapping[str, Any]]] = None
 
     def lorapro_released(self) -> Dict[str, bool]:
         return {"clipping": self.lorapro_released_clipping, "weight_decay": self.lorapro_released_weight_decay,
@@ -206,17 +211,18 @@ def build_optimizer(model: nn.Module, method: Method, settings: OptimizerSetting
     s = settings
     if method.entry.optimizer == "lorapro":
         return LoRAProAdamW(model, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay,
-                            mode=method.lorapro_mode, decay_base_weight=False,
+                            mode=method.lorapro_mode, decay_base_weight=s.lorapro_decay_base_weight,
                             released_clip_norm=s.max_grad_norm if s.lorapro_released_clipping else 0.0,
                             released_weight_decay=s.lorapro_released_weight_decay,
                             released_scaling=s.lorapro_released_scaling)
     if s.lorapro_released_clipping or s.lorapro_released_weight_decay or s.lorapro_released_scaling:
         raise ValueError(f"the released LoRA-Pro rules apply to LoRA-Pro, not to method {method.name!r}")
+    cls, kwargs = s.base_optimizer or (torch.optim.AdamW, {"lr": s.lr, "betas": s.betas, "eps": s.eps})
     if method.entry.optimizer == "loraplus":
         extra = {} if s.loraplus_lr_embedding is None else {"loraplus_lr_embedding": s.loraplus_lr_embedding}
-        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=s.lr, loraplus_lr_ratio=method.loraplus_ratio,
-                                         weight_decay=s.weight_decay, betas=s.betas, eps=s.eps, **extra)
-    return torch.optim.AdamW(adamw_groups(model, s.weight_decay), lr=s.lr, betas=s.betas, eps=s.eps)
+        return create_loraplus_optimizer(model, cls, dict(kwargs), loraplus_lr_ratio=method.loraplus_ratio,
+                                         weight_decay=s.weight_decay, **extra)
+    return cls(adamw_groups(model, s.weight_decay), **kwargs)
 
 
 def group_summary(optimizer: torch.optim.Optimizer) -> List[dict]:

@@ -14,11 +14,15 @@ import sys
 import typing
 
 from loralib.cli import run_entry_point
-from loralib.tasks.instruct.run import ALIASES, _init_flag
+from loralib.init_methods import check_init
+from loralib.methods import method_entry
 from loralib.tasks.t5glue import run as t5glue
 
-HIDDEN = ("given", "deepspeed")  # filled in here / not offered
-CHOICES = {"lora": t5glue.METHODS, "task": ("mnli", "sst2", "cola", "qnli", "mrpc"),
+# the table's rows, as this script spells them; any name or alias of loralib.methods is read as one of them
+METHODS = ("lora", "rslora", "lora-pro", "rslora-pro", "loraplus", "adalora", "lora2", "dora", "pissa", "lora-ga",
+           "full")
+HIDDEN = ("given",)  # filled in here
+CHOICES = {"lora": METHODS, "task": ("mnli", "sst2", "cola", "qnli", "mrpc"),
            "lorapro_mode": ("full", "efficient"), "eval_mode": ("score", "generate"),
            "lr_scheduler_type": ("cosine", "linear", "constant")}
 HELP = {"model_name_or_path": "a T5 model folder, or a hub name looked up in models/NAME",
@@ -33,6 +37,22 @@ HELP = {"model_name_or_path": "a T5 model folder, or a hub name looked up in mod
         "bf16": "bf16 frozen weights + autocast (the setting: fp32)",
         "use_rslora": "rsLoRA scaling alpha / sqrt(r)", "use_dora": "DoRA layers (not with LoRA-Pro)",
         "loraga_batches": "LoRA-GA: training batches of the gradient estimate"}
+
+
+def _method_flag(text: str) -> str:
+    """--lora: the row's spelling of the registry's method ("lorapro", "lora-pro-full" -> "lora-pro")."""
+    try:
+        name = method_entry(text).name
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return next((m for m in METHODS if method_entry(m).name == name), name)
+
+
+def _init_flag(text: str):
+    try:
+        return check_init(True if text.lower() == "true" else text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument("--init_lora_weights", type=_init_flag, default=None,
                                 help="True, gaussian, pissa, pissa_niter_N or lora_ga (default: the method's)")
         elif f.name == "lora":
-            parser.add_argument("--lora", type=lambda s: ALIASES.get(s.lower(), s.lower()), default=f.default,
+            parser.add_argument("--lora", type=_method_flag, default=f.default,
                                 choices=CHOICES["lora"], help=HELP["lora"])
         else:
             parser.add_argument(f"--{f.name}", type=kind, required=required, choices=CHOICES.get(f.name),

@@ -35,8 +35,7 @@ if (( SMOKE )); then
     SMOKE_DIR=${SMOKE_DIR:-$REPO/.cache/smoke}
     [[ -f $SMOKE_DIR/glue/.smoke-complete ]] || "$PYTHON" "$SCRIPTS_DIR/_smoke_assets.py" --root "$SMOKE_DIR" \
         --models "" >/dev/null || die "could not build the smoke GLUE files in $SMOKE_DIR"
-    "$PYTHON" -c 'import sys; from loralib.tasks.t5glue import build_smoke_model; build_smoke_model(sys.argv[1])' \
-        "$SMOKE_DIR/models/t5-base" >/dev/null 2>&1 || die "could not build the smoke T5 in $SMOKE_DIR/models"
+    "$PYTHON" "$REPO/lorapro/smoke_t5.py" "$SMOKE_DIR/models/t5-base" >/dev/null 2>&1 || die "could not build the smoke T5 in $SMOKE_DIR/models"
     MODEL_DIR=$SMOKE_DIR/models
     DATA_DIR=$SMOKE_DIR/glue
     OUT_DIR=${OUT_DIR:-$SMOKE_DIR/runs/$SCRIPT_NAME}

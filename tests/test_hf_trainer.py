@@ -120,6 +120,46 @@ def test_lorapro_trainer_resume_equals_uninterrupted(tmp_path, mode):
                               lora_state(full)[("model.layers.0.self_attn.q_proj", "A")], atol=1e-4)
 
 
+@pytest.mark.parametrize("mode,released", [("full", ("clipping", "scaling")), ("efficient", ("weight_decay",))])
+def test_lorapro_trainer_released_options_equal_reference(tmp_path, mode, released):
+    """The released rules (issue 14) in LoRAProTrainer: one step equals LoRAProAdamW given the same options, the
+    Trainer leaving the raw gradients unclipped under the released clipping; the default rules step elsewhere."""
+    from loralib.hf import LoRAProTrainer, LoRAProTrainingArguments
+
+    data = token_data(n=4)  # 2 micro-batches x accumulation 2: one optimizer step
+    max_norm, wd = 1e-3, (0.1 if mode == "efficient" else 0.0)  # max_norm below the gradients' norm: clipping acts
+    flags = {f"lorapro_released_{key}": key in released for key in ("clipping", "weight_decay", "scaling")}
+    model, twin = peft_and_loralib(use_rslora=True, r=4, lora_alpha=6)  # s = 3, not the released s = 2
+    args = LoRAProTrainingArguments(**trainer_args(tmp_path, num_train_epochs=1, warmup_steps=0, weight_decay=wd,
+                                                   max_grad_norm=max_norm), lorapro_mode=mode, **flags)
+    trainer = LoRAProTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    clip = max_norm if "clipping" in released else 0.0
+    options = dict(released_clip_norm=clip, released_weight_decay="weight_decay" in released,
+                   released_scaling="scaling" in released)
+    got = trainer.optimizer.optimizer
+    assert (got.released_clip_norm, got.released_weight_decay, got.released_scaling) == tuple(options.values())
+
+    reference = LoRAProAdamW(twin, lr=1e-2, weight_decay=wd, mode=mode, decay_base_weight=False, **options)
+    reference_run(twin, reference, data, epochs=1, warmup=0, max_grad_norm=float("inf") if clip else max_norm)
+    assert_same(lora_state(model), lora_state(twin))
+    _, default = peft_and_loralib(use_rslora=True, r=4, lora_alpha=6)
+    reference_run(default, LoRAProAdamW(default, lr=1e-2, weight_decay=wd, mode=mode, decay_base_weight=False),
+                  data, epochs=1, warmup=0, max_grad_norm=max_norm)
+    assert any(not torch.allclose(a, b, atol=1e-5)
+               for a, b in zip(lora_state(model).values(), lora_state(default).values()))
+
+
+def test_released_clipping_needs_the_lorapro_trainer(tmp_path):
+    from loralib.hf import LoRAProTrainingArguments, lorapro_optimizer
+
+    pm, _ = peft_and_loralib()
+    args = LoRAProTrainingArguments(**trainer_args(tmp_path), lorapro_released_clipping=True)
+    with pytest.raises(ValueError, match="use LoRAProTrainer"):
+        lorapro_optimizer(pm, args)
+
+
 def test_lorapro_rejects_the_sgd_trick(tmp_path):
     from loralib.hf import LoRAProTrainingArguments, lorapro_optimizer
 

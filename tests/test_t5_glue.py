@@ -3,6 +3,8 @@ generation against transformers' T5, and every method training a row end to end 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +14,15 @@ from _t5_fixtures import hf_model, tiny_config
 from loralib.tasks import t5glue
 from loralib.tasks.t5glue.data import T5GlueTask
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lorapro"))
+from run_t5_glue import METHODS  # noqa: E402  (the table's rows, as lorapro/run_t5_glue.py spells them)
+from smoke_t5 import build_smoke_model  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("t5glue")
-    model = t5glue.build_smoke_model(root / "models" / "t5-base")
+    model = build_smoke_model(root / "models" / "t5-base")
     return {"model": model, "glue": str(write_glue_tsv(root / "glue", ("mnli", "sst2", "cola", "qnli", "mrpc")))}
 
 
@@ -113,7 +119,7 @@ def test_metrics_are_accuracy_plus_mcc_for_cola():
     assert cola["accuracy"] == 0.75 and abs(cola["matthews_correlation"] - 1 / 3 ** 0.5) < 1e-12
 
 
-@pytest.mark.parametrize("method,mode", [(m, None) for m in t5glue.METHODS] + [("lora-pro", "efficient")])
+@pytest.mark.parametrize("method,mode", [(m, None) for m in METHODS] + [("lora-pro", "efficient")])
 def test_every_method_trains_a_row_on_t5(assets, tmp_path, method, mode):
     spec = t5glue.T5GlueRun(model_name_or_path=assets["model"], task="mrpc", data_dir=assets["glue"],
                             output_dir=str(tmp_path / method), lora=method, lorapro_mode=mode, max_steps=2,

@@ -6,8 +6,8 @@ label-word scoring / generation, and the run of one (method, task, seed) row.
 from .data import (MAX_LENGTH, TASKS, T5GlueCollator, T5GlueExample, T5GlueTask, encode, format_example, get_task,
                    label_word_ids, load_split)
 from .evaluate import MODES, evaluate, first_tokens, metrics, predict
-from .run import METHODS, T5GlueRun, build_smoke_model, default_targets, execute, prepare
+from .run import T5GlueRun, default_targets, execute, method_of, prepare
 
 __all__ = ["MAX_LENGTH", "TASKS", "T5GlueCollator", "T5GlueExample", "T5GlueTask", "encode", "format_example",
            "get_task", "label_word_ids", "load_split", "MODES", "evaluate", "first_tokens", "metrics", "predict",
-           "METHODS", "T5GlueRun", "build_smoke_model", "default_targets", "execute", "prepare"]
+           "T5GlueRun", "default_targets", "execute", "method_of", "prepare"]

@@ -4,8 +4,10 @@ LoRA-Pro's paper shares), one (method, task, seed) row per call.
     spec = T5GlueRun(model_name_or_path="t5-base", task="mnli", data_dir="data", output_dir="out/mnli/lora/seed0")
     execute(prepare(spec))
 
-prepare() checks the spec, reads and tokenises the data, builds the model (nothing written); execute() trains with
-loralib.train.train (the one loop) and evaluates on the dev split. Files in output_dir:
+prepare() checks the spec, resolves the method (loralib.methods.make_method), reads and tokenises the data, builds
+the model (nothing written) and returns a RunTask; execute() runs it through loralib.train.run.execute (the one run
+skeleton: start, train with the method's optimizer / regularizer / allocator, the PEFT export, evaluate on the dev
+split). Files in output_dir:
     run_config.json     {"method", "model_name_or_path", "model_path", "lora", "task", ...} (what `loralib compare` reads)
     metrics.jsonl, checkpoint-<step>/, adapter/       the loop's log, checkpoints and final adapter
     peft_adapter/       the adapter as a PEFT LoRA (task_type SEQ_2_SEQ_LM; AdaLoRA / LoRA²: the plain-LoRA form)
@@ -33,7 +35,6 @@ Decisions (where ours differs from the released code, the switch that restores i
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,19 +43,26 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ...config import LoRAConfig
 from ...files import write_json_atomic, write_jsonl_atomic
+from ...methods import AllocatorSchedule, Method, OptimizerSettings, make_method, method_entry, rank_allocator
+from ...train import run as skeleton
+from ...train.run import LOOP_OUTPUTS, RunSpec, Training
 from .data import MAX_LENGTH, T5GlueCollator, T5GlueExample, encode, get_task, load_split
 from .evaluate import MODES, evaluate, first_tokens
 
 logger = logging.getLogger("loralib.t5glue")
 
-METHODS = ("lora", "rslora", "lora-pro", "rslora-pro", "loraplus", "adalora", "lora2", "dora", "pissa", "lora-ga",
-           "full")
+# what a run writes into output_dir (what --overwrite_output_dir clears), and an evaluation-only run
+OUTPUTS = LOOP_OUTPUTS + ("peft_adapter", "run_config.json", "train_results.json", "eval_results.json",
+                          "predictions.jsonl", "rank_pattern.json")
+EVAL_OUTPUTS = ("eval_results.json", "predictions.jsonl")
 
 
 @dataclass
 class T5GlueRun:
-    """One row of the table: the fields are the flags of lorapro/run_t5_glue.py (same names)."""
+    """One row of the table: the fields are the flags of lorapro/run_t5_glue.py (same names). `lora` is a
+    method name or alias of loralib.methods ("lora-pro" = "lorapro")."""
 
     model_name_or_path: str
     task: str
@@ -109,23 +117,14 @@ class T5GlueRun:
     do_eval: bool = True
     disable_tqdm: bool = False
     torch_compile: bool = False                   # torch.compile the training forward (TrainConfig.torch_compile)
-    deepspeed: Optional[str] = None               # not offered: the method helpers read it
-    given: Tuple[str, ...] = field(default_factory=tuple)
+    given: Tuple[str, ...] = field(default_factory=tuple)  # the flags given on the command line
 
 
-@dataclass
-class Prepared:
-    spec: T5GlueRun
-    output_dir: Path
-    model_path: Path
-    model: nn.Module
-    tokenizer: Any
-    method: Any
-    train_examples: List[T5GlueExample]
-    dev_examples: List[T5GlueExample]
-    grad_accum: int = 1
-    total_steps: Optional[int] = None
-    allocator: Any = None
+def run_spec(spec: T5GlueRun) -> RunSpec:
+    """The skeleton's half of the spec: the output folder, phases, seed, precision, resume and overwrite."""
+    return RunSpec(output_dir=Path(spec.output_dir), do_train=spec.do_train, do_eval=spec.do_eval, seed=spec.seed,
+                   precision=skeleton.precision_of(bf16=spec.bf16), resume_from=spec.resume_from_checkpoint,
+                   overwrite=spec.overwrite_output_dir, outputs=OUTPUTS, eval_outputs=EVAL_OUTPUTS)
 
 
 def default_targets(hf_config: dict) -> str:
@@ -134,11 +133,19 @@ def default_targets(hf_config: dict) -> str:
     return "q,k,v,o," + ("wi_0,wi_1" if gated else "wi") + ",wo"
 
 
-def _check(spec: T5GlueRun) -> None:
-    from ..instruct.run import _check_output_dir, _positive
+def _positive(spec: T5GlueRun, *names: str) -> None:
+    for name in names:
+        value = getattr(spec, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name} must be > 0, got {value}")
 
-    if spec.lora not in METHODS:
-        raise ValueError(f"--lora {spec.lora!r} is not one of {', '.join(METHODS)}")
+
+def _check(spec: T5GlueRun) -> RunSpec:
+    """The flags alone (no file read but the output folder's listing); returns the RunSpec."""
+    try:
+        entry = method_entry(spec.lora)
+    except ValueError as err:
+        raise ValueError(f"--lora: {err}") from None
     if spec.eval_mode not in MODES:
         raise ValueError(f"--eval_mode {spec.eval_mode!r} is not one of {', '.join(MODES)}")
     _positive(spec, "lr", "num_train_epochs", "max_steps", "per_device_train_batch_size", "global_batch_size",
@@ -146,16 +153,58 @@ def _check(spec: T5GlueRun) -> None:
               "save_total_limit")
     if not (spec.do_train or spec.do_eval):
         raise ValueError("nothing to do: --no-do_train without --do_eval")
-    if spec.adalora_allocate and spec.lora != "adalora":
+    if spec.adalora_allocate and entry.name != "adalora":
         raise ValueError(f"--adalora_allocate applies to --lora adalora, not --lora {spec.lora}")
     if not 0.0 <= spec.lora_dropout < 1.0:
         raise ValueError(f"--lora_dropout must lie in [0, 1), got {spec.lora_dropout}")
-    _check_output_dir(Path(spec.output_dir), spec)
+    for flag in ("lora_r", "mask_interval", "lora2_k"):
+        if getattr(spec, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(spec, flag)}")
+    run = run_spec(spec)
+    skeleton.check_output_dir(run)
+    return run
 
 
-def load_model(model_path: Path, lora, bf16: bool) -> nn.Module:
-    """Our T5 for the folder in train mode (see instruct.run.load_model: loaded factors must not meet merged
-    weights); bf16: frozen weights in bf16, LoRA factors fp32."""
+def method_of(spec: T5GlueRun) -> Method:
+    """The method of the flags, from the registry (spec.target_modules filled in); ValueError naming the flag
+    for a combination that makes no sense."""
+    entry = method_entry(spec.lora)
+    adaptive = entry.layer in ("adalora", "lora2")
+    if spec.init_rank is not None and not adaptive:
+        raise ValueError(f"--target_rank / --init_rank apply to --lora adalora / lora2, not --lora {spec.lora}")
+    if not entry.trains_adapter or adaptive:
+        for flag in ("use_rslora", "use_dora"):
+            if getattr(spec, flag):
+                raise ValueError(f"--{flag} does not compose with --lora {spec.lora}")
+        if spec.init_lora_weights not in (None, True):
+            raise ValueError(f"--init_lora_weights {spec.init_lora_weights} does not compose with --lora {spec.lora}")
+    settings = dict(lorapro_mode=spec.lorapro_mode, loraplus_ratio=spec.loraplus_lr_ratio)
+    if not entry.trains_adapter:
+        return make_method(entry.name, None, **settings)
+    targets = tuple(t.strip() for t in spec.target_modules.split(",") if t.strip())
+    if not targets:
+        raise ValueError(f"--target_modules {spec.target_modules!r} names no module")
+    common = dict(lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, target_modules=targets)
+    if adaptive:
+        target = spec.target_rank if spec.target_rank is not None else spec.lora_r
+        init = spec.init_rank if spec.init_rank is not None else max(target, round(1.5 * target))
+        if target < 1 or init < target:
+            raise ValueError(f"--target_rank {target} / --init_rank {init}: need 1 <= target_rank <= init_rank")
+        return make_method(entry.name, LoRAConfig(r=init, lora2_k=spec.lora2_k, **common), target_rank=target,
+                           reg_orth_coef=spec.reg_orth_coef,
+                           allocate=spec.adalora_allocate if entry.name == "adalora" else None, **settings)
+    init = True if spec.init_lora_weights is None else spec.init_lora_weights
+    try:
+        lora = LoRAConfig(r=spec.lora_r, use_rslora=spec.use_rslora, use_dora=spec.use_dora, init_lora_weights=init,
+                          **common)
+    except ValueError as err:
+        raise ValueError(f"--lora {spec.lora} with --use_dora / --init_lora_weights: {err}") from None
+    return make_method(entry.name, lora, **settings)
+
+
+def load_model(model_path: Path, lora: Optional[LoRAConfig], bf16: bool) -> nn.Module:
+    """Our T5 for the folder in train mode (from_pretrained returns eval(), where LoRA layers merge B A into W,
+    and factors loaded later must not meet merged weights); bf16: frozen weights in bf16, LoRA factors fp32."""
     from ...models.loading import from_pretrained
 
     model = from_pretrained(model_path, "seq2seq-lm", lora=lora, dtype=torch.bfloat16 if bf16 else torch.float32).train()
@@ -167,26 +216,140 @@ def load_model(model_path: Path, lora, bf16: bool) -> nn.Module:
     return model
 
 
-def prepare(spec: T5GlueRun) -> Prepared:
-    """Check the spec, read and tokenise the data, build the model. Writes nothing."""
-    from ...models.loading import load_tokenizer, read_config
-    from ..glue.run import check_targets, resolve_model_path
-    from ..instruct.run import (_allocator, _seed, accumulation_steps, loraga_from_examples, mark_trainable,
-                                resolve_method, total_steps)
+def mark_trainable(model: nn.Module, method: Method) -> None:
+    """The adapter's tensors only; full fine-tuning: every weight, in fp32 (bf16 only through autocast)."""
+    from ...utils import mark_only_lora_as_trainable
 
-    _check(spec)
+    if method.lora is not None:
+        mark_only_lora_as_trainable(model)
+        return
+    for p in model.parameters():
+        p.requires_grad = True
+        p.data = p.data.float()
+
+
+def seq2seq_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The loss our T5 returns for a collated batch (what the loop trains on)."""
+    return model(**batch).loss
+
+
+@dataclass
+class Prepared:
+    """A checked, built row (nothing written yet): the RunTask loralib.train.run.execute runs."""
+
+    spec: T5GlueRun
+    run: RunSpec
+    model_path: Path
+    model: nn.Module
+    tokenizer: Any
+    method: Method
+    train_examples: List[T5GlueExample]
+    dev_examples: List[T5GlueExample]
+    grad_accum: int = 1
+    total_steps: Optional[int] = None
+    allocator: Any = None
+
+    @property
+    def output_dir(self) -> Path:
+        return self.run.output_dir
+
+    def collator(self) -> T5GlueCollator:
+        return T5GlueCollator(self.model.config.pad_token_id, self.spec.mask_label_padding)
+
+    def run_config(self) -> dict:
+        s, m = self.spec, self.method
+        return {"method": m.name, "model_name_or_path": s.model_name_or_path, "model_path": str(self.model_path),
+                "model_type": "t5", "lora": m.lora.to_dict() if m.lora is not None else None,
+                "lorapro_mode": m.lorapro_mode, "loraplus_lr_ratio": m.loraplus_ratio, "task": get_task(s.task).name,
+                "setting": "lora-ga", "precision": self.run.precision, "world_size": skeleton.world_size(),
+                "gradient_accumulation_steps": self.grad_accum, "args": asdict(s)}
+
+    def training(self) -> Training:
+        from ...train import TrainConfig
+
+        s = self.spec
+        config = TrainConfig(
+            output_dir=str(self.output_dir), max_steps=s.max_steps, num_epochs=s.num_train_epochs,
+            per_device_batch_size=s.per_device_train_batch_size, grad_accum_steps=self.grad_accum, lr=s.lr,
+            weight_decay=s.weight_decay, betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_epsilon,
+            schedule=s.lr_scheduler_type, warmup_ratio=s.warmup_ratio, max_grad_norm=s.max_grad_norm,
+            precision=self.run.precision, eval_strategy="no", eval_at_end=False,
+            save_strategy="steps" if s.save_steps else "epoch", save_every=s.save_steps,
+            save_total_limit=s.save_total_limit, seed=s.seed, log_every=s.logging_steps,
+            progress_bar=not s.disable_tqdm, resume_from=s.resume_from_checkpoint, torch_compile=s.torch_compile)
+        optimizer = OptimizerSettings(lr=s.lr, weight_decay=s.weight_decay, betas=(s.adam_beta1, s.adam_beta2),
+                                      eps=s.adam_epsilon, max_grad_norm=s.max_grad_norm)
+        return Training(self.model, self.train_examples, self.collator(), config, self.method, optimizer,
+                        allocator=self.allocator)
+
+    def after_training(self, outcome, train_results: dict) -> None:
+        """The adapter as a PEFT LoRA, and the ranks AdaLoRA / LoRA² kept."""
+        from ...adapters import export_peft
+
+        if self.method.lora is not None:
+            export_peft(self.model, self.output_dir / "peft_adapter",
+                        base_model_name_or_path=self.spec.model_name_or_path, task_type="SEQ_2_SEQ_LM")
+        if self.method.entry.layer in ("adalora", "lora2"):
+            from ...adalora import adalora_state
+
+            write_json_atomic(self.output_dir / "rank_pattern.json", adalora_state(self.model))
+
+    def evaluate(self) -> Optional[dict]:
+        """Accuracy on the dev split (main process only); writes predictions.jsonl, returns eval_results.json."""
+        if skeleton.rank() != 0:
+            return None
+        task = get_task(self.spec.task)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        model = self.model.to(device)
+        with _autocast(model, device):
+            scores, rows = evaluate(model, task, self.tokenizer, self.dev_examples, self.spec.eval_mode,
+                                    self.spec.eval_batch_size)
+        # numbers only besides task / split (loralib compare reads every other field as a metric); the eval mode
+        # is in run_config.json's args
+        record = {"task": task.name, "split": task.dev_split, "num_examples": len(self.dev_examples), **scores}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_jsonl_atomic(self.output_dir / "predictions.jsonl", rows)
+        logger.info("eval %s: %s", task.name, record)
+        return record
+
+
+def _autocast(model: nn.Module, device: torch.device):
+    if any(q.dtype == torch.bfloat16 for q in model.parameters()):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _allocator(model: nn.Module, method: Method, spec: T5GlueRun, steps: int):
+    """AdaLoRA's / LoRA²'s rank allocator over the run's steps (None when the method does not allocate)."""
+    if not method.allocate:
+        return None
+    init_warmup, final_warmup = int(spec.init_warmup_ratio * steps), int(spec.final_warmup_ratio * steps)
+    if init_warmup + final_warmup >= steps:
+        raise ValueError(f"--init_warmup_ratio {spec.init_warmup_ratio} + --final_warmup_ratio "
+                         f"{spec.final_warmup_ratio} leave no budgeting phase in {steps} steps")
+    return rank_allocator(model, method, AllocatorSchedule(steps, init_warmup, final_warmup, spec.mask_interval))
+
+
+def prepare(spec: T5GlueRun) -> Prepared:
+    """Check the spec, resolve the method, read and tokenise the data, build the model. Writes nothing."""
+    from ...models.loading import load_tokenizer, read_config
+    from ..glue.run import check_targets
+    from ..instruct.run import loraga_from_examples
+
+    run = _check(spec)
     task = get_task(spec.task)
-    model_path = resolve_model_path(spec.model_name_or_path)
+    model_path = skeleton.resolve_model_path(spec.model_name_or_path)
     hf_config = read_config(model_path)
     if hf_config.get("model_type") != "t5":
         raise ValueError(f"--model_name_or_path {str(model_path)!r}: model_type {hf_config.get('model_type')!r}; "
                          "text-to-text GLUE runs on T5")
     if spec.target_modules is None:
         spec.target_modules = default_targets(hf_config)
-    method = resolve_method(spec, "t5")
+    method = method_of(spec)
     if method.lora is not None:
         check_targets(hf_config, method.lora, "--target_modules")
-    grad_accum = accumulation_steps(spec)
+    grad_accum = skeleton.accumulation_steps(spec.global_batch_size, spec.per_device_train_batch_size,
+                                             spec.gradient_accumulation_steps, "--global_batch_size" in spec.given)
 
     tokenizer = load_tokenizer(model_path, hf_config)
     if spec.eval_mode == "score":
@@ -196,164 +359,22 @@ def prepare(spec: T5GlueRun) -> Prepared:
     dev_examples = encode(load_split(task, spec.data_dir, "dev", spec.max_eval_samples), tokenizer,
                           spec.max_length) if spec.do_eval else []
 
-    _seed(spec.seed)  # the LoRA factors are drawn next
+    skeleton.seed_everything(spec.seed)  # the LoRA factors are drawn next
     model = load_model(model_path, method.lora, spec.bf16)
     mark_trainable(model, method)
+    p = Prepared(spec, run, model_path, model, tokenizer, method, train_examples, dev_examples, grad_accum)
     if method.lora is not None and method.lora.init_lora_weights == "lora_ga" and spec.do_train \
             and not spec.resume_from_checkpoint:  # a resumed run loads A0, B0 (and so the residual) instead
-        loraga_from_examples(model, train_examples, T5GlueCollator(model.config.pad_token_id, spec.mask_label_padding),
-                             spec.per_device_train_batch_size, spec.loraga_batches, spec.seed, loss_of=seq2seq_loss)
-    p = Prepared(spec, Path(spec.output_dir), model_path, model, tokenizer, method, train_examples, dev_examples,
-                 grad_accum)
+        loraga_from_examples(model, train_examples, p.collator(), spec.per_device_train_batch_size,
+                             spec.loraga_batches, spec.seed, loss_of=seq2seq_loss)
     if spec.do_train:
-        p.total_steps = total_steps(len(train_examples), spec, grad_accum)
-        if method.name == "lora2" or (method.name == "adalora" and spec.adalora_allocate):
-            p.allocator = _allocator(model, method, spec, p.total_steps)
+        p.total_steps = skeleton.total_steps(len(train_examples), spec.per_device_train_batch_size, grad_accum,
+                                             spec.num_train_epochs, spec.max_steps, spec.seed)
+        p.allocator = _allocator(model, method, spec, p.total_steps)
     return p
 
 
-def seq2seq_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """The loss our T5 returns for a collated batch (what the loop trains on)."""
-    return model(**batch).loss
-
-
-def run_config(p: Prepared) -> dict:
-    from ..instruct.run import _world_size
-
-    s = p.spec
-    return {"method": p.method.run_config_name, "model_name_or_path": s.model_name_or_path,
-            "model_path": str(p.model_path), "model_type": "t5",
-            "lora": p.method.lora.to_dict() if p.method.lora is not None else None,
-            "lorapro_mode": p.method.lorapro_mode, "loraplus_lr_ratio": p.method.loraplus_ratio,
-            "task": get_task(s.task).name, "setting": "lora-ga", "precision": "bf16" if s.bf16 else "fp32",
-            "world_size": _world_size(), "gradient_accumulation_steps": p.grad_accum, "args": asdict(s)}
-
-
-def train_config(p: Prepared):
-    from ...train import TrainConfig
-
-    s = p.spec
-    return TrainConfig(
-        output_dir=str(p.output_dir), max_steps=s.max_steps, num_epochs=s.num_train_epochs,
-        per_device_batch_size=s.per_device_train_batch_size, grad_accum_steps=p.grad_accum, lr=s.lr,
-        weight_decay=s.weight_decay, betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_epsilon,
-        schedule=s.lr_scheduler_type, warmup_ratio=s.warmup_ratio, max_grad_norm=s.max_grad_norm,
-        precision="bf16" if s.bf16 else "fp32", eval_strategy="no", eval_at_end=False,
-        save_strategy="steps" if s.save_steps else "epoch", save_every=s.save_steps,
-        save_total_limit=s.save_total_limit, seed=s.seed, log_every=s.logging_steps,
-        progress_bar=not s.disable_tqdm, resume_from=s.resume_from_checkpoint, torch_compile=s.torch_compile)
-
-
 def execute(p: Prepared) -> Dict[str, Any]:
-    """Train (if asked), save the adapters, evaluate (if asked); returns {"train": ..., "eval": ...}."""
-    from ...adapters import export_peft
-    from ...train import train
-    from ...train.run_lock import hold_output_dir
-    from ..instruct.run import _clear_previous_run, _rank, make_optimizer
-
-    s = p.spec
-    main_process = _rank() == 0
-    results: Dict[str, Any] = {}
-    if s.do_train:
-        if main_process:
-            hold_output_dir(p.output_dir)  # one run per folder, locked before the first write (to process exit)
-            if s.overwrite_output_dir and not s.resume_from_checkpoint:
-                _clear_previous_run(p.output_dir)
-            p.output_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(p.output_dir / "run_config.json", run_config(p))
-        groups: List[dict] = []
-
-        def optimizer_factory(model: nn.Module) -> torch.optim.Optimizer:
-            optimizer = make_optimizer(model, p.method, s)
-            groups.extend(_group_summary(optimizer))
-            return optimizer
-
-        collate = T5GlueCollator(p.model.config.pad_token_id, s.mask_label_padding)
-        outcome = train(p.model, p.train_examples, collate, train_config(p), optimizer_factory=optimizer_factory,
-                        regularizer=orthogonal_regularizer(p.method), allocator=p.allocator)
-        results["train"] = {"global_step": outcome.global_step, "epoch": outcome.epoch,
-                            "train_loss": outcome.train_loss, "adapter_dir": outcome.adapter_dir,
-                            "last_checkpoint": outcome.last_checkpoint, "param_groups": groups}
-        if main_process:
-            if p.method.lora is not None:
-                export_peft(p.model, p.output_dir / "peft_adapter", base_model_name_or_path=s.model_name_or_path,
-                            task_type="SEQ_2_SEQ_LM")
-            if p.method.name in ("adalora", "lora2"):
-                from ...adalora import adalora_state
-
-                write_json_atomic(p.output_dir / "rank_pattern.json", adalora_state(p.model))
-            write_json_atomic(p.output_dir / "train_results.json", results["train"])
-    if s.do_eval and main_process:
-        results["eval"] = evaluate_dev(p)
-    return results
-
-
-def _group_summary(optimizer: torch.optim.Optimizer) -> List[dict]:
-    """What train_results.json records of the optimizer: each group's name, lr and size."""
-    return [dict(name=group.get("name", f"group{i}"), lr=group["lr"], num_tensors=len(group["params"]),
-                 numel=sum(t.numel() for t in group["params"])) for i, group in enumerate(optimizer.param_groups)]
-
-
-def orthogonal_regularizer(method):
-    """AdaLoRA's (or LoRA²'s) orthogonal regulariser of the method, None for the others."""
-    if method.reg_orth_coef <= 0:
-        return None
-    from ...adalora import compute_orth_regu
-    from ...lora2 import compute_lora2_orth_regu
-
-    return functools.partial(compute_lora2_orth_regu if method.name == "lora2" else compute_orth_regu,
-                             regu_weight=method.reg_orth_coef)
-
-
-def _autocast(model: nn.Module, device: torch.device):
-    if any(q.dtype == torch.bfloat16 for q in model.parameters()):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def evaluate_dev(p: Prepared) -> dict:
-    """Accuracy on the dev split; writes eval_results.json and predictions.jsonl."""
-    task = get_task(p.spec.task)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = p.model.to(device)
-    with _autocast(model, device):
-        scores, rows = evaluate(model, task, p.tokenizer, p.dev_examples, p.spec.eval_mode, p.spec.eval_batch_size)
-    # numbers only besides task / split (loralib compare reads every other field as a metric); the eval mode
-    # is in run_config.json's args
-    record = {"task": task.name, "split": task.dev_split, "num_examples": len(p.dev_examples), **scores}
-    p.output_dir.mkdir(parents=True, exist_ok=True)
-    if not (p.output_dir / "run_config.json").exists():
-        write_json_atomic(p.output_dir / "run_config.json", run_config(p))
-    write_jsonl_atomic(p.output_dir / "predictions.jsonl", rows)
-    write_json_atomic(p.output_dir / "eval_results.json", record)
-    logger.info("eval %s: %s", task.name, record)
-    return record
-
-
-# -- smoke assets (scripts/lorapro_t5_glue.sh --smoke) ------------------------------------------------
-
-def build_smoke_model(dest) -> str:
-    """A tiny random T5 in t5-base's layout (relu, tied head, dropout 0.1) with a character-level T5 tokenizer,
-    saved under dest (once) with transformers' save_pretrained. Returns the folder."""
-    import os
-    import string
-
-    import transformers
-
-    dest = Path(dest)
-    if (dest / "config.json").is_file():
-        return str(dest)
-    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in chars] + \
-            [("\u2581" + c, -1.0) for c in chars] + [("\u2581", -2.0)]
-    tokenizer = transformers.T5Tokenizer(vocab=vocab, extra_ids=0)
-    config = transformers.T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=2,
-                                   num_heads=2, feed_forward_proj="relu", dropout_rate=0.1, decoder_start_token_id=0,
-                                   pad_token_id=0, eos_token_id=1)
-    torch.manual_seed(0)
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, dest)
-    return str(dest)
+    """Train (if asked), save the adapters, evaluate (if asked): the phases of loralib.train.run.execute.
+    Returns {"train": ..., "eval": ...}."""
+    return skeleton.execute(p.run, p)
