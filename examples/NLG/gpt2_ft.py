@@ -168,9 +168,9 @@ def spec_from_args(args: argparse.Namespace) -> NLGTrainSpec:
     optimizer = OptimizerSettings(lr=args.lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
                                   eps=args.adam_epislon, max_grad_norm=args.clip, adamw="lora-repo",
                                   correct_bias=args.correct_bias, no_decay_bias=args.no_decay_bias)
-    run_spec = RunSpec(output_dir=Path(args.work_dir), seed=args.random_seed, precision=precision_of(args.fp16, args.bf16),
-                       resume_from=args.resume_from_checkpoint, overwrite=args.overwrite_work_dir,
-                       output_flag="--work_dir")
+    run_spec = RunSpec(output_dir=Path(args.work_dir), seed=args.random_seed,
+                       precision=precision_of(args.fp16, args.bf16), resume_from=args.resume_from_checkpoint,
+                       overwrite=args.overwrite_work_dir, output_flag="--work_dir")
     return NLGTrainSpec(
         run=run_spec, train_data=args.train_data, valid_data=args.valid_data, method=method, optimizer=optimizer,
         model_card=args.model_card, init_checkpoint=args.init_checkpoint, seq_len=args.seq_len,

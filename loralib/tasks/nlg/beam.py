@@ -180,7 +180,8 @@ def beam_continuations(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, 
 
 
 @torch.no_grad()
-def beam_search(model: nn.Module, queries: Sequence[Sequence[int]], args: BeamSpec, device: torch.device) -> List[List[int]]:
+def beam_search(model: nn.Module, queries: Sequence[Sequence[int]], args: BeamSpec,
+                device: torch.device) -> List[List[int]]:
     """--decoding's search over the queries in batches of --batch_size; returns the continuations in the
     queries' order. Each distinct query is decoded once (an E2E test set repeats every context once per
     reference, and the search is deterministic), and queries of similar length share a batch (little padding)."""
