@@ -179,6 +179,31 @@ def test_adamw_with_bias_correction_is_torchs_adam_without_eps():
     torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
 
 
+def test_the_registry_builds_the_lora_repo_adamw_for_the_nlg_run():
+    """gpt2_ft.py's optimizer comes from loralib.methods (OptimizerSettings.adamw="lora-repo"): GPT2FTAdamW over
+    the original's groups (no decay on biases and LayerNorm weights under --no_decay_bias); not for LoRA+ or
+    LoRA-Pro, whose optimizers are their own."""
+    from loralib.methods import OptimizerSettings, build_optimizer, make_method
+    from loralib.models import gpt2
+
+    lm = gpt2.build(tiny_hf().config.to_dict(), "causal-lm")
+    settings = OptimizerSettings(lr=0.1, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6, adamw="lora-repo",
+                                 correct_bias=False, no_decay_bias=True)
+    opt = build_optimizer(lm, make_method("full", None), settings)
+    assert isinstance(opt, GPT2FTAdamW) and opt.defaults["correct_bias"] is False
+    decayed, exempt = opt.param_groups
+    names = {id(p): n for n, p in lm.named_parameters()}
+    assert exempt["weight_decay"] == 0.0 and decayed["weight_decay"] == 0.01
+    assert all(names[id(p)].endswith("bias") or ".ln_" in names[id(p)] for p in exempt["params"])
+    assert not any(names[id(p)].endswith("bias") for p in decayed["params"])
+    lora = completion.nlg_lora(4, 32, 0.0)
+    for method in (make_method("loraplus", lora), make_method("lorapro", lora)):
+        with pytest.raises(ValueError, match="lora-repo"):
+            build_optimizer(lm, method, settings)
+    with pytest.raises(ValueError, match="adamw 'bert'"):
+        build_optimizer(lm, make_method("full", None), OptimizerSettings(lr=0.1, adamw="bert"))
+
+
 # -- training end to end ----------------------------------------------------------------------------
 
 def _read_metrics(work_dir: Path):
@@ -439,6 +464,15 @@ def test_bad_training_flags(tmp_path, data, base_dir, capsys, flags, message):
     work = tmp_path / "run"
     assert gpt2_ft.main(ft_args(data, base_dir, work, *flags)) == 2
     assert message in capsys.readouterr().err
+    assert not work.exists()
+
+
+def test_fp16_with_bf16_is_an_error(tmp_path, data, base_dir, capsys):
+    """The drift issue 12 names: gpt2_ft.py's precision is loralib.train.run.precision_of, so --fp16 --bf16 is
+    one error before anything is written (the old NLG driver's _precision silently picked bf16)."""
+    work = tmp_path / "run"
+    assert gpt2_ft.main(ft_args(data, base_dir, work, "--max_step", "1", "--fp16", "--bf16")) == 2
+    assert "--fp16 and --bf16 exclude each other" in capsys.readouterr().err
     assert not work.exists()
 
 

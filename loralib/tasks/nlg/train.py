@@ -174,8 +174,7 @@ class NLGRun:
                  model: CompletionLM):
         self.spec, self.train_set, self.valid_set, self.checkpoint, self.model = \
             spec, train_set, valid_set, checkpoint, model
-        self.run_spec = dataclasses.replace(spec.run, do_train=True, do_eval=False,
-                                            outputs=previous_outputs(spec.work_dir))
+        self.run_spec = dataclasses.replace(spec.run, outputs=previous_outputs(spec.work_dir))
         self.outcome = None
 
     def run_config(self) -> dict:
