@@ -189,6 +189,12 @@ class OptimizerSettings:
     lorapro_released_scaling: bool = False
     lorapro_decay_base_weight: bool = False
     base_optimizer: Optional[Tuple[Callable[..., torch.optim.Optimizer], Mapping[str, Any]]] = None
+    # which AdamW an "adamw" method trains with: "torch" (torch.optim.AdamW, no decay on 1-d tensors) or
+    # "lora-repo" (loralib.optim.gpt2ft: the LoRA paper's GPT-2 AdamW, bias correction only with
+    # correct_bias, decay on every tensor but biases and LayerNorm weights under no_decay_bias)
+    adamw: str = "torch"
+    correct_bias: bool = True
+    no_decay_bias: bool = False
 
     def lorapro_released(self) -> Dict[str, bool]:
         return {"clipping": self.lorapro_released_clipping, "weight_decay": self.lorapro_released_weight_decay,
@@ -209,6 +215,8 @@ def build_optimizer(model: nn.Module, method: Method, settings: OptimizerSetting
     from .optim import LoRAProAdamW, create_loraplus_optimizer
 
     s = settings
+    if s.adamw != "torch":
+        return _lora_repo_adamw(model, method, s)
     if method.entry.optimizer == "lorapro":
         return LoRAProAdamW(model, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay,
                             mode=method.lorapro_mode, decay_base_weight=s.lorapro_decay_base_weight,
@@ -223,6 +231,17 @@ def build_optimizer(model: nn.Module, method: Method, settings: OptimizerSetting
         return create_loraplus_optimizer(model, cls, dict(kwargs), loraplus_lr_ratio=method.loraplus_ratio,
                                          weight_decay=s.weight_decay, **extra)
     return cls(adamw_groups(model, s.weight_decay), **kwargs)
+
+
+def _lora_repo_adamw(model: nn.Module, method: Method, s: OptimizerSettings) -> torch.optim.Optimizer:
+    from .optim.gpt2ft import GPT2FTAdamW, lora_repo_groups
+
+    if s.adamw != "lora-repo":
+        raise ValueError(f"OptimizerSettings.adamw {s.adamw!r}: expected 'torch' or 'lora-repo'")
+    if method.entry.optimizer != "adamw":
+        raise ValueError(f"the LoRA repo's AdamW (adamw='lora-repo') trains AdamW methods, not {method.name!r}")
+    return GPT2FTAdamW(lora_repo_groups(model, s.weight_decay, s.no_decay_bias), lr=s.lr, betas=s.betas, eps=s.eps,
+                       weight_decay=s.weight_decay, correct_bias=s.correct_bias)
 
 
 def group_summary(optimizer: torch.optim.Optimizer) -> List[dict]:

@@ -142,7 +142,7 @@ def test_bad_beam_output_is_refused_and_nothing_is_written(tmp_path, bpe, capsys
     for text, error, message in cases:
         (tmp_path / "p.jsonl").write_text(text, encoding="utf-8")
         with pytest.raises(error, match=message):
-            dec.run(args)
+            gpt2_decode.run(args)
         assert gpt2_decode.main(args) == 2   # the command line: one line naming the file, no traceback
         err = capsys.readouterr().err.strip()
         assert err.startswith("gpt2_decode.py: error: ") and "\n" not in err and "Traceback" not in err

@@ -166,6 +166,8 @@ def original_samples(records, sample_lines, bpe):
 
 @needs_bpe
 def test_the_last_prediction_in_the_sample_file_wins(tmp_path):
+    import gpt2_decode
+
     bpe = GPT2BPE.from_path(TIKTOKEN_FILE)
     records = [{"context": "name : A", "completion": "A one.", "id": 0},
                {"context": "name : B", "completion": "B one.", "id": 1},
@@ -176,7 +178,7 @@ def test_the_last_prediction_in_the_sample_file_wins(tmp_path):
     again = lines + [json.dumps({"id": 2, "predict": bpe.encode(" line 2 again")})]
     for sample in (lines, again):
         (tmp_path / "p.jsonl").write_text("\n".join(sample) + "\n", encoding="utf-8")
-        dec.run(["--vocab", str(TIKTOKEN_FILE), "--sample_file", str(tmp_path / "p.jsonl"), "--input_file",
+        gpt2_decode.run(["--vocab", str(TIKTOKEN_FILE), "--sample_file", str(tmp_path / "p.jsonl"), "--input_file",
                  str(tmp_path / "in.jsonl"), "--output_ref_file", str(tmp_path / "r.txt"), "--output_pred_file",
                  str(tmp_path / "h.txt")])
         want = original_samples(records, sample, bpe)
@@ -186,7 +188,7 @@ def test_the_last_prediction_in_the_sample_file_wins(tmp_path):
     (tmp_path / "p.jsonl").write_text(json.dumps({"id": 1, "predict": bpe.encode(" B\u2028b")}) + "\n" + lines[2] + "\n",
                                       encoding="utf-8")
     with pytest.warns(UserWarning, match=r"input line 2: its prediction holds U\+2028, a line break to the e2e"):
-        dec.run(["--vocab", str(TIKTOKEN_FILE), "--sample_file", str(tmp_path / "p.jsonl"), "--input_file",
+        gpt2_decode.run(["--vocab", str(TIKTOKEN_FILE), "--sample_file", str(tmp_path / "p.jsonl"), "--input_file",
                  str(tmp_path / "in.jsonl"), "--output_ref_file", str(tmp_path / "r.txt"), "--output_pred_file",
                  str(tmp_path / "h.txt")])
     assert (tmp_path / "h.txt").read_text(encoding="utf-8") == "from line 0, last in the file\nB\u2028b\n"

@@ -1,4 +1,4 @@
-"""gpt2_ft.py and gpt2_beam.py (loralib.tasks.nlg.train / beam) against the LoRA paper's code and transformers.
+"""gpt2_ft.py and gpt2_beam.py (examples/NLG; loralib.tasks.nlg.train / beam) against the LoRA paper's code and transformers.
 
 - the loss: completion tokens only, with the original GPT2LMModel's label smoothing, held against a loss
   computed by hand from transformers' GPT-2 logits with the original's target / mask layout;
@@ -15,13 +15,20 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from loralib.tasks.nlg import beam, train
+from loralib.models import gpt2_checkpoint
+from loralib.optim import GPT2FTAdamW
+from loralib.tasks.nlg import beam, completion, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "NLG"))
+import gpt2_beam  # noqa: E402  (the entry points: the original flags)
+import gpt2_ft  # noqa: E402
 
 EOS = 50256
 VOCAB = 50257  # GPT-2's: the data carries <|endoftext|> = 50256
@@ -81,14 +88,14 @@ def ft_args(data, base_dir, work_dir, *extra):
 # -- data and loss ----------------------------------------------------------------------------------
 
 def test_example_layout_is_the_originals():
-    ex = train.encode_example([5, 6], [7, 8, EOS], seq_len=16)
+    ex = completion.encode_example([5, 6], [7, 8, EOS], seq_len=16)
     assert ex["input_ids"] == [5, 6, EOS, 7, 8, EOS]
     assert ex["labels"] == [-100, -100, -100, 7, 8, EOS]
     # a context that already ends in <|endoftext|> (the original gpt2_encode.py --add_bos files) gets no second one
-    assert train.encode_example([5, 6, EOS], [7, EOS], seq_len=16)["input_ids"] == [5, 6, EOS, 7, EOS]
-    cut = train.encode_example([5, 6], [7, 8, 9, EOS], seq_len=4)
+    assert completion.encode_example([5, 6, EOS], [7, EOS], seq_len=16)["input_ids"] == [5, 6, EOS, 7, EOS]
+    cut = completion.encode_example([5, 6], [7, 8, 9, EOS], seq_len=4)
     assert cut == {"input_ids": [5, 6, EOS, 7], "labels": [-100, -100, -100, 7]}
-    assert train.encode_example([5, 6], [7, EOS], seq_len=16, joint_lm=True)["labels"] == [5, 6, EOS, 7, EOS]
+    assert completion.encode_example([5, 6], [7, EOS], seq_len=16, joint_lm=True)["labels"] == [5, 6, EOS, 7, EOS]
 
 
 def _original_loss(logits, ids, n_conditions, eps):
@@ -113,10 +120,10 @@ def test_loss_is_the_original_smoothed_completion_loss(eps):
 
     ours = gpt2.build(hf.config.to_dict(), "causal-lm")
     ours.load_state_dict(hf.state_dict(), strict=False)
-    model = train.CompletionLM(ours, label_smooth=eps).train()
+    model = completion.CompletionLM(ours, label_smooth=eps).train()
     examples = [([11, 12, 13], [21, 22, EOS]), ([31, 32], [41, 42, 43, 44, EOS])]
-    features = [train.encode_example(c, k, seq_len=32) for c, k in examples]
-    batch = train.collate(features)
+    features = [completion.encode_example(c, k, seq_len=32) for c, k in examples]
+    batch = completion.collate(features)
     loss = model(**batch).loss
 
     with torch.no_grad():
@@ -126,7 +133,7 @@ def test_loss_is_the_original_smoothed_completion_loss(eps):
     assert loss.item() == pytest.approx(want, rel=1e-5)
 
     # a changed context token changes nothing a label can see: its label stays -100
-    changed = [train.encode_example([99] + c[1:], k, seq_len=32) for c, k in examples]
+    changed = [completion.encode_example([99] + c[1:], k, seq_len=32) for c, k in examples]
     assert [f["labels"] for f in changed] == [f["labels"] for f in features]
     # eval mode is the plain cross-entropy, which is transformers' own loss on these labels
     model.eval()
@@ -142,7 +149,7 @@ def test_adamw_is_the_original_update(correct_bias):
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
     lr, b1, b2, eps, wd = 0.1, 0.9, 0.999, 1e-6, 0.01
-    opt = train.GPT2FTAdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, correct_bias=correct_bias)
+    opt = GPT2FTAdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, correct_bias=correct_bias)
     want = p.detach().clone()
     m = torch.zeros_like(want)
     v = torch.zeros_like(want)
@@ -162,7 +169,7 @@ def test_adamw_with_bias_correction_is_torchs_adam_without_eps():
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
     b = torch.nn.Parameter(a.detach().clone())
-    ours = train.GPT2FTAdamW([a], lr=0.01, betas=(0.9, 0.999), eps=0.0, weight_decay=0.0, correct_bias=True)
+    ours = GPT2FTAdamW([a], lr=0.01, betas=(0.9, 0.999), eps=0.0, weight_decay=0.0, correct_bias=True)
     ref = torch.optim.AdamW([b], lr=0.01, betas=(0.9, 0.999), eps=0.0, weight_decay=0.0)
     for _ in range(3):
         g = torch.randn(5, dtype=torch.float64)
@@ -170,6 +177,31 @@ def test_adamw_with_bias_correction_is_torchs_adam_without_eps():
         ours.step()
         ref.step()
     torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_the_registry_builds_the_lora_repo_adamw_for_the_nlg_run():
+    """gpt2_ft.py's optimizer comes from loralib.methods (OptimizerSettings.adamw="lora-repo"): GPT2FTAdamW over
+    the original's groups (no decay on biases and LayerNorm weights under --no_decay_bias); not for LoRA+ or
+    LoRA-Pro, whose optimizers are their own."""
+    from loralib.methods import OptimizerSettings, build_optimizer, make_method
+    from loralib.models import gpt2
+
+    lm = gpt2.build(tiny_hf().config.to_dict(), "causal-lm")
+    settings = OptimizerSettings(lr=0.1, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6, adamw="lora-repo",
+                                 correct_bias=False, no_decay_bias=True)
+    opt = build_optimizer(lm, make_method("full", None), settings)
+    assert isinstance(opt, GPT2FTAdamW) and opt.defaults["correct_bias"] is False
+    decayed, exempt = opt.param_groups
+    names = {id(p): n for n, p in lm.named_parameters()}
+    assert exempt["weight_decay"] == 0.0 and decayed["weight_decay"] == 0.01
+    assert all(names[id(p)].endswith("bias") or ".ln_" in names[id(p)] for p in exempt["params"])
+    assert not any(names[id(p)].endswith("bias") for p in decayed["params"])
+    lora = completion.nlg_lora(4, 32, 0.0)
+    for method in (make_method("loraplus", lora), make_method("lorapro", lora)):
+        with pytest.raises(ValueError, match="lora-repo"):
+            build_optimizer(lm, method, settings)
+    with pytest.raises(ValueError, match="adamw 'bert'"):
+        build_optimizer(lm, make_method("full", None), OptimizerSettings(lr=0.1, adamw="bert"))
 
 
 # -- training end to end ----------------------------------------------------------------------------
@@ -180,7 +212,7 @@ def _read_metrics(work_dir: Path):
 
 def test_training_lowers_the_loss_and_writes_the_originals_files(tmp_path, data, base_dir):
     work = tmp_path / "run"
-    train.train_nlg(ft_args(data, base_dir, work, "--max_step", "24", "--eval_interval", "2",
+    gpt2_ft.train_nlg(ft_args(data, base_dir, work, "--max_step", "24", "--eval_interval", "2",
                             "--save_interval", "12", "--lr", "0.1"))
     evals = [r["eval_loss"] for r in _read_metrics(work) if "eval_loss" in r]
     assert len(evals) == 12 and evals[-1] < evals[0] - 1.0, evals
@@ -205,15 +237,15 @@ def test_training_lowers_the_loss_and_writes_the_originals_files(tmp_path, data,
     # gpt2_beam.py reads both the original-format file and the adapter folder, to the same predictions
     common = ["--data", str(data), "--batch_size", "3", "--eval_len", "6", "--beam", "3",
               "--base_checkpoint", str(base_dir), "--model_card", "gpt2.md", "--work_dir", str(work)]
-    beam.run_beam(common + ["--init_checkpoint", str(work / "model.24.pt"), "--output_file", "a.jsonl"])
-    beam.run_beam(common + ["--init_checkpoint", str(work / "adapter"), "--output_file", "b.jsonl",
+    gpt2_beam.run_beam(common + ["--init_checkpoint", str(work / "model.24.pt"), "--output_file", "a.jsonl"])
+    gpt2_beam.run_beam(common + ["--init_checkpoint", str(work / "adapter"), "--output_file", "b.jsonl",
                             "--lora_alpha", "32"])
     assert (work / "a.jsonl").read_text() == (work / "b.jsonl").read_text()
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, data, base_dir, monkeypatch):
     args = ("--max_step", "6", "--eval_interval", "100", "--save_interval", "3")
-    train.train_nlg(ft_args(data, base_dir, tmp_path / "whole", *args))
+    gpt2_ft.train_nlg(ft_args(data, base_dir, tmp_path / "whole", *args))
 
     class Crash(RuntimeError):
         pass
@@ -225,11 +257,11 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, data, base_dir
     with monkeypatch.context() as m:
         m.setattr(train.OriginalCheckpoints, "on_save", crash_after_first_save)
         with pytest.raises(Crash):
-            train.train_nlg(ft_args(data, base_dir, tmp_path / "cut", *args))
+            gpt2_ft.train_nlg(ft_args(data, base_dir, tmp_path / "cut", *args))
     # a second start without --resume_from_checkpoint is refused rather than overwriting
     with pytest.raises(ValueError, match="--resume_from_checkpoint latest"):
-        train.train_nlg(ft_args(data, base_dir, tmp_path / "cut", *args))
-    train.train_nlg(ft_args(data, base_dir, tmp_path / "cut", *args, "--resume_from_checkpoint", "latest"))
+        gpt2_ft.train_nlg(ft_args(data, base_dir, tmp_path / "cut", *args))
+    gpt2_ft.train_nlg(ft_args(data, base_dir, tmp_path / "cut", *args, "--resume_from_checkpoint", "latest"))
 
     whole = torch.load(tmp_path / "whole" / "model.6.pt", weights_only=True)["model_state_dict"]
     cut = torch.load(tmp_path / "cut" / "model.6.pt", weights_only=True)["model_state_dict"]
@@ -260,7 +292,7 @@ def test_the_last_checkpoint_is_the_whole_model_as_the_original_wrote_it(tmp_pat
     from loralib.models import gpt2
 
     work = tmp_path / "run"
-    result = train.train_nlg(ft_args(data, base_dir, work, "--max_step", "4", "--save_interval", "2", "--lr", "0.1"))
+    result = gpt2_ft.train_nlg(ft_args(data, base_dir, work, "--max_step", "4", "--save_interval", "2", "--lr", "0.1"))
     whole = torch.load(work / "model.4.pt", weights_only=True)["model_state_dict"]
     assert "module.transformer.wte.weight" in whole and "module.lm_head.decoder.weight" in whole
     assert "module.transformer.h.1.mlp.c_fc.weight" in whole and "module.transformer.h.1.attn.c_attn.lora_B" in whole
@@ -274,7 +306,7 @@ def test_the_last_checkpoint_is_the_whole_model_as_the_original_wrote_it(tmp_pat
     assert result.global_step == 4
 
     # the trained model: the pretrained GPT-2 with the final adapter
-    trained = train.load_gpt2(str(base_dir), "gpt2.md", train.nlg_lora(4, 32, 0.0))
+    trained = gpt2_checkpoint.load_gpt2(str(base_dir), "gpt2.md", completion.nlg_lora(4, 32, 0.0))
     load_adapter(trained, work / "adapter")
     ids = torch.tensor([[5, 6, 7, EOS, 9, 10]])
     with torch.no_grad():
@@ -282,7 +314,7 @@ def test_the_last_checkpoint_is_the_whole_model_as_the_original_wrote_it(tmp_pat
 
     def original(path):  # the original gpt2_beam.py: GPT2LMModel(config) (random), then load_weight(file)
         torch.manual_seed(123)
-        lm = gpt2.build(trained.hf_config, "causal-lm", None, train.nlg_lora(4, 32, 0.0))
+        lm = gpt2.build(trained.hf_config, "causal-lm", None, completion.nlg_lora(4, 32, 0.0))
         _original_load_weight(lm, path)
         with torch.no_grad():
             return lm.eval()(ids).logits
@@ -293,12 +325,12 @@ def test_the_last_checkpoint_is_the_whole_model_as_the_original_wrote_it(tmp_pat
 
     # ours decodes the whole-model file with --init_checkpoint only, as the original's command (no
     # --base_checkpoint, no models/ folder), to the predictions of the adapter on the pretrained model
-    monkeypatch.setitem(train.MODEL_CARDS, "gpt2.md", ("gpt2-medium", 16, 2, 2))
+    monkeypatch.setitem(gpt2_checkpoint.MODEL_CARDS, "gpt2.md", ("gpt2-medium", 16, 2, 2))
     monkeypatch.setattr(beam, "default_checkpoint", lambda card: pytest.fail("the base model was read"))
     common = ["--data", str(data), "--batch_size", "3", "--eval_len", "6", "--beam", "3", "--model_card", "gpt2.md",
               "--work_dir", str(work), "--lora_dim", "4", "--lora_alpha", "32"]
-    beam.run_beam(common + ["--init_checkpoint", str(work / "model.4.pt"), "--output_file", "whole.jsonl"])
-    beam.run_beam(common + ["--init_checkpoint", str(work / "adapter"), "--base_checkpoint", str(base_dir),
+    gpt2_beam.run_beam(common + ["--init_checkpoint", str(work / "model.4.pt"), "--output_file", "whole.jsonl"])
+    gpt2_beam.run_beam(common + ["--init_checkpoint", str(work / "adapter"), "--base_checkpoint", str(base_dir),
                             "--output_file", "adapter.jsonl"])
     assert (work / "whole.jsonl").read_text() == (work / "adapter.jsonl").read_text()
 
@@ -334,12 +366,11 @@ def test_beam_search_is_transformers_generate_on_the_merged_weights(tmp_path, ba
             "gpt2.md", "--init_checkpoint", str(lora), "--base_checkpoint", str(base_dir), "--lora_alpha", "32",
             "--beam", "4", "--length_penalty", "0.8", "--no_repeat_ngram_size", "2", "--eos_token_id", "628",
             "--decoding", "transformers", "--work_dir", str(tmp_path), "--output_file", "predict.jsonl"]
-    out = beam.run_beam(argv)
+    out = gpt2_beam.run_beam(argv)
     got = _predictions(out)
     assert [p["id"] for p in got] == list(range(len(lines)))
 
-    args = beam.build_parser().parse_args(argv)
-    ours = beam.load_model(args)
+    ours = beam.load_model(gpt2_beam.parse(argv))
     hf = transformers.GPT2LMHeadModel.from_pretrained(base_dir).eval()
     hf.load_state_dict(merged_state_dict(ours), strict=False)
     for line, pred in zip(lines, got):
@@ -357,7 +388,7 @@ def test_beam_search_is_transformers_generate_on_the_merged_weights(tmp_path, ba
 
     # the LoRA factors matter: the same file with B = 0 decodes like the base model alone
     _lora_file(tmp_path / "zero.pt", zero_b=True)
-    beam.run_beam(argv[:argv.index("--init_checkpoint") + 1] + [str(tmp_path / "zero.pt")]
+    gpt2_beam.run_beam(argv[:argv.index("--init_checkpoint") + 1] + [str(tmp_path / "zero.pt")]
                   + argv[argv.index("--init_checkpoint") + 2:-1] + ["zero.jsonl"])
     zero = _predictions(tmp_path / "zero.jsonl")
     assert zero != got
@@ -373,7 +404,7 @@ def test_a_bare_state_dict_file_loads_as_the_original_did(tmp_path, monkeypatch)
     """The original's --init_checkpoint was a bare GPT2Model state dict (gpt2-medium-pytorch_model.bin: keys
     h.N.*, wte, wpe, ln_f, the attn.bias mask buffers); its own files wrapped that in model_state_dict with DDP's
     module. prefix. Both load to transformers' logits. (A tiny stand-in for the gpt2.md card.)"""
-    monkeypatch.setitem(train.MODEL_CARDS, "gpt2.md", ("gpt2-medium", 16, 2, 2))
+    monkeypatch.setitem(gpt2_checkpoint.MODEL_CARDS, "gpt2.md", ("gpt2-medium", 16, 2, 2))
     hf = tiny_hf()
     bare = dict(hf.transformer.state_dict())
     for i in range(2):
@@ -384,7 +415,7 @@ def test_a_bare_state_dict_file_loads_as_the_original_did(tmp_path, monkeypatch)
     with torch.no_grad():
         want = hf(ids).logits
     for name in ("pytorch_model.bin", "model.pt"):
-        model = train.load_gpt2(str(tmp_path / name), "gpt2.md", train.nlg_lora(4, 32, 0.0))
+        model = gpt2_checkpoint.load_gpt2(str(tmp_path / name), "gpt2.md", completion.nlg_lora(4, 32, 0.0))
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
 
@@ -396,7 +427,7 @@ def test_a_checkpoint_of_another_size_is_refused(tmp_path, data, base_dir, capsy
     hf_state = tiny_hf().transformer.state_dict()
     torch.save(hf_state, tmp_path / "pytorch_model.bin")
     work = tmp_path / "run"
-    code = train.main(ft_args(data, base_dir, work, "--max_step", "1") +
+    code = gpt2_ft.main(ft_args(data, base_dir, work, "--max_step", "1") +
                       ["--init_checkpoint", str(tmp_path / "pytorch_model.bin")])
     err = capsys.readouterr().err
     assert code == 2 and "pytorch_model.bin" in err and "n_embd=16" in err and "--model_card gpt2.md" in err
@@ -404,21 +435,21 @@ def test_a_checkpoint_of_another_size_is_refused(tmp_path, data, base_dir, capsy
 
     # a known GPT-2 size under the wrong card is refused too (built on the meta device: no weights needed)
     with pytest.raises(ValueError, match=r"gpt2\.lg.*--model_card gpt2\.md"):
-        train._check_card("gpt2.md", 1280, 36, "gpt2-large", "--init_checkpoint", strict=False)
+        gpt2_checkpoint.check_card("gpt2.md", 1280, 36, "gpt2-large", "--init_checkpoint", strict=False)
 
     # a LoRA file for a deeper GPT-2 than the base
     deep = _lora_file(tmp_path / "deep.pt", n_layer=3)
-    code = beam.main(["--data", str(data), "--init_checkpoint", str(deep), "--base_checkpoint", str(base_dir),
+    code = gpt2_beam.main(["--data", str(data), "--init_checkpoint", str(deep), "--base_checkpoint", str(base_dir),
                       "--model_card", "gpt2.md", "--work_dir", str(tmp_path / "beam")])
     err = capsys.readouterr().err
     assert code == 2 and "deep.pt" in err and "n_layer=3" in err
     # without --base_checkpoint, the adapter's size must be the card's
-    code = beam.main(["--data", str(data), "--init_checkpoint", str(deep), "--model_card", "gpt2.md",
+    code = gpt2_beam.main(["--data", str(data), "--init_checkpoint", str(deep), "--model_card", "gpt2.md",
                       "--work_dir", str(tmp_path / "beam")])
     err = capsys.readouterr().err
     assert code == 2 and "deep.pt" in err and "--model_card" in err
     # a LoRA-only file is no pretrained model
-    code = train.main(ft_args(data, base_dir, work, "--max_step", "1") + ["--init_checkpoint", str(deep)])
+    code = gpt2_ft.main(ft_args(data, base_dir, work, "--max_step", "1") + ["--init_checkpoint", str(deep)])
     assert code == 2 and "LoRA factors only" in capsys.readouterr().err
     assert not (tmp_path / "beam").exists() and not work.exists()
 
@@ -431,8 +462,17 @@ def test_a_checkpoint_of_another_size_is_refused(tmp_path, data, base_dir, capsy
 ])
 def test_bad_training_flags(tmp_path, data, base_dir, capsys, flags, message):
     work = tmp_path / "run"
-    assert train.main(ft_args(data, base_dir, work, *flags)) == 2
+    assert gpt2_ft.main(ft_args(data, base_dir, work, *flags)) == 2
     assert message in capsys.readouterr().err
+    assert not work.exists()
+
+
+def test_fp16_with_bf16_is_an_error(tmp_path, data, base_dir, capsys):
+    """The drift issue 12 names: gpt2_ft.py's precision is loralib.train.run.precision_of, so --fp16 --bf16 is
+    one error before anything is written (the old NLG driver's _precision silently picked bf16)."""
+    work = tmp_path / "run"
+    assert gpt2_ft.main(ft_args(data, base_dir, work, "--max_step", "1", "--fp16", "--bf16")) == 2
+    assert "--fp16 and --bf16 exclude each other" in capsys.readouterr().err
     assert not work.exists()
 
 
@@ -440,13 +480,13 @@ def test_bad_beam_flags_and_data(tmp_path, base_dir, capsys):
     data = write_encoded(tmp_path / "test.jsonl", n=2)
     lora = _lora_file(tmp_path / "lora.pt")
     common = ["--init_checkpoint", str(lora), "--base_checkpoint", str(base_dir), "--work_dir", str(tmp_path / "o")]
-    assert beam.main(["--data", str(data), "--eval_len", "512", "--seq_len", "512", *common]) == 2
+    assert gpt2_beam.main(["--data", str(data), "--eval_len", "512", "--seq_len", "512", *common]) == 2
     assert "--eval_len 512 leaves no room" in capsys.readouterr().err
-    assert beam.main(["--data", str(data), "--lora_dim", "8", *common]) == 2
+    assert gpt2_beam.main(["--data", str(data), "--lora_dim", "8", *common]) == 2
     assert "--lora_dim 8" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(data.read_text() + '{"context": [1, 2], "completion": "text"}\n')
-    assert beam.main(["--data", str(bad), *common]) == 2
+    assert gpt2_beam.main(["--data", str(bad), *common]) == 2
     err = capsys.readouterr().err
     assert re.search(r"bad\.jsonl:3\b", err), err
     assert not (tmp_path / "o").exists()
@@ -470,7 +510,7 @@ def test_a_second_run_into_a_held_work_dir_is_refused_before_it_writes(tmp_path,
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(OutputDirInUse):
-            train.train_nlg(ft_args(data, base_dir, work, "--max_step", "2"))
+            gpt2_ft.train_nlg(ft_args(data, base_dir, work, "--max_step", "2"))
         assert list(work.iterdir()) == []
     finally:
         holder.kill()
@@ -482,7 +522,7 @@ def test_a_file_given_as_work_dir_is_one_error_before_anything_is_read(tmp_path,
     blocker = tmp_path / "afile"
     blocker.write_text("not a folder")
     for work in (blocker, blocker / "run"):
-        assert train.main(ft_args(data, base_dir, work, "--max_step", "2")) == 2
+        assert gpt2_ft.main(ft_args(data, base_dir, work, "--max_step", "2")) == 2
         err = capsys.readouterr().err
         assert "--work_dir" in err and "is a file, not a folder" in err and "Traceback" not in err
     assert blocker.read_text() == "not a folder"

@@ -183,7 +183,8 @@ def accumulation_steps(global_batch_size: int, per_device_batch_size: int, given
 @dataclass
 class Training:
     """What the train phase hands loralib.train.train: the model, its examples and collator, the loop's
-    TrainConfig, the method (loralib.methods) with its optimizer settings, an eval_fn and an allocator."""
+    TrainConfig, the method (loralib.methods) with its optimizer settings, an eval_fn, an allocator, and the
+    task's own loop callbacks (e.g. files written at each checkpoint), run after the method's."""
 
     model: nn.Module
     examples: Sequence[Any]
@@ -193,6 +194,7 @@ class Training:
     optimizer: Any
     eval_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None
     allocator: Any = None
+    callbacks: Sequence[Any] = ()
 
 
 class RunTask(Protocol):
@@ -244,7 +246,7 @@ def train_phase(training: Training) -> Tuple[Any, dict]:
     config, factory, callbacks, groups = training_hooks(training.method, training.config, training.optimizer)
     outcome = train(training.model, training.examples, training.collate, config, eval_fn=training.eval_fn,
                     optimizer_factory=factory, regularizer=regularizer(training.method),
-                    allocator=training.allocator, callbacks=callbacks)
+                    allocator=training.allocator, callbacks=list(callbacks or []) + list(training.callbacks))
     return outcome, train_results_of(outcome, groups)
 
 

@@ -1,5 +1,7 @@
-"""NLG tasks of the LoRA paper (E2E, WebNLG, DART): data conversion and encoding, GPT-2 BPE, decoding of
-beam-search output, metrics, and the evaluate step.
+"""NLG tasks of the LoRA paper (E2E, WebNLG, DART): data conversion and encoding, GPT-2 BPE, the training run
+(train: NLGTrainSpec, prepare, run; completion: examples and loss), beam search (beam: BeamSpec), decoding of
+beam-search output (decode: DecodeSpec), metrics, and the evaluate step. The command lines with the original
+flags are examples/NLG/gpt2_ft.py, gpt2_beam.py, gpt2_decode.py and eval_nlg.py.
 
     from loralib.tasks.nlg import GPT2BPE, read_raw, read_encoded, decode, evaluate_files, e2e_metrics
 

@@ -1,4 +1,5 @@
-"""gpt2_beam.py: beam search of a LoRA-adapted GPT-2 over an encoded NLG test set, with the original flags.
+"""gpt2_beam.py's run: beam search of a LoRA-adapted GPT-2 over an encoded NLG test set, from a BeamSpec
+(examples/NLG/gpt2_beam.py translates the original flags into one; its fields keep the flags' names).
 
     torchrun --nproc_per_node=1 examples/NLG/gpt2_beam.py --data data/e2e/test.jsonl --batch_size 1 \
         --seq_len 512 --eval_len 64 --model_card gpt2.md --init_checkpoint trained_models/GPT2_M/e2e/model.26289.pt \
@@ -34,71 +35,48 @@ WORLD_SIZE-th distinct prompt, rank 0 gathers them and writes the file in the li
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ...files import write_json_atomic, write_jsonl_atomic
-from .train import EOS, MODEL_CARDS, add_gpu_flags, check_vocab, default_checkpoint, load_gpt2, nlg_lora, \
-    read_state_dict, size_name, with_eos
+from ...models.gpt2_checkpoint import MODEL_CARDS, default_checkpoint, load_gpt2, read_state_dict, size_name
+from .completion import EOS, check_vocab, nlg_lora, with_eos
 
 logger = logging.getLogger("loralib.nlg")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpt2_beam.py", description="Beam search of GPT-2 + LoRA on an encoded NLG "
-                                "set (the flags of microsoft/LoRA examples/NLG/src/gpt2_beam.py).")
-    add_gpu_flags(p)
-    p.add_argument("--data", required=True, help="encoded JSONL: {'context': [ids], 'completion': [ids]}")
-    p.add_argument("--batch_size", type=int, default=10, help="inputs per generate() call")
-    p.add_argument("--seq_len", type=int, default=512, help="prompt + generation fit in this many tokens")
-    p.add_argument("--eval_len", type=int, default=256, help="at most this many new tokens")
-    p.add_argument("--min_length", type=int, default=0, help="only 0 is supported")
-    p.add_argument("--model_card", default="gpt2.sm", choices=tuple(MODEL_CARDS))
-    p.add_argument("--init_checkpoint", default=None,
-                   help="LoRA checkpoint: model.<step>.pt of gpt2_ft.py, a released gpt2_*_lora_*.pt, "
-                   "or an adapter/ folder")
-    p.add_argument("--base_checkpoint", default=None, help="the pretrained GPT-2 (folder or file; default "
-                   "models/<gpt2 | gpt2-medium | gpt2-large> by --model_card) (not an original flag)")
-    p.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; 0: read it from the checkpoint")
-    p.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the adapter folder's, "
-                   "else 32, the paper's value for every released adapter; the original defaulted to 128)")
-    p.add_argument("--work_dir", default=os.getenv("PT_OUTPUT_DIR", "gpt2_model"))
-    p.add_argument("--beam", type=int, default=1, help="beam size")
-    p.add_argument("--length_penalty", type=float, default=1.0)
-    p.add_argument("--no_repeat_ngram_size", type=int, default=4)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
-    p.add_argument("--eos_token_id", action="append", type=int, default=[EOS],
-                   help="stop tokens; repeatable, added to 50256 (628 is '\\n\\n')")
-    p.add_argument("--output_file", default="beam_prediction.jsonl")
-    p.add_argument("--decoding", choices=("lora_repo", "transformers"), default="lora_repo",
-                   help="lora_repo: the original gpt2_beam.py's search (the paper's numbers); transformers: "
-                   "transformers' beam search (not an original flag)")
-    return p
+@dataclass
+class BeamSpec:
+    """One gpt2_beam.py run (examples/NLG/gpt2_beam.py fills it from the original flags; the fields keep
+    their names). init_checkpoint: the LoRA checkpoint (a file or an adapter folder); base_checkpoint: the
+    pretrained GPT-2 (default models/<name> by model_card); lora_dim 0: the checkpoint's rank; lora_alpha
+    None: the adapter folder's, else 32; eos_token_id: the stop tokens; decoding: "lora_repo" | "transformers";
+    record: what run_config.json keeps as "args"."""
 
-
-def check_flags(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "seq_len", "eval_len", "beam"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.eval_len >= args.seq_len:
-        raise ValueError(f"--eval_len {args.eval_len} leaves no room for the prompt in --seq_len {args.seq_len}")
-    if args.min_length != 0:
-        raise ValueError("--min_length > 0 is not supported (the paper's runs leave it at 0)")
-    if args.lora_dim < 0:
-        raise ValueError(f"--lora_dim must be >= 0, got {args.lora_dim}")
-    if args.no_repeat_ngram_size < 0 or args.repetition_penalty <= 0:
-        raise ValueError("--no_repeat_ngram_size must be >= 0 and --repetition_penalty > 0")
-    if any(t < 0 for t in args.eos_token_id):
-        raise ValueError(f"--eos_token_id must be token ids >= 0, got {args.eos_token_id}")
-    if args.init_checkpoint is None:
-        raise ValueError("--init_checkpoint is required: the LoRA checkpoint to decode with (model.<step>.pt "
-                         "of gpt2_ft.py, a released gpt2_*_lora_*.pt, or an adapter folder)")
+    data: str
+    init_checkpoint: str
+    base_checkpoint: Optional[str] = None
+    model_card: str = "gpt2.sm"
+    lora_dim: int = 0
+    lora_alpha: Optional[int] = None
+    batch_size: int = 10
+    seq_len: int = 512
+    eval_len: int = 256
+    beam: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 4
+    repetition_penalty: float = 1.0
+    eos_token_id: List[int] = field(default_factory=lambda: [EOS])
+    decoding: str = "lora_repo"
+    work_dir: str = "gpt2_model"
+    output_file: str = "beam_prediction.jsonl"
+    record: Dict[str, Any] = field(default_factory=dict)
 
 
 # -- the model --------------------------------------------------------------------------------------
@@ -113,7 +91,7 @@ def _adapter_folder_lora(folder: Path):
     return LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["lora"].items()})
 
 
-def load_model(args) -> nn.Module:
+def load_model(args: BeamSpec) -> nn.Module:
     """The base GPT-2 with the adapter of --init_checkpoint loaded (eval mode: LoRA merged)."""
     from ...adapters import load_adapter
     from ...models.released import infer_gpt2_nlg_adapter_shape, load_gpt2_nlg_adapter
@@ -202,7 +180,8 @@ def beam_continuations(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, 
 
 
 @torch.no_grad()
-def beam_search(model: nn.Module, queries: Sequence[Sequence[int]], args, device: torch.device) -> List[List[int]]:
+def beam_search(model: nn.Module, queries: Sequence[Sequence[int]], args: BeamSpec,
+                device: torch.device) -> List[List[int]]:
     """--decoding's search over the queries in batches of --batch_size; returns the continuations in the
     queries' order. Each distinct query is decoded once (an E2E test set repeats every context once per
     reference, and the search is deterministic), and queries of similar length share a batch (little padding)."""
@@ -223,14 +202,14 @@ def beam_search(model: nn.Module, queries: Sequence[Sequence[int]], args, device
     return [results[tuple(q)] for q in queries]
 
 
-def run_config(args, model: nn.Module) -> dict:
+def run_config(args: BeamSpec, model: nn.Module) -> dict:
     """What `loralib compare` needs to know of a decoding-only run (gpt2_ft.py writes its own)."""
     layers = [m for m in model.modules() if getattr(m, "r", 0) > 0]
     lora = {"r": layers[0].r, "lora_alpha": layers[0].lora_alpha, "target_modules": ["c_attn"],
             "enable_lora": [True, False, True]} if layers else None
     return {"method": "lora" if lora else "full", "model_name_or_path": MODEL_CARDS[args.model_card][0],
             "model_card": args.model_card, "init_checkpoint": args.init_checkpoint,
-            "base_checkpoint": args.base_checkpoint, "lora": lora, "args": vars(args)}
+            "base_checkpoint": args.base_checkpoint, "lora": lora, "args": args.record}
 
 
 def write_predictions(path: Path, predictions: Sequence[Sequence[int]]) -> None:
@@ -238,14 +217,12 @@ def write_predictions(path: Path, predictions: Sequence[Sequence[int]]) -> None:
     write_jsonl_atomic(path, ({"id": i, "predict": list(p)} for i, p in enumerate(predictions)))
 
 
-def run_beam(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
-    """Parse, check, decode and write; returns the predictions file (None on ranks > 0)."""
+def run_beam(args: BeamSpec) -> Optional[Path]:
+    """Read, check, decode and write; returns the predictions file (None on ranks > 0)."""
     import torch.distributed as dist
 
     from ...train.distributed import setup
 
-    args = build_parser().parse_args(argv)
-    check_flags(args)
     queries = prompts(args.data, args.seq_len, args.eval_len)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
@@ -270,10 +247,3 @@ def run_beam(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
         write_json_atomic(out.parent / "run_config.json", run_config(args, model))
     logger.info("wrote %d predictions to %s", len(queries), out)
     return out
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line: 0 on success; a bad flag, file or checkpoint prints one `error:` line, returns 2."""
-    from ...cli import run_entry_point
-
-    return run_entry_point(lambda: run_beam(argv), "gpt2_beam.py")

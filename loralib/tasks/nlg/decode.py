@@ -20,7 +20,6 @@ Outputs
 """
 from __future__ import annotations
 
-import argparse
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -204,26 +203,25 @@ def write_outputs(groups: Sequence[Group], ref_type: str, output_ref_file, outpu
         write_text_atomic(path, text)
 
 
-# -- command line (examples/NLG/gpt2_decode.py) -------------------------------------------------------
+# -- the whole step (examples/NLG/gpt2_decode.py parses the LoRA repo's flags into a DecodeSpec) -----
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Decode gpt2_beam.py output into reference and hypothesis files.")
-    p.add_argument("--vocab", default=None, help="GPT-2 vocabulary: the vocab/ folder (encoder.json + vocab.bpe), "
-                   "a *.tiktoken file or a tokenizer.json folder (default .cache/gpt2-bpe/gpt2.tiktoken)")
-    p.add_argument("--sample_file", required=True, help="gpt2_beam.py output (JSONL: id, predict)")
-    p.add_argument("--input_file", required=True, help="the formatted JSONL of the decoded split")
-    p.add_argument("--output_ref_file", required=True, help="e2e: a file; webnlg/dart: a folder")
-    p.add_argument("--output_pred_file", required=True)
-    p.add_argument("--ref_unique_file", default=None, help="one group key (integer) per input line")
-    p.add_argument("--ref_type", default="e2e", choices=["e2e", "webnlg", "dart"])
-    p.add_argument("--ref_num", default=4, type=int, help="webnlg/dart: number of reference files")
-    p.add_argument("--tokenize", action="store_true", help="split non-word characters off")
-    p.add_argument("--lower", action="store_true", help="lower-case")
-    p.add_argument("--filter", default="all", choices=list(FILTERS),
-                   help="webnlg: keep the categories seen in training, the unseen ones, or all")
-    p.add_argument("--output_category_file", default=None,
-                   help="(ours) webnlg: also write each group's category, one a line, for eval_nlg.py")
-    return p
+@dataclass
+class DecodeSpec:
+    """One gpt2_decode.py run; the fields keep the flags' names. vocab None: the default GPT-2 BPE
+    (load_bpe); ref_unique_file: one group key a line; filter: "all" | "seen" | "unseen"."""
+
+    sample_file: str
+    input_file: str
+    output_ref_file: str
+    output_pred_file: str
+    vocab: Optional[str] = None
+    ref_unique_file: Optional[str] = None
+    ref_type: str = "e2e"
+    ref_num: int = 4
+    tokenize: bool = False
+    lower: bool = False
+    filter: str = "all"
+    output_category_file: Optional[str] = None
 
 
 def check_output_paths(ref_type: str, output_ref_file, output_pred_file, output_category_file=None) -> None:
@@ -238,25 +236,15 @@ def check_output_paths(ref_type: str, output_ref_file, output_pred_file, output_
             raise ValueError(f"{flag} {path}: a folder, expected a file name")
 
 
-def run(argv: Optional[Sequence[str]] = None) -> List[Group]:
-    """Parse, read, check and decode everything, then write the files; returns the groups written."""
-    args = build_parser().parse_args(argv)
-    check_output_paths(args.ref_type, args.output_ref_file, args.output_pred_file, args.output_category_file)
-    bpe = load_bpe(args.vocab)
-    records = read_formatted(args.input_file, "--input_file")
-    ref_unique = read_ref_unique(args.ref_unique_file, len(records)) if args.ref_unique_file else None
-    predictions = read_predictions(args.sample_file, bpe.vocab_size, len(records))
-    groups = decode_beam(records, predictions, bpe, args.filter, ref_unique, source=args.sample_file)
-    write_outputs(groups, args.ref_type, args.output_ref_file, args.output_pred_file, args.ref_num,
-                  args.tokenize, args.lower, args.output_category_file)
-    print(f"{len(records)} input lines, {len(groups)} inputs ({args.filter}) -> {args.output_pred_file}, "
-          f"{args.output_ref_file}")
-    return groups
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """examples/NLG/gpt2_decode.py: 0 on success; bad input prints one `gpt2_decode.py: error:` line naming
-    the file (and line), returns 2, and leaves every output file as it was."""
-    from ...cli import INPUT_ERRORS, run_entry_point
-
-    return run_entry_point(lambda: run(argv), "gpt2_decode.py", INPUT_ERRORS + (OSError,))
+def decode_files(spec: DecodeSpec) -> Tuple[int, List[Group]]:
+    """Read, check and decode everything, then write the files; returns (input lines, the groups written).
+    Bad input raises (naming the file and line) before any output file is written."""
+    check_output_paths(spec.ref_type, spec.output_ref_file, spec.output_pred_file, spec.output_category_file)
+    bpe = load_bpe(spec.vocab)
+    records = read_formatted(spec.input_file, "--input_file")
+    ref_unique = read_ref_unique(spec.ref_unique_file, len(records)) if spec.ref_unique_file else None
+    predictions = read_predictions(spec.sample_file, bpe.vocab_size, len(records))
+    groups = decode_beam(records, predictions, bpe, spec.filter, ref_unique, source=spec.sample_file)
+    write_outputs(groups, spec.ref_type, spec.output_ref_file, spec.output_pred_file, spec.ref_num,
+                  spec.tokenize, spec.lower, spec.output_category_file)
+    return len(records), groups
