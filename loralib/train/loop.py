@@ -23,9 +23,12 @@ epoch's end):
     clip -> optimizer.step -> scheduler.step -> allocator.update_and_mask(model, step) -> zero_grad
 
 `step` passed to the allocator is the number of optimizer steps completed before this one (0 on the first),
-as in AdaLoRA's released trainer (under DeepSpeed ZeRO-1/2 too: loralib.train.deepspeed_ranks). Several processes: `torchrun --nproc_per_node N script.py` (DDP, gloo on
-CPU), or `deepspeed_config="ds.json"` (deepspeed.initialize; batch size, accumulation, clipping and
-precision are filled in from this config and must not contradict it; ZeRO stages 0-3). Under ZeRO-3 the
+as in AdaLoRA's released trainer (under DeepSpeed ZeRO-1/2 too: loralib.train.deepspeed_ranks). What
+differs between plain PyTorch and DeepSpeed (building the optimizer, accumulation, backward, the step,
+what a checkpoint keeps) lives in one backend object (loralib.train.backend); the loop itself does not branch
+on it. Several processes: `torchrun --nproc_per_node N script.py` (DDP, gloo on CPU), or
+`deepspeed_config="ds.json"` (deepspeed.initialize; batch size, accumulation, clipping and precision are
+filled in from this config and must not contradict it; ZeRO stages 0-3). Under ZeRO-3 the
 model is partitioned by deepspeed.initialize and stays so after train(): LoRA layers are kept unmerged,
 eval_fn must run the same forwards on every rank (its gathers are collectives), and the adapter folders
 are written whole; for single-process inference load `result.adapter_dir` into a fresh model.
