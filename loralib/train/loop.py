@@ -23,9 +23,12 @@ epoch's end):
     clip -> optimizer.step -> scheduler.step -> allocator.update_and_mask(model, step) -> zero_grad
 
 `step` passed to the allocator is the number of optimizer steps completed before this one (0 on the first),
-as in AdaLoRA's released trainer (under DeepSpeed ZeRO-1/2 too: loralib.train.deepspeed_ranks). Several processes: `torchrun --nproc_per_node N script.py` (DDP, gloo on
-CPU), or `deepspeed_config="ds.json"` (deepspeed.initialize; batch size, accumulation, clipping and
-precision are filled in from this config and must not contradict it; ZeRO stages 0-3). Under ZeRO-3 the
+as in AdaLoRA's released trainer (under DeepSpeed ZeRO-1/2 too: loralib.train.deepspeed_ranks). What
+differs between plain PyTorch and DeepSpeed (building the optimizer, accumulation, backward, the step,
+what a checkpoint keeps) lives in one backend object (loralib.train.backend); the loop itself does not branch
+on it. Several processes: `torchrun --nproc_per_node N script.py` (DDP, gloo on CPU), or
+`deepspeed_config="ds.json"` (deepspeed.initialize; batch size, accumulation, clipping and precision are
+filled in from this config and must not contradict it; ZeRO stages 0-3). Under ZeRO-3 the
 model is partitioned by deepspeed.initialize and stays so after train(): LoRA layers are kept unmerged,
 eval_fn must run the same forwards on every rank (its gathers are collectives), and the adapter folders
 are written whole; for single-process inference load `result.adapter_dir` into a fresh model.
@@ -59,16 +62,16 @@ from torch.utils.data import DataLoader
 
 from ..layers import LoRALayer
 from . import checkpoint as ckpt
-from . import deepspeed_ranks, zero3
+from . import zero3
 from ..files import full_disk_named
+from .backend import default_optimizer, make_backend, trainable_parameters
 from .guards import check_finite_parameters, check_loss
-from .resume_check import (RESULT_SETTINGS, apply_overrides, config_differences, layer_differences,
-                           layer_signature, optimizer_differences, refuse_if_different)
+from .resume_check import (RESULT_SETTINGS, config_differences, layer_differences, layer_signature,
+                           refuse_if_different)
 from .run_lock import output_dir_lock
-from .distributed import (DistContext, ShardedBatches, all_reduce_mean, barrier, broadcast_object,
-                          deepspeed_config, deepspeed_engine, no_sync, setup, wrap_ddp, zero_stage)
+from .distributed import DistContext, ShardedBatches, all_reduce_mean, barrier, broadcast_object, setup
 from .progress import open_progress
-from .schedules import SCHEDULES, build_scheduler, scheduler_factory
+from .schedules import SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -293,20 +296,6 @@ def _seed_everything(seed: int) -> None:
         ckpt.np.random.seed(seed % 2**32)
 
 
-def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def default_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on 1-d ones (biases, norm weights), the
-    split transformers' Trainer makes for the papers' runs."""
-    decay = [p for p in trainable_parameters(model) if p.ndim >= 2]
-    no_decay = [p for p in trainable_parameters(model) if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
-
-
 def _stateful(callbacks) -> List[Tuple[str, Any]]:
     """(key, callback) for the callbacks whose state a checkpoint keeps (they have state_dict and
     load_state_dict); the key is "<position>:<class name>", so a resumed run must pass the same ones."""
@@ -403,18 +392,17 @@ def train(model: nn.Module, train_dataset, collate_fn: Callable, config: TrainCo
         raise ValueError(f"train: allocator ({type(allocator).__name__}) has no update_and_mask(model, step)")
 
     callbacks = list(callbacks or [])
-    use_deepspeed = config.deepspeed_config is not None
-
     wants_cuda = config.device.startswith("cuda") if config.device else torch.cuda.is_available()
     ctx = setup("cuda" if wants_cuda else "cpu")
     # one run per output folder (rank 0 holds the lock); a full disk is one error naming the path
     with output_dir_lock(config.output_dir, enabled=ctx.is_main), full_disk_named(config.output_dir):
-        return _train(model, train_dataset, collate_fn, config, eval_fn, optimizer_factory, regularizer,
-                      allocator, callbacks, ctx, use_deepspeed)
+        run = _Run(model, train_dataset, collate_fn, config, eval_fn, regularizer, allocator, callbacks, ctx)
+        run.setup(optimizer_factory)
+        return run.train()
 
 
-def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_factory, regularizer, allocator,
-           callbacks, ctx: DistContext, use_deepspeed: bool) -> TrainResult:
+def _device(config: TrainConfig, ctx: DistContext) -> torch.device:
+    """config.device, else this rank's GPU, else the CPU; fp16 is refused off the GPU."""
     if config.device:
         device = torch.device(config.device)
     elif torch.cuda.is_available():
@@ -423,318 +411,315 @@ def _train(model, dataset, collate_fn, config: TrainConfig, eval_fn, optimizer_f
         device = torch.device("cpu")
     if config.precision == "fp16" and device.type != "cuda":
         raise ValueError(f"TrainConfig.precision='fp16' needs a GPU (device is {device}); use 'bf16' or 'fp32'")
-    output_dir = Path(config.output_dir)
-    if ctx.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    return device
 
-    sampler = ShardedBatches(len(dataset), config.per_device_batch_size, ctx.world_size, ctx.rank,
-                             seed=config.seed, drop_last=config.drop_last)
-    micro_per_epoch = len(sampler)
-    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum_steps)
-    total_steps = config.max_steps or math.ceil(config.num_epochs * steps_per_epoch)
-    state = TrainState(total_steps=total_steps, steps_per_epoch=steps_per_epoch, data_seed=config.seed)
 
-    resume_path = ckpt.resolve_resume(config.resume_from, output_dir) if config.resume_from else None
-    if resume_path is not None:
-        meta = ckpt.read_meta(resume_path)
+@dataclass
+class _Resume:
+    """A checkpoint being resumed: its path, its TrainConfig and the differences found before restoring."""
+
+    path: Path
+    saved_config: Dict[str, Any]
+    differences: List[str]
+
+
+class _Run:
+    """One call of train(). The phases: setup (model, backend, resume, logs), train (epochs of optimizer
+    steps, evaluation and saving on their schedules), finish (final evaluation, checkpoint and adapter).
+    Everything that differs between plain PyTorch and DeepSpeed is behind self.backend (backend.py)."""
+
+    def __init__(self, model, dataset, collate_fn, config: TrainConfig, eval_fn, regularizer, allocator,
+                 callbacks: List[Any], ctx: DistContext):
+        self.model, self.dataset, self.collate_fn, self.config = model, dataset, collate_fn, config
+        self.eval_fn, self.regularizer, self.allocator, self.callbacks, self.ctx = (
+            eval_fn, regularizer, allocator, callbacks, ctx)
+        self.device = _device(config, ctx)
+        self.output_dir = Path(config.output_dir)
+        if ctx.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.sampler = ShardedBatches(len(dataset), config.per_device_batch_size, ctx.world_size, ctx.rank,
+                                      seed=config.seed, drop_last=config.drop_last)
+        self.micro_per_epoch = len(self.sampler)
+        steps_per_epoch = math.ceil(self.micro_per_epoch / config.grad_accum_steps)
+        self.total_steps = config.max_steps or math.ceil(config.num_epochs * steps_per_epoch)
+        self.state = TrainState(total_steps=self.total_steps, steps_per_epoch=steps_per_epoch, data_seed=config.seed)
+        self.best_dir = self.output_dir / "best_adapter"
+        self.last_metrics: Optional[Dict[str, Any]] = None
+        self.last_checkpoint: Optional[Path] = None
+
+    # -- setup -------------------------------------------------------------------------------------
+    def setup(self, optimizer_factory) -> None:
+        """Seed, place the model, build the backend, restore a checkpoint (refusing any result-changing
+        difference before anything restored is used), then open the progress display and metrics log."""
+        model, config = self.model, self.config
+        resume = self._read_resume() if config.resume_from else None
+        _seed_everything(config.seed)
+        model.to(self.device)
+        if not trainable_parameters(model):
+            raise ValueError("train: the model has no trainable parameter (call loralib.mark_only_lora_as_trainable "
+                             "after adding LoRA layers, or mark a head trainable)")
+        if (self.allocator is not None and getattr(self.allocator, "total_step", 0) is None
+                and hasattr(self.allocator, "set_total_step")):
+            self.allocator.set_total_step(self.total_steps)
+        if resume is not None:
+            ckpt.load_model(resume.path, model)
+        self.backend = make_backend(config, self.ctx, self.device, self.allocator)
+        self.backend.build(model, optimizer_factory, self.total_steps)
+        overridden = self._restore(resume) if resume is not None else {}
+        self.backend.wrap(model)
+        self._open_logs(resume, overridden)
+
+    def _read_resume(self) -> _Resume:
+        """The checkpoint to resume; refused at once when the data position cannot carry over (world size,
+        batch size, accumulation, dataset size, drop_last, seed)."""
+        config, ctx = self.config, self.ctx
+        path = ckpt.resolve_resume(config.resume_from, self.output_dir)
+        meta = ckpt.read_meta(path)
         for key, now in (("world_size", ctx.world_size), ("per_device_batch_size", config.per_device_batch_size),
-                         ("grad_accum_steps", config.grad_accum_steps), ("num_samples", len(dataset)),
+                         ("grad_accum_steps", config.grad_accum_steps), ("num_samples", len(self.dataset)),
                          ("drop_last", config.drop_last), ("seed", config.seed)):
             if meta.get(key) != now:
-                raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint was written with {key}="
+                raise ValueError(f"resume_from={str(path)!r}: the checkpoint was written with {key}="
                                  f"{meta.get(key)!r}, this run has {now!r}; exact resume needs the same")
         saved_config = meta.get("config", {})
         differences = (config_differences(saved_config, config)
-                       + layer_differences(meta.get("lora_layers", layer_signature(model)), model))
+                       + layer_differences(meta.get("lora_layers", layer_signature(self.model)), self.model))
+        return _Resume(path, saved_config, differences)
 
-    _seed_everything(config.seed)
-    model.to(device)
-    if not trainable_parameters(model):
-        raise ValueError("train: the model has no trainable parameter (call loralib.mark_only_lora_as_trainable "
-                         "after adding LoRA layers, or mark a head trainable)")
-    if allocator is not None and getattr(allocator, "total_step", 0) is None and hasattr(allocator, "set_total_step"):
-        allocator.set_total_step(total_steps)
-    if resume_path is not None:
-        ckpt.load_model(resume_path, model)
-
-    engine, scaler = None, None
-    overridden: Dict[str, list] = {}  # resume_overrides applied to the restored state
-    optimizer = optimizer_factory(model) if optimizer_factory is not None else None
-    if use_deepspeed:
-        ds = deepspeed_config(config, ctx.world_size, optimizer_factory is not None)
-        if optimizer is None and "optimizer" not in ds:
-            optimizer = default_optimizer(model, config)
-        make_scheduler = scheduler_factory(config.schedule, total_steps, config.warmup_steps, config.warmup_ratio)
-        if zero_stage(ds) == 3 and allocator is not None:
-            raise ValueError("train: rank allocation (an allocator) under DeepSpeed ZeRO-3 is not supported: the "
-                             "factors it scores and masks are partitioned there; use ZeRO-1/2 or torchrun (DDP)")
-        if zero_stage(ds) == 3:
-            model.train()  # unmerged: ZeRO-3 is about to partition W, which B A can no longer be added to
-            zero3.disable_merging(model)
-        engine, optimizer, scheduler = deepspeed_engine(model, optimizer, make_scheduler, ds)
-        forward_model = engine
-    else:
-        optimizer = optimizer or default_optimizer(model, config)
-        scheduler = build_scheduler(optimizer, config.schedule, total_steps, config.warmup_steps, config.warmup_ratio)
-        if config.precision == "fp16":
-            scaler = torch.amp.GradScaler("cuda")
-    if resume_path is not None:
-        saved = ckpt.load_training_state(resume_path)
-        if engine is not None:
-            ckpt.load_deepspeed(resume_path, engine)
-            if config.resume_overrides:
-                differences.append(f"resume_overrides={config.resume_overrides} (not applied to a DeepSpeed "
-                                   "engine's restored optimizer)")
-        else:
-            differences += optimizer_differences(saved["optimizer"]["param_groups"], optimizer.param_groups,
-                                                 config.resume_overrides)
-            if not differences:  # else refused below, with the other checks' findings
-                optimizer.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
-                if scaler is not None and saved.get("scaler") is not None:
-                    scaler.load_state_dict(saved["scaler"])
-                overridden = apply_overrides(saved_config, config, optimizer, scheduler)
+    def _restore(self, resume: _Resume) -> Dict[str, list]:
+        """Optimizer / schedule (the backend's), allocator, callbacks, loop position, and last the RNG
+        streams; returns the resume_overrides applied."""
+        path, allocator = resume.path, self.allocator
+        saved = ckpt.load_training_state(path)
+        overridden = self.backend.restore(path, saved, resume.saved_config, resume.differences)
         if (saved.get("allocator") is None) != (allocator is None):
-            raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint was written "
+            raise ValueError(f"resume_from={str(path)!r}: the checkpoint was written "
                              f"{'with' if allocator is None else 'without'} an allocator, this run has "
                              f"{'none' if allocator is None else 'one'}")
         if allocator is not None:
             allocator.load_state_dict(saved["allocator"])
-        saved_callbacks = ckpt.load_rank_state(resume_path, ctx.rank)
-        for key, callback in _stateful(callbacks):
+        saved_callbacks = ckpt.load_rank_state(path, self.ctx.rank)
+        for key, callback in _stateful(self.callbacks):
             if key not in saved_callbacks:
-                raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint holds no state for callback "
+                raise ValueError(f"resume_from={str(path)!r}: the checkpoint holds no state for callback "
                                  f"{key!r} (it was written by a run without it)")
             callback.load_state_dict(saved_callbacks[key])
-        refuse_if_different(resume_path, differences)  # nothing restored so far has been used or written
-        state = TrainState(**saved["loop"])
-        if state.total_steps != total_steps:
-            raise ValueError(f"resume_from={str(resume_path)!r}: the checkpoint's run has {state.total_steps} steps, "
-                             f"this one {total_steps} (max_steps / num_epochs changed); the schedule depends on it, "
-                             "so exact resume needs the same")
-        ckpt.load_rng(resume_path, ctx.rank)  # last: nothing after it may draw random numbers
-    if not use_deepspeed:
-        forward_model = wrap_ddp(model, ctx, device, config.ddp_find_unused_parameters)
-    # the compiled wrapper only runs the training forward: no_sync, train/eval and checkpoints use the modules
-    step_model = forward_model
-    if config.torch_compile:
-        step_model = torch.compile(forward_model, **({} if config.torch_compile is True
-                                                     else {"backend": config.torch_compile}))
+        refuse_if_different(path, resume.differences)  # nothing restored so far has been used or written
+        self.state = TrainState(**saved["loop"])
+        if self.state.total_steps != self.total_steps:
+            raise ValueError(f"resume_from={str(path)!r}: the checkpoint's run has {self.state.total_steps} steps, "
+                             f"this one {self.total_steps} (max_steps / num_epochs changed); the schedule depends "
+                             "on it, so exact resume needs the same")
+        ckpt.load_rng(path, self.ctx.rank)  # last: nothing after it may draw random numbers
+        return overridden
 
-    # a bar on a terminal, plain periodic lines otherwise (progress_bar=False: lines only); see progress.py;
-    # made before say() below, which writes through it (a resumed run's first message)
-    bar = open_progress(total_steps, state.global_step, main=ctx.is_main, bar=config.progress_bar)
-
-    def say(message: str) -> None:
-        bar.write(message) if config.progress_bar else logger.info(message)
-
-    log = _MetricsLog(output_dir, ctx.is_main, config.tensorboard)
-    if resume_path is not None:
-        log.truncate_after(state.global_step)
-        if overridden:
-            log.write({"step": state.global_step, "resume_overrides": overridden})
+    def _open_logs(self, resume: Optional[_Resume], overridden: Dict[str, list]) -> None:
+        """The progress display and metrics.jsonl (cut back to a resumed checkpoint's step); stale
+        half-written checkpoint folders are removed."""
+        state, ctx = self.state, self.ctx
+        # a bar on a terminal, plain periodic lines otherwise (progress_bar=False: lines only); see progress.py;
+        # made before say() below, which writes through it (a resumed run's first message)
+        self.bar = open_progress(self.total_steps, state.global_step, main=ctx.is_main, bar=self.config.progress_bar)
+        self.log = _MetricsLog(self.output_dir, ctx.is_main, self.config.tensorboard)
+        if resume is not None:
+            self.log.truncate_after(state.global_step)
+            if overridden:
+                self.log.write({"step": state.global_step, "resume_overrides": overridden})
+            if ctx.is_main:
+                self.say(f"resumed from {resume.path} at step {state.global_step} (epoch {state.epoch}, "
+                         f"micro-batch {state.micro_in_epoch})" + (f" with {overridden}" if overridden else ""))
         if ctx.is_main:
-            say(f"resumed from {resume_path} at step {state.global_step} (epoch {state.epoch}, "
-                f"micro-batch {state.micro_in_epoch})" + (f" with {overridden}" if overridden else ""))
-    if ctx.is_main:
-        ckpt.remove_stale(output_dir)
-    barrier(ctx)
+            ckpt.remove_stale(self.output_dir)
+        barrier(ctx)
 
-    autocast = contextlib.nullcontext
-    if config.precision in ("bf16", "fp16") and not use_deepspeed:
-        dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
-        autocast = lambda: torch.autocast(device_type=device.type, dtype=dtype)  # noqa: E731
-    params = trainable_parameters(model)
-    clip = bool(config.max_grad_norm)
-    last_metrics: Optional[Dict[str, Any]] = None
-    last_checkpoint: Optional[Path] = None
-    best_dir = output_dir / "best_adapter"
+    def say(self, message: str) -> None:
+        self.bar.write(message) if self.config.progress_bar else logger.info(message)
 
-    def evaluate() -> Dict[str, Any]:
-        nonlocal last_metrics
-        with _evaluation(model, forward_model, config.merge_lora_for_eval):
-            metrics = eval_fn(model)
+    def epoch_float(self) -> float:
+        return self.state.epoch + self.state.micro_in_epoch / max(1, self.micro_per_epoch)
+
+    # -- train -------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        self.loss_sum, self.steps_run = 0.0, 0  # over the steps this call runs (TrainResult.train_loss)
+        self.logged_loss, self.logged_steps = torch.zeros((), device=self.device), 0  # since the last log line
+        self.work, self.unit, self.tick = 0, "samples", time.perf_counter()
+        _call(self.callbacks, "on_train_begin", self.state)
+        self.backend.forward_model.train()
+        try:
+            while self.state.global_step < self.total_steps:
+                self._epoch()
+            adapter_dir = self._finish()
+        finally:
+            self.bar.close()
+            self.log.close()
+        return self._result(adapter_dir)
+
+    def _epoch(self) -> None:
+        """The optimizer steps of the current epoch from its current micro-batch (all of them, or up to
+        the last step); each step evaluates and saves when its strategy says so."""
+        config, state = self.config, self.state
+        batches = self.sampler.batches(state.epoch)
+        loader = DataLoader(self.dataset, batch_sampler=batches[state.micro_in_epoch:], collate_fn=self.collate_fn,
+                            num_workers=config.num_workers, pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(config.seed + state.epoch))
+        micro_batches = iter(loader)
+        while state.micro_in_epoch < len(batches) and state.global_step < self.total_steps:
+            n = min(config.grad_accum_steps, len(batches) - state.micro_in_epoch)
+            step_loss = self._accumulate(micro_batches, n)
+            check_loss(step_loss, state.global_step + 1, self.ctx,
+                       str(self.last_checkpoint) if self.last_checkpoint else None)
+            _, grad_norm = self.backend.step(self.model, state.global_step, lambda module: _call(
+                self.callbacks, "on_before_optimizer_step", state, module, self.backend.optimizer))
+            state.global_step += 1
+            state.micro_in_epoch += n
+            end_of_epoch = state.micro_in_epoch >= len(batches)
+            logs = self._log_step(step_loss, grad_norm)
+            if self.eval_fn is not None and ((config.eval_strategy == "steps" and state.global_step % config.eval_every == 0)
+                                             or (config.eval_strategy == "epoch" and end_of_epoch)):
+                self.evaluate()
+            if end_of_epoch:
+                state.epoch += 1
+                state.micro_in_epoch = 0
+            if ((config.save_strategy == "steps" and state.global_step % config.save_every == 0)
+                    or (config.save_strategy == "epoch" and end_of_epoch)):
+                self.save()
+            _call(self.callbacks, "on_step_end", state, logs)
+            if end_of_epoch:
+                break  # the next epoch draws its own order
+
+    def _accumulate(self, micro_batches, n: int) -> torch.Tensor:
+        """Forward and backward of n micro-batches (loss / n each, + the regularizer); their mean loss."""
+        backend = self.backend
+        step_loss = torch.zeros((), device=self.device)
+        for j in range(n):
+            batch = _to_device(next(micro_batches), self.device)
+            with backend.accumulation(last=j == n - 1):
+                with backend.autocast():
+                    loss = _loss_of(backend.step_model(**batch))
+                if self.regularizer is not None:
+                    loss = loss + self.regularizer(self.model)
+                backend.backward(loss / n)
+            step_loss += loss.detach().float() / n
+            amount, self.unit = _tokens(batch)
+            self.work = self.work + amount
+        return step_loss
+
+    def _log_step(self, step_loss: torch.Tensor, grad_norm) -> Dict[str, Any]:
+        """Every log_every steps (and at the last): a metrics.jsonl line with the mean loss since the last
+        one (over all ranks), the learning rate, the throughput and the gradient norm; else {}."""
+        state, ctx = self.state, self.ctx
+        self.logged_loss += step_loss
+        self.logged_steps += 1
+        self.bar.update(1)
+        if not (state.global_step % self.config.log_every == 0 or state.global_step == self.total_steps):
+            return {}
+        mean_loss = (all_reduce_mean(self.logged_loss, ctx) / self.logged_steps).item()
+        elapsed = time.perf_counter() - self.tick
+        rate = float(_scalar(self.work)) * ctx.world_size / max(elapsed, 1e-9)
+        lr = self.backend.scheduler.get_last_lr()[0]
+        logs = {"step": state.global_step, "epoch": round(self.epoch_float(), 4), "loss": mean_loss,
+                "lr": lr, f"{self.unit}_per_s": round(rate, 2)}
+        if grad_norm is not None:
+            logs["grad_norm"] = float(_scalar(grad_norm))
+        self.log.write(logs)
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **{f"{self.unit}/s": f"{rate:.0f}"})
+        self.loss_sum += mean_loss * self.logged_steps
+        self.steps_run += self.logged_steps
+        self.logged_loss.zero_()
+        self.logged_steps, self.work, self.tick = 0, 0, time.perf_counter()
+        return logs
+
+    # -- evaluate and save -------------------------------------------------------------------------
+    def evaluate(self) -> Dict[str, Any]:
+        """eval_fn in eval mode (rank 0's dict), logged; a better metric_for_best writes best_adapter/."""
+        state, ctx = self.state, self.ctx
+        with _evaluation(self.model, self.backend.forward_model, self.config.merge_lora_for_eval):
+            metrics = self.eval_fn(self.model)
         if not isinstance(metrics, dict):
             raise ValueError(f"eval_fn returned {type(metrics).__name__}; it must return a dict of metrics")
         metrics = broadcast_object({k: _scalar(v) for k, v in metrics.items()}, ctx)
         state.last_eval_step = state.global_step
-        record = {"step": state.global_step, "epoch": round(epoch_float(), 4)}
+        record = {"step": state.global_step, "epoch": round(self.epoch_float(), 4)}
         record.update({k if k.startswith("eval_") else f"eval_{k}": v for k, v in metrics.items()})
-        log.write(record)
-        if config.metric_for_best is not None:
-            name = config.metric_for_best
-            key = name if name in metrics else f"eval_{name}"
-            if key not in metrics:
-                raise KeyError(f"TrainConfig.metric_for_best={name!r} is not among eval_fn's metrics {sorted(metrics)}")
-            value = float(metrics[key])
-            better = math.isfinite(value) and (state.best_metric is None or (
-                value > state.best_metric if config.greater_is_better else value < state.best_metric))
-            if better:
-                state.best_metric, state.best_step = value, state.global_step
-                tensors = ckpt.adapter_state_dict(model)
-                if ctx.is_main:
-                    ckpt.save_adapter_atomic(model, best_dir, metadata={"global_step": state.global_step,
-                                                                        "metrics": metrics}, state_dict=tensors)
-                barrier(ctx)
-        last_metrics = metrics
+        self.log.write(record)
+        if self.config.metric_for_best is not None:
+            self._keep_if_best(metrics)
+        self.last_metrics = metrics
         if ctx.is_main:
-            say(f"step {state.global_step}: " + ", ".join(
+            self.say(f"step {state.global_step}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        _call(callbacks, "on_evaluate", state, metrics)
+        _call(self.callbacks, "on_evaluate", state, metrics)
         return metrics
 
-    def save() -> Path:
-        nonlocal last_checkpoint
-        check_finite_parameters(model, state.global_step, ctx)
-        training_state = {
-            "optimizer": None if engine is not None else optimizer.state_dict(),
-            "scheduler": None if engine is not None else scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "allocator": allocator.state_dict() if allocator is not None else None,
-            "loop": dataclasses.asdict(dataclasses.replace(state, last_save_step=state.global_step)),
-        }
-        meta = {"epoch": epoch_float(), "best_metric": state.best_metric, "best_step": state.best_step,
+    def _keep_if_best(self, metrics: Dict[str, Any]) -> None:
+        config, state = self.config, self.state
+        name = config.metric_for_best
+        key = name if name in metrics else f"eval_{name}"
+        if key not in metrics:
+            raise KeyError(f"TrainConfig.metric_for_best={name!r} is not among eval_fn's metrics {sorted(metrics)}")
+        value = float(metrics[key])
+        better = math.isfinite(value) and (state.best_metric is None or (
+            value > state.best_metric if config.greater_is_better else value < state.best_metric))
+        if better:
+            state.best_metric, state.best_step = value, state.global_step
+            tensors = ckpt.adapter_state_dict(self.model)
+            if self.ctx.is_main:
+                ckpt.save_adapter_atomic(self.model, self.best_dir, metadata={"global_step": state.global_step,
+                                                                             "metrics": metrics}, state_dict=tensors)
+            barrier(self.ctx)
+
+    def save(self) -> Path:
+        """checkpoint-<step>: the adapter, the backend's optimizer / schedule / scaler state, the allocator's,
+        the loop position, each rank's RNG streams and callback states."""
+        config, state, model = self.config, self.state, self.model
+        check_finite_parameters(model, state.global_step, self.ctx)
+        training_state = dict(self.backend.training_state(),
+                              allocator=self.allocator.state_dict() if self.allocator is not None else None,
+                              loop=dataclasses.asdict(dataclasses.replace(state, last_save_step=state.global_step)))
+        meta = {"epoch": self.epoch_float(), "best_metric": state.best_metric, "best_step": state.best_step,
                 "per_device_batch_size": config.per_device_batch_size, "grad_accum_steps": config.grad_accum_steps,
-                "num_samples": len(dataset), "drop_last": config.drop_last, "seed": config.seed,
+                "num_samples": len(self.dataset), "drop_last": config.drop_last, "seed": config.seed,
                 "config": {k: v for k, v in config.to_dict().items() if k != "deepspeed_config"},
                 "lora_layers": layer_signature(model)}
-        path = ckpt.save_checkpoint(output_dir, state.global_step, model, ctx, training_state, meta, engine=engine,
-                                    save_full_model=config.save_full_model, total_limit=config.save_total_limit,
-                                    rank_state={key: cb.state_dict() for key, cb in _stateful(callbacks)})
+        path = ckpt.save_checkpoint(self.output_dir, state.global_step, model, self.ctx, training_state, meta,
+                                    engine=self.backend.engine, save_full_model=config.save_full_model,
+                                    total_limit=config.save_total_limit,
+                                    rank_state={key: cb.state_dict() for key, cb in _stateful(self.callbacks)})
         state.last_save_step = state.global_step
-        last_checkpoint = path
-        _call(callbacks, "on_save", state, path)
+        self.last_checkpoint = path
+        _call(self.callbacks, "on_save", state, path)
         return path
 
-    def epoch_float() -> float:
-        return state.epoch + state.micro_in_epoch / max(1, micro_per_epoch)
-
-    loss_sum, steps_run, logged_loss, logged_steps = 0.0, 0, torch.zeros((), device=device), 0
-    work, unit, tick = 0, "samples", time.perf_counter()
-    _call(callbacks, "on_train_begin", state)
-    forward_model.train()
-    try:
-        while state.global_step < total_steps:
-            batches = sampler.batches(state.epoch)
-            loader = DataLoader(dataset, batch_sampler=batches[state.micro_in_epoch:], collate_fn=collate_fn,
-                                num_workers=config.num_workers, pin_memory=device.type == "cuda",
-                                generator=torch.Generator().manual_seed(config.seed + state.epoch))
-            micro_batches = iter(loader)
-            while state.micro_in_epoch < len(batches) and state.global_step < total_steps:
-                n = min(config.grad_accum_steps, len(batches) - state.micro_in_epoch)
-                step_loss = torch.zeros((), device=device)
-                for j in range(n):
-                    batch = _to_device(next(micro_batches), device)
-                    last = j == n - 1
-                    if engine is not None:
-                        engine.set_gradient_accumulation_boundary(last)
-                    with no_sync(forward_model, not last):
-                        with autocast():
-                            loss = _loss_of(step_model(**batch))
-                        if regularizer is not None:
-                            loss = loss + regularizer(model)
-                        if engine is not None:
-                            engine.backward(loss / n, scale_wrt_gas=False)
-                        elif scaler is not None:
-                            scaler.scale(loss / n).backward()
-                        else:
-                            (loss / n).backward()
-                    step_loss += loss.detach().float() / n
-                    amount, unit = _tokens(batch)
-                    work = work + amount
-
-                check_loss(step_loss, state.global_step + 1, ctx, str(last_checkpoint) if last_checkpoint else None)
-                # clip -> optimizer.step -> scheduler.step -> allocator -> zero_grad
-                grad_norm = None
-                if engine is not None:
-                    _call(callbacks, "on_before_optimizer_step", state, engine, optimizer)
-                    scored = deepspeed_ranks.gather_scored_gradients(allocator) if allocator is not None else None
-                    skipped = getattr(engine, "skipped_steps", 0)
-                    engine.step()  # DeepSpeed clips, steps, zeroes the gradients, then steps the scheduler
-                    grad_norm = engine.get_global_grad_norm()
-                    if allocator is not None and getattr(engine, "skipped_steps", 0) == skipped:
-                        deepspeed_ranks.allocate(allocator, model, state.global_step, scored)
-                else:
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    if clip:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    _call(callbacks, "on_before_optimizer_step", state, forward_model, optimizer)
-                    stepped = True
-                    if scaler is not None:
-                        scale = scaler.get_scale()
-                        scaler.step(optimizer)
-                        scaler.update()
-                        stepped = scaler.get_scale() >= scale  # a lowered scale means inf/nan: step skipped
-                    else:
-                        optimizer.step()
-                    if stepped:
-                        scheduler.step()
-                        if allocator is not None:
-                            allocator.update_and_mask(model, state.global_step)
-                    model.zero_grad(set_to_none=True)
-
-                state.global_step += 1
-                state.micro_in_epoch += n
-                end_of_epoch = state.micro_in_epoch >= len(batches)
-                logged_loss += step_loss
-                logged_steps += 1
-                bar.update(1)
-                logs: Dict[str, Any] = {}
-                if state.global_step % config.log_every == 0 or state.global_step == total_steps:
-                    mean_loss = (all_reduce_mean(logged_loss, ctx) / logged_steps).item()
-                    elapsed = time.perf_counter() - tick
-                    rate = float(_scalar(work)) * ctx.world_size / max(elapsed, 1e-9)
-                    lr = scheduler.get_last_lr()[0]
-                    logs = {"step": state.global_step, "epoch": round(epoch_float(), 4), "loss": mean_loss,
-                            "lr": lr, f"{unit}_per_s": round(rate, 2)}
-                    if grad_norm is not None:
-                        logs["grad_norm"] = float(_scalar(grad_norm))
-                    log.write(logs)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **{f"{unit}/s": f"{rate:.0f}"})
-                    loss_sum += mean_loss * logged_steps
-                    steps_run += logged_steps
-                    logged_loss.zero_()
-                    logged_steps, work, tick = 0, 0, time.perf_counter()
-
-                if eval_fn is not None and ((config.eval_strategy == "steps" and state.global_step % config.eval_every == 0)
-                                            or (config.eval_strategy == "epoch" and end_of_epoch)):
-                    evaluate()
-                if end_of_epoch:
-                    state.epoch += 1
-                    state.micro_in_epoch = 0
-                if ((config.save_strategy == "steps" and state.global_step % config.save_every == 0)
-                        or (config.save_strategy == "epoch" and end_of_epoch)):
-                    save()
-                _call(callbacks, "on_step_end", state, logs)
-                if end_of_epoch:
-                    break  # the next epoch draws its own order
-
-        if eval_fn is not None and config.eval_at_end and state.last_eval_step != state.global_step:
-            evaluate()
+    # -- finish ------------------------------------------------------------------------------------
+    def _finish(self) -> Path:
+        """The final evaluation and checkpoint (unless done at this step), the best adapter loaded back if
+        asked, and adapter/ written; returns adapter/'s path."""
+        config, state, model, ctx = self.config, self.state, self.model, self.ctx
+        if self.eval_fn is not None and config.eval_at_end and state.last_eval_step != state.global_step:
+            self.evaluate()
         if config.save_strategy != "no" and state.last_save_step != state.global_step:
-            save()
+            self.save()
         if config.load_best_at_end and state.best_step is not None:
             with zero3.writable(model, [n for n, p in model.named_parameters() if "lora_" in n or p.requires_grad]):
-                ckpt.load_adapter_weights(best_dir, model)
-        adapter_dir = output_dir / "adapter"
+                ckpt.load_adapter_weights(self.best_dir, model)
+        adapter_dir = self.output_dir / "adapter"
         check_finite_parameters(model, state.global_step, ctx)
         tensors = ckpt.adapter_state_dict(model)
         if ctx.is_main:
             ckpt.save_adapter_atomic(model, adapter_dir, metadata={"global_step": state.global_step,
                                                                    "best_step": state.best_step}, state_dict=tensors)
         barrier(ctx)
-        _call(callbacks, "on_train_end", state)
-    finally:
-        bar.close()
-        log.close()
+        _call(self.callbacks, "on_train_end", state)
+        return adapter_dir
 
-    if last_checkpoint is None and state.last_save_step is not None:
-        found = ckpt.list_checkpoints(output_dir)
-        last_checkpoint = found[-1][1] if found else None
-    return TrainResult(
-        global_step=state.global_step, epoch=epoch_float(),
-        train_loss=loss_sum / steps_run if steps_run else None,
-        best_metric=state.best_metric, best_step=state.best_step, eval_metrics=last_metrics,
-        adapter_dir=str(adapter_dir), best_adapter_dir=str(best_dir) if state.best_step is not None else None,
-        last_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    def _result(self, adapter_dir: Path) -> TrainResult:
+        state, last_checkpoint = self.state, self.last_checkpoint
+        if last_checkpoint is None and state.last_save_step is not None:
+            found = ckpt.list_checkpoints(self.output_dir)
+            last_checkpoint = found[-1][1] if found else None
+        return TrainResult(
+            global_step=state.global_step, epoch=self.epoch_float(),
+            train_loss=self.loss_sum / self.steps_run if self.steps_run else None,
+            best_metric=state.best_metric, best_step=state.best_step, eval_metrics=self.last_metrics,
+            adapter_dir=str(adapter_dir), best_adapter_dir=str(self.best_dir) if state.best_step is not None else None,
+            last_checkpoint=str(last_checkpoint) if last_checkpoint else None)
