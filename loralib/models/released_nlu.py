@@ -93,7 +93,8 @@ def nlu_lora_config(state_dict: StateDict, lora_alpha: Optional[float] = None, *
                       target_modules=tuple(sorted(projections)), **overrides)
 
 
-def load_nlu_adapter(model: nn.Module, path_or_state_dict: Union[str, os.PathLike, StateDict]) -> List[str]:
+def load_nlu_adapter(model: nn.Module, path_or_state_dict: Union[str, os.PathLike, StateDict],
+                     name: Optional[str] = None) -> List[str]:
     """Load a released NLU adapter into `model` (a RoBERTa or DeBERTa-v2 model of ours) and return the
     keys loaded.
 
@@ -101,9 +102,11 @@ def load_nlu_adapter(model: nn.Module, path_or_state_dict: Union[str, os.PathLik
     model carries must be in the file; anything else is a ValueError naming the file, the key and the
     shapes (a label count or hidden size that does not fit is said so in plain words). A bare encoder
     (task "base") accepts the LoRA keys without its prefix but refuses a file that carries a head.
+    name: how errors call a state dict read elsewhere (its file: loralib.adapter_files.open_adapter).
     """
     if isinstance(path_or_state_dict, dict):
-        source, sd = "adapter state dict", _plain_state_dict(path_or_state_dict, "adapter state dict")
+        source = name or "adapter state dict"
+        sd = _plain_state_dict(path_or_state_dict, source)
     else:
         source, sd = os.fspath(path_or_state_dict), read_nlu_adapter(path_or_state_dict)
 
