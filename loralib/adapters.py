@@ -41,7 +41,6 @@ from . import init_methods, layers
 from .adalora import SVDLinear, apply_rank_pattern, rank_adaptive_layers, trim_ranks
 from .adapter_files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, FORMAT_VERSION, PEFT_PREFIX, PEFT_WEIGHTS,
                             AdapterError, AdapterSource, open_adapter, read_adapter_config)
-from .adapter_files import load_tensors as _load_tensors
 from .config import LoRAConfig
 from .lora2 import LoRA2Linear
 from .files import apply_umask, write_json_atomic
