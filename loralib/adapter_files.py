@@ -47,12 +47,9 @@ CHECKPOINT_MARKER = "checkpoint.json"    # loralib.train.checkpoint.MARKER (not 
 MODEL_EXTRA = "model_extra.pt"           # loralib.train.checkpoint.MODEL_EXTRA
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 _TENSOR_FILES = (".bin", ".pt", ".pth", ".safetensors")
+_FOLDER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_WEIGHTS, PEFT_WEIGHTS_BIN)  # name their folder
 
 PathLike = Union[str, os.PathLike]
-
-# The model_type (config.json) of the first key component of microsoft's released NLU files.
-_NLU_FAMILY = {"roberta": "roberta", "deberta": "deberta-v2", "bert": "bert"}
-
 
 class AdapterError(ValueError):
     """An adapter file that does not fit the model (names the file and the key)."""
@@ -135,12 +132,11 @@ def _run_family(run_config: Optional[dict], meta: dict) -> Optional[str]:
 def open_adapter(path: PathLike) -> AdapterSource:
     """Recognise what `path` is and read it (see the module docstring); one error naming it otherwise."""
     given = Path(path).expanduser()
-    if given.is_file() and given.name in (ADAPTER_WEIGHTS, PEFT_WEIGHTS, PEFT_WEIGHTS_BIN):
-        given = given.parent  # the weights of a folder: the folder is the adapter
-    if given.is_dir():
-        source = _open_folder(given)
-    elif given.is_file():
-        source = _open_released(given)
+    found = given.parent if given.is_file() and given.name in _FOLDER_FILES else given
+    if found.is_dir():
+        source = _open_folder(found)
+    elif found.is_file():
+        source = _open_released(found)
     else:
         raise FileNotFoundError(f"{given}: no such adapter file or folder (expected a folder with "
                                 f"{ADAPTER_CONFIG}, a run or checkpoint-<step> folder, or a released .bin/.pt)")
@@ -192,26 +188,20 @@ def _open_ours(folder: Path) -> AdapterSource:
 
 def _open_released(file: Path) -> AdapterSource:
     """microsoft's released files: a torch (or safetensors) state dict of LoRA factors (+ a head)."""
-    from .models.released import _LORA_KEY as NLG_KEY
-    from .models.released import nlg_lora_config
-    from .models.released_nlu import _LORA_KEY as NLU_KEY
-    from .models.released_nlu import nlu_lora_config, read_nlu_adapter
+    from .models.released import is_gpt2_nlg_adapter, nlg_lora_config
+    from .models.released_nlu import nlu_family, nlu_lora_config, read_nlu_adapter
 
     if not file.name.endswith(_TENSOR_FILES):
         raise AdapterError(f"{file}: not an adapter file (a released adapter is a {'/'.join(_TENSOR_FILES)} file)")
     state = read_nlu_adapter(file)  # unwraps model_state_dict / state_dict and DDP's "module." prefix
-    nlu = [NLU_KEY.match(k) for k in state if k.endswith("lora_A")]
-    if any(nlu):
-        family = {m["prefix"] for m in nlu if m}
-        return AdapterSource("microsoft-nlu", file, state, nlu_lora_config(state),
-                             {k[:-len(".lora_A")]: v.shape[0] for k, v in state.items() if NLU_KEY.match(k)
-                              and k.endswith("lora_A")},
-                             _NLU_FAMILY.get(family.pop()) if len(family) == 1 else None, weights=file)
-    if any(NLG_KEY.match(k) for k in state):
-        config = nlg_lora_config(state)
-        return AdapterSource("microsoft-nlg", file, state, config,
-                             {k[:-len(".lora_A")]: config.r for k in state if NLG_KEY.match(k) and k.endswith("A")},
-                             "gpt2", weights=file)
+    ranks = {key[:-len(".lora_A")]: value.shape[0] for key, value in state.items() if key.endswith(".lora_A")}
+    family = nlu_family(state)
+    if family is not None:
+        return AdapterSource("microsoft-nlu", file, state, nlu_lora_config(state), ranks, family, weights=file)
+    if is_gpt2_nlg_adapter(state):
+        config = nlg_lora_config(state)  # c_attn's lora_A stacks q's and v's: (2 r, n_embd)
+        return AdapterSource("microsoft-nlg", file, state, config, {path: config.r for path in ranks}, "gpt2",
+                             weights=file)
     raise AdapterError(f"{file}: holds no LoRA factors of a known layout (microsoft's NLU "
                        "'<model>.encoder.layer.N.attention.self.<proj>.lora_A' or GPT-2 "
                        f"'transformer.h.N.attn.c_attn.lora_A'); keys: {sorted(state)[:4]}...")

@@ -100,7 +100,10 @@ def test_peft_lora_folder_with_patterns(tmp_path):
     torch.testing.assert_close(_logits(by_opener, ids, mask), _logits(theirs, ids, mask), rtol=1e-5, atol=1e-5)
 
 
-def test_peft_adalora_folder_is_the_plain_lora_it_equals(tmp_path):
+@pytest.mark.parametrize("with_rank_pattern", [False, True])
+def test_peft_adalora_folder_is_the_plain_lora_it_equals(tmp_path, with_rank_pattern):
+    """PEFT's AdaLoRA folder, before its final allocation (every triplet saved, one E zero) and after it
+    (rank_pattern in the config, the pruned triplet cut from the saved tensors), loads as PEFT loads it."""
     base = tiny_roberta()
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(
         init_r=4, target_r=2, lora_alpha=8, target_modules=["query", "value"], total_step=10))
@@ -112,7 +115,17 @@ def test_peft_adalora_folder_is_the_plain_lora_it_equals(tmp_path):
                 if "lora_E" in name:
                     p[1] = 0  # a pruned triplet
     theirs.eval()
+    if with_rank_pattern:  # what PEFT's allocator records at its final step: the kept triplets per layer
+        theirs.peft_config["default"].rank_pattern = {
+            f"roberta.encoder.layer.{i}.attention.self.{proj}.lora_E": [True, False, True, True]
+            for i in range(2) for proj in ("query", "value")}
     theirs.save_pretrained(str(tmp_path / "ada"))
+    if with_rank_pattern:
+        saved = json.loads((tmp_path / "ada" / "adapter_config.json").read_text())
+        assert saved["rank_pattern"] and saved["peft_type"] == "ADALORA"
+        from safetensors.torch import load_file
+        key = "base_model.model.roberta.encoder.layer.0.attention.self.query.lora_A"
+        assert load_file(str(tmp_path / "ada" / "adapter_model.safetensors"))[key].shape[0] == 3  # cut by PEFT
     source = open_adapter(tmp_path / "ada")
     assert source.format == "peft" and set(source.ranks.values()) == {3}
     ids, mask = token_batch()

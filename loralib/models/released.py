@@ -60,6 +60,11 @@ def read_gpt2_nlg_adapter(source: Source) -> Tuple[Dict[str, torch.Tensor], str]
     return {_strip_module(k): v for k, v in state.items()}, name
 
 
+def is_gpt2_nlg_adapter(state: Dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict (wrapper and "module." prefixes removed) holds GPT-2 c_attn LoRA factors."""
+    return any(_LORA_KEY.match(key) for key in state)
+
+
 def _strip_module(key: str) -> str:
     while key.startswith("module."):
         key = key[len("module."):]

@@ -74,6 +74,16 @@ def _plain_state_dict(sd, source: str) -> StateDict:
     return out
 
 
+_FAMILY = {"roberta": "roberta", "deberta": "deberta-v2", "bert": "bert"}  # key prefix -> config.json model_type
+
+
+def nlu_family(state_dict: StateDict) -> Optional[str]:
+    """The model_type ("roberta", "deberta-v2", "bert") a released NLU state dict's LoRA keys belong to;
+    None when it holds no `<model>.encoder.layer.N.attention.self.<proj>.lora_A` key (or keys of several)."""
+    prefixes = {m["prefix"] for m in map(_LORA_KEY.match, state_dict) if m}
+    return _FAMILY[prefixes.pop()] if len(prefixes) == 1 else None
+
+
 def nlu_lora_config(state_dict: StateDict, lora_alpha: Optional[float] = None, **overrides) -> LoRAConfig:
     """The LoRAConfig a model needs to receive this adapter: r read from the lora_A shapes, target
     modules from the key names; lora_alpha defaults to 2 r, as in the released runs."""
