@@ -79,11 +79,10 @@ def test_trimmed_adalora_folder_rebuilds_its_ranks(tmp_path):
 
 # -- PEFT ---------------------------------------------------------------------------------------------
 def test_peft_lora_folder_with_patterns(tmp_path):
+    from test_adapters import peft_roberta_with_patterns
+
     base = tiny_roberta()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=2, lora_alpha=6, target_modules=["query", "value", "word_embeddings"], modules_to_save=["classifier"],
-        rank_pattern={"value": 3}, alpha_pattern={"value": 9}, task_type="SEQ_CLS"))
-    randomise_lora(theirs)
+    theirs = peft_roberta_with_patterns(base)
     theirs.save_pretrained(str(tmp_path / "peft"))
     source = open_adapter(tmp_path / "peft")
     assert source.format == "peft" and source.family is None
