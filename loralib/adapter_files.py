@@ -1,7 +1,7 @@
 """One opener for every adapter a path can name: `open_adapter(path) -> AdapterSource`.
 
-It is the one place that decides what a path is; loading (loralib.adapters.load_source, load_adapter,
-import_peft) and every entry point's --lora_path / --init_checkpoint go through it.
+It is the one place that decides what a path is: loralib.adapters' load_adapter_source, load_adapter and
+import_peft read through it, and so do (once wired) the entry points' --lora_path / --init_checkpoint.
 
     path                                             format           tensors read from
     a folder with adapter_config.json of ours        "loralib"        adapter.safetensors (save_adapter)
@@ -75,6 +75,12 @@ class AdapterSource:
     model_extra: Optional[Path] = None   # a checkpoint's model_extra.pt (buffers, or the whole model)
 
     @property
+    def lora_to_build(self) -> Optional[LoRAConfig]:
+        """The LoRAConfig to build the model with before loading: None for PEFT, whose layers the load injects
+        module by module with their own ranks and alphas (rank_pattern / alpha_pattern)."""
+        return None if self.format == "peft" else self.lora
+
+    @property
     def lora_keys(self) -> List[str]:
         return sorted(k for k in self.tensors if "lora_" in k.rsplit(".", 1)[-1])
 
@@ -87,7 +93,7 @@ class AdapterSource:
         """An adapter made for another model family is refused, naming the path (before a model is built)."""
         if self.family is not None and model_type is not None and self.family != model_type:
             made_with = (self.run_config or {}).get("model_name_or_path")
-            raise ValueError(f"{flag} {str(self.given or self.path)!r} holds an adapter of a {self.family} model"
+            raise ValueError(f"{flag} {str(self.given or self.path)!r} holds adapters of a {self.family} model"
                              + (f" ({made_with})" if made_with else "") + f"; the model is a {model_type} model")
 
 
@@ -138,8 +144,8 @@ def open_adapter(path: PathLike) -> AdapterSource:
     elif found.is_file():
         source = _open_released(found)
     else:
-        raise FileNotFoundError(f"{given}: no such adapter file or folder (expected a folder with "
-                                f"{ADAPTER_CONFIG}, a run or checkpoint-<step> folder, or a released .bin/.pt)")
+        raise FileNotFoundError(f"{given} does not exist (an adapter is a folder with {ADAPTER_CONFIG}, a run or "
+                                "checkpoint-<step> folder, or a released .bin/.pt file)")
     source.given = Path(path)
     return source
 

@@ -2,6 +2,8 @@
 models is recognised, described the same way, and loads (load_adapter_source) exactly as its own loader does."""
 import copy
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -38,6 +40,7 @@ def test_our_folder_is_recognised_and_loads_as_load_adapter(tmp_path):
     (tmp_path / "run_config.json").write_text(json.dumps({"model_type": "roberta"}))
     source = open_adapter(tmp_path / "ad")
     assert source.format == "loralib" and source.path == tmp_path / "ad" and source.family == "roberta"
+    assert source.lora_to_build == source.lora
     assert source.lora == model.loralib_config
     assert set(source.ranks.values()) == {2} and len(source.ranks) == 4  # query and value of 2 layers
     assert source.extra_keys == sorted(k for k in model.state_dict() if k.startswith("classifier."))
@@ -51,7 +54,7 @@ def test_our_folder_is_recognised_and_loads_as_load_adapter(tmp_path):
     torch.testing.assert_close(_logits(by_opener, ids, mask), _logits(model, ids, mask), rtol=1e-5, atol=1e-5)
     # the weights file names its folder
     assert open_adapter(tmp_path / "ad" / "adapter.safetensors").path == tmp_path / "ad"
-    with pytest.raises(ValueError, match=r"ad'.* holds an adapter of a roberta model"):
+    with pytest.raises(ValueError, match=r"ad'.* holds adapters of a roberta model"):
         source.check_family("gpt2")
 
 
@@ -85,7 +88,7 @@ def test_peft_lora_folder_with_patterns(tmp_path):
     theirs = peft_roberta_with_patterns(base)
     theirs.save_pretrained(str(tmp_path / "peft"))
     source = open_adapter(tmp_path / "peft")
-    assert source.format == "peft" and source.family is None
+    assert source.format == "peft" and source.family is None and source.lora_to_build is None
     value = "roberta.encoder.layer.0.attention.self.value"
     query = "roberta.encoder.layer.0.attention.self.query"
     assert (source.ranks[value], source.alphas[value]) == (3, 9) and (source.ranks[query], source.alphas[query]) == (2, 6)
@@ -209,17 +212,16 @@ def test_checkpoint_and_run_folder_open_their_adapter(tmp_path):
     fresh = lora.load_adapter(build(), tmp_path / "run" / "checkpoint-2")  # load_adapter takes checkpoints too
     torch.testing.assert_close(fresh.eval()(x)["logits"], model.eval()(x)["logits"], rtol=0, atol=0)
     # an interrupted run (no adapter/ yet): its newest checkpoint
-    import shutil
     shutil.rmtree(tmp_path / "run" / "adapter")
     assert open_adapter(tmp_path / "run").step == 2
 
 
 # -- what is none of these ----------------------------------------------------------------------------
 def test_a_path_that_is_no_adapter_is_one_error_naming_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nothing'}: no such adapter file or folder"):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'nothing'} does not exist")):
         open_adapter(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(AdapterError, match=f"{tmp_path / 'empty'}: not an adapter folder"):
+    with pytest.raises(AdapterError, match=re.escape(f"{tmp_path / 'empty'}: not an adapter folder")):
         open_adapter(tmp_path / "empty")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(AdapterError, match="notes.txt: not an adapter file"):
