@@ -311,9 +311,12 @@ def _open_peft(folder: Path, cfg: dict) -> AdapterSource:
         ranks[path] = pair["lora_A"].shape[0]
         alphas[path] = pair.get("alpha", pattern_value(cfg.get("alpha_pattern") or {}, path, cfg["lora_alpha"]))
         tensors.update({f"{path}.{name}": value for name, value in pair.items() if name != "alpha"})
-    lora = LoRAConfig(r=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]), target_modules=tuple(sorted(factors)),
-                      lora_dropout=float(cfg.get("lora_dropout") or 0.0), use_rslora=bool(cfg.get("use_rslora")),
-                      use_dora=use_dora, init_lora_weights=init)
+    try:
+        lora = LoRAConfig(r=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]), target_modules=tuple(sorted(factors)),
+                          lora_dropout=float(cfg.get("lora_dropout") or 0.0), use_rslora=bool(cfg.get("use_rslora")),
+                          use_dora=use_dora, init_lora_weights=init)
+    except (TypeError, ValueError) as err:  # a config value out of range, or no factor at all
+        raise AdapterError(f"{config_path}: {err}") from None
     run_config = _find_upwards(folder, "run_config.json", 2)  # a run's peft_adapter/
     return AdapterSource("peft", folder, tensors, lora, ranks, _run_family(run_config, {}), weights=weights,
                          alphas=alphas, config=cfg, run_config=run_config)

@@ -141,7 +141,8 @@ def load_adapter_source(model: nn.Module, source: Union[PathLike, AdapterSource]
     model has none; an AdaLoRA / LoRA² rank pattern saved with it re-applied; a checkpoint's model_extra.pt
     loaded too). PEFT: as import_peft. microsoft's NLU files: layers injected from `source.lora` when the
     model has none, then models.released_nlu.load_nlu_adapter; GPT-2 NLG files: load_gpt2_nlg_adapter (the
-    model must be built with `source.lora`: its fused c_attn cannot be injected afterwards)."""
+    model must be built with `source.lora`: its fused c_attn cannot be injected afterwards). strict (ours):
+    every LoRA entry of the model must be in the adapter."""
     if not isinstance(source, AdapterSource):
         source = open_adapter(source)
     if source.format == "loralib":

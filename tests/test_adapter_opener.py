@@ -166,6 +166,11 @@ def test_released_nlu_file_loads_as_load_nlu_adapter(tmp_path):
     torch.testing.assert_close(_logits(new, ids, mask), _logits(old, ids, mask), rtol=0, atol=0)
     with pytest.raises(ValueError, match="roberta_base_lora_mnli.bin.* of a roberta model"):
         source.check_family("deberta-v2")
+    _nlu_file(tmp_path / "wide.bin", hidden=32)  # for another model size: refused, the injection undone
+    bare = tiny_roberta()
+    with pytest.raises(ValueError, match="wide.bin: key .* has shape"):
+        load_adapter_source(bare, tmp_path / "wide.bin")
+    assert not list(lora.lora_layers(bare))
 
 
 def test_released_gpt2_file_loads_as_load_gpt2_nlg_adapter(tmp_path):
