@@ -12,7 +12,8 @@ __version__ = "0.2.0"
 from .inject import inject
 from .dora import DoRAConv1d, DoRAConv2d, DoRAConv3d, DoRAEmbedding, DoRALinear, DoRAMergedLinear
 from .init_methods import as_plain_lora, loraga_init
-from .adapters import AdapterError, export_peft, import_peft, load_adapter, save_adapter
+from .adapters import (AdapterError, AdapterSource, export_peft, import_peft, load_adapter, load_adapter_source,
+                       open_adapter, save_adapter)
 # Importing the method modules registers their layer types ("adalora", "lora2") with LoRAConfig.
 from .adalora import (RankAllocator, SVDLinear, adalora_state, apply_rank_pattern, compute_orth_regu, rank_adaptive_layers,
                       rank_pattern, trim_ranks)

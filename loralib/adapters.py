@@ -18,6 +18,10 @@ DoRA layers add "base_model.model.<path>.lora_magnitude_vector" (out,) and "use_
 them. PiSSA / LoRA-GA adapters are written by default as PEFT's conversion writes them: a plain LoRA of
 rank 2 r that applies to the ORIGINAL weights, A' = [A; A0], B' = [B, -B0] (loralib.init_methods).
 
+Reading: every path goes through loralib.adapter_files.open_adapter, which decides what it is (ours, PEFT's,
+microsoft's released files, a checkpoint or run folder); `load_adapter_source` loads any of them,
+`load_adapter` ours (and checkpoints / run folders), `import_peft` PEFT's.
+
 Files are written to a temporary name and renamed into place, the config last, so an interrupted save
 never leaves a config pointing at a half-written tensor file.
 """
@@ -31,28 +35,22 @@ from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import init_methods, layers
-from .adalora import SVDLinear
+from .adalora import SVDLinear, apply_rank_pattern, rank_adaptive_layers, trim_ranks
+from .adapter_files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, FORMAT_VERSION, PEFT_PREFIX, PEFT_WEIGHTS,
+                            AdapterError, AdapterSource, open_adapter, read_adapter_config)
 from .config import LoRAConfig
 from .lora2 import LoRA2Linear
-from .files import apply_umask, read_json, write_json_atomic
+from .files import apply_umask, write_json_atomic
 from .transaction import model_transaction
 from .utils import lora_layers, mark_only_lora_as_trainable
 
-FORMAT = "loralib-adapter"
-FORMAT_VERSION = 1
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-
 PathLike = Union[str, os.PathLike]
-
-
-class AdapterError(ValueError):
-    """An adapter file that does not fit the model (names the file and the key)."""
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "PEFT_WEIGHTS", "AdapterError", "AdapterSource",
+           "export_peft", "import_peft", "load_adapter", "load_adapter_source", "open_adapter",
+           "read_adapter_config", "save_adapter"]
 
 
 # -- atomic writes ---------------------------------------------------------------------------------
@@ -63,20 +61,8 @@ def _atomic_write_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _load_tensors(path: Path) -> Dict[str, torch.Tensor]:
-    """A safetensors file, or one error naming it (a truncated or foreign file is a SafetensorError)."""
-    try:
-        return load_file(str(path))
-    except Exception as err:  # safetensors raises its own SafetensorError and OSError subclasses
-        raise AdapterError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
-
-
 def _atomic_write_json(obj: dict, path: Path) -> None:
     write_json_atomic(path, obj, sort_keys=True)
-
-
-def _read_json(path: Path) -> dict:
-    return read_json(path, f"{path}: no such adapter config", AdapterError)
 
 
 # -- our format ------------------------------------------------------------------------------------
@@ -116,17 +102,6 @@ def save_adapter(model: nn.Module, directory: PathLike, config: Optional[LoRACon
     return directory
 
 
-def read_adapter_config(directory: PathLike) -> dict:
-    path = Path(directory) / ADAPTER_CONFIG
-    meta = _read_json(path)
-    if meta.get("format") != FORMAT:
-        hint = " (it looks like a PEFT adapter: use import_peft)" if "peft_type" in meta else ""
-        raise AdapterError(f"{path}: not a loralib adapter config{hint}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(f"{path}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
-    return meta
-
-
 def _check_against_model(model: nn.Module, tensors: Dict[str, torch.Tensor], source: Path,
                          strict: bool) -> None:
     """Every tensor must name a model entry of the same shape; with strict, every LoRA entry of the
@@ -146,25 +121,77 @@ def _check_against_model(model: nn.Module, tensors: Dict[str, torch.Tensor], sou
 
 
 def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> nn.Module:
-    """Load an adapter written by save_adapter. If the model has no LoRA layers yet, they are injected
-    first from the adapter's recorded LoRAConfig."""
+    """Load an adapter written by save_adapter: its folder, a checkpoint-<step>/ of the training loop or a
+    run's output folder (open_adapter finds the adapter/ in them). If the model has no LoRA layers yet, they
+    are injected first from the adapter's recorded LoRAConfig. Other formats: load_adapter_source."""
+    source = open_adapter(directory)
+    if source.format != "loralib":
+        hint = ("it looks like a PEFT adapter: use import_peft" if source.format == "peft" else
+                f"a {source.format} adapter file: use load_adapter_source")
+        where = source.path / ADAPTER_CONFIG if source.format == "peft" else source.path
+        raise AdapterError(f"{where}: not a loralib adapter config ({hint})")
+    return _load_ours(model, source, strict)
+
+
+def load_adapter_source(model: nn.Module, source: Union[PathLike, AdapterSource], strict: bool = True,
+                        merge_weights: bool = True) -> nn.Module:
+    """Load any adapter open_adapter recognises into `model` (all or nothing) and return the model.
+
+    ours / checkpoints / run folders: as load_adapter (layers injected from the recorded config when the
+    model has none; an AdaLoRA / LoRA² rank pattern saved with it re-applied; a checkpoint's model_extra.pt
+    loaded too). PEFT: as import_peft. microsoft's NLU files: layers injected from `source.lora` when the
+    model has none, then models.released_nlu.load_nlu_adapter; GPT-2 NLG files: load_gpt2_nlg_adapter (the
+    model must be built with `source.lora`: its fused c_attn cannot be injected afterwards). strict (ours):
+    every LoRA entry of the model must be in the adapter."""
+    if not isinstance(source, AdapterSource):
+        source = open_adapter(source)
+    if source.format == "loralib":
+        return _load_ours(model, source, strict)
+    if source.format == "peft":
+        return _load_peft(model, source, merge_weights)
+    return _load_released(model, source)
+
+
+def _inject_if_bare(model: nn.Module, source: AdapterSource) -> None:
+    """Layers from the source's LoRAConfig when the model has no LoRA layers yet."""
     from .inject import inject
 
-    directory = Path(directory)
-    meta = read_adapter_config(directory)
-    weights_path = directory / ADAPTER_WEIGHTS
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path}: adapter weights missing")
-    tensors = _load_tensors(weights_path)
+    if any(layer.has_lora for _, layer in lora_layers(model)):
+        return
+    if source.lora is None:
+        raise AdapterError(f"{source.path / ADAPTER_CONFIG}: the model has no LoRA layers and the adapter "
+                           "records no LoRAConfig to create them")
+    inject(model, target_modules=None, config=source.lora)
+
+
+def _load_ours(model: nn.Module, source: AdapterSource, strict: bool) -> nn.Module:
+    tensors = source.tensors
+    ranks = (source.rank_state or {}).get("rank_pattern")
+    extra = torch.load(source.model_extra, map_location="cpu", weights_only=True) if source.model_extra else {}
     # all or nothing: a file that does not fit leaves the model as it was (the injection undone)
-    with model_transaction(model, tensors=lambda name, _: name in tensors):
-        if not any(layer.has_lora for _, layer in lora_layers(model)):
-            if meta.get("lora") is None:
-                raise AdapterError(f"{directory / ADAPTER_CONFIG}: the model has no LoRA layers and the adapter "
-                                   "records no LoRAConfig to create them")
-            inject(model, target_modules=None, config=LoRAConfig.from_dict(meta["lora"]))
-        _check_against_model(model, tensors, weights_path, strict)
+    with model_transaction(model, tensors=lambda name, _: name in tensors or name in extra):
+        _inject_if_bare(model, source)
+        rank_adaptive = ranks is not None and any(True for _ in rank_adaptive_layers(model))
+        if rank_adaptive and source.rank_state.get("trimmed"):  # the factors hold only the kept ranks
+            trim_ranks(model, ranks)
+        _check_against_model(model, tensors, source.weights, strict)
+        _check_against_model(model, extra, source.model_extra, strict=False)
         model.load_state_dict(tensors, strict=False)
+        model.load_state_dict(extra, strict=False)
+        if rank_adaptive and not source.rank_state.get("trimmed"):
+            apply_rank_pattern(model, ranks)
+    return model
+
+
+def _load_released(model: nn.Module, source: AdapterSource) -> nn.Module:
+    from .models.released import load_gpt2_nlg_adapter
+    from .models.released_nlu import load_nlu_adapter
+
+    if source.format == "microsoft-nlg":
+        return load_gpt2_nlg_adapter(model, source.tensors, name=str(source.path))
+    with model_transaction(model, tensors=lambda name, _: name in source.tensors):
+        _inject_if_bare(model, source)
+        load_nlu_adapter(model, source.tensors, name=str(source.path))
     return model
 
 
@@ -214,8 +241,9 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
                 task_type: Optional[str] = None, modules_to_save: Optional[List[str]] = None,
                 convert_to_lora: bool = True) -> Path:
     """Write the model's adapter as a PEFT LoRA (from LoRA, fused, AdaLoRA or LoRA² layers: see the module
-    docstring), loadable with PeftModel.from_pretrained on the same (transformers) model. modules_to_save: names of trained non-LoRA modules (a classifier head);
-    by default the top-level modules that hold trainable non-LoRA parameters.
+    docstring), loadable with PeftModel.from_pretrained on the same (transformers) model. modules_to_save:
+    names of trained non-LoRA modules (a classifier head); by default the top-level modules that hold
+    trainable non-LoRA parameters.
 
     DoRA layers add their `lora_magnitude_vector` and use_dora=true. PiSSA / LoRA-GA layers (whose frozen
     weight is a residual): with convert_to_lora (default) the adapter is written as PEFT's conversion writes
@@ -229,6 +257,38 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
     use_dora = _uniform(adapted, "DoRA (use_dora)", lambda l: hasattr(l, "lora_magnitude_vector"))
     init = _uniform(adapted, "init_lora_weights", lambda l: getattr(l, "init_lora_weights", True))
     convert = convert_to_lora and init_methods.mutates_weight(init)
+    factors = _export_factors(adapted, convert, init)
+    tensors, fan_in_fan_out = _peft_layer_tensors(factors, use_dora)
+    if modules_to_save is None:
+        modules_to_save = sorted({n.split(".")[0] for n, p in model.named_parameters()
+                                  if p.requires_grad and "lora_" not in n}) or None
+    tensors.update(_modules_to_save_tensors(model, modules_to_save))
+    # PEFT scales by alpha / r (or alpha / sqrt r): each layer's alpha is chosen so its scaling stays the same.
+    alphas = {path: scaling * (math.sqrt(A.shape[0]) if use_rslora else A.shape[0])
+              for path, (A, _, scaling, _) in factors.items()}
+    r_global, alpha_global = adapted[0][1].r, adapted[0][1].lora_alpha
+    if convert:  # PEFT's conversion: twice the rank at the same scaling
+        r_global, alpha_global = 2 * r_global, alpha_global * (math.sqrt(2) if use_rslora else 2)
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "r": r_global, "lora_alpha": alpha_global, "lora_dropout": float(getattr(
+            adapted[0][1].lora_dropout, "p", 0.0)), "target_modules": sorted(factors),
+        "rank_pattern": {path: A.shape[0] for path, (A, *_) in factors.items() if A.shape[0] != r_global},
+        "alpha_pattern": {path: alpha for path, alpha in alphas.items() if not math.isclose(alpha, alpha_global)},
+        "use_rslora": use_rslora, "fan_in_fan_out": fan_in_fan_out, "bias": "none",
+        "modules_to_save": modules_to_save, "init_lora_weights": True if convert else init,
+        "inference_mode": True, "use_dora": use_dora, "layers_to_transform": None, "layers_pattern": None,
+        "revision": None,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write_tensors(tensors, directory / PEFT_WEIGHTS)
+    _atomic_write_json(config, directory / ADAPTER_CONFIG)
+    return directory
+
+
+def _export_factors(adapted, convert: bool, init) -> Dict[str, tuple]:
+    """{path: (A, B, scaling, layer)} of each adapted layer with rank left, as PEFT LoRA factors."""
     factors = {}
     for path, layer in adapted:
         if convert:
@@ -244,15 +304,12 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
             factors[path] = (A.detach(), B.detach(), scaling, layer)
     if not factors:
         raise AdapterError("export_peft: every LoRA layer of the model has rank 0 left (all its triplets pruned)")
-    # PEFT scales by alpha / r (or alpha / sqrt r): each layer's alpha is chosen so its scaling stays the same.
-    alphas = {path: scaling * (math.sqrt(A.shape[0]) if use_rslora else A.shape[0])
-              for path, (A, _, scaling, _) in factors.items()}
-    r_global, alpha_global = adapted[0][1].r, adapted[0][1].lora_alpha
-    if convert:  # PEFT's conversion: twice the rank at the same scaling
-        r_global, alpha_global = 2 * r_global, alpha_global * (math.sqrt(2) if use_rslora else 2)
+    return factors
+
+
+def _peft_layer_tensors(factors: Dict[str, tuple], use_dora: bool):
+    """(PEFT's tensors of the factors, whether any layer stores its weight (in, out): fan_in_fan_out)."""
     tensors: Dict[str, torch.Tensor] = {}
-    rank_pattern = {path: A.shape[0] for path, (A, *_) in factors.items() if A.shape[0] != r_global}
-    alpha_pattern = {path: alpha for path, alpha in alphas.items() if not math.isclose(alpha, alpha_global)}
     fan_in_fan_out = False
     for path, (A, B, _, layer) in factors.items():
         if isinstance(layer, layers.Embedding):
@@ -264,84 +321,41 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
             tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = B
         if use_dora:
             tensors[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
-    if modules_to_save is None:
-        modules_to_save = sorted({n.split(".")[0] for n, p in model.named_parameters()
-                                  if p.requires_grad and "lora_" not in n}) or None
-    state = model.state_dict()
+    return tensors, fan_in_fan_out
+
+
+def _modules_to_save_tensors(model: nn.Module, modules_to_save: Optional[List[str]]) -> Dict[str, torch.Tensor]:
+    state, tensors = model.state_dict(), {}
     for name in modules_to_save or []:
         keys = [k for k in state if k.startswith(name + ".") and "lora_" not in k]
         if not keys:
             raise AdapterError(f"export_peft: modules_to_save entry {name!r} names no module of the model")
         tensors.update({PEFT_PREFIX + k: state[k] for k in keys})
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-        "r": r_global, "lora_alpha": alpha_global, "lora_dropout": float(getattr(
-            adapted[0][1].lora_dropout, "p", 0.0)),
-        "target_modules": sorted(factors), "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern, "use_rslora": use_rslora, "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none", "modules_to_save": modules_to_save,
-        "init_lora_weights": True if convert else init, "inference_mode": True, "use_dora": use_dora,
-        "layers_to_transform": None, "layers_pattern": None, "revision": None,
-    }
-    _atomic_write_tensors(tensors, directory / PEFT_WEIGHTS)
-    _atomic_write_json(config, directory / ADAPTER_CONFIG)
-    return directory
-
-
-def _pattern_value(pattern: dict, path: str, default):
-    """PEFT's per-module override: a key matches a module path ending in it (the key may be a regex)."""
-    for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?({key})", path):
-            return value
-    return default
+    return tensors
 
 
 def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = True) -> nn.Module:
-    """Load a PEFT LoRA adapter folder into `model` (a transformers model or one of ours with the same
-    module names): LoRA layers are injected where the adapter has factors, with its ranks and scalings."""
-    from .inject import inject
+    """Load a PEFT LoRA (or AdaLoRA) adapter folder into `model` (a transformers model or one of ours with the
+    same module names): LoRA layers are injected where the adapter has factors, with its ranks and scalings
+    (rank_pattern / alpha_pattern; an AdaLoRA adapter as the plain LoRA it equals, see adapter_files)."""
+    source = open_adapter(directory)
+    if source.format != "peft":
+        raise AdapterError(f"{source.path}: not a PEFT adapter folder (a {source.format} adapter: use "
+                           + ("load_adapter)" if source.format == "loralib" else "load_adapter_source)"))
+    return _load_peft(model, source, merge_weights)
 
-    directory = Path(directory)
-    config_path = directory / ADAPTER_CONFIG
-    cfg = _read_json(config_path)
-    if cfg.get("peft_type") != "LORA":
-        raise AdapterError(f"{config_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters import")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
-            raise AdapterError(f"{config_path}: key {key!r} " + ("is missing" if key not in cfg else
-                               f"is {cfg[key]!r}, not a number") + " (a PEFT LoRA config has r and lora_alpha)")
-    use_dora = bool(cfg.get("use_dora", False))
-    init = cfg.get("init_lora_weights", True)
-    init = True if init is True or init == "lora_ga" or init is None else init  # PEFT: LoRA-GA loads as plain
-    try:
-        init_methods.check_init(init)
-    except ValueError as err:
-        raise AdapterError(f"{config_path}: {err}") from None
-    weights_path = directory / PEFT_WEIGHTS
-    if weights_path.is_file():
-        tensors = _load_tensors(weights_path)
-    elif (directory / "adapter_model.bin").is_file():
-        weights_path = directory / "adapter_model.bin"
-        tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{directory}: neither {PEFT_WEIGHTS} nor adapter_model.bin")
+
+def _peft_factors_by_module(source: AdapterSource) -> Dict[str, Dict[str, torch.Tensor]]:
     factors: Dict[str, Dict[str, torch.Tensor]] = {}
-    extras: Dict[str, torch.Tensor] = {}
-    factor_names = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
-                    "lora_magnitude_vector": "m"}
-    pattern = re.compile(r"(.*)\.(" + "|".join(re.escape(n) for n in factor_names) + ")")
-    for key, value in tensors.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise AdapterError(f"{weights_path}: key {key!r} does not start with {PEFT_PREFIX!r}")
-        inner = key[len(PEFT_PREFIX):]
-        m = pattern.fullmatch(inner)
-        if m:
-            factors.setdefault(m.group(1), {})[factor_names[m.group(2)]] = value
-        else:
-            extras[inner] = value
-    use_rslora = bool(cfg.get("use_rslora", False))
+    for key in source.lora_keys:
+        path, name = key.rsplit(".", 1)
+        factors.setdefault(path, {})[name] = source.tensors[key]
+    return factors
+
+
+def _load_peft(model: nn.Module, source: AdapterSource, merge_weights: bool) -> nn.Module:
+    factors = _peft_factors_by_module(source)
+    extras = {key: source.tensors[key] for key in source.extra_keys}
     # all or nothing: an adapter that fails half-way leaves the model as it was (layers injected and merged
     # so far undone). Copied for that: the LoRA tensors of the modules the adapter names, the extras, and the
     # whole of a named layer that is merged now (unmerge / merge rewrite its frozen weight).
@@ -353,57 +367,49 @@ def import_peft(model: nn.Module, directory: PathLike, merge_weights: bool = Tru
         return name in extras or under(merged_now) or ("lora_" in name.rsplit(".", 1)[-1] and under(factors))
 
     with model_transaction(model, tensors=_touched):
-        modules = dict(model.named_modules())
-        for path, pair in factors.items():
-            A, B = pair.get("A"), pair.get("B")
-            if A is None or B is None:
-                raise AdapterError(f"{weights_path}: module {path!r} lacks its lora_A or lora_B")
-            if use_dora != ("m" in pair):
-                raise AdapterError(f"{weights_path}: module {path!r} " + (
-                    "lacks its lora_magnitude_vector (the config says use_dora=true)" if use_dora else
-                    "has a lora_magnitude_vector but the config says use_dora=false"))
-            if path not in modules:
-                raise AdapterError(f"{weights_path}: key for module {path!r}, which the model "
-                                   f"({type(model).__name__}) does not have")
-            rank = A.shape[0]
-            alpha = _pattern_value(cfg.get("alpha_pattern") or {}, path, cfg["lora_alpha"])
-            layer_config = LoRAConfig(r=rank, lora_alpha=alpha, lora_dropout=float(cfg.get("lora_dropout", 0.0)),
-                                      target_modules=re.escape(path), use_rslora=use_rslora,
-                                      merge_weights=merge_weights, use_dora=use_dora, init_lora_weights=init)
-            if not getattr(modules[path], "has_lora", False):  # a plain module, or a rank-0 loralib Linear
-                inject(model, target_modules=None, config=layer_config, freeze=False)
-            layer = model.get_submodule(path)
-            if use_dora != hasattr(layer, "lora_magnitude_vector"):
-                raise AdapterError(f"{config_path}: use_dora={str(use_dora).lower()} but the model's layer {path!r} "
-                                   f"is a {type(layer).__name__}, built {'without' if use_dora else 'with'} DoRA")
-            tensors_of_layer = [("lora_A", A), ("lora_B", B)] + ([("lora_magnitude_vector", pair["m"])] if use_dora else [])
-            for name, value in tensors_of_layer:
-                target = getattr(layer, name)
-                if tuple(target.shape) != tuple(value.shape):
-                    raise AdapterError(f"{weights_path}: {path}.{name} has shape {tuple(value.shape)}, the model "
-                                       f"expects {tuple(target.shape)}")
-            with torch.no_grad():
-                was_merged = layer.merged
-                layer.unmerge()
-                for name, value in tensors_of_layer:
-                    getattr(layer, name).copy_(value.to(getattr(layer, name).dtype))
-                # a layer built beforehand (from the global r / alpha) takes this module's alpha_pattern value
-                layer.lora_alpha, layer.scaling = alpha, layers.lora_scaling(rank, alpha, use_rslora)
-                if was_merged:
-                    layer.merge()
+        for path, tensors in factors.items():
+            _import_peft_layer(model, source, path, tensors, merge_weights)
         if extras:
-            state = model.state_dict()
-            for key, value in extras.items():
-                if key not in state or tuple(state[key].shape) != tuple(value.shape):
-                    raise AdapterError(f"{weights_path}: key {key!r} does not fit the model"
-                                       + (f" (shape {tuple(value.shape)} vs {tuple(state[key].shape)})"
-                                          if key in state else ""))
+            _check_against_model(model, extras, source.weights, strict=False)
             model.load_state_dict(extras, strict=False)
-        model.loralib_config = LoRAConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
-                                          target_modules=tuple(sorted(factors)), use_rslora=use_rslora,
-                                          merge_weights=merge_weights, use_dora=use_dora, init_lora_weights=init)
+        model.loralib_config = source.lora.replace(merge_weights=merge_weights)
     mark_only_lora_as_trainable(model)
     for name, param in model.named_parameters():
         if name in extras:  # a trained head (modules_to_save) stays trainable
             param.requires_grad = True
     return model
+
+
+def _import_peft_layer(model: nn.Module, source: AdapterSource, path: str, tensors: Dict[str, torch.Tensor],
+                       merge_weights: bool) -> None:
+    """One module's PEFT factors into the model: a LoRA layer injected there if it has none, the factors
+    copied (shapes checked), and this module's own rank and alpha (rank_pattern / alpha_pattern) taken."""
+    from .inject import inject
+
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise AdapterError(f"{source.weights}: key for module {path!r}, which the model "
+                           f"({type(model).__name__}) does not have") from None
+    rank, alpha, use_dora = source.ranks[path], source.alphas[path], source.lora.use_dora
+    if not getattr(module, "has_lora", False):  # a plain module, or a rank-0 loralib Linear
+        inject(model, target_modules=None, freeze=False, config=source.lora.replace(
+            r=rank, lora_alpha=alpha, target_modules=re.escape(path), merge_weights=merge_weights))
+    layer = model.get_submodule(path)
+    if use_dora != hasattr(layer, "lora_magnitude_vector"):
+        raise AdapterError(f"{source.path / ADAPTER_CONFIG}: use_dora={str(use_dora).lower()} but the model's layer "
+                           f"{path!r} is a {type(layer).__name__}, built {'without' if use_dora else 'with'} DoRA")
+    for name, value in tensors.items():
+        target = getattr(layer, name)
+        if tuple(target.shape) != tuple(value.shape):
+            raise AdapterError(f"{source.weights}: {path}.{name} has shape {tuple(value.shape)}, the model "
+                               f"expects {tuple(target.shape)}")
+    with torch.no_grad():
+        was_merged = layer.merged
+        layer.unmerge()
+        for name, value in tensors.items():
+            getattr(layer, name).copy_(value.to(getattr(layer, name).dtype))
+        # a layer built beforehand (from the global r / alpha) takes this module's alpha_pattern value
+        layer.lora_alpha, layer.scaling = alpha, layers.lora_scaling(rank, alpha, source.lora.use_rslora)
+        if was_merged:
+            layer.merge()

@@ -109,8 +109,8 @@ def test_export_peft_refuses_an_adapter_with_every_triplet_pruned(tmp_path):
     assert not (tmp_path / "peft").exists()
 
 
-def test_import_peft_adapter_with_head_and_embedding(tmp_path):
-    base = tiny_roberta()
+def peft_roberta_with_patterns(base):
+    """PEFT's LoRA on a copy of `base` with a rank_pattern, an alpha_pattern, an embedding and a trained head."""
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
         r=2, lora_alpha=6, target_modules=["query", "value", "word_embeddings"], modules_to_save=["classifier"],
         rank_pattern={"value": 3}, alpha_pattern={"value": 9}, task_type="SEQ_CLS"))
@@ -118,6 +118,12 @@ def test_import_peft_adapter_with_head_and_embedding(tmp_path):
     with torch.no_grad():
         for p in theirs.base_model.model.classifier.parameters():
             p.add_(0.5)
+    return theirs
+
+
+def test_import_peft_adapter_with_head_and_embedding(tmp_path):
+    base = tiny_roberta()
+    theirs = peft_roberta_with_patterns(base)
     ids, mask = token_batch()
     expected = _logits(theirs, ids, mask)
     theirs.save_pretrained(str(tmp_path / "peft"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, NamedTuple, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -60,6 +60,11 @@ def read_gpt2_nlg_adapter(source: Source) -> Tuple[Dict[str, torch.Tensor], str]
     return {_strip_module(k): v for k, v in state.items()}, name
 
 
+def is_gpt2_nlg_adapter(state: Dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict (wrapper and "module." prefixes removed) holds GPT-2 c_attn LoRA factors."""
+    return any(_LORA_KEY.match(key) for key in state)
+
+
 def _strip_module(key: str) -> str:
     while key.startswith("module."):
         key = key[len("module."):]
@@ -99,15 +104,17 @@ def nlg_lora_config(source: Source, lora_alpha: float = 32, lora_dropout: float 
                       target_modules=("c_attn",), enable_lora=ENABLE_QV)
 
 
-def load_gpt2_nlg_adapter(model: nn.Module, source: Source) -> nn.Module:
+def load_gpt2_nlg_adapter(model: nn.Module, source: Source, name: Optional[str] = None) -> nn.Module:
     """Load a released GPT-2 NLG adapter (file path or state dict) into our GPT-2 in place; returns it.
 
     The model must be a GPT2LMHeadModel (or GPT2Model) of the adapter's size, built with LoRA on c_attn
     with q and v enabled at the adapter's rank, e.g. `nlg_lora_config(path)`. Every key and shape is
-    checked before anything is copied; a mismatch raises ValueError naming the file and the key. Keys
-    of base weights in the file (a full checkpoint) are loaded too.
+    checked before anything is copied; a mismatch raises ValueError naming the file (or `name`, for a state
+    dict read elsewhere: loralib.adapter_files.open_adapter) and the key. Keys of base weights in the file
+    (a full checkpoint) are loaded too.
     """
-    state, name = read_gpt2_nlg_adapter(source)
+    state, read_as = read_gpt2_nlg_adapter(source)
+    name = name or read_as
     shape = infer_gpt2_nlg_adapter_shape(state)
     config = getattr(model, "config", None)
     if config is not None and (config.n_embd, config.n_layer) != (shape.n_embd, shape.n_layer):

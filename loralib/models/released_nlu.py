@@ -74,6 +74,16 @@ def _plain_state_dict(sd, source: str) -> StateDict:
     return out
 
 
+_FAMILY = {"roberta": "roberta", "deberta": "deberta-v2", "bert": "bert"}  # key prefix -> config.json model_type
+
+
+def nlu_family(state_dict: StateDict) -> Optional[str]:
+    """The model_type ("roberta", "deberta-v2", "bert") a released NLU state dict's LoRA keys belong to;
+    None when it holds no `<model>.encoder.layer.N.attention.self.<proj>.lora_A` key (or keys of several)."""
+    prefixes = {m["prefix"] for m in map(_LORA_KEY.match, state_dict) if m}
+    return _FAMILY[prefixes.pop()] if len(prefixes) == 1 else None
+
+
 def nlu_lora_config(state_dict: StateDict, lora_alpha: Optional[float] = None, **overrides) -> LoRAConfig:
     """The LoRAConfig a model needs to receive this adapter: r read from the lora_A shapes, target
     modules from the key names; lora_alpha defaults to 2 r, as in the released runs."""
@@ -93,7 +103,8 @@ def nlu_lora_config(state_dict: StateDict, lora_alpha: Optional[float] = None, *
                       target_modules=tuple(sorted(projections)), **overrides)
 
 
-def load_nlu_adapter(model: nn.Module, path_or_state_dict: Union[str, os.PathLike, StateDict]) -> List[str]:
+def load_nlu_adapter(model: nn.Module, path_or_state_dict: Union[str, os.PathLike, StateDict],
+                     name: Optional[str] = None) -> List[str]:
     """Load a released NLU adapter into `model` (a RoBERTa or DeBERTa-v2 model of ours) and return the
     keys loaded.
 
@@ -101,9 +112,11 @@ def load_nlu_adapter(model: nn.Module, path_or_state_dict: Union[str, os.PathLik
     model carries must be in the file; anything else is a ValueError naming the file, the key and the
     shapes (a label count or hidden size that does not fit is said so in plain words). A bare encoder
     (task "base") accepts the LoRA keys without its prefix but refuses a file that carries a head.
+    name: how errors call a state dict read elsewhere (its file: loralib.adapter_files.open_adapter).
     """
     if isinstance(path_or_state_dict, dict):
-        source, sd = "adapter state dict", _plain_state_dict(path_or_state_dict, "adapter state dict")
+        source = name or "adapter state dict"
+        sd = _plain_state_dict(path_or_state_dict, source)
     else:
         source, sd = os.fspath(path_or_state_dict), read_nlu_adapter(path_or_state_dict)
 
