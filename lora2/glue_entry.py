@@ -76,12 +76,7 @@ def method_of(args: argparse.Namespace) -> Optional[Method]:
     if not (args.apply_lora or args.apply_adalora or args.apply_lora2):
         given = [f"--{n}" for n in ("lora_r", "lora_alpha", "lora_type", "target_rank", "target_total_rank")
                  if getattr(args, n) is not None] + (["--reg_orth_coef"] if args.reg_orth_coef else [])
-        if given:
-            raise ValueError(f"{', '.join(given)} configure LoRA, which is off: add --apply_lora")
-        if args.apply_lorapro:
-            raise ValueError("--apply_lorapro trains LoRA factors: add --apply_lora")
-        if not args.lora_path:
-            hf_flags.with_baselines(args, None)  # refuses --use_dora / --init_lora_weights without LoRA
+        hf_flags.check_lora_off(args, given)
         return None
     name = _layer(args)
     if args.apply_lorapro:

@@ -60,13 +60,7 @@ def method_of(args: argparse.Namespace) -> Optional[Method]:
     """The method of the flags; None without --apply_lora (full fine-tuning, or the adapter --lora_path names)."""
     hf_flags.check_positive(args, "lora_r")
     if not args.apply_lora:
-        given = [f"--{n}" for n in ("lora_r", "lora_alpha") if getattr(args, n) is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} configure LoRA, which is off: add --apply_lora")
-        if args.apply_lorapro:
-            raise ValueError("--apply_lorapro trains LoRA factors: add --apply_lora")
-        if not args.lora_path:
-            hf_flags.with_baselines(args, None)  # refuses --use_dora / --init_lora_weights without LoRA
+        hf_flags.check_lora_off(args, [f"--{n}" for n in ("lora_r", "lora_alpha") if getattr(args, n) is not None])
         return None
     r = args.lora_r if args.lora_r is not None else 8
     alpha = args.lora_alpha if args.lora_alpha is not None else 2 * r

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 from ..config import LoRAConfig
 from ..methods import OptimizerSettings
@@ -203,6 +203,17 @@ def optimizer_settings(args: argparse.Namespace, **fields) -> OptimizerSettings:
     return OptimizerSettings(lr=args.learning_rate, weight_decay=args.weight_decay,
                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                              max_grad_norm=args.max_grad_norm, **fields)
+
+
+def check_lora_off(args: argparse.Namespace, given: Sequence[str]) -> None:
+    """No flag chose a LoRA method (full fine-tuning, or the adapter --lora_path names): refuse the flags that
+    configure LoRA (given: those on the command line), --apply_lorapro, and without an adapter the baselines."""
+    if given:
+        raise ValueError(f"{', '.join(given)} configure LoRA, which is off: add --apply_lora")
+    if getattr(args, "apply_lorapro", False):
+        raise ValueError("--apply_lorapro trains LoRA factors: add --apply_lora")
+    if not getattr(args, "lora_path", None):
+        with_baselines(args, None)  # refuses --use_dora / --init_lora_weights without LoRA
 
 
 def with_baselines(args: argparse.Namespace, lora: Optional[LoRAConfig], lorapro: bool = False) -> Optional[LoRAConfig]:
