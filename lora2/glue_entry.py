@@ -50,7 +50,8 @@ def _add_adaptive(parser: argparse.ArgumentParser, svd_layer: str) -> None:
                    help="frd: LoRA's B A; svd: AdaLoRA's P diag(E) Q (default frd, svd with --apply_lora2)")
     g.add_argument("--apply_adalora", "--apply_rankselector", dest="apply_adalora", action="store_true",
                    help="allocate ranks during training (--apply_rankselector: the released scripts' spelling)")
-    g.add_argument("--apply_lora2", action="store_true", help="LoRA²: P and Q themselves low-rank (inner rank --lora2_k)")
+    g.add_argument("--apply_lora2", action="store_true",
+                   help="LoRA²: P and Q themselves low-rank (inner rank --lora2_k)")
     g.add_argument("--svd_layer", choices=("adalora", "lora2"), default=svd_layer,
                    help=f"what --lora_type svd builds: AdaLoRA's SVDLinear, or LoRA²'s layer (the LoRA² repository's "
                         f"meaning; lora2/run_glue.py's default). Default here: {svd_layer}")
@@ -87,7 +88,8 @@ def method_of(args: argparse.Namespace) -> Optional[Method]:
                              "drop --apply_adalora / --apply_lora2 / --lora_type svd")
     r = args.lora_r if args.lora_r is not None else 8
     lora = LoRAConfig(r=r, lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * r,
-                      lora_dropout=args.lora_dropout, target_modules=hf_flags.split_list(args.lora_module, "--lora_module"),
+                      lora_dropout=args.lora_dropout,
+                      target_modules=hf_flags.split_list(args.lora_module, "--lora_module"),
                       method=name, lora2_k=args.lora2_k)
     lora = hf_flags.with_baselines(args, lora, lorapro=args.apply_lorapro)
     if args.apply_lorapro:

@@ -193,7 +193,8 @@ def train_config(args: argparse.Namespace, spec: RunSpec):
         save_strategy=args.save_strategy, save_every=args.save_steps if args.save_strategy == "steps" else None,
         save_total_limit=args.save_total_limit, metric_for_best=args.metric_for_best_model if evaluate else None,
         load_best_at_end=args.load_best_model_at_end and evaluate, seed=args.seed,
-        num_workers=args.dataloader_num_workers, log_every=args.logging_steps, tensorboard="tensorboard" in args.report_to,
+        num_workers=args.dataloader_num_workers, log_every=args.logging_steps,
+        tensorboard="tensorboard" in args.report_to,
         progress_bar=not args.disable_tqdm, resume_from=args.resume_from_checkpoint, deepspeed_config=args.deepspeed,
         torch_compile=args.torch_compile)
 

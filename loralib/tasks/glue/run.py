@@ -6,7 +6,8 @@ the GlueRun, choosing the method with loralib.methods.make_method:
     lora2/run_glue.py          + AdaLoRA / LoRA²: --apply_adalora --lora_type svd --target_rank ...
     loraplus/run_glue.py       LoRA+: --loraplus_lr_ratio --target_modules --lora_rank ...
 
-    spec = GlueRun(run=RunSpec(output_dir=Path("out/mrpc")), train=TrainConfig(...), optimizer=OptimizerSettings(lr=4e-4),
+    spec = GlueRun(run=RunSpec(output_dir=Path("out/mrpc")), train=TrainConfig(...),
+                   optimizer=OptimizerSettings(lr=4e-4),
                    model_name_or_path="roberta-base", task_name="mrpc", method=make_method("lora", lora_config))
     result = execute(prepare(spec))       # prepare checks and builds (writes nothing); execute runs the phases
 
@@ -157,7 +158,8 @@ class GlueTask:
     def run_config(self) -> dict:
         s, m = self.spec, self.method
         t = s.train
-        return {**s.record, "task": get_task(s.task_name).name, "method": "lora" if m.entry.name == "loraplus" else m.name,
+        name = "lora" if m.entry.name == "loraplus" else m.name  # LoRA+: LoRA with a loraplus_lr_ratio, as always
+        return {**s.record, "task": get_task(s.task_name).name, "method": name,
                 "global_batch_size": t.per_device_batch_size * t.grad_accum_steps * skeleton.world_size(),
                 "model_name_or_path": s.model_name_or_path, "model_path": str(self.model_path),
                 "model_type": self.model.hf_config.get("model_type"), "num_labels": self.num_labels,
@@ -243,7 +245,7 @@ def _build_model(spec: GlueRun, method: Method, adapter: Optional[Adapter], num_
     if method.lora is not None:
         check_targets(hf_config, method.lora, spec.target_flag)
 
-    skeleton.seed_everything(spec.run.seed)  # the head and LoRA factors are drawn next (set_seed first, as the originals)
+    skeleton.seed_everything(spec.run.seed)  # the head and LoRA factors are drawn next (set_seed first, as originals)
     model = load_pretrained(model_path, num_labels, method.lora, overrides).train()
     model.loralib_config = method.lora
     if spec.lora_a_init == "normal":
