@@ -68,7 +68,7 @@ $(MS_LORALIB):
 # AdaLoRA, LoRA² and LoRA-Pro through the subprojects' run_glue.py, then the compare table and chart, the training
 # curves (curves.png) and one page to open (outputs/demo/report.html).
 demo: $(STAMP) $(WORDNET_DIR)
-	$(PY) -m loralib.demo_glue $(DEMO_ARGS)
+	$(PY) demo/glue.py $(DEMO_ARGS)
 
 # Real data, small model: SmolLM2-135M fine-tuned on the published E2E dev set (LoRA and LoRA-Pro) and scored on
 # test MRs with the paper's beam search and the five official metrics (the files: data/download_benchmarks.py).
@@ -81,7 +81,7 @@ demo-real: $(STAMP) java-runtime
 
 # The core layers alone, on scikit-learn's digits, in seconds.
 demo-digits: $(STAMP)
-	$(PY) -m loralib.demo
+	$(PY) demo/digits.py
 
 test: $(STAMP) $(MS_LORALIB) $(WORDNET_DIR) $(GPT2_BPE) $(PUNKT_TAB) java-runtime chromium
 	LORALIB_REFERENCE_WHEEL=$(MS_LORALIB) $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -17,17 +17,27 @@ run_glue.py's fixed 0.15 whatever --cls_dropout says, unless --recipe paper (the
 
 --apply_rankselector (the released MRPC scripts' spelling) means --apply_adalora. The final rank pattern is
 written to output_dir/rank_pattern.json. LoRA rows (not AdaLoRA / LoRA², which refuse them) take --use_dora and
---init_lora_weights pissa | pissa_niter_N | lora_ga. Everything else is loralib.tasks.glue.run; see its docstring.
+--init_lora_weights pissa | pissa_niter_N | lora_ga. The flags both lora2 entry points take are
+lora2/glue_entry.py's, the shared GLUE flags loralib.train.hf_flags', the run itself is loralib.tasks.glue.run;
+see their docstrings.
 """
 import sys
+from pathlib import Path
 
-from loralib.tasks.glue import run
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import glue_entry  # noqa: E402
+
+PROG = "lora2/run_glue.py"
+SVD_LAYER = "lora2"  # what --lora_type svd builds unless --svd_layer says otherwise
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # the LoRA² repository's meaning of --lora_type svd first; a --svd_layer given on the command line wins
-    return run.main(["--svd_layer", "lora2", *argv], flavour="lora2", prog="lora2/run_glue.py")
+    return glue_entry.main(argv, PROG, SVD_LAYER)
+
+
+def run_glue(argv=None):
+    """Parse, translate, prepare and execute; errors propagate."""
+    return glue_entry.run_glue(argv, SVD_LAYER)
 
 
 if __name__ == "__main__":

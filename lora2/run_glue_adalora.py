@@ -10,17 +10,26 @@ repository, while lora2/run_glue.py gives the same command LoRA²'s meaning (the
         --num_train_epochs 30 --warmup_ratio 0.1 --cls_dropout 0.0 --weight_decay 0.01 --seed 6 \
         --root_output_dir ./output/debertav3-base/mrpc --overwrite_output_dir
 
---cls_dropout is honoured (AdaLoRA's code passed it to the model config). Everything else is
-loralib.tasks.glue.run (flavour "lora2"); see its docstring.
+--cls_dropout is honoured (AdaLoRA's code passed it to the model config). The flags are lora2/glue_entry.py's (shared
+with lora2/run_glue.py), the run is loralib.tasks.glue.run; see their docstrings.
 """
 import sys
+from pathlib import Path
 
-from loralib.tasks.glue import run
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import glue_entry  # noqa: E402
+
+PROG = "lora2/run_glue_adalora.py"
+SVD_LAYER = "adalora"  # what --lora_type svd builds unless --svd_layer says otherwise
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return run.main(["--svd_layer", "adalora", *argv], flavour="lora2", prog="lora2/run_glue_adalora.py")
+    return glue_entry.main(argv, PROG, SVD_LAYER)
+
+
+def run_glue(argv=None):
+    """Parse, translate, prepare and execute; errors propagate."""
+    return glue_entry.run_glue(argv, SVD_LAYER)
 
 
 if __name__ == "__main__":

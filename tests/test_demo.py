@@ -1,5 +1,11 @@
 """The offline demo: LoRA adapts the pretrained digits net far better than a new head alone."""
-from loralib import demo
+import importlib.util
+from pathlib import Path
+
+# demo/digits.py lives outside the package (`python demo/digits.py`): loaded by path
+_spec = importlib.util.spec_from_file_location("demo_digits", Path(__file__).resolve().parents[1] / "demo" / "digits.py")
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
 
 
 def test_demo_lora_beats_frozen_and_approaches_full(capsys):

@@ -1,4 +1,4 @@
-"""LoRA-Pro in the GLUE driver, run_config.json of evaluation-only runs, and `python -m loralib.demo_glue --quick`.
+"""LoRA-Pro in the GLUE entry points, run_config.json of evaluation-only runs, and `python demo/glue.py --quick`.
 
 Tiny random BERT saved with save_pretrained + the offline BERT tokenizer of _glue_fixtures; the demo runs on
 the synthetic WordNet of _glue_fixtures (built into GLUE files by data/make_wordnet_glue.py, as the demo does).
@@ -6,6 +6,7 @@ The MiniLM / real-WordNet part runs only where those are installed.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import sys
@@ -20,9 +21,22 @@ from _torchrun import entry_point_body, torchrun, write_worker  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-from loralib import demo_glue  # noqa: E402
+import loralib.optim  # noqa: E402
 from loralib.optim import LoRAProAdamW  # noqa: E402
-from loralib.tasks.glue import run as driver  # noqa: E402
+from loralib.tasks.glue import run as glue  # noqa: E402
+from test_run_glue import ENTRIES  # noqa: E402
+
+
+def _demo_module():
+    """demo/glue.py (outside the package: loaded by path, registered for its dataclasses)."""
+    spec = importlib.util.spec_from_file_location("demo_glue", Path(__file__).resolve().parents[1] / "demo" / "glue.py")
+    module = sys.modules["demo_glue"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo_glue = _demo_module()
+NLU = ENTRIES["nlu"]
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +67,24 @@ def _json(path: Path) -> dict:
 @pytest.mark.parametrize("mode", ["full", "efficient"])
 def test_lorapro_trains_with_lorapro_adamw(files, tmp_path, flavour, mode, monkeypatch):
     made = []
-    real = driver.LoRAProAdamW
+    real = loralib.optim.LoRAProAdamW
 
     def spy(model, **kw):
         made.append(kw)
         return real(model, **kw)
 
-    monkeypatch.setattr(driver, "LoRAProAdamW", spy)
+    monkeypatch.setattr(loralib.optim, "LoRAProAdamW", spy)  # what loralib.methods.build_optimizer builds
     out = tmp_path / "run"
     argv = _argv(files, out, "--do_train", "--do_eval", "--apply_lora", "--lora_r", "4", "--apply_lorapro",
                  "--lorapro_mode", mode, "--max_steps", "3", "--weight_decay", "0.5")
-    prepared = driver.prepare(driver.parse_args(argv, flavour))
+    prepared = glue.prepare(ENTRIES[flavour].glue_run(ENTRIES[flavour].parse_args(argv)))
     query = prepared.model.bert.encoder.layer[0].attention.self.query
     w0, b0 = query.weight.detach().clone(), query.lora_B.detach().clone()
-    result = driver.execute(prepared)
+    result = glue.execute(prepared)
 
     assert made == [dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.5, mode=mode,
-                         decay_base_weight=False)]
+                         decay_base_weight=False, released_clip_norm=0.0, released_weight_decay=False,
+                         released_scaling=False)]
     config = _json(out / "run_config.json")
     assert config["method"] == "lorapro" and config["args"]["lorapro_mode"] == mode
     assert config["lora"]["r"] == 4
@@ -80,16 +95,16 @@ def test_lorapro_trains_with_lorapro_adamw(files, tmp_path, flavour, mode, monke
     query.train()  # unmerge
     torch.testing.assert_close(query.weight.detach(), w0, rtol=0, atol=1e-6)
     # the saved adapter reproduces the trained model
-    again = driver.run_glue(_argv(files, tmp_path / "eval", "--do_eval", "--lora_path",
-                                  result.train_results["adapter_dir"]), flavour)
+    again = ENTRIES[flavour].run_glue(_argv(files, tmp_path / "eval", "--do_eval", "--lora_path",
+                                            result.train_results["adapter_dir"]))
     assert again.eval_results["accuracy"] == result.eval_results["accuracy"]
 
 
 def test_lorapro_optimizer_is_the_one_in_the_loop(files, tmp_path):
     """The optimizer of a LoRA-Pro run is LoRAProAdamW (train_results names its groups), AdamW's otherwise."""
-    lorapro = driver.run_glue(_argv(files, tmp_path / "a", "--do_train", "--apply_lora", "--apply_lorapro",
-                                    "--max_steps", "1"), "nlu")
-    lora = driver.run_glue(_argv(files, tmp_path / "b", "--do_train", "--apply_lora", "--max_steps", "1"), "nlu")
+    lorapro = NLU.run_glue(_argv(files, tmp_path / "a", "--do_train", "--apply_lora", "--apply_lorapro",
+                                    "--max_steps", "1"))
+    lora = NLU.run_glue(_argv(files, tmp_path / "b", "--do_train", "--apply_lora", "--max_steps", "1"))
     assert lorapro.train_results["param_groups"] != lora.train_results["param_groups"]
     model = lorapro.model
     assert isinstance(LoRAProAdamW(model, lr=1e-3), torch.optim.Optimizer)
@@ -103,7 +118,8 @@ def test_lorapro_optimizer_is_the_one_in_the_loop(files, tmp_path):
 ])
 def test_lorapro_bad_flags_are_refused(files, tmp_path, flavour, flags, match):
     with pytest.raises(ValueError, match=match):
-        driver.prepare(driver.parse_args(_argv(files, tmp_path / "o", "--do_train", *flags), flavour))
+        glue.prepare(ENTRIES[flavour].glue_run(ENTRIES[flavour].parse_args(_argv(files, tmp_path / "o", "--do_train",
+                                                                                 *flags))))
     assert not (tmp_path / "o").exists()
 
 
@@ -125,8 +141,7 @@ def test_lorapro_under_deepspeed_on_two_processes_equals_lorapro_adamw(files, tm
     bert.save_pretrained(tmp_path / "bert")
     make_tokenizer("bert").save_pretrained(tmp_path / "bert")
     files = dict(files, bert=tmp_path / "bert")
-    driver.run_glue(_argv(files, tmp_path / "lora", "--do_train", "--apply_lora", "--lora_r", "4", "--max_steps", "1"),
-                    "nlu")
+    NLU.run_glue(_argv(files, tmp_path / "lora", "--do_train", "--apply_lora", "--lora_r", "4", "--max_steps", "1"))
     from safetensors.torch import load_file, save_file
 
     start = tmp_path / "lora" / "adapter" / "adapter.safetensors"
@@ -136,11 +151,13 @@ def test_lorapro_under_deepspeed_on_two_processes_equals_lorapro_adamw(files, tm
     save_file(tensors, str(start))
     common = ["--do_train", "--apply_lora", "--lora_r", "4", "--lora_path", str(tmp_path / "lora" / "adapter"),
               "--apply_lorapro", "--lorapro_mode", mode, "--max_steps", "3", "--max_grad_norm", clip]
-    driver.run_glue(_argv(files, tmp_path / "one", *common, "--per_device_train_batch_size", "4"), "nlu")
+    NLU.run_glue(_argv(files, tmp_path / "one", *common, "--per_device_train_batch_size", "4"))
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    script = write_worker(tmp_path / "worker.py",
-                          entry_point_body("loralib.tasks.glue.run", "main(sys.argv[1:], 'nlu')"))
+    # examples/NLU/run_glue.py as the worker: its folder first on the path, as `python examples/NLU/run_glue.py` has it
+    nlu_folder = Path(NLU.__file__).parent
+    script = write_worker(tmp_path / "worker.py", f"import sys\nsys.path.insert(0, {str(nlu_folder)!r})\n"
+                          + entry_point_body("run_glue"))
     torchrun(script, _argv(files, tmp_path / "two", *common, "--per_device_train_batch_size", "2", "--deepspeed", ds))
     one = load_file(str(tmp_path / "one" / "adapter" / "adapter.safetensors"))
     two = load_file(str(tmp_path / "two" / "adapter" / "adapter.safetensors"))
@@ -151,25 +168,25 @@ def test_lorapro_under_deepspeed_on_two_processes_equals_lorapro_adamw(files, tm
 
 def test_lorapro_mode_choices(files, tmp_path):
     with pytest.raises(SystemExit):
-        driver.parse_args(_argv(files, tmp_path / "o", "--apply_lora", "--apply_lorapro", "--lorapro_mode", "x"), "nlu")
-    assert driver.parse_args(_argv(files, tmp_path / "o"), "nlu").lorapro_mode == "full"
-    assert not hasattr(driver.parse_args(_argv(files, tmp_path / "o"), "loraplus"), "apply_lorapro")
+        NLU.parse_args(_argv(files, tmp_path / "o", "--apply_lora", "--apply_lorapro", "--lorapro_mode", "x"))
+    assert NLU.parse_args(_argv(files, tmp_path / "o")).lorapro_mode == "full"
+    assert not hasattr(ENTRIES["loraplus"].parse_args(_argv(files, tmp_path / "o")), "apply_lorapro")
 
 
 # ---------------------------------------------------------------- run_config.json of evaluation-only runs
 
 def test_evaluation_only_run_writes_run_config_when_absent(files, tmp_path):
     trained = tmp_path / "trained"
-    driver.run_glue(_argv(files, trained, "--do_train", "--apply_lora", "--lora_r", "4", "--max_steps", "1"), "nlu")
+    NLU.run_glue(_argv(files, trained, "--do_train", "--apply_lora", "--lora_r", "4", "--max_steps", "1"))
     out = tmp_path / "eval"
-    driver.run_glue(_argv(files, out, "--do_eval", "--lora_path", str(trained / "adapter")), "nlu")
+    NLU.run_glue(_argv(files, out, "--do_eval", "--lora_path", str(trained / "adapter")))
     config = _json(out / "run_config.json")
     assert config["method"] == "lora" and config["lora"]["r"] == 4 and config["task"] == "sst2"
     assert config["model_path"] == str(files["bert"]) and config["args"]["do_train"] is False
 
     # a training run's run_config.json is kept when the same folder is evaluated afterwards
     before = (trained / "run_config.json").read_text()
-    driver.run_glue(_argv(files, trained, "--do_eval", "--lora_path", str(trained / "adapter")), "nlu")
+    NLU.run_glue(_argv(files, trained, "--do_eval", "--lora_path", str(trained / "adapter")))
     assert (trained / "run_config.json").read_text() == before
     assert (trained / "eval_results.json").is_file()
 
@@ -178,7 +195,7 @@ def test_compare_reads_an_evaluation_only_run(files, tmp_path, capsys):
     from loralib.repro import compare
 
     out = tmp_path / "results" / "full-eval"
-    driver.run_glue(_argv(files, out, "--do_eval"), "nlu")
+    NLU.run_glue(_argv(files, out, "--do_eval"))
     runs = compare.read_runs(tmp_path / "results")
     assert [(r.method, r.model_path) for r in runs] == [("full", str(files["bert"]))]
 

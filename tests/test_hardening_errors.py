@@ -69,16 +69,16 @@ def tiny(tmp_path_factory):
 
 
 def _glue(tiny, out, *extra, data=None):
-    from loralib.tasks.glue import run as driver
+    from test_run_glue import NLU
 
     argv = ["--model_name_or_path", str(tiny["model"]), "--task_name", "sst2", "--data_dir", str(data or tiny["glue"]),
             "--output_dir", str(out), "--do_train", "--do_eval", "--apply_lora", "--max_steps", "2",
             "--per_device_train_batch_size", "2", "--save_strategy", "no", "--disable_tqdm", *extra]
-    return driver.main(argv, "nlu")
+    return NLU.main(argv)
 
 
 def _one_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run_glue.py: error:")]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("examples/NLU/run_glue.py: error:")]
     assert len(err) == 1, err
     return err[0]
 

@@ -135,7 +135,7 @@ def test_run_glue_refuses_a_diverging_run_in_one_line(tmp_path, capsys, monkeypa
     """The paper scripts share the loop: a too-high learning rate is one line and exit 2, not accuracy 0.5."""
     pytest.importorskip("transformers")
     monkeypatch.setenv("LORALIB_PROGRESS", "off")  # stderr then holds only what the run says on its own
-    from loralib.tasks.glue import run as driver
+    from test_run_glue import NLU
 
     write_tiny_roberta(tmp_path / "roberta")
     out = tmp_path / "out"
@@ -144,7 +144,7 @@ def test_run_glue_refuses_a_diverging_run_in_one_line(tmp_path, capsys, monkeypa
             "--do_eval", "--apply_lora", "--max_steps", "4", "--learning_rate", "1e30",
             "--per_device_train_batch_size", "2", "--save_strategy", "no", "--disable_tqdm"]
     capsys.readouterr()
-    assert driver.main(argv, "nlu") == 2
+    assert NLU.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "loss is nan at step" in err[0], err
     assert not (out / "adapter").exists() and not (out / "eval_results.json").exists()

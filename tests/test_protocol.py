@@ -237,7 +237,7 @@ def test_real_glue_runs_of_two_seeds_are_one_row_with_their_best_epochs(tmp_path
     from _glue_fixtures import write_glue_tsv
     from _hardening_fixtures import write_tiny_roberta
 
-    from loralib.tasks.glue import run as driver
+    from test_run_glue import NLU
 
     monkeypatch.setenv("LORALIB_PROGRESS", "off")
     model, data = write_tiny_roberta(tmp_path / "roberta-base"), write_glue_tsv(tmp_path / "glue", tasks=("rte",))
@@ -247,7 +247,7 @@ def test_real_glue_runs_of_two_seeds_are_one_row_with_their_best_epochs(tmp_path
                 "--num_train_epochs", "3", "--evaluation_strategy", "epoch", "--save_strategy", "no",
                 "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--max_seq_length", "32",
                 "--seed", str(seed), "--disable_tqdm"]
-        assert driver.main(argv, "nlu") == 0
+        assert NLU.main(argv) == 0
     runs = compare.read_runs(tmp_path / "runs")
     assert [len(run.evaluations("rte", "accuracy")) for run in runs] == [3, 3]
     [group] = compare.seed_groups(runs)

@@ -18,7 +18,8 @@ from _glue_fixtures import make_tokenizer, write_glue_tsv  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-from loralib.tasks.glue import run as driver  # noqa: E402
+from loralib.tasks.glue import run as glue  # noqa: E402
+from loralib.train import run as skeleton  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 D = 16  # hidden size of the tiny encoders
@@ -33,6 +34,22 @@ def _entry(relpath: str):
 
 
 NLU, LORA2, LORAPLUS = (_entry(p) for p in ("examples/NLU/run_glue.py", "lora2/run_glue.py", "loraplus/run_glue.py"))
+ADAPTIVE = sys.modules["glue_entry"]  # lora2/glue_entry.py: the lora2 flags (--svd_layer adalora unless given)
+ENTRIES = {"nlu": NLU, "lora2": ADAPTIVE, "loraplus": LORAPLUS}
+
+
+def _parse(argv, flavour):
+    """The flags as the entry point of `flavour` parses them."""
+    return ENTRIES[flavour].parse_args(argv)
+
+
+def _prepare(args, flavour):
+    """prepare() of the GlueRun the entry point makes of its flags (writes nothing)."""
+    return glue.prepare(ENTRIES[flavour].glue_run(args))
+
+
+def _run_glue(argv, flavour):
+    return ENTRIES[flavour].run_glue(argv)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +139,7 @@ def test_nlu_metric_names(files, tmp_path, task, metrics, train):
 
 
 def test_full_finetuning_without_apply_lora_trains_everything(files, tmp_path):
-    result = driver.run_glue(_base(files, "roberta", "sst2", tmp_path / "full", "--do_train", "--max_steps", "1",
+    result = _run_glue(_base(files, "roberta", "sst2", tmp_path / "full", "--do_train", "--max_steps", "1",
                                    "--save_strategy", "no"), "nlu")
     assert all(p.requires_grad for p in result.model.parameters())
     assert _json(tmp_path / "full" / "run_config.json")["method"] == "full"
@@ -133,7 +150,7 @@ def test_released_adapter_file_evaluates(files, tmp_path):
     # the original command names r and alpha; without them they are read from the file (alpha = 2 r)
     for i, flags in enumerate((["--apply_lora", "--lora_r", "8", "--lora_alpha", "16"], [])):
         out = tmp_path / f"eval{i}"
-        result = driver.run_glue(_base(files, "roberta", "mnli", out, "--do_eval", "--lora_path", str(adapter), *flags),
+        result = _run_glue(_base(files, "roberta", "mnli", out, "--do_eval", "--lora_path", str(adapter), *flags),
                                  "nlu")
         assert set(_json(out / "eval_results.json")) == {"task", "split", "num_examples", "accuracy", "mnli-mm"}
         layer = result.model.roberta.encoder.layer[1].attention.self.value
@@ -146,10 +163,10 @@ def test_released_adapter_file_evaluates(files, tmp_path):
 
 def test_training_from_an_mnli_adapter_keeps_its_lora_and_starts_a_new_head(files, tmp_path, caplog):
     adapter = _released_roberta_file(tmp_path / "mnli.bin")
-    args = driver.parse_args(_base(files, "roberta", "mrpc", tmp_path / "mrpc", "--do_train", "--apply_lora",
+    args = _parse(_base(files, "roberta", "mrpc", tmp_path / "mrpc", "--do_train", "--apply_lora",
                                    "--lora_path", str(adapter)), "nlu")
     with caplog.at_level("WARNING"):
-        prepared = driver.prepare(args)
+        prepared = _prepare(args, "nlu")
     assert "trained for 3 labels" in caplog.text
     query = prepared.model.roberta.encoder.layer[0].attention.self.query
     assert torch.equal(query.lora_A.detach(), torch.load(adapter)["roberta.encoder.layer.0.attention.self.query.lora_A"])
@@ -159,9 +176,9 @@ def test_training_from_an_mnli_adapter_keeps_its_lora_and_starts_a_new_head(file
 
 def test_our_adapter_folder_reproduces_the_trained_model(files, tmp_path):
     out = tmp_path / "train"
-    trained = driver.run_glue(_base(files, "roberta", "rte", out, "--do_train", "--do_eval", "--apply_lora",
+    trained = _run_glue(_base(files, "roberta", "rte", out, "--do_train", "--do_eval", "--apply_lora",
                                     "--lora_r", "2", "--max_steps", "3", "--save_strategy", "no"), "nlu")
-    again = driver.run_glue(_base(files, "roberta", "rte", tmp_path / "eval", "--do_eval", "--lora_path",
+    again = _run_glue(_base(files, "roberta", "rte", tmp_path / "eval", "--do_eval", "--lora_path",
                                   str(out / "adapter")), "nlu")
     assert again.eval_results == trained.eval_results
     for (name, p), (_, q) in zip(trained.model.state_dict().items(), again.model.state_dict().items()):
@@ -181,7 +198,7 @@ def _adaptive_argv(files, out, *extra):
                                                 (["--apply_rankselector", "--apply_lora2", "--lora2_k", "2"], "LoRA2Linear")])
 def test_lora2_rank_allocation_changes_ranks_and_saves_the_pattern(files, tmp_path, switch, layer_type):
     out = tmp_path / "run"
-    result = driver.run_glue(_adaptive_argv(files, out, *switch), "lora2")
+    result = _run_glue(_adaptive_argv(files, out, *switch), "lora2")
     pattern = _json(out / "rank_pattern.json")["rank_pattern"]
     assert len(pattern) == 12 and all(len(keep) == 4 for keep in pattern.values())  # 2 layers x 6 matrices, r 4
     assert sum(map(sum, pattern.values())) == 12  # the final budget: target_rank 1 per matrix
@@ -216,23 +233,23 @@ def test_lora2_resume_after_a_crash_is_exact(files, tmp_path, caplog):
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.3])
 def test_lora2_cls_dropout_is_honoured_under_the_paper_recipe(files, tmp_path, p):
     # the LoRA² paper's table gives a head dropout per task; --recipe paper honours it
-    args = driver.parse_args(_adaptive_argv(files, tmp_path / "x", "--apply_lora2", "--cls_dropout", str(p),
+    args = _parse(_adaptive_argv(files, tmp_path / "x", "--apply_lora2", "--cls_dropout", str(p),
                                             "--recipe", "paper"), "lora2")
-    model = driver.prepare(args).model
+    model = _prepare(args, "lora2").model
     assert model.dropout.p == p and model.hf_config["cls_dropout"] == p
-    roberta = driver.prepare(driver.parse_args(_base(files, "roberta", "rte", tmp_path / "y", "--do_eval",
-                                                     "--cls_dropout", str(p)), "nlu")).model
+    roberta = _prepare(_parse(_base(files, "roberta", "rte", tmp_path / "y", "--do_eval",
+                                    "--cls_dropout", str(p)), "nlu"), "nlu").model
     assert roberta.classifier.dropout.p == p
-    adalora = driver.prepare(driver.parse_args(_adaptive_argv(files, tmp_path / "z", "--apply_adalora",
-                                                              "--cls_dropout", str(p)), "lora2")).model
+    adalora = _prepare(_parse(_adaptive_argv(files, tmp_path / "z", "--apply_adalora",
+                                             "--cls_dropout", str(p)), "lora2"), "lora2").model
     assert adalora.dropout.p == p  # AdaLoRA's code honoured the flag under either recipe
 
 
 def test_lora2_released_recipe_fixes_the_head_dropout_at_0_15(files, tmp_path):
     # the released LoRA² run_glue.py ignored --cls_dropout and hard-coded 0.15: the default recipe runs that
-    args = driver.parse_args(_adaptive_argv(files, tmp_path / "x", "--apply_lora2", "--cls_dropout", "0.2"), "lora2")
+    args = _parse(_adaptive_argv(files, tmp_path / "x", "--apply_lora2", "--cls_dropout", "0.2"), "lora2")
     with pytest.warns(UserWarning, match="--cls_dropout 0.2 is ignored for LoRA² under --recipe released"):
-        model = driver.prepare(args).model
+        model = _prepare(args, "lora2").model
     assert args.recipe == "released" and model.dropout.p == 0.15 and model.hf_config["cls_dropout"] == 0.15
 
 
@@ -253,8 +270,8 @@ def test_an_original_lora2_command_builds_lora2_and_adalora_has_its_own_entry_po
         assert config["recipe"] == "released"
         if method == "lora2":
             assert config["lora"]["lora2_k"] == 8  # the LoRA² repository's fixed inner rank
-    assert driver.parse_args(_adaptive_argv(files, tmp_path), "lora2").svd_layer == "adalora"  # the driver's default
-    layers = {type(m).__name__ for m in driver.run_glue(
+    assert _parse(_adaptive_argv(files, tmp_path), "lora2").svd_layer == "adalora"  # the driver's default
+    layers = {type(m).__name__ for m in _run_glue(
         ["--svd_layer", "lora2"] + _adaptive_argv(files, tmp_path / "x", "--apply_adalora", "--max_steps", "3"),
         "lora2").model.modules()}
     assert "LoRA2Linear" in layers and "SVDLinear" not in layers
@@ -263,9 +280,9 @@ def test_an_original_lora2_command_builds_lora2_and_adalora_has_its_own_entry_po
 def test_lora_a_init_normal_draws_from_the_initializer_range(files, tmp_path):
     """--lora_a_init normal: lora_A ~ N(0, 0.02) (the DeBERTa fork's _init_weights); B stays zero."""
     def a_factors(*extra):
-        args = driver.parse_args(_base(files, "deberta", "rte", tmp_path / "o", "--do_train", "--apply_lora",
+        args = _parse(_base(files, "deberta", "rte", tmp_path / "o", "--do_train", "--apply_lora",
                                        "--lora_r", "8", *extra), "nlu")
-        model = driver.prepare(args).model
+        model = _prepare(args, "nlu").model
         return ([p for n, p in model.named_parameters() if n.endswith("lora_A")],
                 [p for n, p in model.named_parameters() if n.endswith("lora_B")])
     normal, b = a_factors("--lora_a_init", "normal")
@@ -276,8 +293,8 @@ def test_lora_a_init_normal_draws_from_the_initializer_range(files, tmp_path):
     # loralib's default: kaiming uniform with a = sqrt(5), bound 1 / sqrt(in_features) = 0.25 here
     assert torch.cat([p.detach().flatten() for p in kaiming]).abs().max() > 0.1
     with pytest.raises(ValueError, match="has no lora_A"):
-        driver.prepare(driver.parse_args(_base(files, "deberta", "rte", tmp_path / "o", "--do_eval",
-                                               "--lora_a_init", "normal"), "nlu"))
+        _prepare(_parse(_base(files, "deberta", "rte", tmp_path / "o", "--do_eval",
+                              "--lora_a_init", "normal"), "nlu"), "nlu")
 
 
 def test_lora2_root_output_dir(files, tmp_path):
@@ -293,7 +310,7 @@ def test_loraplus_gpt2_builds_the_loraplus_groups(files, tmp_path):
     out = tmp_path / "gpt2"
     argv = _base(files, "gpt2", "sst2", out, "--target_modules", "c_attn, c_proj, c_fc", "--loraplus_lr_ratio", "16",
                  "--lora_rank", "2", "--lora_alpha", "2", "--max_steps", "2", "--save_strategy", "no")
-    result = driver.run_glue(argv, "loraplus")  # --do_train and --do_eval are on by default, as in LoRA+
+    result = _run_glue(argv, "loraplus")  # --do_train and --do_eval are on by default, as in LoRA+
     groups = {g["name"]: g for g in _json(out / "train_results.json")["param_groups"]}
     assert list(groups) == ["lora_A", "embedding", "lora_B", "lora_B_nd"]
     assert [groups[n]["lr"] for n in groups] == pytest.approx([1e-3, 1e-6, 1.6e-2, 1.6e-2])
@@ -308,8 +325,8 @@ def test_loraplus_gpt2_builds_the_loraplus_groups(files, tmp_path):
 
 def test_loraplus_init_and_trainable_head(files, tmp_path):
     def prepared(model, *extra):
-        return driver.prepare(driver.parse_args(_base(files, model, "rte", tmp_path / "p", "--no_do_train",
-                                                      "--target_modules", "query, value", *extra), "loraplus")).model
+        return _prepare(_parse(_base(files, model, "rte", tmp_path / "p", "--no_do_train",
+                                     "--target_modules", "query, value", *extra), "loraplus"), "loraplus").model
 
     swapped, original = prepared("roberta"), prepared("roberta", "--use_original_init")
     q_swapped, q_original = (m.roberta.encoder.layer[0].attention.self.query for m in (swapped, original))
@@ -327,7 +344,7 @@ def test_loraplus_llama_adds_a_pad_token(files, tmp_path):
     out = tmp_path / "llama"
     argv = _base(files, "llama", "rte", out, "--target_modules", "q_proj, v_proj", "--loraplus_lr_ratio", "4",
                  "--max_steps", "2", "--save_strategy", "no", "--lr_scheduler_type", "constant")
-    result = driver.run_glue(argv, "loraplus")
+    result = _run_glue(argv, "loraplus")
     vocab = len(make_tokenizer("llama"))
     embedding = result.model.model.embed_tokens
     assert embedding.num_embeddings == vocab + 1 and result.model.hf_config["vocab_size"] == vocab + 1
@@ -411,7 +428,7 @@ def test_error_model_not_found_and_hub_offline(files, tmp_path, capsys, monkeypa
         raise ConnectionError("Failed to resolve 'huggingface.co'")
 
     monkeypatch.setattr(hub, "_snapshot_download", offline)
-    monkeypatch.setattr(driver, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(skeleton, "REPO_ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
     argv = ["--model_name_or_path", "roberta-base", "--task_name", "rte", "--data_dir", str(files["glue"]),
             "--do_eval", "--output_dir", str(tmp_path / "o")]
@@ -445,10 +462,10 @@ def test_fp16_without_gpu_warns_and_trains_in_fp32(files, tmp_path):
 @pytest.mark.parametrize("flavour", ["nlu", "lora2", "loraplus"])
 def test_logging_flags_of_the_original_scripts_are_accepted(files, tmp_path, flavour, capsys):
     argv = _base(files, "roberta", "rte", tmp_path / "x", "--logging_strategy", "steps", "--tb_writter_loginterval", "50")
-    args = driver.parse_args(argv, flavour)
+    args = _parse(argv, flavour)
     assert (args.logging_strategy, args.tb_writter_loginterval) == ("steps", 50)
     with pytest.raises(SystemExit):
-        driver.parse_args(_base(files, "roberta", "rte", tmp_path / "x", "--logging_strategy", "hourly"), flavour)
+        _parse(_base(files, "roberta", "rte", tmp_path / "x", "--logging_strategy", "hourly"), flavour)
     assert "--logging_strategy" in capsys.readouterr().err
 
 
@@ -459,7 +476,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(files, tmp_path):
     def run(out, *extra):
         argv = _base(files, "llama", "rte", out, "--target_modules", "q_proj, v_proj", "--loraplus_lr_ratio", "4",
                      "--max_steps", "2", "--save_strategy", "no", "--no_do_eval", *extra)
-        return driver.run_glue(argv, "loraplus").model
+        return _run_glue(argv, "loraplus").model
 
     plain, checkpointed = run(tmp_path / "plain"), run(tmp_path / "ckpt", "--gradient_checkpointing")
     assert is_gradient_checkpointing(checkpointed) and not is_gradient_checkpointing(plain)

@@ -1,23 +1,27 @@
-"""`make demo` (until the GLUE demo lands): the core layers end to end on real data, offline, in a minute.
+"""`make demo-digits`: the core layers end to end on real data, offline, in a minute.
 
 A small conv net is pretrained on scikit-learn's handwritten digits 0-4, then adapted to digits 5-9 three
 ways: a new head on the frozen net, LoRA (loralib.Conv2d / loralib.Linear, r = 4) plus the head, and full
 fine-tuning. It prints test accuracy and trainable-parameter counts, then checks that the merged LoRA model
 (model.eval()) gives the same predictions and that the adapter saved with loralib.save_adapter reloads.
 
-Run: python -m loralib.demo [--epochs N] [--rank R] [--seed S]
+Run: python demo/digits.py [--epochs N] [--rank R] [--seed S]   (make demo-digits)
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import loralib as lora
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python demo/digits.py` from a checkout
+
+import loralib as lora  # noqa: E402
 
 
 class DigitsNet(nn.Module):

@@ -1,8 +1,8 @@
 """`make demo`: a real pretrained encoder fine-tuned on real offline GLUE-format tasks with every method of
 the monorepo, through the same entry points a paper run uses, ending in the `loralib compare` table and chart.
 
-    python -m loralib.demo_glue                # ~10 min on 2 CPU cores
-    python -m loralib.demo_glue --quick        # a few dozen steps per method (what the test runs)
+    python demo/glue.py                # ~10 min on 2 CPU cores (make demo)
+    python demo/glue.py --quick        # a few dozen steps per method (what the test runs)
 
 1. data: data/make_wordnet_glue.py builds WN-LEX (gloss -> lexicographer category, 6 classes) and WN-PAIR
    (gloss / example sentence -> same sense?) from /usr/share/wordnet into data/wordnet, if absent.
@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as `python demo/glue.py` from a checkout: loralib is the repository's
 ENTRY_POINTS = {"nlu": "examples/NLU/run_glue.py", "lora2": "lora2/run_glue.py", "loraplus": "loraplus/run_glue.py"}
 TASK_FOLDERS = {"wn-lex": "WN-LEX", "wn-pair": "WN-PAIR"}
 NOTE = ("These are demo numbers: MiniLM-L6 on WordNet tasks built here, a few minutes of CPU per method, one seed, "
@@ -168,8 +169,8 @@ def score(run_dir: Path) -> str:
     return f"{shown or 'no metric'} on {results.get('num_examples', '?')} dev examples"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loralib.demo_glue", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python demo/glue.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="outputs/demo", help="results folder (default outputs/demo)")
     parser.add_argument("--data_dir", default=str(REPO_ROOT / "data" / "wordnet"),
                         help="where the WordNet tasks are (built there if absent)")
@@ -185,9 +186,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="also score the dev set every N steps: an evaluation line in curves.png, same final "
                              "scores, longer runs (default 0: once, after training)")
     parser.add_argument("--quick", action="store_true", help="a few dozen steps per method: checks the pipeline only")
-    args = parser.parse_args(argv)
+    return parser
 
-    started = time.perf_counter()
+
+@dataclass
+class Plan:
+    """What the demo runs: (task, method) pairs, each of `steps` steps, and the examples each run reads."""
+
+    steps: int
+    tasks: List[str]
+    methods: List[DemoMethod]
+    max_train: Optional[int]
+    max_eval: int
+
+    @property
+    def runs(self) -> List[Tuple[str, DemoMethod]]:
+        return [(task, method) for task in self.tasks for method in self.methods]
+
+
+def plan_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Plan:
+    """The runs the flags ask for; a bad flag exits through parser.error."""
     steps = args.max_steps if args.max_steps is not None else (12 if args.quick else 150)
     if steps <= 0:
         parser.error(f"--max_steps must be > 0, got {steps}")
@@ -207,6 +225,57 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if bad or not wanted:
             parser.error(f"--methods {args.methods!r}: expected a comma list of {', '.join(names)}")
         chosen = [m for m in chosen if m.name in wanted]
+    return Plan(steps, tasks, chosen, max_train, max_eval)
+
+
+def print_plan(plan: Plan, args: argparse.Namespace, out: Path) -> List[float]:
+    """Print the plan and its estimated time; returns each run's estimate."""
+    evaluations = 1 + (plan.steps // args.eval_steps if args.eval_steps else 0)
+    guesses = [estimate_seconds(method, plan.steps, args.batch_size, plan.max_eval * evaluations)
+               for _, method in plan.runs]
+    print(f"plan: {len(plan.runs)} runs of {plan.steps} steps of batch {args.batch_size} on {', '.join(plan.tasks)} "
+          f"({', '.join(m.name for m in plan.methods)}), dev examples scored per run: {plan.max_eval}, into {out}",
+          flush=True)
+    for (task, method), guess in zip(plan.runs, guesses):
+        print(f"  {task} / {method.name:<9} {ENTRY_POINTS[method.entry]:<26} lr {method.lr:g}   ~{_duration(guess)}",
+              flush=True)
+    print(f"estimated total: about {_duration(sum(guesses))} on an idle 2-core machine (longer on a busy one; "
+          "re-estimated after each run from the time the runs took)", flush=True)
+    return guesses
+
+
+def run_plan(plan: Plan, guesses: List[float], args: argparse.Namespace, model: Path, data_dir: Path,
+             out: Path) -> Tuple[int, List[Tuple[str, str, float]]]:
+    """Each run through its entry point, in-process; (exit code, [(task, method, seconds)])."""
+    entry_points: Dict[str, Callable] = {}
+    timings: List[Tuple[str, str, float]] = []
+    for i, ((task, method), guess) in enumerate(zip(plan.runs, guesses)):
+        if method.entry not in entry_points:
+            entry_points[method.entry] = _load_script(ENTRY_POINTS[method.entry], f"demo_run_glue_{method.entry}").main
+        run_dir = out / f"{task}-{method.name}"
+        run = run_argv(method, model, task, data_dir, run_dir, plan.steps, args.batch_size, plan.max_train,
+                       plan.max_eval, args.seed, args.eval_steps)
+        print(f"\n== [{i + 1}/{len(plan.runs)}] {task} / {method.name}: python {ENTRY_POINTS[method.entry]} "
+              f"{' '.join(run)}", flush=True)
+        t0 = time.perf_counter()
+        rc = entry_points[method.entry](run)
+        timings.append((task, method.name, time.perf_counter() - t0))
+        if rc != 0:
+            print(f"error: {task} / {method.name} failed (exit {rc})", file=sys.stderr)
+            return rc, timings
+        # the machine's pace so far (measured / estimated) scales the estimate of the runs left
+        pace = sum(t for _, _, t in timings) / sum(guesses[:i + 1])
+        left = pace * sum(guesses[i + 1:])
+        print(f"   {task} / {method.name}: {_duration(timings[-1][2])}, {score(run_dir)}"
+              + (f"; about {_duration(left)} left" if i + 1 < len(plan.runs) else ""), flush=True)
+    return 0, timings
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    plan = plan_of(parser, args)
     if args.model_name_or_path:
         model = Path(args.model_name_or_path)
     else:
@@ -217,47 +286,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
     data_dir, out = Path(args.data_dir), Path(args.output_dir)
     try:
-        ensure_wordnet_tasks(data_dir, args.wordnet_dir, tasks)
+        ensure_wordnet_tasks(data_dir, args.wordnet_dir, plan.tasks)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not logging.getLogger().handlers:  # the runs' INFO lines would bury the summary
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    plan = [(task, method) for task in tasks for method in chosen]
-    evaluations = 1 + (steps // args.eval_steps if args.eval_steps else 0)
-    guesses = [estimate_seconds(method, steps, args.batch_size, max_eval * evaluations) for _, method in plan]
-    print(f"plan: {len(plan)} runs of {steps} steps of batch {args.batch_size} on {', '.join(tasks)} "
-          f"({', '.join(m.name for m in chosen)}), dev examples scored per run: {max_eval}, into {out}", flush=True)
-    for (task, method), guess in zip(plan, guesses):
-        print(f"  {task} / {method.name:<9} {ENTRY_POINTS[method.entry]:<26} lr {method.lr:g}   ~{_duration(guess)}",
-              flush=True)
-    print(f"estimated total: about {_duration(sum(guesses))} on an idle 2-core machine (longer on a busy one; "
-          "re-estimated after each run from the time the runs took)", flush=True)
+    guesses = print_plan(plan, args, out)
+    rc, timings = run_plan(plan, guesses, args, model, data_dir, out)
+    if rc != 0:
+        return rc
 
-    entry_points: Dict[str, Callable] = {}
-    timings = []
-    for i, ((task, method), guess) in enumerate(zip(plan, guesses)):
-        if method.entry not in entry_points:
-            entry_points[method.entry] = _load_script(ENTRY_POINTS[method.entry], f"demo_run_glue_{method.entry}").main
-        run_dir = out / f"{task}-{method.name}"
-        run = run_argv(method, model, task, data_dir, run_dir, steps, args.batch_size, max_train, max_eval, args.seed,
-                       args.eval_steps)
-        print(f"\n== [{i + 1}/{len(plan)}] {task} / {method.name}: python {ENTRY_POINTS[method.entry]} {' '.join(run)}",
-              flush=True)
-        t0 = time.perf_counter()
-        rc = entry_points[method.entry](run)
-        timings.append((task, method.name, time.perf_counter() - t0))
-        if rc != 0:
-            print(f"error: {task} / {method.name} failed (exit {rc})", file=sys.stderr)
-            return rc
-        # the machine's pace so far (measured / estimated) scales the estimate of the runs left
-        pace = sum(t for _, _, t in timings) / sum(guesses[:i + 1])
-        left = pace * sum(guesses[i + 1:])
-        print(f"   {task} / {method.name}: {_duration(timings[-1][2])}, {score(run_dir)}"
-              + (f"; about {_duration(left)} left" if i + 1 < len(plan) else ""), flush=True)
-
-    from .repro import compare, plot
+    from loralib.repro import compare, plot
 
     print("\n== loralib plot " + str(out), flush=True)
     plot.main([str(out), "--out", str(out / "curves.png")])
@@ -268,7 +309,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"curves.png (training curves), report.html (everything, one page to open in a browser)")
     print(NOTE)
     return rc
-
 
 if __name__ == "__main__":
     sys.exit(main())
