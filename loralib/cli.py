@@ -1,9 +1,11 @@
 """The `loralib` command.
 
     loralib download-model NAME [--dest-root models] [--revision REV]   fetch a hub model into models/NAME
-    loralib demo [--epochs N] [--rank R]                                 the offline digits demo
     loralib compare RESULTS_DIR [--out PNG] [--report HTML]             reported vs measured (table, chart, report)
     loralib plot RUN_DIR... [--out PNG]                                  training curves of runs (metrics.jsonl)
+
+The demos run the paper folders' entry points, so they live beside them, outside the package: `make demo`
+(python demo/glue.py) and `make demo-digits` (python demo/digits.py).
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ def run_entry_point(run: Callable[[], Any], prog: str, errors: Tuple[type, ...] 
 
 COMMANDS = {
     "download-model": ("loralib.models.hub", "fetch a Hugging Face hub model into models/NAME"),
-    "demo": ("loralib.demo", "the offline digits demo (make demo)"),
     "download": ("loralib.repro.download", "fetch a released adapter (loralib download --list)"),
     "compare": ("loralib.repro.compare", "reported vs measured: markdown table, bar chart, --report HTML"),
     "plot": ("loralib.repro.plot", "training loss and eval metric against step of runs (curves.png)"),

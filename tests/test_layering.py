@@ -54,12 +54,6 @@ _PATH_LOADERS = ("spec_from_file_location", "SourceFileLoader", "SourcelessFileL
 _BY_NAME_IMPORTERS = ("import_module", "__import__", "run_module")
 _USER_TEXT_KEYWORDS = ("help", "prog", "usage", "description", "epilog")
 
-# Violations on main that other changes of issue 12 are removing right now (the GLUE demo and the smoke-file
-# builders move out of loralib/). TEMPORARY: (file, rule) pairs; the lead empties this list at merge time.
-# An entry that no longer occurs fails test_known_violations_still_occur, so the list can only shrink.
-KNOWN_VIOLATIONS_BEING_REMOVED: Tuple[Tuple[str, str], ...] = (
-    ("loralib/demo_glue.py", "c"),  # loads examples/NLU, lora2/, loraplus/ run_glue.py and data/make_wordnet_glue.py
-)
 
 
 @dataclass(frozen=True)
@@ -246,15 +240,8 @@ def test_loralib_keeps_its_layering():
     # the walk really covers the package: the models, the layers, the loop and the task families
     for expected in ("loralib/models/gpt2.py", "loralib/adalora.py", "loralib/train/loop.py", "loralib/tasks/__init__.py"):
         assert expected in checked
-    unexpected = [v for v in check_loralib() if (v.path, v.rule) not in KNOWN_VIOLATIONS_BEING_REMOVED]
-    assert not unexpected, "layering violations:\n" + "\n".join(map(str, unexpected))
-
-
-def test_known_violations_still_occur():
-    """The temporary allow-list only shrinks: an entry whose violation is gone must be deleted from it."""
-    present = {(v.path, v.rule) for v in check_loralib()}
-    stale = [entry for entry in KNOWN_VIOLATIONS_BEING_REMOVED if entry not in present]
-    assert not stale, f"remove from KNOWN_VIOLATIONS_BEING_REMOVED (fixed): {stale}"
+    violations = check_loralib()
+    assert not violations, "layering violations:\n" + "\n".join(map(str, violations))
 
 
 def test_layer_modules_exist():
