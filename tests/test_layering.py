@@ -55,7 +55,6 @@ _BY_NAME_IMPORTERS = ("import_module", "__import__", "run_module")
 _USER_TEXT_KEYWORDS = ("help", "prog", "usage", "description", "epilog")
 
 
-
 @dataclass(frozen=True)
 class Violation:
     path: str  # relative to the repository root, e.g. "loralib/models/gpt2.py"
