@@ -131,7 +131,9 @@ def _roberta_adapters(root: Path):
     torch.save({k: v for k, v in model.state_dict().items() if "lora_" in k}, root / "roberta_base_lora_sst2.bin")
     theirs = peft.get_peft_model(tiny_roberta(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
     theirs.save_pretrained(str(root / "peft"))
-    return {"ours": root / "ours", "nlu_file": root / "roberta_base_lora_sst2.bin", "peft": root / "peft"}
+    lora.save_adapter(model, root / "no_run")  # no run_config.json: its family unknown, its targets not GPT-2's
+    return {"ours": root / "ours", "no_run": root / "no_run", "nlu_file": root / "roberta_base_lora_sst2.bin",
+            "peft": root / "peft"}
 
 
 def test_an_adapter_of_another_family_is_one_error_naming_the_flag(tmp_path, base_dir, test_set, capsys):
@@ -142,8 +144,10 @@ def test_an_adapter_of_another_family_is_one_error_naming_the_flag(tmp_path, bas
         err = capsys.readouterr().err
         assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, (name, err)
         assert "--init_checkpoint" in err and str(path) in err, (name, err)
-        if name != "peft":  # PEFT's folder does not say its model; its keys name modules GPT-2 lacks
+        if name in ("ours", "nlu_file"):  # the others do not say their model; they name modules GPT-2 lacks
             assert "roberta model" in err, (name, err)
+        else:
+            assert "query" in err, (name, err)
     assert not work.exists()
 
 

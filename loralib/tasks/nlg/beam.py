@@ -13,9 +13,12 @@ WORK_DIR/OUTPUT_FILE, one line per input line, in order: {"id": <line index>, "p
 (the continuation only, up to and including the eos token that ended it; no padding).
 
 Model: the pretrained GPT-2 from --base_checkpoint (default models/<gpt2 | gpt2-medium | gpt2-large> by
---model_card) with the LoRA factors of --init_checkpoint: a file gpt2_ft.py wrote (model.<step>.pt), one of
-microsoft's released gpt2_{md,lg}_lora_{e2e,dart,webnlg}.pt, or one of loralib's adapter folders. The
-original loaded only --init_checkpoint, so a LoRA-only file ran on a randomly initialised GPT-2, silently.
+--model_card) with the adapter of --init_checkpoint, opened by loralib.adapter_files.open_adapter: a file
+gpt2_ft.py wrote (model.<step>.pt), one of microsoft's released gpt2_{md,lg}_lora_{e2e,dart,webnlg}.pt, a
+gpt2_ft.py work dir or one of its checkpoint-<step>/, one of loralib's adapter folders, or a PEFT LoRA /
+AdaLoRA folder (its per-module ranks and alphas; a different --lora_alpha is refused). An adapter of another
+model family is one error naming --init_checkpoint. The original loaded only --init_checkpoint, so a
+LoRA-only file ran on a randomly initialised GPT-2, silently.
 A file that holds the whole model (gpt2_ft.py's last model.<step>.pt, as the original's) is decoded as it
 is, without --base_checkpoint; given one, the file's weights replace its own. A file without LoRA factors
 is read as a whole GPT-2 (the original's use with --lora_dim 0). LoRA is merged
@@ -56,10 +59,10 @@ logger = logging.getLogger("loralib.nlg")
 @dataclass
 class BeamSpec:
     """One gpt2_beam.py run (examples/NLG/gpt2_beam.py fills it from the original flags; the fields keep
-    their names). init_checkpoint: the LoRA checkpoint (a file or an adapter folder); base_checkpoint: the
-    pretrained GPT-2 (default models/<name> by model_card); lora_dim 0: the checkpoint's rank; lora_alpha
-    None: the adapter folder's, else 32; eos_token_id: the stop tokens; decoding: "lora_repo" | "transformers";
-    record: what run_config.json keeps as "args"."""
+    their names). init_checkpoint: the adapter (any path open_adapter reads, or a whole-model file);
+    base_checkpoint: the pretrained GPT-2 (default models/<name> by model_card); lora_dim 0: the checkpoint's
+    rank; lora_alpha None: the adapter's, else 32 (released files record none); eos_token_id: the stop
+    tokens; decoding: "lora_repo" | "transformers"; record: what run_config.json keeps as "args"."""
 
     data: str
     init_checkpoint: str
@@ -91,10 +94,11 @@ def load_model(args: BeamSpec) -> nn.Module:
     if not given.exists():
         raise FileNotFoundError(f"--init_checkpoint {given}: no such file or folder")
     if given.is_file() and given.suffix != ".json" and not any("lora_" in k for k in read_state_dict(given)):
+        # a whole GPT-2 without LoRA, as the original's --lora_dim 0 runs
         if args.lora_dim:
             raise ValueError(f"--init_checkpoint {given} holds no LoRA factors, but --lora_dim is {args.lora_dim}")
         return load_gpt2(str(given), args.model_card, None).eval()
-    adapter = _flagged(open_adapter, given)
+    adapter = _flagged(given, open_adapter, given)
     adapter.check_family("gpt2", flag="--init_checkpoint")
     if adapter.format == "microsoft-nlg":
         return _released_model(args, adapter, given)
@@ -108,20 +112,22 @@ def load_model(args: BeamSpec) -> nn.Module:
                              f"{adapter.lora.lora_alpha:g}: leave --lora_alpha out")
         adapter.lora = adapter.lora.replace(lora_alpha=args.lora_alpha)
     model = load_gpt2(_base(args), args.model_card, adapter.lora_to_build, flag="--base_checkpoint")
-    return _flagged(load_adapter_source, model, adapter).eval()
+    return _flagged(given, load_adapter_source, model, adapter).eval()
 
 
 def _base(args: BeamSpec) -> str:
     return args.base_checkpoint or default_checkpoint(args.model_card)
 
 
-def _flagged(read, *args):
-    """read(*args), an adapter file that does not fit named as --init_checkpoint's (its messages start
-    with the file)."""
+def _flagged(given: Path, read, *args):
+    """read(*args), an adapter that does not fit named as --init_checkpoint's (an AdapterError's message
+    starts with its file)."""
     try:
         return read(*args)
     except AdapterError as err:
         raise AdapterError(f"--init_checkpoint {err}") from None
+    except ValueError as err:  # e.g. its target_modules name no module of a GPT-2
+        raise ValueError(f"--init_checkpoint {given}: {err}") from None
 
 
 def _released_model(args: BeamSpec, adapter: AdapterSource, given: Path) -> nn.Module:
