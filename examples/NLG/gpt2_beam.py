@@ -8,7 +8,8 @@ examples/NLG/src/gpt2_beam.py.
         --output_file predict.26289.b10p08r4.jsonl
 
 The pretrained GPT-2 comes from --base_checkpoint (default models/gpt2-medium for gpt2.md); --init_checkpoint
-may also be microsoft's released gpt2_md_lora_e2e.pt or an adapter folder. Writes WORK_DIR/OUTPUT_FILE,
+may be any GPT-2 adapter loralib.adapter_files.open_adapter reads: microsoft's released gpt2_md_lora_e2e.pt, a
+gpt2_ft.py work dir or checkpoint-<step>/, a loralib adapter folder or a PEFT folder. Writes WORK_DIR/OUTPUT_FILE,
 {"id", "predict"} a line. This file parses the flags into a BeamSpec; the run is loralib.tasks.nlg.beam (see
 its docstring).
 """
@@ -38,12 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_card", default="gpt2.sm", choices=tuple(MODEL_CARDS))
     p.add_argument("--init_checkpoint", default=None,
                    help="LoRA checkpoint: model.<step>.pt of gpt2_ft.py, a released gpt2_*_lora_*.pt, "
-                   "or an adapter/ folder")
+                   "a gpt2_ft.py work dir or its checkpoint-<step>/, an adapter/ folder or a PEFT folder")
     p.add_argument("--base_checkpoint", default=None, help="the pretrained GPT-2 (folder or file; default "
                    "models/<gpt2 | gpt2-medium | gpt2-large> by --model_card) (not an original flag)")
     p.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; 0: read it from the checkpoint")
     p.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the adapter folder's, "
-                   "else 32, the paper's value for every released adapter; the original defaulted to 128)")
+                   "else 32, the paper's value for every released adapter; the original defaulted to 128; "
+                   "a PEFT adapter's own)")
     p.add_argument("--work_dir", default=os.getenv("PT_OUTPUT_DIR", "gpt2_model"))
     p.add_argument("--beam", type=int, default=1, help="beam size")
     p.add_argument("--length_penalty", type=float, default=1.0)
@@ -74,7 +76,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--eos_token_id must be token ids >= 0, got {args.eos_token_id}")
     if args.init_checkpoint is None:
         raise ValueError("--init_checkpoint is required: the LoRA checkpoint to decode with (model.<step>.pt "
-                         "of gpt2_ft.py, a released gpt2_*_lora_*.pt, or an adapter folder)")
+                         "of gpt2_ft.py, a released gpt2_*_lora_*.pt, a run or adapter folder, or a PEFT folder)")
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> BeamSpec:

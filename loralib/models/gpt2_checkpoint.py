@@ -51,10 +51,16 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{path}: cannot be read as a torch state dict ({type(e).__name__}: {e})") from e
+    return plain_state_dict(state, str(path))
+
+
+def plain_state_dict(state, name: str) -> Dict[str, torch.Tensor]:
+    """A loaded checkpoint as a flat dict of tensors: the "model_state_dict" wrapper and DDP's "module."
+    prefixes removed; anything else is a ValueError naming `name`."""
     if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
         state = state["model_state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (optionally under 'model_state_dict')")
+        raise ValueError(f"{name}: expected a dict of tensors (optionally under 'model_state_dict')")
     return {re.sub(r"^(module\.)+", "", k): v for k, v in state.items()}
 
 

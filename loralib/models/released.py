@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from ..config import LoRAConfig
+from .gpt2_checkpoint import plain_state_dict, read_state_dict
 
 Source = Union[str, os.PathLike, Dict[str, torch.Tensor]]
 
@@ -44,31 +46,16 @@ class NLGAdapterShape(NamedTuple):
 def read_gpt2_nlg_adapter(source: Source) -> Tuple[Dict[str, torch.Tensor], str]:
     """(state dict with the wrapper and "module." prefixes removed, a name for messages)."""
     if isinstance(source, dict):
-        state, name = source, "<state dict>"
-    else:
-        name = os.fspath(source)
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"GPT-2 NLG adapter file not found: {name}")
-        try:
-            state = torch.load(name, map_location="cpu", weights_only=True)
-        except Exception as e:  # not a torch file, or pickled objects beyond tensors
-            raise ValueError(f"{name}: cannot be read as a torch state dict ({type(e).__name__}: {e})") from e
-    if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
-        state = state["model_state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{name}: expected a dict of tensors (optionally under 'model_state_dict')")
-    return {_strip_module(k): v for k, v in state.items()}, name
+        return plain_state_dict(source, "<state dict>"), "<state dict>"
+    name = os.fspath(source)
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"GPT-2 NLG adapter file not found: {name}")
+    return read_state_dict(Path(name)), name
 
 
 def is_gpt2_nlg_adapter(state: Dict[str, torch.Tensor]) -> bool:
     """Whether a state dict (wrapper and "module." prefixes removed) holds GPT-2 c_attn LoRA factors."""
     return any(_LORA_KEY.match(key) for key in state)
-
-
-def _strip_module(key: str) -> str:
-    while key.startswith("module."):
-        key = key[len("module."):]
-    return key
 
 
 def infer_gpt2_nlg_adapter_shape(source: Source) -> NLGAdapterShape:

@@ -13,9 +13,12 @@ WORK_DIR/OUTPUT_FILE, one line per input line, in order: {"id": <line index>, "p
 (the continuation only, up to and including the eos token that ended it; no padding).
 
 Model: the pretrained GPT-2 from --base_checkpoint (default models/<gpt2 | gpt2-medium | gpt2-large> by
---model_card) with the LoRA factors of --init_checkpoint: a file gpt2_ft.py wrote (model.<step>.pt), one of
-microsoft's released gpt2_{md,lg}_lora_{e2e,dart,webnlg}.pt, or one of loralib's adapter folders. The
-original loaded only --init_checkpoint, so a LoRA-only file ran on a randomly initialised GPT-2, silently.
+--model_card) with the adapter of --init_checkpoint, opened by loralib.adapter_files.open_adapter: a file
+gpt2_ft.py wrote (model.<step>.pt), one of microsoft's released gpt2_{md,lg}_lora_{e2e,dart,webnlg}.pt, a
+gpt2_ft.py work dir or one of its checkpoint-<step>/, one of loralib's adapter folders, or a PEFT LoRA /
+AdaLoRA folder (its per-module ranks and alphas; a different --lora_alpha is refused). An adapter of another
+model family is one error naming --init_checkpoint. The original loaded only --init_checkpoint, so a
+LoRA-only file ran on a randomly initialised GPT-2, silently.
 A file that holds the whole model (gpt2_ft.py's last model.<step>.pt, as the original's) is decoded as it
 is, without --base_checkpoint; given one, the file's weights replace its own. A file without LoRA factors
 is read as a whole GPT-2 (the original's use with --lora_dim 0). LoRA is merged
@@ -44,6 +47,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ...adapter_files import AdapterError, AdapterSource, open_adapter
+from ...adapters import load_adapter_source
 from ...files import write_json_atomic, write_jsonl_atomic
 from ...models.gpt2_checkpoint import MODEL_CARDS, default_checkpoint, load_gpt2, read_state_dict, size_name
 from .completion import EOS, check_vocab, nlg_lora, with_eos
@@ -54,10 +59,10 @@ logger = logging.getLogger("loralib.nlg")
 @dataclass
 class BeamSpec:
     """One gpt2_beam.py run (examples/NLG/gpt2_beam.py fills it from the original flags; the fields keep
-    their names). init_checkpoint: the LoRA checkpoint (a file or an adapter folder); base_checkpoint: the
-    pretrained GPT-2 (default models/<name> by model_card); lora_dim 0: the checkpoint's rank; lora_alpha
-    None: the adapter folder's, else 32; eos_token_id: the stop tokens; decoding: "lora_repo" | "transformers";
-    record: what run_config.json keeps as "args"."""
+    their names). init_checkpoint: the adapter (any path open_adapter reads, or a whole-model file);
+    base_checkpoint: the pretrained GPT-2 (default models/<name> by model_card); lora_dim 0: the checkpoint's
+    rank; lora_alpha None: the adapter's, else 32 (released files record none); eos_token_id: the stop
+    tokens; decoding: "lora_repo" | "transformers"; record: what run_config.json keeps as "args"."""
 
     data: str
     init_checkpoint: str
@@ -81,60 +86,76 @@ class BeamSpec:
 
 # -- the model --------------------------------------------------------------------------------------
 
-def _adapter_folder_lora(folder: Path):
-    from ...adapters import read_adapter_config
-    from ...config import LoRAConfig
-
-    meta = read_adapter_config(folder)
-    if not meta.get("lora"):
-        raise ValueError(f"--init_checkpoint {folder}: the adapter records no LoRA config")
-    return LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["lora"].items()})
-
-
 def load_model(args: BeamSpec) -> nn.Module:
-    """The base GPT-2 with the adapter of --init_checkpoint loaded (eval mode: LoRA merged)."""
-    from ...adapters import load_adapter
-    from ...models.released import infer_gpt2_nlg_adapter_shape, load_gpt2_nlg_adapter
-
-    source = Path(args.init_checkpoint).expanduser()
-    base = lambda: args.base_checkpoint or default_checkpoint(args.model_card)  # noqa: E731 (after the checks)
-    if source.is_dir():  # loralib's adapter folder
-        lora = _adapter_folder_lora(source)
-        if args.lora_dim and args.lora_dim != lora.r:
-            raise ValueError(f"--lora_dim {args.lora_dim}, but the adapter {source} has r={lora.r}")
-        if args.lora_alpha is not None:
-            lora = lora.replace(lora_alpha=args.lora_alpha)
-        model = load_gpt2(base(), args.model_card, lora, flag="--base_checkpoint")
-        load_adapter(model, source)
-        return model.eval()
-    if not source.is_file():
-        raise FileNotFoundError(f"--init_checkpoint {source}: no such file or folder")
-    state = read_state_dict(source)
-    if not any("lora_" in k for k in state):  # a whole model, as the original's --lora_dim 0 runs
+    """The base GPT-2 with the adapter of --init_checkpoint loaded (eval mode: LoRA merged). The adapter is
+    read by loralib.adapter_files.open_adapter, so every format it knows decodes; a file that holds a whole
+    GPT-2 without LoRA factors is the original's --lora_dim 0 use."""
+    given = Path(args.init_checkpoint).expanduser()
+    if not given.exists():
+        raise FileNotFoundError(f"--init_checkpoint {given}: no such file or folder")
+    if given.is_file() and given.suffix != ".json" and not any("lora_" in k for k in read_state_dict(given)):
+        # a whole GPT-2 without LoRA, as the original's --lora_dim 0 runs
         if args.lora_dim:
-            raise ValueError(f"--init_checkpoint {source} holds no LoRA factors, but --lora_dim is {args.lora_dim}")
-        return load_gpt2(str(source), args.model_card, None).eval()
+            raise ValueError(f"--init_checkpoint {given} holds no LoRA factors, but --lora_dim is {args.lora_dim}")
+        return load_gpt2(str(given), args.model_card, None).eval()
+    adapter = _flagged(given, open_adapter, given)
+    adapter.check_family("gpt2", flag="--init_checkpoint")
+    if adapter.format == "microsoft-nlg":
+        return _released_model(args, adapter, given)
+    if adapter.lora is None:
+        raise ValueError(f"--init_checkpoint {given}: the adapter records no LoRA config")
+    if args.lora_dim and args.lora_dim != adapter.lora.r:
+        raise ValueError(f"--lora_dim {args.lora_dim}, but the adapter {given} has r={adapter.lora.r}")
+    if args.lora_alpha is not None:
+        if adapter.format == "peft" and args.lora_alpha != adapter.lora.lora_alpha:  # its alphas are per module
+            raise ValueError(f"--lora_alpha {args.lora_alpha}, but the PEFT adapter {given} records lora_alpha "
+                             f"{adapter.lora.lora_alpha:g}: leave --lora_alpha out")
+        adapter.lora = adapter.lora.replace(lora_alpha=args.lora_alpha)
+    model = load_gpt2(_base(args), args.model_card, adapter.lora_to_build, flag="--base_checkpoint")
+    return _flagged(given, load_adapter_source, model, adapter).eval()
+
+
+def _base(args: BeamSpec) -> str:
+    return args.base_checkpoint or default_checkpoint(args.model_card)
+
+
+def _flagged(given: Path, read, *args):
+    """read(*args), an adapter that does not fit named as --init_checkpoint's (an AdapterError's message
+    starts with its file)."""
+    try:
+        return read(*args)
+    except AdapterError as err:
+        raise AdapterError(f"--init_checkpoint {err}") from None
+    except ValueError as err:  # e.g. its target_modules name no module of a GPT-2
+        raise ValueError(f"--init_checkpoint {given}: {err}") from None
+
+
+def _released_model(args: BeamSpec, adapter: AdapterSource, given: Path) -> nn.Module:
+    """microsoft's released GPT-2 adapter, or a model.<step>.pt of gpt2_ft.py: its size checked against the
+    card (and the base), alpha 32 unless --lora_alpha (the files record none)."""
+    from ...models.released import infer_gpt2_nlg_adapter_shape
+
+    state = adapter.tensors
     shape = infer_gpt2_nlg_adapter_shape(state)
     card_embd, card_layer = MODEL_CARDS[args.model_card][1:3]
     if args.base_checkpoint is None and (shape.n_embd, shape.n_layer) != (card_embd, card_layer):
         found = size_name(shape.n_embd, shape.n_layer)
-        raise ValueError(f"--init_checkpoint {source}: LoRA factors for a GPT-2 with n_embd={shape.n_embd}, "
+        raise ValueError(f"--init_checkpoint {given}: LoRA factors for a GPT-2 with n_embd={shape.n_embd}, "
                          f"n_layer={shape.n_layer}{f' ({found})' if found else ''}, but --model_card is "
                          f"{args.model_card}: pass the checkpoint's --model_card")
     if args.lora_dim and args.lora_dim != shape.r:
-        raise ValueError(f"--lora_dim {args.lora_dim}, but --init_checkpoint {source} has LoRA rank {shape.r}")
-    lora = nlg_lora(shape.r, 32 if args.lora_alpha is None else args.lora_alpha, 0.0)
+        raise ValueError(f"--lora_dim {args.lora_dim}, but --init_checkpoint {given} has LoRA rank {shape.r}")
+    adapter.lora = nlg_lora(shape.r, 32 if args.lora_alpha is None else args.lora_alpha, 0.0)
     if args.base_checkpoint is None and ("wte.weight" in state or "transformer.wte.weight" in state):
-        return load_gpt2(str(source), args.model_card, lora).eval()  # the whole model, LoRA factors included
-    model = load_gpt2(base(), args.model_card, lora, flag="--base_checkpoint")
+        return load_gpt2(str(given), args.model_card, adapter.lora).eval()  # the whole model, LoRA included
+    model = load_gpt2(_base(args), args.model_card, adapter.lora, flag="--base_checkpoint")
     if (shape.n_embd, shape.n_layer) != (model.config.n_embd, model.config.n_layer):
-        raise ValueError(f"--init_checkpoint {source}: LoRA factors for a GPT-2 with n_embd={shape.n_embd}, "
-                         f"n_layer={shape.n_layer}, but --base_checkpoint {base()} has n_embd={model.config.n_embd}, "
-                         f"n_layer={model.config.n_layer}")
+        raise ValueError(f"--init_checkpoint {given}: LoRA factors for a GPT-2 with n_embd={shape.n_embd}, "
+                         f"n_layer={shape.n_layer}, but --base_checkpoint {_base(args)} has "
+                         f"n_embd={model.config.n_embd}, n_layer={model.config.n_layer}")
     for key in ("lm_head.weight", "lm_head.decoder.weight"):  # tied to wte in a whole checkpoint
         state.pop(key, None)
-    load_gpt2_nlg_adapter(model, state)
-    return model.eval()
+    return load_adapter_source(model, adapter).eval()
 
 
 # -- decoding ---------------------------------------------------------------------------------------
@@ -204,9 +225,12 @@ def beam_search(model: nn.Module, queries: Sequence[Sequence[int]], args: BeamSp
 
 def run_config(args: BeamSpec, model: nn.Module) -> dict:
     """What `loralib compare` needs to know of a decoding-only run (gpt2_ft.py writes its own)."""
-    layers = [m for m in model.modules() if getattr(m, "r", 0) > 0]
-    lora = {"r": layers[0].r, "lora_alpha": layers[0].lora_alpha, "target_modules": ["c_attn"],
-            "enable_lora": [True, False, True]} if layers else None
+    layers = {path: m for path, m in model.named_modules() if getattr(m, "r", 0) > 0}
+    first = next(iter(layers.values()), None)
+    enable = getattr(first, "enable_lora", None)  # None: a PEFT adapter's LoRA on the whole projection
+    lora = {"r": first.r, "lora_alpha": first.lora_alpha,
+            "target_modules": sorted({path.rsplit(".", 1)[-1] for path in layers}),
+            "enable_lora": list(enable) if enable is not None else None} if layers else None
     return {"method": "lora" if lora else "full", "model_name_or_path": MODEL_CARDS[args.model_card][0],
             "model_card": args.model_card, "init_checkpoint": args.init_checkpoint,
             "base_checkpoint": args.base_checkpoint, "lora": lora, "args": args.record}
