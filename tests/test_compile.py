@@ -164,9 +164,10 @@ def test_every_entry_point_has_the_flag():
     from loralib.tasks.nlg import train as nlg
     from loralib.tasks.t5glue import run as t5glue
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lorapro import flags as lorapro_flags
     from lorapro import run_t5_glue
 
-    parsers = [glue.build_parser(f) for f in glue.FLAVOURS] + [instruct.build_parser(), nlg.build_parser(),
+    parsers = [glue.build_parser(f) for f in glue.FLAVOURS] + [lorapro_flags.build_parser(), nlg.build_parser(),
                                                                 run_t5_glue.build_parser()]
     for parser in parsers:
         flag = next(a for a in parser._actions if "--torch_compile" in a.option_strings)
