@@ -20,14 +20,14 @@ if __package__ in (None, ""):  # run as a script: the repository root, for lorap
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from lorapro import flags  # noqa: E402
-from loralib.tasks.instruct import run as instruct  # noqa: E402
+from loralib.tasks.instruct import evaluation, run as instruct  # noqa: E402
 
 PROG = "lorapro/evaluate.py"
 
 
 def run(argv=None) -> dict:
     """Parse, load the model (+ adapter) and evaluate (errors propagate): {"eval": ...}."""
-    return instruct.execute(instruct.prepare_evaluation(flags.evaluation_spec(argv, PROG)))
+    return instruct.execute(evaluation.prepare_evaluation(flags.evaluation_spec(argv, PROG)))
 
 
 def main(argv=None) -> int:

@@ -129,7 +129,7 @@ from test_lorapro_train import argv, assets, train_loss  # noqa: E402,F401  (ass
 def test_driver_trains_the_baseline_and_both_adapter_folders_load_on_the_original_model(assets, tmp_path, method,
                                                                                         extra):
     import transformers
-    from loralib.tasks.instruct import run
+    from loralib.tasks.instruct import evaluation, run
     from lorapro import flags
 
     out = tmp_path / "run"
@@ -151,7 +151,7 @@ def test_driver_trains_the_baseline_and_both_adapter_folders_load_on_the_origina
         eval_args = flags.evaluation_spec(
             ["--model_name_or_path", assets["model"], "--eval_task", "gsm8k", "--eval_data_path", assets["gsm8k"],
              "--lora_path", str(out / folder), "--output_dir", str(tmp_path / folder), "--no-bf16"])
-        got = run.prepare_evaluation(eval_args).model.eval()(ids).logits
+        got = evaluation.prepare_evaluation(eval_args).model.eval()(ids).logits
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=folder)
 
 

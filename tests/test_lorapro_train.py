@@ -19,7 +19,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from loralib.tasks.instruct import InstructCollator, run  # noqa: E402
+from loralib.tasks.instruct import InstructCollator, evaluation, run  # noqa: E402
 from loralib.train.run import seed_everything  # noqa: E402
 from lorapro import evaluate as lorapro_evaluate, flags, train as lorapro_train  # noqa: E402
 
@@ -431,7 +431,7 @@ def test_evaluate_py_loads_our_adapter_and_the_peft_one_into_the_trained_model(a
         eval_args = flags.evaluation_spec(
             ["--model_name_or_path", assets["model"], "--eval_task", "gsm8k", "--eval_data_path", assets["gsm8k"],
              "--lora_path", str(out / folder), "--output_dir", str(tmp_path / folder), "--no-bf16"])
-        q = run.prepare_evaluation(eval_args)
+        q = evaluation.prepare_evaluation(eval_args)
         got = q.model.eval()(ids).logits
         assert torch.allclose(got, want, atol=1e-5), (folder, (got - want).abs().max())
         if method == "adalora" and folder == "peft_adapter":
