@@ -296,7 +296,8 @@ def _run_spec(args: argparse.Namespace) -> RunSpec:
     return RunSpec(output_dir=Path(args.output_dir), do_train=args.do_train, do_eval=args.do_eval, seed=args.seed,
                    precision=precision_of(bf16=args.bf16, bf16_default=torch.cuda.is_available()),
                    resume_from=getattr(args, "resume_from_checkpoint", None),
-                   overwrite=getattr(args, "overwrite_output_dir", False), outputs=instruct.RUN_OUTPUTS, eval_outputs=())
+                   overwrite=getattr(args, "overwrite_output_dir", False), outputs=instruct.RUN_OUTPUTS,
+                   eval_outputs=())  # an evaluation-only run replaces its files, clears nothing
 
 
 def _evaluation(args: argparse.Namespace, task: str) -> "instruct.InstructEval":
@@ -315,14 +316,17 @@ def train_spec_of(args: argparse.Namespace) -> "instruct.InstructRun":
     model_path = resolve_model_path(args.model_name_or_path)
     _, model_type = instruct.model_family(model_path)
     method = method_of(args, model_type)
-    checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else torch.cuda.is_available()
+    checkpointing = torch.cuda.is_available() if args.gradient_checkpointing is None else args.gradient_checkpointing
     data = instruct.InstructData(args.dataset, args.data_path, args.max_length or max_length,
                                  args.n_train or n_train, n_eval if args.n_eval is None else args.n_eval, args.template)
     training = instruct.InstructTraining(
-        args.num_train_epochs, args.max_steps, args.per_device_train_batch_size, grad_accum, args.lr_scheduler_type,
-        args.warmup_ratio, checkpointing and args.do_train, args.deepspeed, args.logging_steps, args.eval_steps,
-        args.save_steps, args.save_total_limit, not args.disable_tqdm, args.torch_compile, args.loraga_batches,
-        args.init_warmup_ratio, args.final_warmup_ratio, args.mask_interval)
+        num_epochs=args.num_train_epochs, max_steps=args.max_steps, grad_accum_steps=grad_accum,
+        per_device_batch_size=args.per_device_train_batch_size, schedule=args.lr_scheduler_type,
+        warmup_ratio=args.warmup_ratio, gradient_checkpointing=checkpointing and args.do_train,
+        deepspeed=args.deepspeed, log_every=args.logging_steps, eval_every=args.eval_steps, save_every=args.save_steps,
+        save_total_limit=args.save_total_limit, progress_bar=not args.disable_tqdm, torch_compile=args.torch_compile,
+        loraga_batches=args.loraga_batches, init_warmup_ratio=args.init_warmup_ratio,
+        final_warmup_ratio=args.final_warmup_ratio, mask_interval=args.mask_interval)
     return instruct.InstructRun(_run_spec(args), args.model_name_or_path, model_path,
                                 _evaluation(args, args.eval_task or eval_task), method, optimizer_settings(args),
                                 data, training, record=dict(vars(args)))

@@ -34,8 +34,9 @@ Decisions:
   unmerged, the adapter folders are gathered whole, and the evaluation and the PEFT export (rank 0) read the
   base again with the trained adapter loaded into it.
 - Gradient checkpointing (loralib.models.grad_checkpoint): every decoder block recomputed in the backward pass.
-- Evaluation of a saved adapter (loralib.tasks.instruct.evaluation.prepare_evaluation): our adapter folder, or a PEFT LoRA folder (import_peft
-  builds each layer with its own rank and alpha, rank_pattern / alpha_pattern included).
+- Evaluation of a saved adapter (loralib.tasks.instruct.evaluation.prepare_evaluation): our adapter folder, or
+  a PEFT LoRA folder (import_peft builds each layer with its own rank and alpha, rank_pattern / alpha_pattern
+  included).
 - LoRA-Pro's weight decay (0 in the paper) pulls s B A toward 0 and leaves W0 as loaded (decay_base_weight=False),
   because the adapter folders hold only the LoRA factors.
 - Evaluation modes both (default) | ours | released: GSM8K / HumanEval scored our way ("accuracy", "pass@1":
@@ -369,7 +370,8 @@ def prepare(spec: InstructRun) -> Prepared:
     # Data before the (large) model: a bad file fails in seconds.
     tokenizer = load_tokenizer(spec.model_path)
     if spec.data.template == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"--template chat: the tokenizer of {spec.model_path} has no chat template; use --template alpaca")
+        raise ValueError(f"--template chat: the tokenizer of {spec.model_path} has no chat template; "
+                         "use --template alpaca")
     e = spec.evaluation
     eval_records = load_eval_records(e.task, e.path, e.max_samples) if run.do_eval else None
     train, dev = _training_examples(spec, tokenizer, hf_config) if run.do_train else ([], [])
@@ -392,7 +394,8 @@ def prepare(spec: InstructRun) -> Prepared:
 
 
 def execute(p: Prepared) -> Dict[str, Any]:
-    """Training and / or evaluation: the skeleton's phases (loralib.train.run.execute): {"train": ..., "eval": ...} of the phases that ran."""
+    """Training and / or evaluation through the skeleton's phases (loralib.train.run.execute):
+    {"train": ..., "eval": ...} of the phases that ran."""
     return skeleton.execute(p.spec.run, p)
 
 
