@@ -11,15 +11,27 @@ model. Writes eval_results.json ({"task", "split": "test", "num_examples", "accu
 predictions.jsonl (or mtbench_answers.jsonl, for FastChat's llm_judge) and run_config.json if absent.
 --eval_mode both (default) | ours | released: GSM8K and HumanEval also (or only) scored as LoRA-Pro's released
 scripts did (their prompt, decoding, extraction / post-processing): "accuracy_released" / "pass@1_released" and
-predictions_released.jsonl (lorapro/README.md, "Released vs corrected").
+predictions_released.jsonl (lorapro/README.md, "Released vs corrected"). Flags: lorapro/flags.py.
 """
 import sys
+from pathlib import Path
 
-from loralib.tasks.instruct import run
+if __package__ in (None, ""):  # run as a script: the repository root, for lorapro.flags
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from lorapro import flags  # noqa: E402
+from loralib.tasks.instruct import evaluation, run as instruct  # noqa: E402
+
+PROG = "lorapro/evaluate.py"
+
+
+def run(argv=None) -> dict:
+    """Parse, load the model (+ adapter) and evaluate (errors propagate): {"eval": ...}."""
+    return instruct.execute(evaluation.prepare_evaluation(flags.evaluation_spec(argv, PROG)))
 
 
 def main(argv=None) -> int:
-    return run.main_evaluate(argv, prog="lorapro/evaluate.py")
+    return flags.exit_code(lambda: run(argv), PROG)
 
 
 if __name__ == "__main__":

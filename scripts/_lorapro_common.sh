@@ -1,13 +1,13 @@
 # Sourced by scripts/lorapro_{gsm8k,humaneval,mtbench}.sh after _common.sh's parse_args: what the three rows
 # share. Sets SEEDS ("0 1 2"), LR (the paper's 2e-5), DATA_DIR / OUT_DIR / MODEL_DIR, SMOKE_ARGS (in smoke mode:
-# a tiny random Llama and tiny data files, built by loralib.tasks.instruct.run.build_smoke_assets, and flags
+# a tiny random Llama and tiny data files, built by lorapro/smoke.py's build_smoke_assets, and flags
 # that only cap the work) and DS_ARGS (--deepspeed DEEPSPEED when set).
 SEEDS=${SEEDS:-0 1 2}
 LR=${LR:-0.00002}
 if (( SMOKE )); then
     SMOKE_DIR=${SMOKE_DIR:-$REPO/.cache/smoke}
-    "$PYTHON" -c 'import sys; from loralib.tasks.instruct.run import build_smoke_assets; build_smoke_assets(sys.argv[1])' \
-        "$SMOKE_DIR" >/dev/null 2>&1 || die "could not build the smoke assets in $SMOKE_DIR"
+    "$PYTHON" -c 'import sys; sys.path.append(sys.argv[2]); from lorapro.smoke import build_smoke_assets; build_smoke_assets(sys.argv[1])' \
+        "$SMOKE_DIR" "$REPO" >/dev/null 2>&1 || die "could not build the smoke assets in $SMOKE_DIR"
     MODEL_DIR=$SMOKE_DIR/models
     DATA_DIR=$SMOKE_DIR/instruct
     OUT_DIR=${OUT_DIR:-$SMOKE_DIR/runs/$SCRIPT_NAME}

@@ -166,10 +166,11 @@ def test_every_entry_point_has_the_flag():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "NLG"))
     import gpt2_ft
+    from lorapro import flags as lorapro_flags
     from lorapro import run_t5_glue
     from test_run_glue import ENTRIES
 
-    parsers = [e.build_parser() for e in ENTRIES.values()] + [instruct.build_parser(), gpt2_ft.build_parser(),
+    parsers = [e.build_parser() for e in ENTRIES.values()] + [lorapro_flags.build_parser(), gpt2_ft.build_parser(),
                                                               run_t5_glue.build_parser()]
     for parser in parsers:
         flag = next(a for a in parser._actions if "--torch_compile" in a.option_strings)

@@ -139,7 +139,7 @@ def test_instruct_examples_beyond_gpt2_positions_are_refused_before_training(tmp
     from _glue_fixtures import make_tokenizer
     from test_lorapro_train import write_metamath
 
-    from loralib.tasks.instruct import run
+    from lorapro import train as lorapro_train
 
     tokenizer = make_tokenizer("gpt2")
     model_dir = tmp_path / "gpt2"
@@ -152,7 +152,7 @@ def test_instruct_examples_beyond_gpt2_positions_are_refused_before_training(tmp
             "0", "--max_length", "256", "--global_batch_size", "4", "--disable_tqdm", "--no-bf16", "--lora", "lora",
             "--max_steps", "1"]
     capsys.readouterr()
-    assert run.main(argv) == 2
+    assert lorapro_train.main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(err) == 1 and "but" in err[0] and "has 16 positions; pass --max_length 16 or less" in err[0], err
     assert not out.exists()

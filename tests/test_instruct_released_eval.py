@@ -154,9 +154,10 @@ def test_both_humaneval_modes_scored_on_the_same_generated_outputs(monkeypatch):
 def test_evaluate_py_writes_both_scores(tmp_path, monkeypatch):
     """The driver on the smoke assets (tiny random Llama): eval_results.json holds "accuracy" and
     "accuracy_released", each from its own generation, and the released rows go to predictions_released.jsonl."""
-    from loralib.tasks.instruct import run
+    from lorapro import evaluate as lorapro_evaluate
+    from lorapro.smoke import build_smoke_assets
 
-    assets = run.build_smoke_assets(tmp_path / "smoke")
+    assets = build_smoke_assets(tmp_path / "smoke")
     calls = []
 
     def fake_generate_texts(model, tokenizer, prompts, **kwargs):
@@ -165,7 +166,7 @@ def test_evaluate_py_writes_both_scores(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gsm8k_module, "generate_texts", fake_generate_texts)
     out = tmp_path / "eval"
-    assert run.main_evaluate(["--model_name_or_path", assets["model"], "--eval_task", "gsm8k", "--eval_data_path",
+    assert lorapro_evaluate.main(["--model_name_or_path", assets["model"], "--eval_task", "gsm8k", "--eval_data_path",
                               assets["gsm8k_test.jsonl"], "--output_dir", str(out), "--no-bf16",
                               "--max_new_tokens", "4"]) == 0
     results = json.loads((out / "eval_results.json").read_text())
@@ -179,7 +180,7 @@ def test_evaluate_py_writes_both_scores(tmp_path, monkeypatch):
     assert [r["prediction"] for r in released_rows] == [5, 8, 2, 0]
 
     out2 = tmp_path / "eval2"
-    assert run.main_evaluate(["--model_name_or_path", assets["model"], "--eval_task", "gsm8k", "--eval_data_path",
+    assert lorapro_evaluate.main(["--model_name_or_path", assets["model"], "--eval_task", "gsm8k", "--eval_data_path",
                               assets["gsm8k_test.jsonl"], "--output_dir", str(out2), "--no-bf16",
                               "--max_new_tokens", "4", "--eval_mode", "released"]) == 0
     assert json.loads((out2 / "eval_results.json").read_text()) == {

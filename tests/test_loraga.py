@@ -129,10 +129,11 @@ from test_lorapro_train import argv, assets, train_loss  # noqa: E402,F401  (ass
 def test_driver_trains_the_baseline_and_both_adapter_folders_load_on_the_original_model(assets, tmp_path, method,
                                                                                         extra):
     import transformers
-    from loralib.tasks.instruct import run
+    from loralib.tasks.instruct import evaluation, run
+    from lorapro import flags
 
     out = tmp_path / "run"
-    args = run.build_parser().parse_args(argv(assets, out, "--lora", method, "--lr", "2e-2", "--max_steps", "8",
+    args = flags.train_spec(argv(assets, out, "--lora", method, "--lr", "2e-2", "--max_steps", "8",
                                               "--lr_scheduler_type", "constant", *extra))
     p = run.prepare(args)
     before = train_loss(p)
@@ -147,10 +148,10 @@ def test_driver_trains_the_baseline_and_both_adapter_folders_load_on_the_origina
     theirs = peft.PeftModel.from_pretrained(hf, str(out / "peft_adapter")).eval()
     torch.testing.assert_close(theirs(ids).logits, want, rtol=0, atol=1e-4)
     for folder in ("adapter", "peft_adapter"):
-        eval_args = run.build_parser(training=False).parse_args(
+        eval_args = flags.evaluation_spec(
             ["--model_name_or_path", assets["model"], "--eval_task", "gsm8k", "--eval_data_path", assets["gsm8k"],
              "--lora_path", str(out / folder), "--output_dir", str(tmp_path / folder), "--no-bf16"])
-        got = run.prepare_evaluation(eval_args).model.eval()(ids).logits
+        got = evaluation.prepare_evaluation(eval_args).model.eval()(ids).logits
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=folder)
 
 
@@ -162,10 +163,10 @@ def test_driver_trains_the_baseline_and_both_adapter_folders_load_on_the_origina
     (["--lora", "lora", "--init_lora_weights", "olora"], "init_lora_weights='olora' is not one of"),
 ])
 def test_driver_refuses_what_does_not_compose(assets, tmp_path, capsys, extra, message):
-    from loralib.tasks.instruct import run
+    from lorapro import train as lorapro_train
 
     try:
-        code = run.main(argv(assets, tmp_path / "o", *extra))
+        code = lorapro_train.main(argv(assets, tmp_path / "o", *extra))
     except SystemExit as exit:  # argparse's own refusal of a flag value
         code = exit.code
     assert code != 0
@@ -305,11 +306,12 @@ def test_baselines_on_two_processes_equal_one(assets, tmp_path, method, zero3):
     from pathlib import Path
     from test_lorapro_train import PARTITION_ALL, _adapter, _subprocess, _torchrun_deepspeed, _write
     from loralib.tasks.instruct import run
+    from lorapro import train as lorapro_train
 
     flags = ["--lora", method, "--lr", "1e-2", "--max_steps", "2", "--loraga_batches", "2", "--max_grad_norm", "0"]
     if zero3:
         flags += ["--gradient_checkpointing", "--do_eval", "--eval_data_path", assets["gsm8k"], "--max_new_tokens", "6"]
-    run.run_training(argv(assets, tmp_path / "one", *flags))
+    lorapro_train.run(argv(assets, tmp_path / "one", *flags))
     if zero3:
         pytest.importorskip("deepspeed")
         ds3 = _write(tmp_path / "ds3.json", {"zero_optimization": {"stage": 3, **PARTITION_ALL}})

@@ -171,32 +171,33 @@ def test_released_options_refused_in_the_other_mode():
 # -- the flags of lorapro/train.py -------------------------------------------------------------------
 
 def _args(*argv):
-    from loralib.tasks.instruct import run
+    from lorapro import flags
 
-    return run.build_parser("train.py").parse_args(["--output_dir", "x", *argv])
+    return flags.build_parser("train.py").parse_args(["--output_dir", "x", *argv])
 
 
 def test_train_flags_reach_the_optimizer_and_are_checked():
-    from loralib.tasks.instruct import run
+    from loralib.methods import build_optimizer
+    from lorapro import flags
 
     args = _args("--lora", "rslora-pro", "--lorapro_released_clipping", "--lorapro_released_scaling",
                  "--max_grad_norm", "0.5")
-    method = run.resolve_method(args, "llama")
-    opt = run.make_optimizer(_model(True), method, args)
+    method = flags.method_of(args, "llama")
+    opt = build_optimizer(_model(True), method, flags.optimizer_settings(args))
     assert (opt.released_clip_norm, opt.released_scaling, opt.released_weight_decay) == (0.5, True, False)
-    assert run.lorapro_released(args) == {"clipping": True, "weight_decay": False, "scaling": True}
+    assert flags.optimizer_settings(args).lorapro_released() == {"clipping": True, "weight_decay": False, "scaling": True}
     args = _args("--lora", "lora-pro", "--lorapro_mode", "efficient", "--lorapro_released_weight_decay",
                  "--weight_decay", "0.1")
-    assert run.make_optimizer(_model(), run.resolve_method(args, "llama"), args).released_weight_decay
+    assert build_optimizer(_model(), flags.method_of(args, "llama"), flags.optimizer_settings(args)).released_weight_decay
     default = _args("--lora", "lora-pro")
-    opt = run.make_optimizer(_model(), run.resolve_method(default, "llama"), default)
+    opt = build_optimizer(_model(), flags.method_of(default, "llama"), flags.optimizer_settings(default))
     assert (opt.released_clip_norm, opt.released_scaling, opt.released_weight_decay) == (0.0, False, False)
     for argv, flag in ((("--lora", "lora", "--lorapro_released_clipping"), "lorapro_released_clipping"),
                        (("--lora", "lora-pro", "--lorapro_mode", "efficient", "--lorapro_released_scaling"),
                         "lorapro_released_scaling"),
                        (("--lora", "lora-pro", "--lorapro_released_weight_decay"), "lorapro_released_weight_decay")):
         with pytest.raises(ValueError, match=flag):
-            run.resolve_method(_args(*argv), "llama")
+            flags.method_of(_args(*argv), "llama")
 
 
 def test_released_clip_factor_and_deepspeed_wiring():
@@ -283,14 +284,17 @@ def test_released_clipping_through_lorapro_train(tmp_path):
     from pathlib import Path
 
     from loralib.tasks.instruct import InstructCollator, run
+    from loralib.train.run import seed_everything
+    from lorapro import flags
+    from lorapro.smoke import build_smoke_assets
 
-    assets = run.build_smoke_assets(tmp_path / "smoke")
+    assets = build_smoke_assets(tmp_path / "smoke")
     # One step, from B = 0 (well conditioned; later steps of a tiny fp32 run amplify rounding, lorapro/README.md
     # "Numerics"); eps 1e-3: Adam's first direction is ~ sign(g~), which rounding could flip where g~ ~ 0.
     lr, clip, steps, eps = 1e-2, 0.05, 1, 1e-3
 
     def train(out, *extra):
-        args = run.build_parser().parse_args([
+        args = flags.train_spec([
             "--model_name_or_path", assets["model"], "--dataset", "metamath", "--data_path", assets["metamath.jsonl"],
             "--output_dir", str(out), "--n_train", "4", "--n_eval", "0", "--global_batch_size", "4",
             "--max_steps", str(steps), "--lr", str(lr), "--lr_scheduler_type", "constant", "--warmup_ratio", "0",
@@ -305,7 +309,7 @@ def test_released_clipping_through_lorapro_train(tmp_path):
     config = json.loads((tmp_path / "released" / "run_config.json").read_text())
     assert config["lorapro_released"] == {"clipping": True, "weight_decay": False, "scaling": False}
 
-    run._seed(0)
+    seed_everything(0)
     model = run.load_model(Path(assets["model"]), p.method.lora, "fp32").train()
     run.mark_trainable(model, p.method)
     opt = LoRAProAdamW(model, lr=lr, eps=eps, mode="full", released_clip_norm=clip)

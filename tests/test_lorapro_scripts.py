@@ -12,7 +12,7 @@ import pytest
 
 from _script_helpers import argv_recorder, parse_flags, run_script, same_value
 
-from loralib.tasks.instruct import run
+from lorapro import flags as lorapro_flags
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -76,7 +76,7 @@ def test_flags_follow_the_recipe(recorder, tmp_path, script):
         assert flags["output_dir"] == str(tmp_path / "out" / flags["lora"] / f"seed{flags['seed']}")
         assert "deepspeed" not in flags
         seen.add((flags["lora"], flags["seed"]))
-        args = run.build_parser().parse_args(argv[1:])  # the real parser accepts every flag
+        args = lorapro_flags.build_parser().parse_args(argv[1:])  # the real parser accepts every flag
         assert args.lr == 2e-5 and args.lora == flags["lora"]
     assert seen == {(m, s) for m in PAPER_METHODS for s in ("0", "1", "2")}
 

@@ -19,7 +19,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from loralib.tasks.instruct import InstructCollator, run  # noqa: E402
+from loralib.tasks.instruct import InstructCollator, evaluation, run  # noqa: E402
+from loralib.train.run import seed_everything  # noqa: E402
+from lorapro import evaluate as lorapro_evaluate, flags, train as lorapro_train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _torchrun import entry_point_body, torchrun, write_worker  # noqa: E402
@@ -87,7 +89,7 @@ LRS = {"lora": 2e-2, "rslora": 1e-2, "lora-pro": 2e-2, "rslora-pro": 2e-2, "lora
 @pytest.mark.parametrize("method", list(LRS))
 def test_every_method_lowers_the_loss(assets, tmp_path, method):
     out = tmp_path / method
-    args = run.build_parser().parse_args(argv(assets, out, "--lora", method, "--lr", str(LRS[method]),
+    args = flags.train_spec(argv(assets, out, "--lora", method, "--lr", str(LRS[method]),
                                               "--max_steps", "12", "--lr_scheduler_type", "constant"))
     p = run.prepare(args)
     assert len(p.train_examples) == 8 and p.grad_accum == 4
@@ -120,7 +122,7 @@ def test_lorapro_through_the_driver_equals_the_optimizer_and_the_closed_form(ass
 
     lr, eps, steps = 1e-2, 1e-3, 2
     out = tmp_path / "pro"
-    args = run.build_parser().parse_args(argv(assets, out, "--lora", "lora-pro", "--lr", str(lr), "--max_steps",
+    args = flags.train_spec(argv(assets, out, "--lora", "lora-pro", "--lr", str(lr), "--max_steps",
                                               str(steps), "--global_batch_size", "8", "--lr_scheduler_type",
                                               "constant", "--warmup_ratio", "0", "--max_grad_norm", "0",
                                               "--adam_epsilon", str(eps), "--lora_alpha", "8"))
@@ -129,7 +131,7 @@ def test_lorapro_through_the_driver_equals_the_optimizer_and_the_closed_form(ass
     trained = {n: t.detach().clone() for n, t in p.model.named_parameters() if "lora_" in n}
 
     # The same model, built as the driver builds it, stepped by direct LoRAProAdamW calls on the whole set.
-    run._seed(0)
+    seed_everything(0)
     model = run.load_model(Path(assets["model"]), p.method.lora, "fp32").train()
     run.mark_trainable(model, p.method)
     init = {n: t.detach().clone() for n, t in model.named_parameters() if "lora_" in n}
@@ -161,7 +163,7 @@ def test_lorapro_through_the_driver_equals_the_optimizer_and_the_closed_form(ass
 
 
 def _lora_b_grad_at_init(assets, p) -> torch.Tensor:
-    run._seed(0)
+    seed_everything(0)
     model = run.load_model(Path(assets["model"]), p.method.lora, "fp32").train()
     run.mark_trainable(model, p.method)
     _whole_batch_grads(model, InstructCollator(run.pad_id(p.tokenizer)), p.train_examples)
@@ -171,7 +173,7 @@ def _lora_b_grad_at_init(assets, p) -> torch.Tensor:
 def test_peft_export_gives_transformers_the_same_logits(assets, tmp_path):
     peft = pytest.importorskip("peft")
     out = tmp_path / "rs"
-    args = run.build_parser().parse_args(argv(assets, out, "--lora", "rslora-pro", "--lr", "2e-2", "--max_steps", "3"))
+    args = flags.train_spec(argv(assets, out, "--lora", "rslora-pro", "--lr", "2e-2", "--max_steps", "3"))
     p = run.prepare(args)
     run.execute(p)
     ids = torch.tensor([p.train_examples[0]["input_ids"]])
@@ -212,7 +214,7 @@ def test_bad_flags_give_one_clear_error_and_write_nothing(assets, tmp_path, caps
     ds4 = _write(tmp_path / "ds4.json", {"zero_optimization": {"stage": 4}})
     extra = [{"DS2": ds2, "DS3": ds3, "DS4": ds4}.get(e, e) for e in extra]
     out = tmp_path / "out"
-    assert run.main(argv(assets, out, *extra)) == 2
+    assert lorapro_train.main(argv(assets, out, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lorapro/train.py: error:") and message in err[0], err
     assert not out.exists()
@@ -220,12 +222,12 @@ def test_bad_flags_give_one_clear_error_and_write_nothing(assets, tmp_path, caps
 
 def test_unknown_method_and_busy_output_dir(assets, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        run.build_parser().parse_args(argv(assets, tmp_path / "x", "--lora", "vera"))
+        flags.train_spec(argv(assets, tmp_path / "x", "--lora", "vera"))
     assert "unknown method 'vera'" in capsys.readouterr().err
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("keep me")
-    assert run.main(argv(assets, busy, "--max_steps", "1")) == 2
+    assert lorapro_train.main(argv(assets, busy, "--max_steps", "1")) == 2
     assert "--overwrite_output_dir" in capsys.readouterr().err
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
 
@@ -233,14 +235,14 @@ def test_unknown_method_and_busy_output_dir(assets, tmp_path, capsys):
 def test_an_interrupted_run_resumes_exactly(assets, tmp_path):
     common = ["--lora", "lora-pro", "--lr", "1e-2", "--max_steps", "4", "--save_steps", "2"]
     whole = tmp_path / "whole"
-    run.run_training(argv(assets, whole, *common))
+    lorapro_train.run(argv(assets, whole, *common))
     cut = tmp_path / "cut"
-    run.run_training(argv(assets, cut, *common))
+    lorapro_train.run(argv(assets, cut, *common))
     # Make "cut" look like a run killed after its step-2 checkpoint.
     import shutil
     for name in ("checkpoint-4", "adapter", "peft_adapter", "train_results.json"):
         shutil.rmtree(cut / name) if (cut / name).is_dir() else (cut / name).unlink()
-    run.run_training(argv(assets, cut, *common, "--resume_from_checkpoint", "latest"))
+    lorapro_train.run(argv(assets, cut, *common, "--resume_from_checkpoint", "latest"))
     from safetensors.torch import load_file
     a = load_file(str(whole / "adapter" / "adapter.safetensors"))
     b = load_file(str(cut / "adapter" / "adapter.safetensors"))
@@ -260,7 +262,7 @@ def test_training_then_gsm8k_evaluation_writes_the_contract_files(assets, tmp_pa
 
     monkeypatch.setattr(gsm8k, "generate_texts", fake_generate)
     out = tmp_path / "eval"
-    assert run.main(argv(assets, out, "--max_steps", "1", "--do_eval", "--eval_data_path", assets["gsm8k"],
+    assert lorapro_train.main(argv(assets, out, "--max_steps", "1", "--do_eval", "--eval_data_path", assets["gsm8k"],
                          "--max_new_tokens", "7", "--eval_batch_size", "2")) == 0
     results = json.loads((out / "eval_results.json").read_text())
     assert results == {"task": "gsm8k", "split": "test", "num_examples": 3, "accuracy": pytest.approx(1 / 3),
@@ -271,7 +273,7 @@ def test_training_then_gsm8k_evaluation_writes_the_contract_files(assets, tmp_pa
 
     # lorapro/evaluate.py on the saved adapter: same evaluation, its own output folder.
     out2 = tmp_path / "eval2"
-    assert run.main_evaluate(["--model_name_or_path", assets["model"], "--eval_task", "gsm8k", "--eval_data_path",
+    assert lorapro_evaluate.main(["--model_name_or_path", assets["model"], "--eval_task", "gsm8k", "--eval_data_path",
                               assets["gsm8k"], "--lora_path", str(out / "adapter"), "--output_dir", str(out2),
                               "--no-bf16"]) == 0
     assert json.loads((out2 / "eval_results.json").read_text())["accuracy"] == pytest.approx(1 / 3)
@@ -287,7 +289,7 @@ PARTITION_ALL = {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_dist
                  "stage3_prefetch_bucket_size": 0}
 def _deepspeed_worker(tmp_path: Path) -> Path:
     """lorapro/train.py's driver behind the DeepSpeed test-machine prelude and the quiet exit of _torchrun."""
-    return write_worker(tmp_path / "train_ds.py", entry_point_body("loralib.tasks.instruct.run"))
+    return write_worker(tmp_path / "train_ds.py", entry_point_body("lorapro.train"))
 
 
 def _torchrun_deepspeed(tmp_path: Path, args) -> None:
@@ -313,7 +315,7 @@ def _subprocess(cmd, **env):
 def test_lorapro_on_two_processes_equals_one(assets, tmp_path, mode):
     common = ["--lora", "lora-pro", "--lorapro_mode", mode, "--lr", "1e-2", "--max_steps", "2"]
     one = tmp_path / "one"
-    run.run_training(argv(assets, one, *common))
+    lorapro_train.run(argv(assets, one, *common))
     two = tmp_path / "two"
     _subprocess(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                  str(Path(run.__file__).resolve().parents[3] / "lorapro" / "train.py"), *argv(assets, two, *common)])
@@ -329,7 +331,7 @@ def test_lorapro_under_deepspeed_equals_the_efficient_mode(assets, tmp_path, sta
     pytest.importorskip("deepspeed")
     common = ["--lora", "lora-pro", "--lr", "1e-2", "--max_steps", "2", "--max_grad_norm", "0"]
     plain = tmp_path / "plain"
-    run.run_training(argv(assets, plain, *common, "--lorapro_mode", "efficient"))
+    lorapro_train.run(argv(assets, plain, *common, "--lorapro_mode", "efficient"))
     ds = tmp_path / "ds"
     shipped = json.loads((Path(run.__file__).resolve().parents[3] / "lorapro" / f"ds_zero{stage}.json").read_text())
     shipped["zero_optimization"].update(PARTITION_ALL if stage == 3 else {})
@@ -352,7 +354,7 @@ def test_zero3_on_two_processes_equals_one_process_and_evaluates(assets, tmp_pat
               "--max_grad_norm", "0", "--gradient_checkpointing", "--do_eval", "--eval_data_path", assets["gsm8k"],
               "--max_new_tokens", "6"]
     one = tmp_path / "one"
-    run.run_training(argv(assets, one, *common))
+    lorapro_train.run(argv(assets, one, *common))
     two = tmp_path / "two"
     config = _write(tmp_path / "ds3.json", {"zero_optimization": {"stage": 3, **PARTITION_ALL}})
     _torchrun_deepspeed(tmp_path, argv(assets, two, *common, "--deepspeed", config))
@@ -377,7 +379,7 @@ def test_full_lorapro_under_deepspeed_on_two_processes_equals_one_and_resumes(as
 
     common = ["--lora", "lora-pro", "--lr", "1e-2", "--max_steps", "4", "--save_steps", "2"]
     one = tmp_path / "one"
-    run.run_training(argv(assets, one, *common))
+    lorapro_train.run(argv(assets, one, *common))
     config = _write(tmp_path / "ds2.json", {"zero_optimization": {"stage": 2}})
     two = tmp_path / "two"
     _torchrun_deepspeed(tmp_path, argv(assets, two, *common, "--deepspeed", config))
@@ -402,7 +404,7 @@ def test_adalora_under_deepspeed_zero2_on_two_processes_equals_one(assets, tmp_p
     common = ["--lora", "adalora", "--lr", "2e-2", "--max_steps", "6", "--init_warmup_ratio", "0.2",
               "--final_warmup_ratio", "0.3", "--mask_interval", "1"]
     one = tmp_path / "one"
-    run.run_training(argv(assets, one, *common))
+    lorapro_train.run(argv(assets, one, *common))
     config = _write(tmp_path / "ds2.json", {"zero_optimization": {"stage": 2}})
     two = tmp_path / "two"
     _torchrun_deepspeed(tmp_path, argv(assets, two, *common, "--deepspeed", config))
@@ -419,17 +421,17 @@ def test_evaluate_py_loads_our_adapter_and_the_peft_one_into_the_trained_model(a
     """AdaLoRA's PEFT folder is its exact plain-LoRA form, with a pruned rank pattern."""
     out = tmp_path / "t"
     extra = ["--init_warmup_ratio", "0.2", "--final_warmup_ratio", "0.3", "--mask_interval", "1"]
-    args = run.build_parser().parse_args(argv(assets, out, "--lora", method, "--lr", "2e-2", "--max_steps", "6",
+    args = flags.train_spec(argv(assets, out, "--lora", method, "--lr", "2e-2", "--max_steps", "6",
                                               *(extra if method == "adalora" else [])))
     p = run.prepare(args)
     run.execute(p)
     ids = torch.tensor([p.train_examples[1]["input_ids"]])
     want = p.model.eval()(ids).logits
     for folder in ("adapter", "peft_adapter"):
-        eval_args = run.build_parser(training=False).parse_args(
+        eval_args = flags.evaluation_spec(
             ["--model_name_or_path", assets["model"], "--eval_task", "gsm8k", "--eval_data_path", assets["gsm8k"],
              "--lora_path", str(out / folder), "--output_dir", str(tmp_path / folder), "--no-bf16"])
-        q = run.prepare_evaluation(eval_args)
+        q = evaluation.prepare_evaluation(eval_args)
         got = q.model.eval()(ids).logits
         assert torch.allclose(got, want, atol=1e-5), (folder, (got - want).abs().max())
         if method == "adalora" and folder == "peft_adapter":
