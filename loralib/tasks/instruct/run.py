@@ -358,7 +358,7 @@ def prepare(spec: InstructRun) -> Prepared:
     """Check the spec against the files, read and tokenise the data, build the model. Writes nothing."""
     from ...models.grad_checkpoint import enable_gradient_checkpointing
     from ...models.loading import load_tokenizer
-    from ..glue.run import check_targets
+    from ..glue.model import check_targets
     from . import InstructCollator
 
     run, method, t = spec.run, spec.method, spec.training
