@@ -114,9 +114,11 @@ class Method:
 
 def make_method(name: str, lora: Optional[LoRAConfig], *, lorapro_mode: Optional[str] = None,
                 loraplus_ratio: Optional[float] = None, allocate: Optional[bool] = None, reg_orth_coef: float = 0.0,
-                target_rank: Optional[int] = None) -> Method:
+                target_rank: Optional[int] = None, init_lora_weights: Any = None) -> Method:
     """The Method `name` with `lora` completed by the entry's fixed fields (its layer, rsLoRA, DoRA, init).
-    Settings that belong to another method, and combinations that do not compose, raise one ValueError."""
+    init_lora_weights, when given (a flag the user set), wins over the entry's init: `--lora pissa
+    --init_lora_weights True` trains from LoRA's init, as the flags say. Settings that belong to another method,
+    and combinations that do not compose, raise one ValueError."""
     entry = method_entry(name)
     if entry.layer == "none":
         if lora is not None:
@@ -124,7 +126,7 @@ def make_method(name: str, lora: Optional[LoRAConfig], *, lorapro_mode: Optional
     else:
         if lora is None:
             raise ValueError(f"method {entry.name!r} needs a LoRAConfig (rank, alpha, target modules)")
-        lora = _with_entry_fields(entry, lora)
+        lora = _with_entry_fields(entry, lora, init_lora_weights)
     if entry.optimizer == "lorapro":
         lorapro_mode = lorapro_mode or "full"
         if lorapro_mode not in LORAPRO_MODES:
@@ -154,12 +156,14 @@ def make_method(name: str, lora: Optional[LoRAConfig], *, lorapro_mode: Optional
     return Method(entry, lora, lorapro_mode, loraplus_ratio, bool(allocate), reg_orth_coef, target_rank)
 
 
-def _with_entry_fields(entry: MethodEntry, lora: LoRAConfig) -> LoRAConfig:
+def _with_entry_fields(entry: MethodEntry, lora: LoRAConfig, init_lora_weights: Any = None) -> LoRAConfig:
     changes: Dict[str, Any] = {"method": "lora" if entry.layer == "lora" else entry.layer}
     for key, value in entry.lora.items():
         if key == "init_lora_weights" and lora.init_lora_weights is not True:
-            continue  # an explicit init given with the method wins (e.g. pissa_niter_4 for "pissa")
+            continue  # an init set in the config wins (e.g. pissa_niter_4 for "pissa")
         changes[key] = value
+    if init_lora_weights is not None:
+        changes["init_lora_weights"] = init_lora_weights
     if all(getattr(lora, k) == v for k, v in changes.items()):
         return lora
     try:

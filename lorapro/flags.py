@@ -278,7 +278,7 @@ def method_of(args: argparse.Namespace, model_type: str) -> Method:
         lora = LoRAConfig(r=args.lora_r, use_rslora=args.use_rslora, use_dora=args.use_dora, init_lora_weights=init,
                           **common)
         return make_method(entry.name, lora, lorapro_mode=args.lorapro_mode if entry.optimizer == "lorapro" else None,
-                           loraplus_ratio=args.loraplus_lr_ratio)
+                           loraplus_ratio=args.loraplus_lr_ratio, init_lora_weights=args.init_lora_weights)
     except ValueError as err:
         raise ValueError(f"--lora {args.lora} with --use_dora / --init_lora_weights: {err}") from None
 

@@ -199,7 +199,7 @@ def method_of(spec: T5GlueRun) -> Method:
                           **common)
     except ValueError as err:
         raise ValueError(f"--lora {spec.lora} with --use_dora / --init_lora_weights: {err}") from None
-    return make_method(entry.name, lora, **settings)
+    return make_method(entry.name, lora, init_lora_weights=spec.init_lora_weights, **settings)
 
 
 def load_model(model_path: Path, lora: Optional[LoRAConfig], bf16: bool) -> nn.Module:
