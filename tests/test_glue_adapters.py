@@ -1,6 +1,6 @@
 """examples/NLU/run_glue.py --lora_path takes every adapter format loralib.adapter_files.open_adapter recognises.
 
-One tiny RoBERTa classifier's LoRA (query/value) and head, trained two steps by run_glue.py itself, is written
+One tiny RoBERTa (and DeBERTa-v2) classifier's LoRA (query/value) and head, trained two steps by run_glue.py itself, is written
 four more ways from the same tensors: our save_adapter folder, microsoft's released .bin layout, and a PEFT
 folder (get_peft_model + save_pretrained on the transformers model, the head through modules_to_save).
 Evaluating each (the run folder and its checkpoint-2/ too) gives the same eval_results.json and the same logits;
@@ -37,10 +37,13 @@ def _entry():
 
 
 NLU = _entry()
+HF_CLASSIFIER = {"roberta": transformers.RobertaForSequenceClassification,
+                 "deberta": transformers.DebertaV2ForSequenceClassification}
+HEAD = {"roberta": ("classifier",), "deberta": ("pooler", "classifier")}  # the trained modules outside the encoder
 
 
-def _base(files, out, *extra):
-    return ["--model_name_or_path", str(files["roberta"]), "--task_name", "rte", "--data_dir", str(files["glue"]),
+def _base(files, out, *extra, family="roberta"):
+    return ["--model_name_or_path", str(files[family]), "--task_name", "rte", "--data_dir", str(files["glue"]),
             "--output_dir", str(out), "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
             "--disable_tqdm", *extra]
 
@@ -60,11 +63,12 @@ def _logits(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask).logits.float()
 
 
-def _peft_folder(files, tensors, r, alpha, folder: Path) -> Path:
-    """The adapter as PEFT writes it for the transformers model: LoRA on query/value, the head in modules_to_save."""
-    hf = transformers.RobertaForSequenceClassification.from_pretrained(files["roberta"], num_labels=2)
-    model = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["query", "value"],
-                                                    lora_dropout=0.0, modules_to_save=["classifier"]))
+def _peft_folder(family, files, tensors, r, alpha, folder: Path) -> Path:
+    """The adapter as PEFT writes it for the transformers model: its LoRA targets, the head in modules_to_save."""
+    hf = HF_CLASSIFIER[family].from_pretrained(files[family], num_labels=2)
+    targets = sorted({k.split(".")[-2] for k in tensors if "lora_" in k})  # query, value (DeBERTa: *_proj)
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                    lora_dropout=0.0, modules_to_save=list(HEAD[family])))
     state = {"base_model.model." + (k + ".weight" if "lora_" in k else k): v for k, v in tensors.items()}
     loaded = peft.set_peft_model_state_dict(model, state)
     assert not loaded.unexpected_keys, loaded.unexpected_keys
@@ -79,42 +83,50 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("glue_adapters")
     out = {"glue": write_glue_tsv(root / "glue", tasks=("rte",))}
     torch.manual_seed(0)
-    config = transformers.RobertaConfig(vocab_size=64, max_position_embeddings=80, hidden_size=D, num_hidden_layers=2,
-                                        num_attention_heads=2, intermediate_size=32)
-    transformers.RobertaModel(config, add_pooling_layer=False).save_pretrained(root / "roberta")
-    make_tokenizer("roberta").save_pretrained(root / "roberta")
-    out["roberta"] = root / "roberta"
+    common = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    models = {
+        "roberta": transformers.RobertaModel(transformers.RobertaConfig(
+            vocab_size=64, max_position_embeddings=80, **common), add_pooling_layer=False),
+        "deberta": transformers.DebertaV2Model(transformers.DebertaV2Config(
+            vocab_size=64, max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"],
+            position_buckets=8, norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+            type_vocab_size=0, **common)),
+    }
+    for family, model in models.items():
+        model.save_pretrained(root / family)
+        make_tokenizer(family).save_pretrained(root / family)
+        out[family] = root / family
     return out
 
 
-@pytest.fixture(scope="module")
-def adapters(files, tmp_path_factory):
-    """{format: path} of the same adapter, and the PEFT model (transformers) it is."""
-    root = tmp_path_factory.mktemp("formats")
+@pytest.fixture(scope="module", params=["roberta", "deberta"])
+def adapters(request, files, tmp_path_factory):
+    """(family, {format: path} of the same adapter, the PEFT model (transformers) it is)."""
+    family = request.param
+    root = tmp_path_factory.mktemp("formats_" + family)
     run = root / "run"
     trained = NLU.run_glue(_base(files, run, "--do_train", "--apply_lora", "--lora_r", "4", "--learning_rate", "3e-2",
-                                 "--max_steps", "2", "--save_steps", "2"))
+                                 "--max_steps", "2", "--save_steps", "2", family=family))
     tensors = load_file(str(run / "adapter" / "adapter.safetensors"))
-    assert {k for k in tensors if "lora_" not in k} == {f"classifier.{m}.{p}" for m in ("dense", "out_proj")
-                                                        for p in ("weight", "bias")}
+    assert {k.split(".")[0] for k in tensors if "lora_" not in k} == set(HEAD[family])
     assert all(v.abs().max() > 0 for k, v in tensors.items() if k.endswith("lora_B"))  # trained: B moved off 0
     config = json.loads((run / "run_config.json").read_text())["lora"]
     assert config["lora_alpha"] == 2 * config["r"]  # as microsoft's released files imply
     lora.save_adapter(trained.model, root / "ours")
-    torch.save(tensors, root / "roberta_base_lora_rte.bin")
-    peft_dir, peft_model = _peft_folder(files, tensors, config["r"], config["lora_alpha"], root / "peft")
+    torch.save(tensors, root / f"{family}_lora_rte.bin")
+    peft_dir, peft_model = _peft_folder(family, files, tensors, config["r"], config["lora_alpha"], root / "peft")
     paths = {"run folder": run, "checkpoint": run / "checkpoint-2", "adapter/": run / "adapter",
-             "save_adapter": root / "ours", "microsoft .bin": root / "roberta_base_lora_rte.bin", "peft": peft_dir}
-    return paths, peft_model
+             "save_adapter": root / "ours", "microsoft .bin": root / f"{family}_lora_rte.bin", "peft": peft_dir}
+    return family, paths, peft_model
 
 
 def test_every_format_evaluates_to_the_same_results(files, adapters, tmp_path):
-    paths, peft_model = adapters
+    family, paths, peft_model = adapters
     ids, mask = _ids()
     results, logits = {}, {}
     for name, path in paths.items():
         out = tmp_path / name.replace(" ", "_").replace("/", "")
-        result = NLU.run_glue(_base(files, out, "--do_eval", "--lora_path", str(path)))
+        result = NLU.run_glue(_base(files, out, "--do_eval", "--lora_path", str(path), family=family))
         results[name] = json.loads((out / "eval_results.json").read_text())
         logits[name] = _logits(result.model, ids, mask)
         assert json.loads((out / "run_config.json").read_text())["lora_path"] == str(path)
@@ -128,10 +140,10 @@ def test_every_format_evaluates_to_the_same_results(files, adapters, tmp_path):
 
 
 def test_training_from_a_peft_folder_keeps_its_factors(files, adapters, tmp_path):
-    paths, _ = adapters
+    family, paths, _ = adapters
     source = lora.open_adapter(paths["peft"])
     result = NLU.run_glue(_base(files, tmp_path / "o", "--do_train", "--max_steps", "1", "--learning_rate", "0",
-                                "--save_strategy", "no", "--lora_path", str(paths["peft"])))
+                                "--save_strategy", "no", "--lora_path", str(paths["peft"]), family=family))
     state = result.model.state_dict()
     for key in source.lora_keys + source.extra_keys:
         assert torch.equal(state[key], source.tensors[key]), key
