@@ -1,14 +1,14 @@
 """examples/NLU/run_glue.py --lora_path takes every adapter format loralib.adapter_files.open_adapter recognises.
 
-One tiny RoBERTa (and DeBERTa-v2) classifier's LoRA (query/value) and head, trained two steps by run_glue.py itself, is written
-four more ways from the same tensors: our save_adapter folder, microsoft's released .bin layout, and a PEFT
+A tiny RoBERTa (and DeBERTa-v2) classifier's LoRA and head, trained two steps by run_glue.py itself, is written
+three more ways from the same tensors: our save_adapter folder, microsoft's released .bin layout, and a PEFT
 folder (get_peft_model + save_pretrained on the transformers model, the head through modules_to_save).
 Evaluating each (the run folder and its checkpoint-2/ too) gives the same eval_results.json and the same logits;
-a GPT-2 adapter is one error naming --lora_path, before anything is written.
+a GPT-2 adapter is one error naming --lora_path, before anything is written. (The tiny models and GLUE files
+are test_run_glue's.)
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,35 +17,21 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _glue_fixtures import make_tokenizer, write_glue_tsv  # noqa: E402
-
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+from test_run_glue import NLU, files  # noqa: E402,F401 (the tiny models and GLUE files: a fixture)
+from test_run_glue import _base as run_glue_base  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import loralib as lora  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-D = 16  # hidden size
-
-
-def _entry():
-    spec = importlib.util.spec_from_file_location("run_glue_nlu_adapters", REPO / "examples/NLU/run_glue.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-NLU = _entry()
 HF_CLASSIFIER = {"roberta": transformers.RobertaForSequenceClassification,
                  "deberta": transformers.DebertaV2ForSequenceClassification}
 HEAD = {"roberta": ("classifier",), "deberta": ("pooler", "classifier")}  # the trained modules outside the encoder
 
 
 def _base(files, out, *extra, family="roberta"):
-    return ["--model_name_or_path", str(files[family]), "--task_name", "rte", "--data_dir", str(files["glue"]),
-            "--output_dir", str(out), "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
-            "--disable_tqdm", *extra]
+    return run_glue_base(files, family, "rte", out, *extra)  # later flags win: --learning_rate
 
 
 def _ids():
@@ -76,27 +62,6 @@ def _peft_folder(family, files, tensors, r, alpha, folder: Path) -> Path:
     saved = load_file(str(folder / "adapter_model.safetensors"))
     assert set(saved) == set(state) and all(torch.equal(saved[k], v) for k, v in state.items())
     return folder, model
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("glue_adapters")
-    out = {"glue": write_glue_tsv(root / "glue", tasks=("rte",))}
-    torch.manual_seed(0)
-    common = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
-    models = {
-        "roberta": transformers.RobertaModel(transformers.RobertaConfig(
-            vocab_size=64, max_position_embeddings=80, **common), add_pooling_layer=False),
-        "deberta": transformers.DebertaV2Model(transformers.DebertaV2Config(
-            vocab_size=64, max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"],
-            position_buckets=8, norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
-            type_vocab_size=0, **common)),
-    }
-    for family, model in models.items():
-        model.save_pretrained(root / family)
-        make_tokenizer(family).save_pretrained(root / family)
-        out[family] = root / family
-    return out
 
 
 @pytest.fixture(scope="module", params=["roberta", "deberta"])
