@@ -104,11 +104,16 @@ def test_every_format_evaluates_to_the_same_results(files, adapters, tmp_path):
     torch.testing.assert_close(_logits(peft_model, ids, mask), logits["peft"], rtol=1e-5, atol=1e-5)
 
 
-def test_training_from_a_peft_folder_keeps_its_factors(files, adapters, tmp_path):
+def test_training_from_a_peft_folder_keeps_its_factors(files, adapters, tmp_path, capsys):
     family, paths, _ = adapters
     source = lora.open_adapter(paths["peft"])
-    result = NLU.run_glue(_base(files, tmp_path / "o", "--do_train", "--max_steps", "1", "--learning_rate", "0",
-                                "--save_strategy", "no", "--lora_path", str(paths["peft"]), family=family))
+    train = ["--do_train", "--max_steps", "1", "--learning_rate", "0", "--save_strategy", "no",
+             "--lora_path", str(paths["peft"])]
+    # LoRA flags that ask for other layers than the adapter's are refused, not ignored
+    assert NLU.main(_base(files, tmp_path / "o", *train, "--apply_lora", "--lora_r", "8", family=family)) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--lora_path" in err and "r=4, lora_alpha=8.0" in err, err
+    result = NLU.run_glue(_base(files, tmp_path / "o", *train, "--apply_lora", "--lora_r", "4", family=family))
     state = result.model.state_dict()
     for key in source.lora_keys + source.extra_keys:
         assert torch.equal(state[key], source.tensors[key]), key

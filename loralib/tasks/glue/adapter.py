@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import List
+from typing import List, Optional
 
 import torch.nn as nn
 
 from ...adapter_files import AdapterError, AdapterSource, open_adapter
 from ...adapters import load_adapter_source
+from ...config import LoRAConfig
 
 logger = logging.getLogger("loralib.glue")
 FLAG = "--lora_path"
@@ -33,6 +34,22 @@ def open_lora_path(path: str) -> AdapterSource:
         return open_adapter(path)
     except (FileNotFoundError, AdapterError) as err:
         raise type(err)(f"{FLAG} {path!r}: {err}") from None
+
+
+def check_fits(adapter: AdapterSource, lora: Optional[LoRAConfig]) -> None:
+    """A PEFT adapter brings its own layers (its ranks and alphas, injected when it is loaded): LoRA flags that
+    ask for other ones are refused rather than ignored. (The other formats load into the layers the flags
+    build, so a rank that differs is a shape error when loading.)"""
+    if adapter.format != "peft" or lora is None:
+        return
+    fields = ("r", "lora_alpha", "use_rslora", "use_dora")
+    has = tuple(getattr(adapter.lora, f) for f in fields)
+    asked = tuple(getattr(lora, f) for f in fields)
+    if has != asked:
+        show = lambda values: ", ".join(f"{f}={v}" for f, v in zip(fields, values))  # noqa: E731
+        raise ValueError(f"{FLAG} {str(adapter.given or adapter.path)!r} is a PEFT adapter with {show(has)}; "
+                         f"the LoRA flags ask for {show(asked)}: leave them out (the adapter's are used) or "
+                         "match them")
 
 
 def _label_mismatch(key: str, got: tuple, want: tuple, num_labels: int) -> bool:

@@ -63,7 +63,7 @@ from ...train import run as skeleton
 from ...train.distributed import zero_stage
 from ...train.run import LOOP_OUTPUTS, RunSpec, Training, resolve_model_path  # noqa: F401 (re-exported)
 from ...utils import trainable_summary
-from .adapter import load_lora_path, open_lora_path
+from .adapter import check_fits, load_lora_path, open_lora_path
 from .data import GlueData, get_task, load_glue
 from .evaluate import eval_sets, evaluate_dev_sets, score
 from .metrics import main_metric
@@ -225,6 +225,8 @@ def _method(spec: GlueRun, adapter: Optional[AdapterSource]) -> Method:
         method = spec.adapter_method(adapter.lora)
     else:
         method = make_method("full", None)
+    if adapter is not None:
+        check_fits(adapter, method.lora)
     t = spec.train
     if t.deepspeed_config and method.lorapro_mode == "full" and t.weight_decay:
         raise ValueError(f"--weight_decay {t.weight_decay} with --apply_lorapro --lorapro_mode full under "
