@@ -247,7 +247,9 @@ def _build_model(spec: GlueRun, method: Method, adapter: Optional[AdapterSource]
     if adapter is not None:
         adapter.check_family(model_type)
     overrides = head_overrides(model_type, spec.cls_dropout, spec.fixed_cls_dropout)
-    lora = method.lora if adapter is None or adapter.lora_to_build is not None else None
+    # a PEFT adapter brings its own layers (lora_to_build None): loading it injects them module by module
+    builds_own = adapter is not None and adapter.lora is not None and adapter.lora_to_build is None
+    lora = None if builds_own else method.lora
     if lora is not None:
         check_targets(hf_config, lora, spec.target_flag)
 
