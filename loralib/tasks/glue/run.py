@@ -23,8 +23,10 @@ What a run writes into its output_dir (nothing at all if the run is refused):
 Decisions (each one a place where the original scripts were silent, wrong or impossible here):
 - model_name_or_path: a folder; else models/NAME (under the working directory, then the repository);
   else a download through loralib.models.hub (loralib.train.run.resolve_model_path).
-- lora_path: see loralib.tasks.glue.adapter. Without a method the LoRA config is read from the adapter (r from
-  the file, alpha = 2 r for microsoft's files; the recorded LoRAConfig for ours): `adapter_method`.
+- lora_path: any adapter loralib.adapter_files.open_adapter recognises (loralib.tasks.glue.adapter). Without a
+  method the LoRA config is read from the adapter (r from the file, alpha = 2 r for microsoft's files; the
+  recorded LoRAConfig for ours; PEFT's r and lora_alpha): `adapter_method`. A PEFT adapter's layers are its
+  own (its rank_pattern / alpha_pattern), injected when it is loaded: the model is built without LoRA.
 - cls_dropout is passed into the model config; fixed_cls_dropout (LoRA² under --recipe released: the released
   LoRA² run_glue.py hard-coded 0.15) wins over it, with a warning when they differ.
 - lora_a_init "normal": lora_A drawn from N(0, initializer_range) (0.02), as microsoft/LoRA's DeBERTa fork
@@ -52,6 +54,7 @@ import torch
 import torch.nn as nn
 
 from ...adalora import adalora_state
+from ...adapter_files import AdapterSource
 from ...config import LoRAConfig
 from ...files import write_json_atomic
 from ...methods import AllocatorSchedule, Method, OptimizerSettings, make_method, rank_allocator
@@ -60,7 +63,7 @@ from ...train import run as skeleton
 from ...train.distributed import zero_stage
 from ...train.run import LOOP_OUTPUTS, RunSpec, Training, resolve_model_path  # noqa: F401 (re-exported)
 from ...utils import trainable_summary
-from .adapter import Adapter, check_adapter_family, load_lora_path, read_lora_path
+from .adapter import check_fits, load_lora_path, open_lora_path
 from .data import GlueData, get_task, load_glue
 from .evaluate import eval_sets, evaluate_dev_sets, score
 from .metrics import main_metric
@@ -149,7 +152,7 @@ class GlueTask:
     num_labels: int
     train_features: Optional[List[dict]]
     dev: List[Tuple[GlueData, List[dict]]]
-    adapter: Optional[Adapter] = None
+    adapter: Optional[AdapterSource] = None
     allocator: Any = None
 
     def __post_init__(self):
@@ -201,7 +204,7 @@ def prepare(spec: GlueRun) -> GlueTask:
     dev_data = eval_sets(task.name, spec.data_dir) if spec.run.do_eval else []
     num_labels = (train_data or dev_data[0]).num_labels
 
-    adapter = read_lora_path(spec.lora_path) if spec.lora_path else None
+    adapter = open_lora_path(spec.lora_path) if spec.lora_path else None
     method = _method(spec, adapter)
     model, tokenizer, model_path = _build_model(spec, method, adapter, num_labels)
     train_features, dev = _encode(spec, task, model, tokenizer, train_data, dev_data)
@@ -215,13 +218,15 @@ def prepare(spec: GlueRun) -> GlueTask:
     return prepared
 
 
-def _method(spec: GlueRun, adapter: Optional[Adapter]) -> Method:
+def _method(spec: GlueRun, adapter: Optional[AdapterSource]) -> Method:
     if spec.method is not None:
         method = spec.method
     elif adapter is not None and adapter.lora is not None:
         method = spec.adapter_method(adapter.lora)
     else:
         method = make_method("full", None)
+    if adapter is not None:
+        check_fits(adapter, method.lora)
     t = spec.train
     if t.deepspeed_config and method.lorapro_mode == "full" and t.weight_decay:
         raise ValueError(f"--weight_decay {t.weight_decay} with --apply_lorapro --lorapro_mode full under "
@@ -230,9 +235,9 @@ def _method(spec: GlueRun, adapter: Optional[Adapter]) -> Method:
     return method
 
 
-def _build_model(spec: GlueRun, method: Method, adapter: Optional[Adapter], num_labels: int):
-    """(model, tokenizer, model folder): the classifier with the method's layers, the adapter loaded, the
-    trainable parameters marked."""
+def _build_model(spec: GlueRun, method: Method, adapter: Optional[AdapterSource], num_labels: int):
+    """(model, tokenizer, model folder): the classifier with the method's layers (a PEFT adapter's own, injected
+    module by module when it is loaded), the adapter loaded, the trainable parameters marked."""
     from ...models.loading import check_tokenizer_fits, family_module, load_tokenizer, read_config
 
     model_path = resolve_model_path(spec.model_name_or_path)
@@ -240,14 +245,17 @@ def _build_model(spec: GlueRun, method: Method, adapter: Optional[Adapter], num_
     model_type = hf_config.get("model_type")
     family_module(model_type, str(model_path / "config.json"))
     if adapter is not None:
-        check_adapter_family(adapter, model_type)
+        adapter.check_family(model_type)
     overrides = head_overrides(model_type, spec.cls_dropout, spec.fixed_cls_dropout)
-    if method.lora is not None:
-        check_targets(hf_config, method.lora, spec.target_flag)
+    # a PEFT adapter brings its own layers (lora_to_build None): loading it injects them module by module
+    builds_own = adapter is not None and adapter.lora is not None and adapter.lora_to_build is None
+    lora = None if builds_own else method.lora
+    if lora is not None:
+        check_targets(hf_config, lora, spec.target_flag)
 
     skeleton.seed_everything(spec.run.seed)  # the head and LoRA factors are drawn next (set_seed first, as originals)
-    model = load_pretrained(model_path, num_labels, method.lora, overrides).train()
-    model.loralib_config = method.lora
+    model = load_pretrained(model_path, num_labels, lora, overrides).train()
+    model.loralib_config = lora
     if spec.lora_a_init == "normal":
         normal_lora_a(model, model.hf_config.get("initializer_range", 0.02))
 
@@ -258,7 +266,7 @@ def _build_model(spec: GlueRun, method: Method, adapter: Optional[Adapter], num_
 
     if adapter is not None:
         loaded = load_lora_path(model, adapter, num_labels, training=spec.run.do_train)
-        logger.info("loaded %d tensors from %s", len(loaded), adapter.path)
+        logger.info("loaded %d tensors from %s (%s)", len(loaded), adapter.path, adapter.format)
     mark_trainable(model, full=method.lora is None, frozen_head=spec.frozen_head)
     if spec.gradient_checkpointing:  # recompute each block in the backward pass (the LoRA+ Llama-7B recipe)
         enable_gradient_checkpointing(model)

@@ -333,7 +333,7 @@ def _allocator(model: nn.Module, method: Method, spec: T5GlueRun, steps: int):
 def prepare(spec: T5GlueRun) -> Prepared:
     """Check the spec, resolve the method, read and tokenise the data, build the model. Writes nothing."""
     from ...models.loading import load_tokenizer, read_config
-    from ..glue.run import check_targets
+    from ..glue.model import check_targets
     from ..instruct.run import loraga_from_examples
 
     run = _check(spec)
