@@ -430,3 +430,19 @@ def check_tokenizer_fits(tokenizer, model_config, tokenizer_file: Optional[str] 
         source = tokenizer_file or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
         raise ValueError(f"tokenizer {source} has {n_tokens} tokens but the model's vocab_size is {vocab}: "
                          f"ids >= {vocab} have no embedding row (resize the embedding or use the model's own tokenizer)")
+
+
+def check_targets(hf_config: dict, lora, flag: str) -> None:
+    """Every LoRA target of `lora` (a LoRAConfig) must name at least one projection of the model described by
+    `hf_config` (checked on the meta device: nothing is allocated); ValueError naming `flag` otherwise."""
+    from ..config import LoRAConfig
+
+    if isinstance(lora.target_modules, str):
+        return
+    module = family_module(hf_config.get("model_type"))
+    for target in lora.target_modules:
+        probe = LoRAConfig(r=1, lora_alpha=1, target_modules=(target,))
+        with torch.device("meta"):
+            model = module.build(hf_config, "base", None, probe)
+        if not any(getattr(m, "has_lora", False) for m in model.modules()):
+            raise ValueError(f"{flag}: {target!r} matches no projection of this {hf_config.get('model_type')} model")

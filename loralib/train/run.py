@@ -149,6 +149,38 @@ def resolve_model_path(name_or_path: str, flag: str = "--model_name_or_path") ->
                                   f"{' or '.join(str(r / name_or_path) for r in roots)}; {e}") from None
 
 
+def load_for_training(model_path: Path, task: str, lora, precision: str) -> nn.Module:
+    """Our model of `task` ("causal-lm", "seq2seq-lm", ...) for the folder, adapters inline, in train mode;
+    bf16: the frozen weights in bf16, the LoRA factors in fp32 (trained under autocast).
+
+    train() at once: from_pretrained returns eval(), where LoRA layers merge B A into W, and factors loaded later
+    (a checkpoint, an adapter) would then be unmerged from a W they were never merged into."""
+    from ..models.loading import from_pretrained
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = from_pretrained(model_path, task, lora=lora, dtype=dtype).train()
+    if precision == "bf16":
+        for name, p in model.named_parameters():
+            if "lora_" in name.rsplit(".", 1)[-1]:
+                p.data = p.data.float()
+    model.loralib_config = lora
+    return model
+
+
+def mark_trainable(model: nn.Module, method) -> None:
+    """What `method` (loralib.methods.Method) trains: the adapter's tensors, or for full fine-tuning every
+    weight, in fp32 (bf16 only through autocast)."""
+    from ..utils import mark_only_lora_as_trainable
+
+    if method.lora is not None:
+        mark_only_lora_as_trainable(model)
+        return
+    for p in model.parameters():
+        p.requires_grad = True
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def total_steps(n_examples: int, per_device_batch_size: int, grad_accum: int, num_epochs: float,
                 max_steps: Optional[int], seed: int) -> int:
     """Optimizer steps of the run, counted as loralib.train counts them (so an allocator can be built first)."""

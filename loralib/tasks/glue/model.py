@@ -25,21 +25,6 @@ def load_pretrained(folder: Path, num_labels: int, lora: Optional[LoRAConfig],
                                    config_overrides=overrides)
 
 
-def check_targets(hf_config: dict, lora: LoRAConfig, flag: str) -> None:
-    """Every LoRA target must name at least one projection of the model (checked on the meta device)."""
-    from ...models import loading
-
-    if isinstance(lora.target_modules, str):
-        return
-    module = loading.family_module(hf_config.get("model_type"))
-    for target in lora.target_modules:
-        probe = LoRAConfig(r=1, lora_alpha=1, target_modules=(target,))
-        with torch.device("meta"):
-            model = module.build(hf_config, "base", None, probe)
-        if not any(getattr(m, "has_lora", False) for m in model.modules()):
-            raise ValueError(f"{flag}: {target!r} matches no projection of this {hf_config.get('model_type')} model")
-
-
 def grow_embeddings(model: nn.Module, new_size: int) -> int:
     """Give the input embedding new_size rows; the new rows are the mean of the old ones (LoRA+'s recipe
     for Llama's added pad token). Returns the number of rows added."""

@@ -59,16 +59,17 @@ from ...config import LoRAConfig
 from ...files import write_json_atomic
 from ...methods import AllocatorSchedule, Method, OptimizerSettings, make_method, rank_allocator
 from ...models.grad_checkpoint import enable_gradient_checkpointing
+from ...models.loading import check_targets
 from ...train import run as skeleton
 from ...train.distributed import zero_stage
-from ...train.run import LOOP_OUTPUTS, RunSpec, Training, resolve_model_path  # noqa: F401 (re-exported)
+from ...train.run import LOOP_OUTPUTS, RunSpec, Training, resolve_model_path
 from ...utils import trainable_summary
 from .adapter import check_fits, load_lora_path, open_lora_path
 from .data import GlueData, get_task, load_glue
 from .evaluate import eval_sets, evaluate_dev_sets, score
 from .metrics import main_metric
-from .model import (check_positions, check_targets, grow_embeddings, head_overrides, load_pretrained,  # noqa: F401
-                    loraga_from_features, mark_trainable, normal_lora_a, position_limit)
+from .model import (check_positions, grow_embeddings, head_overrides, load_pretrained, loraga_from_features,
+                    mark_trainable, normal_lora_a, position_limit)
 from .tokenize import GlueCollator, encode_examples, ensure_pad_token
 
 logger = logging.getLogger("loralib.glue")

@@ -161,31 +161,10 @@ def model_family(model_path: Path, flag: str = "--model_name_or_path") -> Tuple[
 
 def load_model(model_path: Path, lora: Optional[LoRAConfig], precision: str) -> nn.Module:
     """Our causal LM for the folder, LoRA layers inline; bf16: frozen weights in bf16, LoRA factors fp32."""
-    from ...models.loading import from_pretrained
-
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    # train() at once: from_pretrained returns eval(), where LoRA layers merge B A into W, and factors
-    # loaded later (a checkpoint, an adapter) would then be unmerged from a W they were never merged into.
-    model = from_pretrained(model_path, "causal-lm", lora=lora, dtype=dtype).train()
-    if precision == "bf16":
-        for name, p in model.named_parameters():
-            if "lora_" in name.rsplit(".", 1)[-1]:
-                p.data = p.data.float()
-    model.loralib_config = lora
-    return model
+    return skeleton.load_for_training(model_path, "causal-lm", lora, precision)
 
 
-def mark_trainable(model: nn.Module, method: Method) -> None:
-    from ...utils import mark_only_lora_as_trainable
-
-    if method.lora is None:
-        for p in model.parameters():
-            p.requires_grad = True
-        if any(p.dtype != torch.float32 for p in model.parameters()):
-            for p in model.parameters():  # full fine-tuning: fp32 weights, bf16 only through autocast
-                p.data = p.data.float()
-    else:
-        mark_only_lora_as_trainable(model)
+mark_trainable = skeleton.mark_trainable
 
 
 def pad_id(tokenizer) -> int:
@@ -358,7 +337,7 @@ def prepare(spec: InstructRun) -> Prepared:
     """Check the spec against the files, read and tokenise the data, build the model. Writes nothing."""
     from ...models.grad_checkpoint import enable_gradient_checkpointing
     from ...models.loading import load_tokenizer
-    from ..glue.model import check_targets
+    from ...models.loading import check_targets
     from . import InstructCollator
 
     run, method, t = spec.run, spec.method, spec.training

@@ -203,29 +203,11 @@ def method_of(spec: T5GlueRun) -> Method:
 
 
 def load_model(model_path: Path, lora: Optional[LoRAConfig], bf16: bool) -> nn.Module:
-    """Our T5 for the folder in train mode (from_pretrained returns eval(), where LoRA layers merge B A into W,
-    and factors loaded later must not meet merged weights); bf16: frozen weights in bf16, LoRA factors fp32."""
-    from ...models.loading import from_pretrained
-
-    model = from_pretrained(model_path, "seq2seq-lm", lora=lora, dtype=torch.bfloat16 if bf16 else torch.float32).train()
-    if bf16:
-        for name, p in model.named_parameters():
-            if "lora_" in name.rsplit(".", 1)[-1]:
-                p.data = p.data.float()
-    model.loralib_config = lora
-    return model
+    """Our T5 for the folder in train mode; bf16: frozen weights in bf16, LoRA factors fp32."""
+    return skeleton.load_for_training(model_path, "seq2seq-lm", lora, "bf16" if bf16 else "fp32")
 
 
-def mark_trainable(model: nn.Module, method: Method) -> None:
-    """The adapter's tensors only; full fine-tuning: every weight, in fp32 (bf16 only through autocast)."""
-    from ...utils import mark_only_lora_as_trainable
-
-    if method.lora is not None:
-        mark_only_lora_as_trainable(model)
-        return
-    for p in model.parameters():
-        p.requires_grad = True
-        p.data = p.data.float()
+mark_trainable = skeleton.mark_trainable
 
 
 def seq2seq_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -333,7 +315,7 @@ def _allocator(model: nn.Module, method: Method, spec: T5GlueRun, steps: int):
 def prepare(spec: T5GlueRun) -> Prepared:
     """Check the spec, resolve the method, read and tokenise the data, build the model. Writes nothing."""
     from ...models.loading import load_tokenizer, read_config
-    from ..glue.model import check_targets
+    from ...models.loading import check_targets
     from ..instruct.run import loraga_from_examples
 
     run = _check(spec)
