@@ -78,6 +78,7 @@ demo-real: $(STAMP) java-runtime
 		$$( [ -d ../shared/data/real ] && echo --from_dir ../shared/data/real )
 	$(PY) -c 'import sys; sys.path.insert(0, "tests"); from _llama_fixtures import smollm2_folder; smollm2_folder()'
 	$(PY) examples/NLG/e2e_smollm2.py --output_dir outputs/demo-real $(DEMO_REAL_ARGS)
+	$(PY) -m loralib compare outputs/demo-real
 
 # The core layers alone, on scikit-learn's digits, in seconds.
 demo-digits: $(STAMP)

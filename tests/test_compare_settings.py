@@ -40,3 +40,14 @@ def test_method_names_come_from_the_registry():
     assert compare.method_of({"method": "lora", "loraplus_lr_ratio": 16}) == "loraplus"
     assert compare.method_of({"method": "adapter"}) == "adapter"  # a paper's baseline we do not implement
     assert compare.method_of({}) is None
+
+
+def test_only_real_data_runs_print_their_table_alone(tmp_path, capsys):
+    _run(tmp_path / "lora", {"method": "lora-pro", "model_name_or_path": ".cache/smollm2-135m-instruct",
+                             "setting": "real data, small model", "lora": {"r": 8}},
+         {"task": "e2e", "split": "test", "num_examples": 40, "bleu": 62.79})
+    assert compare.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("## real data, small model") and "| reported |" not in out
+    assert "| lora | smollm2-135m-instruct | lorapro | e2e | test | 62.79 |" in out
+    assert not (tmp_path / "compare.png").exists()  # no paper row: nothing to chart

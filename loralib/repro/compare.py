@@ -557,10 +557,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(markdown_table(rows, registry, args.paper))
     side = side_tables(runs)
+    if rows or not side:
+        print(markdown_table(rows, registry, args.paper))
     if side:
-        print("\n" + side)
+        print(("\n" if rows else "") + side)
+    if not rows and side:
+        return 0  # nothing to chart: no run is in a paper's setting
     out = Path(args.out) if args.out else Path(args.results_dir) / "compare.png"
     title = "Reported vs measured" + (f" ({args.paper})" if args.paper else "")
     try:
