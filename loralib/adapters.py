@@ -41,7 +41,7 @@ from . import init_methods, layers
 from .adalora import SVDLinear, apply_rank_pattern, rank_adaptive_layers, trim_ranks
 from .adapter_files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, FORMAT_VERSION, PEFT_PREFIX, PEFT_WEIGHTS,
                             AdapterError, AdapterSource, open_adapter, read_adapter_config)
-from .config import LoRAConfig
+from .config import WHOLE_PROJECTION, LoRAConfig
 from .lora2 import LoRA2Linear
 from .files import apply_umask, write_json_atomic
 from .transaction import model_transaction
@@ -372,7 +372,9 @@ def _load_peft(model: nn.Module, source: AdapterSource, merge_weights: bool) -> 
         if extras:
             _check_against_model(model, extras, source.weights, strict=False)
             model.load_state_dict(extras, strict=False)
-        model.loralib_config = source.lora.replace(merge_weights=merge_weights)
+        # PEFT's layers are one LoRA per projection, a fused c_attn's unchunked: recorded so, a model file
+        # built from the config save_adapter writes has exactly these layers
+        model.loralib_config = source.lora.replace(merge_weights=merge_weights, enable_lora=WHOLE_PROJECTION)
     mark_only_lora_as_trainable(model)
     for name, param in model.named_parameters():
         if name in extras:  # a trained head (modules_to_save) stays trainable

@@ -18,6 +18,8 @@ from . import init_methods, layers
 
 LinearFactory = Callable[..., nn.Module]
 _METHODS: Dict[str, LinearFactory] = {}
+# enable_lora for "one update over the whole projection, however many chunks it fuses" (see LoRAConfig)
+WHOLE_PROJECTION: Tuple[bool, ...] = (True,)
 
 
 def register_method(name: str, factory: LinearFactory) -> None:
@@ -66,7 +68,9 @@ class LoRAConfig:
     method: "lora" (default), or a method registered by loralib ("adalora", "lora2"); "dora", "pissa" and
         "lora-ga" are read as method "lora" with use_dora=True / init_lora_weights "pissa" / "lora_ga".
     enable_lora: for fused projections (GPT-2's c_attn = q|k|v), which chunks get LoRA;
-        None enables every chunk. The LoRA paper used (True, False, True).
+        None enables every chunk. The LoRA paper used (True, False, True). WHOLE_PROJECTION, the single
+        entry (True,), is one low-rank update over the fused projection unchunked (A (r, in), B (3 out, r)):
+        PEFT's LoRA on GPT-2's c_attn, and what `inject` builds when given no enable_lora.
     merge_weights: fold B A into W on eval() and out again on train(), as loralib 0.1.2 does.
     init_swapped: LoRA+'s experiments initialised B with kaiming and A with zeros; False keeps LoRA's.
     lora2_k: inner rank of LoRA²'s factors.
@@ -93,6 +97,8 @@ class LoRAConfig:
     def __post_init__(self):
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = tuple(self.target_modules)
+        if isinstance(self.enable_lora, list):  # from JSON: a tuple, so configs read back compare equal
+            self.enable_lora = tuple(self.enable_lora)
         if not self.target_modules:
             raise ValueError("LoRAConfig.target_modules is empty: name at least one projection")
         layers._check_hparams(self.r, self.lora_alpha, self.lora_dropout)
@@ -137,8 +143,11 @@ class LoRAConfig:
         """The projection at `path`: the method's adapted layer if targeted, else a plain one.
 
         A plain projection is a `loralib.Linear` with r = 0 (an nn.Linear that can store its weight
-        (in, out) for GPT-2's checkpoints). `chunks` > 1 marks a fused projection (q|k|v).
+        (in, out) for GPT-2's checkpoints). `chunks` > 1 marks a fused projection (q|k|v); with
+        enable_lora=WHOLE_PROJECTION it is adapted as one projection (what inject and PEFT do).
         """
+        if self.enable_lora == WHOLE_PROJECTION:
+            chunks = 1
         if not self.matches(path, roles):
             return layers.Linear(in_features, out_features, r=0, bias=bias, fan_in_fan_out=fan_in_fan_out)
         if self.method not in _METHODS:
