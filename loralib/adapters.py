@@ -372,14 +372,23 @@ def _load_peft(model: nn.Module, source: AdapterSource, merge_weights: bool) -> 
         if extras:
             _check_against_model(model, extras, source.weights, strict=False)
             model.load_state_dict(extras, strict=False)
-        # PEFT's layers are one LoRA per projection, a fused c_attn's unchunked: recorded so, a model file
-        # built from the config save_adapter writes has exactly these layers
-        model.loralib_config = source.lora.replace(merge_weights=merge_weights, enable_lora=WHOLE_PROJECTION)
+        model.loralib_config = _as_loaded(source, factors, merge_weights)
     mark_only_lora_as_trainable(model)
     for name, param in model.named_parameters():
         if name in extras:  # a trained head (modules_to_save) stays trainable
             param.requires_grad = True
     return model
+
+
+def _as_loaded(source: AdapterSource, factors, merge_weights: bool) -> LoRAConfig:
+    """The LoRAConfig of the layers a PEFT load leaves, so that a model file built from the config save_adapter
+    writes has exactly them: one LoRA per projection (a fused c_attn's unchunked: WHOLE_PROJECTION), each
+    module's own rank and alpha where they differ from the global ones."""
+    lora = source.lora
+    ranks = {path: source.ranks[path] for path in factors if source.ranks[path] != lora.r}
+    alphas = {path: source.alphas[path] for path in factors if source.alphas[path] != lora.lora_alpha}
+    return lora.replace(merge_weights=merge_weights, enable_lora=WHOLE_PROJECTION, rank_pattern=ranks or None,
+                        alpha_pattern=alphas or None)
 
 
 def _import_peft_layer(model: nn.Module, source: AdapterSource, path: str, tensors: Dict[str, torch.Tensor],

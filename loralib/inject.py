@@ -45,6 +45,7 @@ def _materialise(layer: nn.Module, base_params: Dict[str, nn.Parameter], device,
 
 def _lora_layer_for(module: nn.Module, path: str, config: LoRAConfig) -> nn.Module:
     """The loralib layer that replaces `module` (same weight tensors), or a ValueError naming it."""
+    config = config.for_module(path)  # its own r and lora_alpha (rank_pattern / alpha_pattern)
     weight = module.weight
     device, dtype = weight.device, weight.dtype
     has_bias = getattr(module, "bias", None) is not None

@@ -19,10 +19,11 @@ peft = pytest.importorskip("peft")
 C, R = 32, 4  # hf_model's n_embd; the adapter's rank
 
 
-def _peft_gpt2(hf, targets=("c_attn", "c_proj")):
+def _peft_gpt2(hf, **patterns):
     """PEFT's LoRA on hf (c_attn fused, c_proj plain), every factor random and non-zero."""
     theirs = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
-        r=R, lora_alpha=8, target_modules=list(targets), fan_in_fan_out=True, lora_dropout=0.0))
+        r=R, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, lora_dropout=0.0,
+        **patterns))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in theirs.named_parameters():
@@ -46,9 +47,10 @@ def _check_whole_c_attn(model):
     assert tuple(c_attn.lora_A.shape) == (R, C) and tuple(c_attn.lora_B.shape) == (3 * C, R)
 
 
-def test_peft_c_attn_adapter_round_trips_through_our_folder(tmp_path):
+@pytest.mark.parametrize("patterns", [{}, {"rank_pattern": {"c_proj": 2}, "alpha_pattern": {"c_attn": 12}}])
+def test_peft_c_attn_adapter_round_trips_through_our_folder(tmp_path, patterns):
     hf = hf_model()
-    theirs = _peft_gpt2(hf)
+    theirs = _peft_gpt2(hf, **patterns)
     theirs.save_pretrained(str(tmp_path / "peft"))
     expected = _logits(theirs, _ids())
 
@@ -58,6 +60,11 @@ def test_peft_c_attn_adapter_round_trips_through_our_folder(tmp_path):
     saved = read_adapter_config(tmp_path / "ours")
     assert saved["lora"]["enable_lora"] == [True]
     assert saved["layers"]["transformer.h.0.attn.c_attn"]["type"] == "Linear"
+    if patterns:  # each module's own rank and alpha are recorded, by path
+        assert saved["lora"]["rank_pattern"]["transformer.h.1.mlp.c_proj"] == 2
+        assert saved["lora"]["alpha_pattern"] == {f"transformer.h.{i}.attn.c_attn": 12 for i in (0, 1)}
+    else:
+        assert "rank_pattern" not in saved["lora"] and "alpha_pattern" not in saved["lora"]
 
     # (a) a fresh GPT-2 built from the saved config has exactly the saved layers
     config = LoRAConfig.from_dict(saved["lora"])
@@ -113,3 +120,26 @@ def test_whole_projection_leaves_plain_projections_alone():
     _check_whole_c_attn(model)
     c_fc = model.transformer.h[0].mlp.c_fc
     assert type(c_fc) is lora.Linear and tuple(c_fc.lora_A.shape) == (R, C)
+
+
+def test_peft_rank_and_alpha_patterns_survive_a_save_into_a_bare_model(tmp_path):
+    """A PEFT adapter with rank_pattern / alpha_pattern (and an embedding), imported and saved in our format,
+    loads into a bare transformers model (layers injected from the saved config) with PEFT's outputs: the
+    per-module ranks and scalings are recorded, not just the global ones."""
+    from _tiny_hf import tiny_roberta, token_batch
+    from test_adapters import peft_roberta_with_patterns
+
+    base = tiny_roberta()
+    theirs = peft_roberta_with_patterns(base).eval()
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ids, mask = token_batch()
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask).logits
+    lora.save_adapter(lora.import_peft(copy.deepcopy(base), tmp_path / "peft"), tmp_path / "ours")
+    config = LoRAConfig.from_dict(read_adapter_config(tmp_path / "ours")["lora"])
+    value = "roberta.encoder.layer.0.attention.self.value"
+    assert (config.for_module(value).r, config.for_module(value).lora_alpha) == (3, 9)
+    back = lora.load_adapter(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert back.roberta.encoder.layer[1].attention.self.value.lora_A.shape[0] == 3
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids, attention_mask=mask).logits, expected, rtol=1e-5, atol=1e-5)
