@@ -20,7 +20,10 @@ rank 2 r that applies to the ORIGINAL weights, A' = [A; A0], B' = [B, -B0] (lora
 
 Reading: every path goes through loralib.adapter_files.open_adapter, which decides what it is (ours, PEFT's,
 microsoft's released files, a checkpoint or run folder); `load_adapter_source` loads any of them,
-`load_adapter` ours (and checkpoints / run folders), `import_peft` PEFT's.
+`load_adapter` ours (and checkpoints / run folders), `import_peft` PEFT's. A PEFT import records the config of
+the layers it made (one LoRA per projection, GPT-2's fused c_attn unchunked: enable_lora=WHOLE_PROJECTION; each
+module's own rank and alpha: rank_pattern / alpha_pattern), so save_adapter then writes a folder that a model
+built from its config loads exactly.
 
 Files are written to a temporary name and renamed into place, the config last, so an interrupted save
 never leaves a config pointing at a half-written tensor file.
