@@ -20,7 +20,10 @@ rank 2 r that applies to the ORIGINAL weights, A' = [A; A0], B' = [B, -B0] (lora
 
 Reading: every path goes through loralib.adapter_files.open_adapter, which decides what it is (ours, PEFT's,
 microsoft's released files, a checkpoint or run folder); `load_adapter_source` loads any of them,
-`load_adapter` ours (and checkpoints / run folders), `import_peft` PEFT's.
+`load_adapter` ours (and checkpoints / run folders), `import_peft` PEFT's. A PEFT import records the config of
+the layers it made (one LoRA per projection, GPT-2's fused c_attn unchunked: enable_lora=WHOLE_PROJECTION; each
+module's own rank and alpha: rank_pattern / alpha_pattern), so save_adapter then writes a folder that a model
+built from its config loads exactly.
 
 Files are written to a temporary name and renamed into place, the config last, so an interrupted save
 never leaves a config pointing at a half-written tensor file.
@@ -41,7 +44,7 @@ from . import init_methods, layers
 from .adalora import SVDLinear, apply_rank_pattern, rank_adaptive_layers, trim_ranks
 from .adapter_files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, FORMAT_VERSION, PEFT_PREFIX, PEFT_WEIGHTS,
                             AdapterError, AdapterSource, open_adapter, read_adapter_config)
-from .config import LoRAConfig
+from .config import WHOLE_PROJECTION, LoRAConfig
 from .lora2 import LoRA2Linear
 from .files import apply_umask, write_json_atomic
 from .transaction import model_transaction
@@ -372,12 +375,23 @@ def _load_peft(model: nn.Module, source: AdapterSource, merge_weights: bool) -> 
         if extras:
             _check_against_model(model, extras, source.weights, strict=False)
             model.load_state_dict(extras, strict=False)
-        model.loralib_config = source.lora.replace(merge_weights=merge_weights)
+        model.loralib_config = _as_loaded(source, factors, merge_weights)
     mark_only_lora_as_trainable(model)
     for name, param in model.named_parameters():
         if name in extras:  # a trained head (modules_to_save) stays trainable
             param.requires_grad = True
     return model
+
+
+def _as_loaded(source: AdapterSource, factors, merge_weights: bool) -> LoRAConfig:
+    """The LoRAConfig of the layers a PEFT load leaves, so that a model file built from the config save_adapter
+    writes has exactly them: one LoRA per projection (a fused c_attn's unchunked: WHOLE_PROJECTION), each
+    module's own rank and alpha where they differ from the global ones."""
+    lora = source.lora
+    ranks = {path: source.ranks[path] for path in factors if source.ranks[path] != lora.r}
+    alphas = {path: source.alphas[path] for path in factors if source.alphas[path] != lora.lora_alpha}
+    return lora.replace(merge_weights=merge_weights, enable_lora=WHOLE_PROJECTION, rank_pattern=ranks or None,
+                        alpha_pattern=alphas or None)
 
 
 def _import_peft_layer(model: nn.Module, source: AdapterSource, path: str, tensors: Dict[str, torch.Tensor],

@@ -18,6 +18,8 @@ from . import init_methods, layers
 
 LinearFactory = Callable[..., nn.Module]
 _METHODS: Dict[str, LinearFactory] = {}
+# enable_lora for "one update over the whole projection, however many chunks it fuses" (see LoRAConfig)
+WHOLE_PROJECTION: Tuple[bool, ...] = (True,)
 
 
 def register_method(name: str, factory: LinearFactory) -> None:
@@ -66,13 +68,18 @@ class LoRAConfig:
     method: "lora" (default), or a method registered by loralib ("adalora", "lora2"); "dora", "pissa" and
         "lora-ga" are read as method "lora" with use_dora=True / init_lora_weights "pissa" / "lora_ga".
     enable_lora: for fused projections (GPT-2's c_attn = q|k|v), which chunks get LoRA;
-        None enables every chunk. The LoRA paper used (True, False, True).
+        None enables every chunk. The LoRA paper used (True, False, True). WHOLE_PROJECTION, the single
+        entry (True,), is one low-rank update over the fused projection unchunked (A (r, in), B (3 out, r)):
+        PEFT's LoRA on GPT-2's c_attn, and what `inject` builds when given no enable_lora.
     merge_weights: fold B A into W on eval() and out again on train(), as loralib 0.1.2 does.
     init_swapped: LoRA+'s experiments initialised B with kaiming and A with zeros; False keeps LoRA's.
     lora2_k: inner rank of LoRA²'s factors.
     use_dora: DoRA (loralib.dora): a trainable magnitude per output row on top of the low-rank update.
     init_lora_weights: PEFT's names: True (kaiming A, zero B), "gaussian", "pissa", "pissa_niter_<N>" or
         "lora_ga" (then loralib.loraga_init(model, train_step)); see loralib.init_methods.
+    rank_pattern, alpha_pattern: PEFT's per-module r and lora_alpha, keyed by module path (or a dotted
+        suffix of it), overriding r and lora_alpha there; import_peft records those of the adapter it loads,
+        so that a model built from the config save_adapter writes has the imported ranks and scalings.
     Combinations that do not compose (AdaLoRA / LoRA² with DoRA, PiSSA or LoRA-GA; LoRA+'s swapped init
     with PiSSA or LoRA-GA) raise one ValueError naming both.
     """
@@ -89,13 +96,21 @@ class LoRAConfig:
     lora2_k: int = 8
     use_dora: bool = False
     init_lora_weights: Union[bool, str] = True
+    rank_pattern: Optional[Dict[str, int]] = None
+    alpha_pattern: Optional[Dict[str, float]] = None
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = tuple(self.target_modules)
+        if isinstance(self.enable_lora, list):  # from JSON: a tuple, so configs read back compare equal
+            self.enable_lora = tuple(self.enable_lora)
         if not self.target_modules:
             raise ValueError("LoRAConfig.target_modules is empty: name at least one projection")
         layers._check_hparams(self.r, self.lora_alpha, self.lora_dropout)
+        for rank in (self.rank_pattern or {}).values():
+            layers._check_hparams(rank, self.lora_alpha, self.lora_dropout)
+        for alpha in (self.alpha_pattern or {}).values():
+            layers._check_hparams(self.r, alpha, self.lora_dropout)
         init_methods.check_init(self.init_lora_weights)
         if self.method in VARIANT_METHODS:  # "dora" -> method "lora" + use_dora=True, and so on
             self._expand_variant_method()
@@ -118,10 +133,22 @@ class LoRAConfig:
     def replace(self, **changes) -> "LoRAConfig":
         return dataclasses.replace(self, **changes)
 
+    def for_module(self, path: str) -> "LoRAConfig":
+        """This config with the module's own r and lora_alpha from rank_pattern / alpha_pattern (the first
+        key that is the path or a dotted suffix of it); itself when neither names the module."""
+        if not (self.rank_pattern or self.alpha_pattern):
+            return self
+        r, alpha = _pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path,
+                                                                                  self.lora_alpha)
+        return self.replace(r=r, lora_alpha=alpha, rank_pattern=None, alpha_pattern=None)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["target_modules"] = (self.target_modules if isinstance(self.target_modules, str)
                                else list(self.target_modules))
+        for key in ("rank_pattern", "alpha_pattern"):  # unset: left out, so configs without stay as they were
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod
@@ -137,14 +164,24 @@ class LoRAConfig:
         """The projection at `path`: the method's adapted layer if targeted, else a plain one.
 
         A plain projection is a `loralib.Linear` with r = 0 (an nn.Linear that can store its weight
-        (in, out) for GPT-2's checkpoints). `chunks` > 1 marks a fused projection (q|k|v).
+        (in, out) for GPT-2's checkpoints). `chunks` > 1 marks a fused projection (q|k|v); with
+        enable_lora=WHOLE_PROJECTION it is adapted as one projection (what inject and PEFT do).
         """
+        if self.enable_lora == WHOLE_PROJECTION:
+            chunks = 1
         if not self.matches(path, roles):
             return layers.Linear(in_features, out_features, r=0, bias=bias, fan_in_fan_out=fan_in_fan_out)
         if self.method not in _METHODS:
             raise ValueError(f"LoRAConfig.method={self.method!r} is unknown; registered: {sorted(_METHODS)}")
-        return _METHODS[self.method](self, in_features, out_features, bias=bias,
+        return _METHODS[self.method](self.for_module(path), in_features, out_features, bias=bias,
                                      fan_in_fan_out=fan_in_fan_out, chunks=chunks)
+
+
+def _pattern_value(pattern: Optional[Dict[str, float]], path: str, default):
+    for key, value in (pattern or {}).items():
+        if key == path or path.endswith("." + key):
+            return value
+    return default
 
 
 def _swap_init(layer: nn.Module) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import layers
-from .config import LoRAConfig, _swap_init, target_matches
+from .config import WHOLE_PROJECTION, LoRAConfig, _swap_init, target_matches
 from . import init_methods
 from .init_methods import loraga_init
 from .transaction import model_transaction
@@ -45,6 +45,7 @@ def _materialise(layer: nn.Module, base_params: Dict[str, nn.Parameter], device,
 
 def _lora_layer_for(module: nn.Module, path: str, config: LoRAConfig) -> nn.Module:
     """The loralib layer that replaces `module` (same weight tensors), or a ValueError naming it."""
+    config = config.for_module(path)  # its own r and lora_alpha (rank_pattern / alpha_pattern)
     weight = module.weight
     device, dtype = weight.device, weight.dtype
     has_bias = getattr(module, "bias", None) is not None
@@ -119,7 +120,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
 
     target_modules: names matched as dotted suffixes of module paths (["q_proj", "v_proj"]) or one regex
         matched against whole paths (PEFT's convention). Every listed name must match at least one module.
-    enable_lora: for fused projections (GPT-2's c_attn), which equal output chunks get LoRA.
+    enable_lora: for fused projections (GPT-2's c_attn), which equal output chunks get LoRA; None (or
+        WHOLE_PROJECTION) puts one LoRA on the whole projection, as PEFT does.
     freeze: mark only LoRA parameters (and `bias`) trainable afterwards.
     use_dora, init_lora_weights: DoRA and PiSSA / LoRA-GA initialisation, named as PEFT names them
         (see LoRAConfig). PiSSA and LoRA-GA replace the targeted weights by their residuals, in place.
@@ -127,7 +129,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
         gradient-estimation batches) that loralib.loraga_init runs right after injection; without it,
         call loraga_init(model, train_step) yourself before training.
     config: a ready LoRAConfig instead of the keyword arguments.
-    The config used is stored as `model.loralib_config` for save_adapter / export_peft.
+    The config used is stored as `model.loralib_config` for save_adapter / export_peft, with enable_lora=None
+    recorded as WHOLE_PROJECTION: the layers built here, which a model file given None would build chunked.
     """
     if config is None:
         config = LoRAConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -153,7 +156,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, child, _lora_layer_for(module, path, config))
-        model.loralib_config = config
+        model.loralib_config = config if config.enable_lora is not None else config.replace(
+            enable_lora=WHOLE_PROJECTION)
         if loraga_train_step is not None:
             loraga_init(model, loraga_train_step)
     if freeze:
