@@ -1,11 +1,13 @@
 """lorapro/evaluate.py --lora_path opens its adapter through loralib.adapter_files.open_adapter: after one short
-lorapro/train.py run (2 steps) on the smoke assets' tiny Llama, the run folder, its adapter/, its checkpoint-<step>/
-and its peft_adapter/ (PEFT LoRA; AdaLoRA's with its rank_pattern) give the same greedy predictions and
-eval_results.json, each recording the method of the run that made the adapter; a RoBERTa adapter in any format is
-one error naming --lora_path, raised before the model is built, with nothing written."""
+lorapro/train.py run (2 steps) on the smoke assets' tiny Llama, the run folder, its adapter/, its
+checkpoint-<step>/, its peft_adapter/ (PEFT LoRA; AdaLoRA's with its rank_pattern) and the run without its final
+adapter give the same greedy predictions and eval_results.json, each recording the method of the run that made
+the adapter; a RoBERTa adapter in any format is one error naming --lora_path, raised before the model is built,
+with nothing written."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,10 +61,16 @@ def test_every_form_of_a_run_evaluates_the_same(assets, tmp_path, method):
     peft_config = json.loads((run / "peft_adapter" / "adapter_config.json").read_text())
     if method == "adalora":  # pruned ranks: the PEFT folder holds modules of several ranks
         assert peft_config["rank_pattern"] and set(peft_config["rank_pattern"].values()) != {peft_config["r"]}
-    forms = {"run": run, "adapter": run / "adapter", "checkpoint": checkpoints[0], "peft": run / "peft_adapter"}
+    interrupted = tmp_path / "cut_run"  # a run without its final adapter: its newest checkpoint is read
+    shutil.copytree(run, interrupted, ignore=lambda folder, names: ("adapter", "peft_adapter") if folder == str(run)
+                    else ())
+    forms = {"run": run, "adapter": run / "adapter", "checkpoint": checkpoints[0], "peft": run / "peft_adapter",
+             "interrupted": interrupted}
     for form, path in forms.items():
         assert _evaluate(assets, tmp_path / form, "--lora_path", str(path)) == 0, form
         assert json.loads((tmp_path / form / "run_config.json").read_text())["method"] == name, form
+    recorded = json.loads((tmp_path / "peft" / "run_config.json").read_text())["lora"]
+    assert recorded["target_modules"] == peft_config["target_modules"]  # the run's names, not every module path
     want = _results(tmp_path / "adapter")
     for form in forms:
         assert _results(tmp_path / form) == want, form

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from ...adapter_files import AdapterError, AdapterSource, open_flagged
 from ...adapters import load_adapter_source
+from ...config import LoRAConfig
 from ...files import read_json, write_jsonl_atomic
 from ...train.run import rank
 from .run import InstructRun, Prepared, autocast_for, load_eval_records, load_model
@@ -39,7 +40,16 @@ def prepare_evaluation(spec: InstructRun) -> Prepared:
         _load_into(model, source)
     made_by = (source.run_config or {}) if source else {}  # the run that made the adapter: its method is recorded
     name = made_by.get("method") or ("lora" if source else "base")
-    return Prepared(spec, model, tokenizer, name, source.lora if source else None, eval_records=records)
+    return Prepared(spec, model, tokenizer, name, _recorded_lora(source), eval_records=records)
+
+
+def _recorded_lora(source: Optional[AdapterSource]) -> Optional[LoRAConfig]:
+    """The LoRAConfig run_config.json records: the adapter's; for a PEFT folder with the folder's own
+    target_modules (the names the run adapted, not every module path the opener lists)."""
+    targets = source.config.get("target_modules") if source is not None and source.format == "peft" else None
+    if not targets:
+        return source.lora if source is not None else None
+    return source.lora.replace(target_modules=targets if isinstance(targets, str) else tuple(targets))
 
 
 def open_lora_path(path: str, hf_config: dict) -> AdapterSource:
