@@ -2,8 +2,8 @@
 lorapro/train.py run (2 steps) on the smoke assets' tiny Llama, the run folder, its adapter/, its
 checkpoint-<step>/, its peft_adapter/ (PEFT LoRA; AdaLoRA's with its rank_pattern) and the run without its final
 adapter give the same greedy predictions and eval_results.json, each recording the method of the run that made
-the adapter; a RoBERTa adapter in any format is one error naming --lora_path, raised before the model is built,
-with nothing written."""
+the adapter; microsoft's released GPT-2 file loads on a gpt2 model; a RoBERTa adapter in any format is one error
+naming --lora_path, raised before the model is built, with nothing written."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 
 import loralib as lora  # noqa: E402
 from loralib.tasks.instruct import evaluation  # noqa: E402
-from lorapro import evaluate as lorapro_evaluate, train as lorapro_train  # noqa: E402
+from lorapro import evaluate as lorapro_evaluate, flags, train as lorapro_train  # noqa: E402
 from lorapro.smoke import build_smoke_assets  # noqa: E402
 from _tiny_hf import randomise_lora, tiny_roberta  # noqa: E402
 
@@ -115,3 +115,31 @@ def test_a_path_that_is_no_adapter_names_the_flag(assets, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"lorapro/evaluate.py: error: --lora_path '{path}'"), err
         assert not (tmp_path / "out").exists()
+
+
+def test_a_released_gpt2_file_evaluates_on_a_gpt2_model(assets, tmp_path):
+    """microsoft's released GPT-2 layout (c_attn's lora_A stacks q's and v's) loads as load_gpt2_nlg_adapter."""
+    import transformers
+    from _gpt2_fixtures import hf_model, ours_like
+    from loralib.models.released import load_gpt2_nlg_adapter
+
+    hf = hf_model()
+    hf.save_pretrained(tmp_path / "gpt2")
+    transformers.AutoTokenizer.from_pretrained(assets["model"]).save_pretrained(tmp_path / "gpt2")
+    g, n_embd = torch.Generator().manual_seed(0), hf.config.n_embd
+    factors = {}
+    for i in range(hf.config.n_layer):
+        factors[f"module.transformer.h.{i}.attn.c_attn.lora_A"] = 0.3 * torch.randn(8, n_embd, generator=g)
+        factors[f"module.transformer.h.{i}.attn.c_attn.lora_B"] = 0.3 * torch.randn(2 * n_embd, 4, generator=g)
+    released = tmp_path / "gpt2_md_lora_e2e.pt"
+    torch.save({"model_state_dict": factors}, released)
+    spec = flags.evaluation_spec(["--model_name_or_path", str(tmp_path / "gpt2"), "--eval_task", "gsm8k",
+                                  "--eval_data_path", assets["gsm8k_test.jsonl"], "--lora_path", str(released),
+                                  "--output_dir", str(tmp_path / "out"), "--no-bf16"])
+    got = evaluation.prepare_evaluation(spec)
+    assert got.lora.r == 4 and got.lora.enable_lora == (True, False, True) and got.method_name == "lora"
+    want = load_gpt2_nlg_adapter(ours_like(hf, lora=got.lora), released)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(got.model.eval()(ids).logits, want.eval()(ids).logits, rtol=0, atol=0)
+        assert not torch.allclose(got.model(ids).logits, ours_like(hf)(ids).logits)  # the adapter is in
