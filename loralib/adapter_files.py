@@ -150,6 +150,14 @@ def open_adapter(path: PathLike) -> AdapterSource:
     return source
 
 
+def open_flagged(path: PathLike, flag: str) -> AdapterSource:
+    """open_adapter(path) for an entry point: its errors name the flag that gave the path."""
+    try:
+        return open_adapter(path)
+    except (FileNotFoundError, AdapterError) as err:
+        raise type(err)(f"{flag} {str(path)!r}: {err}") from None
+
+
 def _open_folder(folder: Path) -> AdapterSource:
     config_file = folder / ADAPTER_CONFIG
     if config_file.is_file():

@@ -6,8 +6,12 @@
     python lorapro/evaluate.py --eval_task humaneval --lora_path .../peft_adapter --output_dir ...   # PEFT folder
     python lorapro/evaluate.py --eval_task mt-bench --eval_data_path data/mt_bench/question.jsonl ...
 
---lora_path: our adapter folder (adapter/, checkpoint-N/adapter) or a PEFT LoRA folder; none evaluates the base
-model. Writes eval_results.json ({"task", "split": "test", "num_examples", "accuracy" | "pass@1" | "answers_file"}),
+--lora_path: anything loralib.adapter_files.open_adapter reads - our adapter folder (adapter/), a lorapro/train.py
+output folder (its adapter/, or an interrupted run's newest checkpoint), a loop checkpoint (checkpoint-<step>/), a
+PEFT LoRA or AdaLoRA folder (peft_adapter/); none evaluates the base model. An adapter made for another model (a
+RoBERTa one, say) is one error naming --lora_path, before the model is loaded; run_config.json records the "method"
+of the run that made the adapter.
+Writes eval_results.json ({"task", "split": "test", "num_examples", "accuracy" | "pass@1" | "answers_file"}),
 predictions.jsonl (or mtbench_answers.jsonl, for FastChat's llm_judge) and run_config.json if absent.
 --eval_mode both (default) | ours | released: GSM8K and HumanEval also (or only) scored as LoRA-Pro's released
 scripts did (their prompt, decoding, extraction / post-processing): "accuracy_released" / "pass@1_released" and

@@ -171,7 +171,8 @@ def build_parser(prog: Optional[str] = None, training: bool = True) -> argparse.
     group = _common_flags(parser)
     if not training:
         group.add_argument("--lora_path", default=None,
-                           help="adapter folder (ours: adapter/, or PEFT's); none evaluates the base model")
+                           help="the adapter: our adapter folder, a lorapro/train.py output folder or its "
+                           "checkpoint-<step>/, a PEFT LoRA / AdaLoRA folder; none evaluates the base model")
         return parser
     group.add_argument("--dataset", "--task", dest="dataset", choices=instruct.DATASETS, default="metamath",
                        help="training data: metamath (MetaMathQA GSM rows), codefeedback, wizardlm")

@@ -2,64 +2,82 @@
 our way and the released scripts' way (evaluation mode "both" | "ours" | "released"), MT-Bench answers for
 FastChat's llm_judge; and the evaluation of a saved adapter (lorapro/evaluate.py).
 
-    p = prepare_evaluation(spec)        # spec.method None, spec.lora_path: our adapter folder or PEFT's
+    p = prepare_evaluation(spec)        # spec.method None, spec.lora_path: any adapter open_adapter reads
     execute(p)                          # loralib.tasks.instruct.run.execute: eval_results.json + predictions
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
 
+from ...adapter_files import AdapterError, AdapterSource, open_flagged
+from ...adapters import load_adapter_source
 from ...config import LoRAConfig
 from ...files import read_json, write_jsonl_atomic
 from ...train.run import rank
 from .run import InstructRun, Prepared, autocast_for, load_eval_records, load_model
 
 logger = logging.getLogger("loralib.instruct")
+FLAG = "--lora_path"
 
 
 def prepare_evaluation(spec: InstructRun) -> Prepared:
-    """The base model (+ the adapter folder spec.lora_path: ours or PEFT's) and the test records."""
-    from ...adapters import ADAPTER_CONFIG, import_peft, load_adapter, read_adapter_config
+    """The base model (+ the adapter spec.lora_path names, any format loralib.adapter_files.open_adapter
+    recognises) and the test records. An adapter made for another model is refused before the model is built."""
     from ...models.loading import load_tokenizer, read_config
 
-    read_config(spec.model_path)  # a folder without a readable config.json fails here, before any weight is read
-    lora, peft, record = None, False, {}
-    if spec.lora_path:
-        folder = Path(spec.lora_path)
-        config_file = folder / ADAPTER_CONFIG
-        if not config_file.is_file():
-            raise FileNotFoundError(f"--lora_path {spec.lora_path!r}: no {ADAPTER_CONFIG} there")
-        raw = json.loads(config_file.read_text())
-        peft = "peft_type" in raw
-        if peft:
-            # The run's record; the layers themselves are made by import_peft, each with its own rank and
-            # alpha (rank_pattern / alpha_pattern: an exported AdaLoRA or LoRA² adapter has several ranks).
-            targets = raw.get("target_modules") or ()
-            lora = LoRAConfig(r=int(raw["r"]), lora_alpha=float(raw["lora_alpha"]),
-                              target_modules=targets if isinstance(targets, str) else tuple(targets),
-                              use_rslora=bool(raw.get("use_rslora", False)), use_dora=bool(raw.get("use_dora")))
-        else:
-            meta = read_adapter_config(folder)
-            lora = LoRAConfig.from_dict(meta["lora"]) if meta.get("lora") else None
-        for candidate in (folder / "run_config.json", folder.parent / "run_config.json"):
-            if candidate.is_file():
-                record = json.loads(candidate.read_text())
-                break
+    hf_config = read_config(spec.model_path)  # a folder without a readable config.json fails here, before any weight
+    source = open_lora_path(spec.lora_path, hf_config) if spec.lora_path else None
     tokenizer = load_tokenizer(spec.model_path)
     e = spec.evaluation
     records = load_eval_records(e.task, e.path, e.max_samples)
-    model = load_model(spec.model_path, None if peft else lora, spec.run.precision)
-    if spec.lora_path:
-        import_peft(model, spec.lora_path) if peft else load_adapter(model, spec.lora_path)
-    name = record.get("method") or ("lora" if spec.lora_path else "base")
-    return Prepared(spec, model, tokenizer, name, lora, eval_records=records)
+    model = load_model(spec.model_path, source.lora_to_build if source else None, spec.run.precision)
+    if source:
+        _load_into(model, source)
+    made_by = (source.run_config or {}) if source else {}  # the run that made the adapter: its method is recorded
+    name = made_by.get("method") or ("lora" if source else "base")
+    return Prepared(spec, model, tokenizer, name, _recorded_lora(source), eval_records=records)
 
+
+def _recorded_lora(source: Optional[AdapterSource]) -> Optional[LoRAConfig]:
+    """The LoRAConfig run_config.json records: the adapter's; for a PEFT folder with the folder's own
+    target_modules (the names the run adapted, not every module path the opener lists)."""
+    targets = source.config.get("target_modules") if source is not None and source.format == "peft" else None
+    if not targets:
+        return source.lora if source is not None else None
+    return source.lora.replace(target_modules=targets if isinstance(targets, str) else tuple(targets))
+
+
+def open_lora_path(path: str, hf_config: dict) -> AdapterSource:
+    """--lora_path opened (our adapter folder, a run's output folder or its checkpoint-<step>/, a PEFT LoRA /
+    AdaLoRA folder, a released file) and checked against the model config.json describes, before any weight is
+    read: its family (when the adapter records one), then every adapted module's path, on the meta device."""
+    from ...models.loading import build_model
+
+    source = open_flagged(path, FLAG)
+    source.check_family(hf_config.get("model_type"), FLAG)
+    if source.format in ("loralib", "peft"):  # the released files' family is always known
+        with torch.device("meta"):
+            modules = dict(build_model(hf_config, "causal-lm").named_modules())
+        missing = [key for key in source.lora_keys if key.rsplit(".", 1)[0] not in modules]
+        if missing:
+            raise AdapterError(f"{FLAG} {path!r}: {source.weights}: key {missing[0]!r} names no module of this "
+                               f"{hf_config.get('model_type')} model; the adapter was made for another model")
+    return source
+
+
+def _load_into(model: nn.Module, source: AdapterSource) -> None:
+    """load_adapter_source (all or nothing), an adapter that does not fit named as --lora_path's (an
+    AdapterError's message starts with its file)."""
+    try:
+        load_adapter_source(model, source)
+    except ValueError as err:  # AdapterError included; also e.g. target_modules that name no module
+        kind = AdapterError if isinstance(err, AdapterError) else ValueError
+        raise kind(f"{FLAG} {str(source.given or source.path)!r}: {err}") from None
 
 
 def evaluate(p: Prepared) -> dict:
