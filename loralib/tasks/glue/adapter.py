@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import torch.nn as nn
 
-from ...adapter_files import AdapterError, AdapterSource, open_adapter
+from ...adapter_files import AdapterError, AdapterSource, open_flagged
 from ...adapters import load_adapter_source
 from ...config import LoRAConfig
 
@@ -29,11 +29,8 @@ FLAG = "--lora_path"
 
 
 def open_lora_path(path: str) -> AdapterSource:
-    """open_adapter(path), its errors naming the flag."""
-    try:
-        return open_adapter(path)
-    except (FileNotFoundError, AdapterError) as err:
-        raise type(err)(f"{FLAG} {path!r}: {err}") from None
+    """open_adapter(path) (adapter_files.open_flagged), its errors naming the flag."""
+    return open_flagged(path, FLAG)
 
 
 def check_fits(adapter: AdapterSource, lora: Optional[LoRAConfig]) -> None:

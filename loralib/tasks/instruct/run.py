@@ -34,9 +34,10 @@ Decisions:
   unmerged, the adapter folders are gathered whole, and the evaluation and the PEFT export (rank 0) read the
   base again with the trained adapter loaded into it.
 - Gradient checkpointing (loralib.models.grad_checkpoint): every decoder block recomputed in the backward pass.
-- Evaluation of a saved adapter (loralib.tasks.instruct.evaluation.prepare_evaluation): our adapter folder, or
-  a PEFT LoRA folder (import_peft builds each layer with its own rank and alpha, rank_pattern / alpha_pattern
-  included).
+- Evaluation of a saved adapter (loralib.tasks.instruct.evaluation.prepare_evaluation): anything
+  loralib.adapter_files.open_adapter reads (our adapter folder, a run folder or checkpoint, a PEFT LoRA / AdaLoRA
+  folder with each layer's own rank and alpha, microsoft's released GPT-2 file), refused before the model is built
+  when it belongs to another model family.
 - LoRA-Pro's weight decay (0 in the paper) pulls s B A toward 0 and leaves W0 as loaded (decay_base_weight=False),
   because the adapter folders hold only the LoRA factors.
 - Evaluation modes both (default) | ours | released: GSM8K / HumanEval scored our way ("accuracy", "pass@1":
