@@ -25,21 +25,7 @@ def build_parser(prog: str = "run_glue.py", svd_layer: str = "adalora") -> argpa
     parser = argparse.ArgumentParser(prog=prog, description="LoRA² and AdaLoRA on GLUE with the flags of the "
                                                             "released LoRA² / AdaLoRA scripts.")
     hf_flags.add_glue_flags(parser)
-    g = parser.add_argument_group("LoRA")
-    g.add_argument("--lora_path", default=None, help="adapter to start from or evaluate: one of our adapter folders, "
-                   "or microsoft's released .bin")
-    g.add_argument("--apply_lora", action="store_true", help="without it (and without --lora_path): full fine-tuning")
-    g.add_argument("--lora_r", type=int, default=None, help="default 8")
-    g.add_argument("--lora_alpha", type=float, default=None, help="default 2 r, the released runs' ratio")
-    g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--lora_module", default="query,value",
-                   help="comma list of query,key,value,intermediate,layer.output,attention.output")
-    g.add_argument("--apply_lorapro", action="store_true",
-                   help="train the LoRA factors with LoRA-Pro (loralib.optim.LoRAProAdamW); needs --apply_lora")
-    g.add_argument("--lorapro_mode", choices=("full", "efficient"), default="full",
-                   help="full: Adam moments of the m x n equivalent gradient (the paper's); efficient: Adam on A, B")
-    g.add_argument("--lora_a_init", choices=("kaiming", "normal"), default="kaiming",
-                   help="kaiming: loralib's lora_A init; normal: N(0, initializer_range), as the DeBERTa fork")
+    hf_flags.add_lora_flags(parser, lora_module="query,value")
     _add_adaptive(parser, svd_layer)
     return parser
 

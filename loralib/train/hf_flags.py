@@ -123,6 +123,28 @@ def _add_accepted(parser: argparse.ArgumentParser) -> None:
                    help="AdaLoRA's scripts: the interval of its rank TensorBoard logs (ranks go to metrics.jsonl)")
 
 
+def add_lora_flags(parser: argparse.ArgumentParser, lora_module: Optional[str] = None) -> None:
+    """The LoRA flags of microsoft/LoRA's examples/NLU run_glue.py (and LoRA-Pro's and the DeBERTa fork's, added
+    here), which the AdaLoRA and LoRA² scripts, forks of it, take too; lora_module: the default of their
+    --lora_module (None: the flag is not offered, as in the LoRA repository)."""
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--lora_path", default=None, help="adapter to start from or evaluate: microsoft's released .bin, "
+                   "one of our adapter folders, a run folder or checkpoint, or a PEFT folder")
+    g.add_argument("--apply_lora", action="store_true", help="without it (and without --lora_path): full fine-tuning")
+    g.add_argument("--lora_r", type=int, default=None, help="default 8")
+    g.add_argument("--lora_alpha", type=float, default=None, help="default 2 r, the released runs' ratio")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    if lora_module is not None:
+        g.add_argument("--lora_module", default=lora_module,
+                       help="comma list of query,key,value,intermediate,layer.output,attention.output")
+    g.add_argument("--apply_lorapro", action="store_true",
+                   help="train the LoRA factors with LoRA-Pro (loralib.optim.LoRAProAdamW); needs --apply_lora")
+    g.add_argument("--lorapro_mode", choices=("full", "efficient"), default="full",
+                   help="full: Adam moments of the m x n equivalent gradient (the paper's); efficient: Adam on A, B")
+    g.add_argument("--lora_a_init", choices=("kaiming", "normal"), default="kaiming",
+                   help="kaiming: loralib's lora_A init; normal: N(0, initializer_range), as the DeBERTa fork")
+
+
 def _init_flag(text: str):
     from ..init_methods import check_init
 
