@@ -305,7 +305,8 @@ def _adapter(folder: Path) -> dict:
 def _subprocess(cmd, **env):
     import os
     import subprocess
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    # the repository root on the path: the workers import the paper folder (lorapro.train), which is not installed
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]), **env)
     done = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=full_env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
