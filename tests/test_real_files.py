@@ -250,3 +250,26 @@ def test_gsm8k_test_records_prompt_and_extraction():
     # the numbers are integers in GSM8K; a few carry thousands separators in the release
     assert sum("," in r["answer"].split("####")[1] for r in records) > 0
     assert Counter(r["target"].lstrip("-").isdigit() for r in records)[True] == 1319
+
+
+def test_gsm8k_train_as_metamath_rows(tmp_path):
+    """data/gsm8k_as_metamath.py on the real train split: 7,473 MetaMathQA-layout rows that the metamath loader
+    keeps whole (type GSM_AnsAug), each the GSM8K question and solution unchanged; the released LoRA-Pro
+    extraction (`####\\s*(\\d+)`) finds the gold number in every integer solution."""
+    import subprocess
+    import sys
+
+    from loralib.tasks.instruct.data import load_records, read_rows
+    from loralib.tasks.instruct.gsm8k import extract_gsm8k_answer_released
+
+    dest = tmp_path / "metamath.jsonl"
+    done = subprocess.run([sys.executable, str(REPO / "data" / "gsm8k_as_metamath.py"),
+                           str(_real("gsm8k/train.jsonl")), str(dest)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    gsm8k = [row for _, row in read_rows(_real("gsm8k/train.jsonl"))]
+    records = load_records("metamath", dest)
+    assert len(records) == len(gsm8k) == 7473
+    assert all(r["query"] == g["question"] and r["answer"] == g["answer"] for r, g in zip(records, gsm8k))
+    plain = [g for g in gsm8k if g["answer"].split("####")[1].strip().isdigit()]
+    assert len(plain) > 7000
+    assert all(extract_gsm8k_answer_released(g["answer"]) == int(g["answer"].split("####")[1]) for g in plain)
