@@ -132,6 +132,15 @@ global_batch() {
          "$verdict (the original: $per_device x $procs process(es) x $accum); recipe $RECIPE" >&2
 }
 
+# warmup_flags WARMUP: the recipe column "ratio:R" as --warmup_ratio R, a step count N as --warmup_steps N
+# (into the array warmup_flag).
+warmup_flags() {
+    case $1 in
+        ratio:*) warmup_flag=(--warmup_ratio "${1#ratio:}") ;;
+        *) warmup_flag=(--warmup_steps "$1") ;;
+    esac
+}
+
 # seed_list DEFAULT...: the seeds to run: SEEDS when set, else the defaults (the paper's count); smoke mode
 # runs only the first unless SEEDS is set.
 seed_list() {

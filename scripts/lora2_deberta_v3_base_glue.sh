@@ -47,10 +47,7 @@ for task in "${TASKS[@]}"; do
   read -r _ r target init final mask reg alpha lr epochs warmup seq cls wd task_seed eval save log \
       <<<"$(recipe_row "$task")"
   global_batch "$task" 32 1
-  case $warmup in
-      ratio:*) warmup_flag=(--warmup_ratio "${warmup#ratio:}") ;;
-      *) warmup_flag=(--warmup_steps "$warmup") ;;
-  esac
+  warmup_flags "$warmup"
   for seed in $(seed_list $(seq "$task_seed" $((task_seed + 4)))); do  # the task's seed and the next four
     launch lora2/run_glue.py \
         --model_name_or_path "$(model_path microsoft/deberta-v3-base)" \

@@ -60,10 +60,7 @@ for task in "${TASKS[@]}"; do
   read -r _ seq batch lr epochs warmup cls_dropout weight_decay every <<<"$(recipe_row "$task")"
   global_batch "$task" "$batch" 8
   for seed in $(seed_list 0 1 2 3 4); do
-    case $warmup in
-        ratio:*) warmup_flag=(--warmup_ratio "${warmup#ratio:}") ;;
-        *) warmup_flag=(--warmup_steps "$warmup") ;;
-    esac
+    warmup_flags "$warmup"
     from_mnli=()
     case $task in mrpc|rte|stsb) lora=$(mnli_lora "$task" "$seed"); from_mnli=(--lora_path "$lora") ;; esac
     out=$OUT_DIR/$task/seed$seed
