@@ -162,7 +162,7 @@ ROBERTA_LARGE_PAPER = {"sst2": {"per_device_train_batch_size": "4", "max_seq_len
                        "cola": {"learning_rate": "2e-4"},
                        "stsb": {"per_device_train_batch_size": "8", "num_train_epochs": "30", "learning_rate": "2e-4",
                                 "max_seq_length": "512"}}
-DEBERTA_XXL_PAPER = {task: {"warmup": "ratio:0.1"} for task in TASKS}
+DEBERTA_XXL_PAPER = {task: {"warmup": "ratio:0.1", "lora_r": "8", "lora_alpha": "8"} for task in TASKS}
 DEBERTA_XXL_PAPER["cola"]["learning_rate"] = "1e-4"
 DEBERTA_XXL_PAPER["rte"]["learning_rate"] = "2e-4"
 ADALORA_PAPER = {"qnli": {"learning_rate": "1.2e-3"}, "qqp": {"learning_rate": "5e-4"},
