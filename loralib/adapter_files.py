@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from safetensors.torch import load_file
 
-from .config import LoRAConfig
+from .config import WHOLE_PROJECTION, LoRAConfig
 from .files import read_json
 
 FORMAT = "loralib-adapter"
@@ -193,11 +193,24 @@ def _open_ours(folder: Path) -> AdapterSource:
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: adapter weights missing")
     run_config = _find_upwards(folder, "run_config.json", 3)  # adapter/, checkpoint-N/adapter
+    lora = _as_saved(LoRAConfig.from_dict(meta["lora"]) if meta.get("lora") else None, meta.get("layers") or {})
     return AdapterSource(
-        "loralib", folder, load_tensors(weights), LoRAConfig.from_dict(meta["lora"]) if meta.get("lora") else None,
+        "loralib", folder, load_tensors(weights), lora,
         {path: info["r"] for path, info in (meta.get("layers") or {}).items()}, _run_family(run_config, meta),
         weights=weights, config=meta, rank_state=_find_upwards(folder, "rank_pattern.json", 1),
         run_config=run_config)
+
+
+def _as_saved(lora: Optional[LoRAConfig], layers: Dict[str, dict]) -> Optional[LoRAConfig]:
+    """The config that rebuilds the layers a folder records. Folders written by inject / import_peft before
+    WHOLE_PROJECTION existed say enable_lora=None for their one-LoRA-per-projection layers, which a model file
+    reads as "every chunk" of a fused projection (GPT-2's c_attn). A folder that records no chunked
+    (*MergedLinear) layer holds only whole projections, so it is rebuilt with WHOLE_PROJECTION."""
+    if lora is None or lora.enable_lora is not None or not layers:
+        return lora
+    if any(str(info.get("type", "")).endswith("MergedLinear") for info in layers.values()):
+        return lora
+    return lora.replace(enable_lora=WHOLE_PROJECTION)
 
 
 def _open_released(file: Path) -> AdapterSource:

@@ -101,6 +101,37 @@ def test_inject_without_enable_lora_round_trips_into_a_built_gpt2(tmp_path):
     torch.testing.assert_close(_logits(built.eval(), _ids()), expected, rtol=0, atol=0)
 
 
+def test_a_folder_saved_before_whole_projection_still_builds_its_layers(tmp_path):
+    """Regression: folders that inject / import_peft wrote before WHOLE_PROJECTION existed record
+    enable_lora=None beside a whole-projection ("Linear") c_attn. The opener rebuilds them unchunked; a folder
+    that records a chunked MergedLinear keeps None (every chunk)."""
+    import json
+
+    hf = hf_model()
+    model = lora.inject(ours_like(hf).train(), ["c_attn"], r=R, lora_alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(6)))
+    expected = _logits(model.eval(), _ids())
+    lora.save_adapter(model, tmp_path / "old")
+    config_file = tmp_path / "old" / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    saved["lora"]["enable_lora"] = None  # as written before the change
+    config_file.write_text(json.dumps(saved))
+    source = open_adapter(tmp_path / "old")
+    assert source.lora_to_build.enable_lora == WHOLE_PROJECTION
+    built = ours_like(hf, lora=source.lora_to_build).train()
+    _check_whole_c_attn(built)
+    load_adapter_source(built, source)
+    torch.testing.assert_close(_logits(built.eval(), _ids()), expected, rtol=0, atol=0)
+
+    every_chunk = LoRAConfig(r=R, lora_alpha=8, target_modules=("c_attn",))
+    lora.save_adapter(ours_like(hf, lora=every_chunk), tmp_path / "chunked", config=every_chunk)
+    assert read_adapter_config(tmp_path / "chunked")["lora"]["enable_lora"] is None
+    assert open_adapter(tmp_path / "chunked").lora_to_build.enable_lora is None
+
+
 @pytest.mark.parametrize("enable, n_enabled", [((True, False, True), 2), (None, 3)])
 def test_chunked_c_attn_configs_build_as_before(enable, n_enabled):
     """The LoRA paper's q and v (and None = every chunk) still build a MergedLinear: A (n r, C), B (n C, r)."""

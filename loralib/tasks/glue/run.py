@@ -162,8 +162,7 @@ class GlueTask:
     def run_config(self) -> dict:
         s, m = self.spec, self.method
         t = s.train
-        name = "lora" if m.entry.name == "loraplus" else m.name  # LoRA+: LoRA with a loraplus_lr_ratio, as always
-        return {**s.record, "task": get_task(s.task_name).name, "method": name,
+        return {**s.record, "task": get_task(s.task_name).name, "method": m.name,
                 "global_batch_size": t.per_device_batch_size * t.grad_accum_steps * skeleton.world_size(),
                 "model_name_or_path": s.model_name_or_path, "model_path": str(self.model_path),
                 "model_type": self.model.hf_config.get("model_type"), "num_labels": self.num_labels,
