@@ -179,11 +179,31 @@ def _load_ours(model: nn.Module, source: AdapterSource, strict: bool) -> nn.Modu
             trim_ranks(model, ranks)
         _check_against_model(model, tensors, source.weights, strict)
         _check_against_model(model, extra, source.model_extra, strict=False)
+        _check_scalings(model, source)
         model.load_state_dict(tensors, strict=False)
         model.load_state_dict(extra, strict=False)
         if rank_adaptive and not source.rank_state.get("trimmed"):
             apply_rank_pattern(model, ranks)
     return model
+
+
+def _check_scalings(model: nn.Module, source: AdapterSource) -> None:
+    """The factors mean B A times the scaling they were trained with: a layer built with another lora_alpha
+    (or rsLoRA setting) than the folder records would compute another function, so it is refused."""
+    if source.lora is None:
+        return
+    for path, layer in lora_layers(model):
+        prefix = path + "." if path else ""
+        if not layer.has_lora or not any(k.startswith(prefix + "lora_") for k in source.tensors):
+            continue
+        want = source.lora.for_module(path)
+        have = (float(layer.lora_alpha), bool(getattr(layer, "use_rslora", False)))
+        if have != (float(want.lora_alpha), bool(want.use_rslora)):
+            raise AdapterError(
+                f"{source.path / ADAPTER_CONFIG}: layer {path!r} was trained with lora_alpha={want.lora_alpha:g}"
+                f"{', rsLoRA' if want.use_rslora else ''}; the model's layer has lora_alpha={have[0]:g}"
+                f"{', rsLoRA' if have[1] else ''}: build the model with the adapter's config (or load it into a "
+                "model without LoRA layers, which takes it from the folder)")
 
 
 def _load_released(model: nn.Module, source: AdapterSource) -> nn.Module:
@@ -245,8 +265,8 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
                 convert_to_lora: bool = True) -> Path:
     """Write the model's adapter as a PEFT LoRA (from LoRA, fused, AdaLoRA or LoRA² layers: see the module
     docstring), loadable with PeftModel.from_pretrained on the same (transformers) model. modules_to_save:
-    names of trained non-LoRA modules (a classifier head); by default the top-level modules that hold
-    trainable non-LoRA parameters.
+    names of trained non-LoRA modules (a classifier head); by default the largest modules whose parameters
+    are all trainable (none a LoRA factor), which must cover every trainable non-LoRA parameter.
 
     DoRA layers add their `lora_magnitude_vector` and use_dora=true. PiSSA / LoRA-GA layers (whose frozen
     weight is a residual): with convert_to_lora (default) the adapter is written as PEFT's conversion writes
@@ -263,8 +283,7 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
     factors = _export_factors(adapted, convert, init)
     tensors, fan_in_fan_out = _peft_layer_tensors(factors, use_dora)
     if modules_to_save is None:
-        modules_to_save = sorted({n.split(".")[0] for n, p in model.named_parameters()
-                                  if p.requires_grad and "lora_" not in n}) or None
+        modules_to_save = _trained_modules(model)
     tensors.update(_modules_to_save_tensors(model, modules_to_save))
     # PEFT scales by alpha / r (or alpha / sqrt r): each layer's alpha is chosen so its scaling stays the same.
     alphas = {path: scaling * (math.sqrt(A.shape[0]) if use_rslora else A.shape[0])
@@ -288,6 +307,38 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
     _atomic_write_tensors(tensors, directory / PEFT_WEIGHTS)
     _atomic_write_json(config, directory / ADAPTER_CONFIG)
     return directory
+
+
+def _is_factor(name: str) -> bool:
+    return "lora_" in name.rsplit(".", 1)[-1]
+
+
+def _trained_modules(model: nn.Module) -> Optional[List[str]]:
+    """export_peft's default modules_to_save: the largest modules whose parameters are all trainable and hold
+    no LoRA factor, covering every trainable non-LoRA parameter (PEFT saves modules_to_save whole). A trainable
+    parameter in a module that also holds frozen weights or LoRA factors (a LoRA layer's bias) has no such
+    module: refused, naming it, before anything is written."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and not _is_factor(n)}
+    chosen: List[str] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        params = list(module.named_parameters(prefix=prefix))
+        if not any(n in trainable for n, _ in params):
+            return
+        if prefix and all(p.requires_grad and not _is_factor(n) for n, p in params):
+            chosen.append(prefix)
+            return
+        for name, child in module.named_children():
+            visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
+    stranded = sorted(n for n in trainable if not any(n.startswith(c + ".") for c in chosen))
+    if stranded:
+        raise AdapterError(
+            f"export_peft: trainable parameters {stranded[:4]}{' ...' if len(stranded) > 4 else ''} sit in modules "
+            "that also hold frozen weights or LoRA factors (e.g. a LoRA layer's bias); PEFT's modules_to_save saves "
+            "whole modules, so they have no PEFT form: freeze them, pass modules_to_save, or use save_adapter")
+    return sorted(chosen) or None
 
 
 def _export_factors(adapted, convert: bool, init) -> Dict[str, tuple]:
@@ -410,6 +461,10 @@ def _import_peft_layer(model: nn.Module, source: AdapterSource, path: str, tenso
         inject(model, target_modules=None, freeze=False, config=source.lora.replace(
             r=rank, lora_alpha=alpha, target_modules=re.escape(path), merge_weights=merge_weights))
     layer = model.get_submodule(path)
+    if isinstance(layer, (SVDLinear, LoRA2Linear)):
+        raise AdapterError(f"{source.weights}: {path!r} is a {type(layer).__name__} (AdaLoRA / LoRA² SVD form, "
+                           "B diag(E) A); a PEFT LoRA holds plain A and B: load it into a model without "
+                           "AdaLoRA / LoRA² layers")
     if use_dora != hasattr(layer, "lora_magnitude_vector"):
         raise AdapterError(f"{source.path / ADAPTER_CONFIG}: use_dora={str(use_dora).lower()} but the model's layer "
                            f"{path!r} is a {type(layer).__name__}, built {'without' if use_dora else 'with'} DoRA")

@@ -59,9 +59,12 @@ def _lora_layer_for(module: nn.Module, path: str, config: LoRAConfig) -> nn.Modu
     if isinstance(module, nn.Linear) or _is_gpt2_conv1d(module) or plain_loralib:
         fan_in_fan_out = module.fan_in_fan_out if plain_loralib else not isinstance(module, nn.Linear)
         in_f, out_f = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
-        with torch.device("meta"):
-            layer = config.make_linear(path, in_f, out_f, bias=has_bias, fan_in_fan_out=fan_in_fan_out,
-                                       chunks=chunks)
+        try:
+            with torch.device("meta"):
+                layer = config.make_linear(path, in_f, out_f, bias=has_bias, fan_in_fan_out=fan_in_fan_out,
+                                           chunks=chunks)
+        except ValueError as err:
+            raise ValueError(f"module {path!r} ({type(module).__name__}, in {in_f}, out {out_f}): {err}") from None
         base = {"weight": module.weight}
         if has_bias:
             base["bias"] = module.bias

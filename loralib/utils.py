@@ -85,11 +85,14 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     merge_lora(model)
     try:
         state = model.state_dict()
+        adapter_buffers = set()  # AdaLoRA's / LoRA²'s ranknum and the like: the plain layer has none
         for name, layer in lora_layers(model):
+            prefix = name + "." if name else ""
             if layer.merged:
-                key = (name + "." if name else "") + layer._weight_key()
-                state[key] = layer._base_weight().detach().clone()
-        return {k: v for k, v in state.items() if "lora_" not in k}
+                state[prefix + layer._weight_key()] = layer._base_weight().detach().clone()
+            if layer.has_lora:
+                adapter_buffers.update(prefix + b for b, _ in layer.named_buffers(recurse=False))
+        return {k: v for k, v in state.items() if "lora_" not in k and k not in adapter_buffers}
     finally:
         for name, layer in lora_layers(model):
             if not was_merged[name]:

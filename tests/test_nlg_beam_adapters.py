@@ -103,6 +103,7 @@ def test_a_gpt2_ft_run_decodes_alike_from_every_file_it_wrote(tmp_path, base_dir
     assert (work / "checkpoint-4").is_dir() and (work / "model.4.lora.pt").is_file()
     direct = gpt2_checkpoint.load_gpt2(str(base_dir), CARD, nlg_lora(4, 32, 0.0))
     lora.load_adapter(direct, work / "adapter")
+    lora.mark_only_lora_as_trainable(direct)  # what was trained: export_peft saves the trainable rest whole
     lora.export_peft(direct, tmp_path / "peft")
     prompts = beam.prompts(str(test_set), 40, SEARCH["max_new_tokens"])
     spec = gpt2_beam.parse(["--data", str(test_set), "--init_checkpoint", str(work), "--beam", "3",

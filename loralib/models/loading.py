@@ -350,6 +350,8 @@ def from_pretrained(path: Union[str, os.PathLike], task: str = "causal-lm", num_
     _report(folder, model, info)
     model.loading_info = info
     model.hf_config = hf_config
+    if lora is not None:
+        model.loralib_config = lora  # what save_adapter records, so that the adapter rebuilds its layers
     return model.eval()
 
 

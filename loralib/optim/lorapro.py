@@ -320,11 +320,13 @@ class _LoRAProBase(torch.optim.Optimizer):
             if p.requires_grad and id(p) not in lora_ids and id(p) not in seen:
                 other.append(p)
                 seen.add(id(p))
-        groups = [{"params": lora_params, "name": "lora"}] if lora_params else []
+        if not lora_params:
+            raise ValueError(
+                f"{type(self).__name__}: the model ({type(model).__name__}) has no trainable LoRA layer; LoRA-Pro "
+                "adjusts the gradients of LoRA pairs (inject LoRA first: loralib.inject, or PEFT's get_peft_model)")
+        groups = [{"params": lora_params, "name": "lora"}]
         if other:
             groups.append({"params": other, "name": "other"})
-        if not groups:
-            raise ValueError(f"{type(self).__name__}: the model has no trainable parameters")
         super().__init__(groups, defaults)
         self._lora_group = self.param_groups[0] if lora_params else None
         self._expected_ids = [id(p) for p in lora_params]
@@ -336,6 +338,37 @@ class _LoRAProBase(torch.optim.Optimizer):
             raise RuntimeError(
                 f"{type(self).__name__}: its parameters were replaced (DeepSpeed ZeRO flattens a client "
                 "optimizer's parameters). Use loralib.optim.deepspeed_lorapro with the ZeRO engine instead.")
+
+    def _check_finite_grads(self) -> None:
+        """A non-finite gradient stops the step before any parameter changes, naming the parameter: the
+        projection would otherwise fail in its eigendecomposition, or spread NaN into every factor."""
+        labels, grads = [], []
+        for pair in self.pairs:
+            for factor, p in (("lora_A", pair.A), ("lora_B", pair.B)):
+                if p.grad is not None:
+                    labels.append(f"{pair.name}.{factor}")
+                    grads.append(p.grad)
+        for group in self.param_groups[1:]:
+            for p in group["params"]:
+                if p.grad is not None:
+                    labels.append(f"a non-LoRA parameter of shape {tuple(p.shape)}")
+                    grads.append(p.grad)
+        if not grads:
+            return
+        by_dtype: Dict[torch.dtype, List[int]] = {}
+        for i, g in enumerate(grads):  # fp64 norms stay fp64 (a norm cannot narrow); the rest in fp32
+            by_dtype.setdefault(torch.float64 if g.dtype == torch.float64 else torch.float32, []).append(i)
+        flags = torch.ones(len(grads), dtype=torch.bool, device=grads[0].device)
+        for dtype, idx in by_dtype.items():
+            norms = torch._foreach_norm([grads[i] for i in idx], 2, dtype=dtype)
+            flags[torch.tensor(idx, device=flags.device)] = torch.stack([n.to(flags.device) for n in norms]).isfinite()
+        finite = flags
+        if bool(finite.all()):
+            return
+        for i in (~finite).nonzero().flatten().tolist():  # the norm can overflow where every entry is finite
+            if not bool(grads[i].isfinite().all()):
+                raise FloatingPointError(f"{type(self).__name__}.step: the gradient of {labels[i]} is not finite "
+                                         "(nan or inf); no parameter was changed")
 
     def _pairs_with_grads(self):
         """(pair, g_A, g_B) for the pairs that received a gradient; a missing one counts as zero."""
@@ -462,6 +495,7 @@ class LoRAProAdamW(_LoRAProBase):
             with torch.enable_grad():
                 loss = closure()
         self._check_not_flattened()
+        self._check_finite_grads()
         clip = self._released_clip_factor() if self.released_clip_norm > 0 else 1.0
         for group in self.param_groups:
             if group["name"] == "other":
@@ -623,6 +657,7 @@ class LoRAProSGD(_LoRAProBase):
             with torch.enable_grad():
                 loss = closure()
         self._check_not_flattened()
+        self._check_finite_grads()
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             if group["name"] == "other":
