@@ -18,6 +18,9 @@
 #   SEEDS      space-separated seeds (default: the paper's count, see each script; smoke mode: the first only)
 #   KEEP_PER_DEVICE_BATCH  1: keep the original per-device batch on any NPROC (the global batch then scales
 #              with NPROC); default: the paper's global batch, by gradient accumulation (see global_batch)
+#   FRESH      1: run every training again from scratch (the original scripts' --overwrite_output_dir). Default:
+#              a rerun of the same command skips the runs it finished and resumes an interrupted one from its
+#              latest checkpoint (see launch)
 set -euo pipefail
 
 SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -167,6 +170,12 @@ model_path() {  # hub name -> what --model_name_or_path gets
 }
 
 # launch ENTRY FLAGS...: one run of ENTRY (a path under the repository), on NPROC processes.
+# A training run (--do_train, or a training entry point) whose output folder (--output_dir / --work_dir) is
+# rerun by the same command: finished (train_results.json and eval_results.json, and the command recorded in
+# LAUNCH_RECORD equal) it is skipped; interrupted (a checkpoint-* folder) it resumes with
+# --resume_from_checkpoint latest instead of overwriting (the entry point refuses a resume whose settings
+# differ); a finished run of another command is an error. FRESH=1 runs it from scratch as the originals did.
+LAUNCH_RECORD=launch_command.txt
 launch() {
     local entry=$REPO/$1
     shift
@@ -174,9 +183,35 @@ launch() {
     if (( NPROC > 1 )); then
         cmd+=(-m torch.distributed.run --standalone --nproc_per_node "$NPROC")
     fi
-    cmd+=("$entry" "$@" "${SMOKE_ARGS[@]+"${SMOKE_ARGS[@]}"}")
+    local run=("$entry" "$@" "${SMOKE_ARGS[@]+"${SMOKE_ARGS[@]}"}")
+    cmd+=("${run[@]}")
+    local out="" prev="" arg training=0 line
+    for arg in "${run[@]}"; do
+        [[ $prev == --output_dir || $prev == --work_dir ]] && out=$arg
+        [[ $arg == --do_train ]] && training=1
+        prev=$arg
+    done
+    case ${entry#"$REPO"/} in examples/NLG/gpt2_ft.py|lorapro/train.py|lorapro/run_t5_glue.py) training=1 ;; esac
+    [[ " ${run[*]} " == *" --no-do_train "* ]] && training=0
+    line=$(printf ' %q' "${run[@]}")  # the run's flags (not the interpreter) identify it
+    if (( training )) && [[ -n $out && ${FRESH:-0} != 1 ]]; then
+        if [[ -f $out/train_results.json && -f $out/eval_results.json && -f $out/$LAUNCH_RECORD ]]; then
+            [[ $(<"$out/$LAUNCH_RECORD") == "$line" ]] || die "$out holds a finished run of another command"                 "(see $out/$LAUNCH_RECORD): use another OUT_DIR, or FRESH=1 to replace it"
+            echo "$SCRIPT_NAME: $out: finished by this command before, skipped (FRESH=1 runs it again)" >&2
+            return 0
+        fi
+        if compgen -G "$out/checkpoint-*" >/dev/null; then
+            local resumed=()
+            for arg in "${cmd[@]}"; do
+                [[ $arg == --overwrite_output_dir || $arg == --overwrite_work_dir ]] || resumed+=("$arg")
+            done
+            cmd=("${resumed[@]}" --resume_from_checkpoint latest)
+            echo "$SCRIPT_NAME: $out: interrupted before, resumed from its latest checkpoint (FRESH=1 starts over)" >&2
+        fi
+    fi
     printf '+' >&2; printf ' %q' "${cmd[@]}" >&2; echo >&2  # the exact command, ready to paste
     "${cmd[@]}"
+    if (( training )) && [[ -n $out && -d $out ]]; then echo "$line" >"$out/$LAUNCH_RECORD"; fi
 }
 
 # mnli_lora TASK [SEED]: the paper's MRPC, RTE and STS-B runs start from the MNLI LoRA checkpoint: MNLI_LORA when
@@ -189,6 +224,14 @@ mnli_lora() {
         return
     fi
     local run=$OUT_DIR/mnli/${2:+seed$2/}model candidate
+    if [[ -d $run && ! -f $run/train_results.json ]]; then
+        die "$1 starts from the MNLI LoRA checkpoint, and the MNLI run $run has not finished (no" \
+            "train_results.json): rerun the mnli task first (it resumes), or set MNLI_LORA"
+    fi
+    if [[ -f $run/run_config.json ]] && ! grep -q "\"recipe\": \"$RECIPE\"" "$run/run_config.json"; then
+        die "$1 starts from the MNLI LoRA checkpoint, and the MNLI run $run was made under another recipe" \
+            "than RECIPE=$RECIPE (see its run_config.json): run mnli with this RECIPE into another OUT_DIR first"
+    fi
     for candidate in "$run/best_adapter" "$run/adapter"; do
         if [[ -d $candidate ]]; then echo "$candidate"; return; fi
     done

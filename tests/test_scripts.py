@@ -255,6 +255,60 @@ def test_the_global_batch_is_the_papers_on_any_nproc(recorder, tmp_path, nproc, 
     assert f"global batch {global_} = per-device {per_device} x NPROC {nproc}" in proc.stderr
 
 
+def _finishing_interpreter(folder: Path) -> Path:
+    """A stand-in interpreter that "finishes" each run: train_results.json and eval_results.json in its
+    --output_dir."""
+    stub = folder / "finisher"
+    stub.write_text('#!/usr/bin/env bash\nwhile (( $# )); do [[ $1 == --output_dir ]] && out=$2; shift; done\n'
+                    'mkdir -p "$out" && echo {} > "$out/train_results.json" && echo {} > "$out/eval_results.json"\n')
+    stub.chmod(0o755)
+    return stub
+
+
+def test_a_rerun_skips_finished_runs_and_resumes_an_interrupted_one(recorder, tmp_path):
+    """Rerunning a script (as after an interruption): seed 0, finished by the same command, is skipped;
+    seed 1, interrupted (a checkpoint, no results), resumes from its latest checkpoint instead of being
+    overwritten; seed 2 runs as the original did. Another command on a finished run is an error; FRESH=1
+    reruns everything as the original scripts did."""
+    out = tmp_path / "out"
+    env = dict(MODEL_DIR="M", DATA_DIR="D", OUT_DIR=out)
+    done = _run("lora_roberta_base_glue.sh", "mnli", PYTHON=_finishing_interpreter(tmp_path), SEEDS="0", **env)
+    assert done.returncode == 0, done.stderr
+    assert (out / "mnli/seed0/model/launch_command.txt").is_file()
+    (out / "mnli/seed1/model/checkpoint-3").mkdir(parents=True)
+    stub, calls = recorder
+    proc = _run("lora_roberta_base_glue.sh", "mnli", PYTHON=stub, SEEDS="0 1 2", **env)
+    assert proc.returncode == 0, proc.stderr
+    assert "seed0/model: finished by this command before, skipped" in proc.stderr
+    assert "seed1/model: interrupted before, resumed from its latest checkpoint" in proc.stderr
+    resumed, fresh = (parse_flags(argv[argv.index(str(REPO / "examples/NLU/run_glue.py")) + 1:]) for argv in calls())
+    assert resumed["output_dir"].endswith("seed1/model") and resumed["resume_from_checkpoint"] == "latest"
+    assert "overwrite_output_dir" not in resumed
+    assert fresh["output_dir"].endswith("seed2/model") and fresh["overwrite_output_dir"] is True
+    assert "resume_from_checkpoint" not in fresh
+
+    other = _run("lora_roberta_base_glue.sh", "mnli", PYTHON=stub, SEEDS="0", RECIPE="paper", **env)
+    assert other.returncode == 2 and "seed0/model holds a finished run of another command" in other.stderr
+    again = _run("lora_roberta_base_glue.sh", "mnli", PYTHON=stub, SEEDS="0 1", FRESH="1", **env)
+    assert again.returncode == 0, again.stderr
+    assert all("--overwrite_output_dir" in argv and "--resume_from_checkpoint" not in argv for argv in calls()[2:])
+    assert len(calls()) == 4
+
+
+def test_mrpc_refuses_an_unfinished_or_other_recipe_mnli_run(recorder, tmp_path):
+    stub, _ = recorder
+    env = dict(PYTHON=stub, MODEL_DIR="M", DATA_DIR="D", OUT_DIR=tmp_path / "out", SEEDS="0")
+    mnli = tmp_path / "out/mnli/seed0/model"
+    (mnli / "best_adapter").mkdir(parents=True)
+    proc = _run("lora_roberta_base_glue.sh", "mrpc", **env)
+    assert proc.returncode == 2 and "has not finished (no train_results.json)" in proc.stderr
+    (mnli / "train_results.json").write_text("{}")
+    (mnli / "run_config.json").write_text(json.dumps({"recipe": "released"}, indent=2))
+    assert _run("lora_roberta_base_glue.sh", "mrpc", **env).returncode == 0
+    proc = _run("lora_roberta_base_glue.sh", "mrpc", RECIPE="paper", **env)
+    assert proc.returncode == 2 and "made under another recipe than RECIPE=paper" in proc.stderr
+
+
 @pytest.mark.parametrize("script", sorted(LORAPLUS))
 def test_loraplus_row_passes_the_recipe(recorder, tmp_path, script):
     hub_name, expected = LORAPLUS[script]
