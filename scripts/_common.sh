@@ -170,7 +170,8 @@ model_path() {  # hub name -> what --model_name_or_path gets
 }
 
 # launch ENTRY FLAGS...: one run of ENTRY (a path under the repository), on NPROC processes.
-# A training run (--do_train, or a training entry point) whose output folder (--output_dir / --work_dir) is
+# A training run (--do_train, or a training entry point) whose output folder (--output_dir / --work_dir /
+# --root_output_dir ROOT: ROOT/model) is
 # rerun by the same command: finished (train_results.json and eval_results.json, and the command recorded in
 # LAUNCH_RECORD equal) it is skipped; interrupted (a checkpoint-* folder) it resumes with
 # --resume_from_checkpoint latest instead of overwriting (the entry point refuses a resume whose settings
@@ -188,6 +189,7 @@ launch() {
     local out="" prev="" arg training=0 line
     for arg in "${run[@]}"; do
         [[ $prev == --output_dir || $prev == --work_dir ]] && out=$arg
+        [[ $prev == --root_output_dir ]] && out=$arg/model  # LoRA²'s flag: the run goes to ROOT/model
         [[ $arg == --do_train ]] && training=1
         prev=$arg
     done

@@ -1,8 +1,8 @@
 # Sourced by scripts/lorapro_{gsm8k,humaneval,mtbench}.sh after _common.sh's parse_args: what the three rows
-# share. Sets SEEDS ("0 1 2"), LR (the paper's 2e-5), DATA_DIR / OUT_DIR / MODEL_DIR, SMOKE_ARGS (in smoke mode:
+# share. Sets SEEDS ("0 1 2"; smoke: "0"), LR (the paper's 2e-5), DATA_DIR / OUT_DIR / MODEL_DIR, SMOKE_ARGS (in smoke mode:
 # a tiny random Llama and tiny data files, built by lorapro/smoke.py's build_smoke_assets, and flags
 # that only cap the work) and DS_ARGS (--deepspeed DEEPSPEED when set).
-SEEDS=${SEEDS:-0 1 2}
+SEEDS=$(seed_list 0 1 2)  # the paper's three; smoke mode: the first only (SEEDS overrides)
 LR=${LR:-0.00002}
 if (( SMOKE )); then
     SMOKE_DIR=${SMOKE_DIR:-$REPO/.cache/smoke}

@@ -54,10 +54,12 @@ cola   3  1      800   3500   10   0.5  32    5e-4    25     100       64  0.10 
 stsb   2  1      800   2000   10   0.1  32    2.2e-3  25     100       128 0.2   0.1  6    100  10000 50
 "
 BUDGET=${BUDGET:-released}
-case $BUDGET in  # AdaLoRA's Table 1 budgets: initial rank per matrix, final total rank over the 72 matrices
-    released) budget_flags=() ;;
-    0.32M) budget_flags=(--lora_r 4 --target_total_rank 144) ;;
-    1.27M) budget_flags=(--lora_r 12 --target_total_rank 576) ;;
+matrices=72  # 6 adapted matrices x 12 layers of DeBERTaV3-base
+(( SMOKE )) && matrices=12  # the smoke stand-in has 2 layers: the same average final rank per matrix
+case $BUDGET in  # AdaLoRA's Table 1 budgets: initial rank per matrix, final total rank (144 / 576 over 72 matrices)
+    released) budget_r="" ;;
+    0.32M) budget_r=4 budget_total=$((2 * matrices)) ;;
+    1.27M) budget_r=12 budget_total=$((8 * matrices)) ;;
     *) die "BUDGET must be released, 0.32M or 1.27M (AdaLoRA's Table 1), got '$BUDGET'" ;;
 esac
 
@@ -66,14 +68,15 @@ for task in "${TASKS[@]}"; do
       <<<"$(recipe_row "$task")"
   global_batch "$task" 32 1
   warmup_flags "$warmup"
+  budget_flags=(--target_rank "$target" --lora_r "$r")
+  [[ -n $budget_r ]] && budget_flags=(--target_rank "$target" --lora_r "$budget_r" --target_total_rank "$budget_total")
   for seed in $(seed_list $(seq "$task_seed" $((task_seed + 4)))); do  # the task's seed and the next four
     launch lora2/run_glue_adalora.py \
         --model_name_or_path "$(model_path microsoft/deberta-v3-base)" \
         --task_name "$task" \
         --data_dir "$DATA_DIR" \
         --apply_lora --apply_adalora --lora_type svd \
-        --target_rank "$target" --lora_r "$r" \
-        "${budget_flags[@]+"${budget_flags[@]}"}" \
+        "${budget_flags[@]}" \
         --reg_orth_coef "$reg" \
         --init_warmup "$init" --final_warmup "$final" --mask_interval "$mask" \
         --beta1 0.85 --beta2 0.85 \

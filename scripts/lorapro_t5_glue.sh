@@ -28,7 +28,7 @@ SMOKE_TASKS=(lora lora-pro)
 source "$(dirname "$0")/_common.sh"
 parse_args "$@"
 
-SEEDS=${SEEDS:-0 1 2}
+SEEDS=$(seed_list 0 1 2)  # the paper's three; smoke mode: the first only (SEEDS overrides)
 GLUE_TASKS=${GLUE_TASKS:-mnli sst2 cola qnli mrpc}
 LR=${LR:-0.0001}
 if (( SMOKE )); then

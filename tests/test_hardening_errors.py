@@ -156,3 +156,16 @@ def test_instruct_examples_beyond_gpt2_positions_are_refused_before_training(tmp
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(err) == 1 and "but" in err[0] and "has 16 positions; pass --max_length 16 or less" in err[0], err
     assert not out.exists()
+
+
+def test_a_missing_models_folder_says_how_to_fetch_it(tmp_path, monkeypatch):
+    """`--model_name_or_path models/roberta-base` (the READMEs' layout) when that folder is missing: one error
+    naming the flag and the download command, not a hub lookup of "models/roberta-base"."""
+    from loralib.train.run import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"--model_name_or_path 'models/roberta-base': no such model "
+                                                 r"folder; fetch it with `python -m loralib.models.hub roberta-base`"):
+        resolve_model_path("models/roberta-base")
+    (tmp_path / "models" / "roberta-base").mkdir(parents=True)
+    assert resolve_model_path("models/roberta-base").resolve() == (tmp_path / "models" / "roberta-base").resolve()

@@ -235,6 +235,7 @@ def test_adalora_runs_the_two_budgets_of_its_table_1(recorder, tmp_path):
         calls, _ = _record(recorder, tmp_path, "adalora_deberta_v3_base_glue.sh", "rte", BUDGET=budget, SEEDS="6")
         flags = parse_flags(calls[-1][1:])
         assert (flags["lora_r"], flags["target_total_rank"]) == (r, total), budget
+        assert calls[-1].count("--lora_r") == 1  # the budget's r replaces the recipe's, not after it
     stub, calls = recorder
     proc = _run("adalora_deberta_v3_base_glue.sh", "rte", PYTHON=stub, BUDGET="1M", OUT_DIR=tmp_path)
     assert proc.returncode == 2 and "BUDGET must be released, 0.32M or 1.27M" in proc.stderr
@@ -455,6 +456,9 @@ SMOKE = {
     "lora_roberta_large_glue.sh paper": (["--smoke", "sst2"], {"RECIPE": "paper"}, {"sst2/seed0/model": {"accuracy"}}),
     "lora_deberta_v2_xxlarge_glue.sh paper": (["--smoke", "cola"], {"RECIPE": "paper"},
                                               {"cola/seed0/model": {"matthews_correlation"}}),
+    # a Table 1 budget on the 12-matrix stand-in: the same average final rank (2 per matrix: 24 from r 4)
+    "adalora_deberta_v3_base_glue.sh budget": (["--smoke", "rte"], {"BUDGET": "0.32M"},
+                                               {"rte/seed6/model": {"accuracy"}}),
     "adalora_deberta_v3_base_glue.sh paper": (["--smoke", "cola"], {"RECIPE": "paper"},
                                               {"cola/seed6/model": {"matthews_correlation"}}),
     "lora2_deberta_v3_base_glue.sh paper": (["--smoke", "cola"], {"RECIPE": "paper"},
@@ -508,6 +512,9 @@ def test_smoke_run(smoke_runs, smoke_dir, case):
             assert config["lora_path"] == str(out / "mnli" / "seed0" / "model" / "best_adapter")
     if case == "lora2_deberta_v3_base_glue.sh":  # LoRA² as released: head dropout 0.15 (the flag said 0.2)
         assert config["method"] == "lora2" and "cls_dropout 0.2 is ignored" in proc.stderr
+        assert (config["cls_dropout"], config["args"]["cls_dropout"]) == (0.15, 0.2)  # used, and as given
+    if case == "adalora_deberta_v3_base_glue.sh budget":
+        assert (config["args"]["lora_r"], config["args"]["target_total_rank"]) == (4, 24)
     if case == "adalora_deberta_v3_base_glue.sh paper":
         assert config["method"] == "adalora" and config["args"]["reg_orth_coef"] == 0.5
     if "sweep" in case:

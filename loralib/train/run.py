@@ -135,6 +135,10 @@ def resolve_model_path(name_or_path: str, flag: str = "--model_name_or_path") ->
         return path
     hub_like = (not name_or_path.startswith((".", "/", "~")) and name_or_path.count("/") <= 1
                 and not name_or_path.endswith("/"))
+    in_models = name_or_path.startswith("models/") and name_or_path.count("/") <= 2 and len(name_or_path) > 7
+    if in_models and not name_or_path.endswith("/"):  # models/NAME: the download folder of hub model NAME
+        raise FileNotFoundError(f"{flag} {name_or_path!r}: no such model folder; fetch it with "
+                                f"`python -m loralib.models.hub {name_or_path[len('models/'):]}` (models/README.md)")
     if not hub_like:
         raise FileNotFoundError(f"{flag} {name_or_path!r}: no such model folder")
     roots = [Path("models"), REPO_ROOT / "models"]

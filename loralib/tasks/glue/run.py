@@ -167,7 +167,9 @@ class GlueTask:
                 "model_name_or_path": s.model_name_or_path, "model_path": str(self.model_path),
                 "model_type": self.model.hf_config.get("model_type"), "num_labels": self.num_labels,
                 "lora": m.lora.to_dict() if m.lora is not None else None, "loraplus_lr_ratio": m.loraplus_ratio,
-                "precision": s.run.precision, "lora_path": s.lora_path}
+                "precision": s.run.precision, "lora_path": s.lora_path,
+                # the head dropout the model was built with (LoRA² as released fixes 0.15 whatever the flag says)
+                "cls_dropout": self.model.hf_config.get("cls_dropout")}
 
     def training(self) -> Training:
         config = self.spec.train
