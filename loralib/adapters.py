@@ -161,6 +161,8 @@ def _inject_if_bare(model: nn.Module, source: AdapterSource) -> None:
 
     if any(layer.has_lora for _, layer in lora_layers(model)):
         return
+    if not source.lora_keys:  # a folder of trained non-LoRA tensors only (full fine-tuning): nothing to inject
+        return
     if source.lora is None:
         raise AdapterError(f"{source.path / ADAPTER_CONFIG}: the model has no LoRA layers and the adapter "
                            "records no LoRAConfig to create them")

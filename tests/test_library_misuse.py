@@ -143,3 +143,17 @@ def test_an_adapter_saved_from_our_model_file_records_its_config(tmp_path):
 def test_inject_names_the_module_whose_chunks_do_not_divide():
     with pytest.raises(ValueError, match=r"module 'transformer.h.0.mlp.c_fc' .*enable_lora has 3 entries"):
         lora.inject(tiny_gpt2(), ["c_attn", "c_fc"], r=2, enable_lora=[True, False, True])
+
+
+def test_a_folder_without_lora_factors_loads_back(tmp_path):
+    """save_adapter of a model without LoRA layers (full fine-tuning: its trainable tensors are the "extras")
+    loads back into a bare model; it was refused for recording no LoRAConfig."""
+    trained = tiny_roberta()
+    with torch.no_grad():
+        trained.classifier.out_proj.bias.add_(1.0)
+    for name, p in trained.named_parameters():
+        p.requires_grad_(name.startswith("classifier."))
+    lora.save_adapter(trained, tmp_path / "full")
+    reloaded = lora.load_adapter(tiny_roberta(), tmp_path / "full")
+    ids, mask = token_batch()
+    torch.testing.assert_close(_logits(reloaded, ids, mask), _logits(trained, ids, mask), rtol=0, atol=0)
