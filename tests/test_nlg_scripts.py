@@ -171,9 +171,13 @@ def test_smoke_runs_the_pipeline_end_to_end(tmp_path):
     assert results["task"] == "e2e" and results["split"] == "test"
     assert {"bleu", "nist", "meteor", "rouge_l", "cider"} <= set(results)
     config = json.loads((run / "run_config.json").read_text())
-    assert config["method"] == "lora" and config["model_name_or_path"] == "gpt2-medium"
+    # the smoke's GPT-2 is a tiny random one in a folder named gpt2-medium: recorded by its path and size
+    assert config["method"] == "lora" and config["model_name_or_path"].endswith("nlg/models/gpt2-medium")
+    assert config["model_size"]["n_layer"] < 24 and config["args"]["world_size"] == 1
     assert config["global_batch_size"] == 8 and config["recipe"] == "released"  # the README's batch, one process
     test_lines = (tmp_path / "smoke" / "nlg" / "data" / "e2e" / "test.jsonl").read_text().splitlines()
+    decoding = json.loads((run / "decoding.json").read_text())  # the search, for `loralib compare`
+    assert decoding["eval_len"] == 8 and decoding["beam"] == 10 and decoding["num_examples"] == len(test_lines)
     predictions = [json.loads(x) for x in (run / "predict.jsonl").read_text().splitlines()]
     assert [p["id"] for p in predictions] == list(range(len(test_lines)))
     assert all(0 < len(p["predict"]) <= 8 for p in predictions)  # the smoke run's --eval_len 8

@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from gpt2_ft import add_gpu_flags
+from gpt2_ft import add_gpu_flags, recorded_flags
 from loralib.models.gpt2_checkpoint import MODEL_CARDS
 from loralib.tasks.nlg.beam import BeamSpec, run_beam as run_spec
 from loralib.tasks.nlg.completion import EOS
@@ -84,7 +84,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> BeamSpec:
     args = build_parser().parse_args(argv)
     check_flags(args)
     names = {f.name for f in dataclasses.fields(BeamSpec)} - {"record"}
-    return BeamSpec(**{k: v for k, v in vars(args).items() if k in names}, record=vars(args))
+    return BeamSpec(**{k: v for k, v in vars(args).items() if k in names}, record=recorded_flags(args))
 
 
 def run_beam(argv: Optional[Sequence[str]] = None):

@@ -34,8 +34,8 @@ Decisions where the original was silent, wrong or impossible here:
 - The original's cosine schedule measured its decay from step 0, not from the warmup's end; ours from the
   warmup's end (loralib.train.schedules).
 - Flags of the original that change nothing here are accepted: --platform, --local_rank, --rank, --device,
-  --world_size (torchrun's environment is read), --roll_interval, --roll_lr, --roll_step, --eval_epoch,
-  --i_steps, --i_lrs.
+  --world_size (torchrun's environment is read; run_config.json records WORLD_SIZE as args.world_size),
+  --roll_interval, --roll_lr, --roll_step, --eval_epoch, --i_steps, --i_lrs.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ from loralib.methods import OptimizerSettings, make_method
 from loralib.models.gpt2_checkpoint import MODEL_CARDS
 from loralib.tasks.nlg.completion import nlg_lora
 from loralib.tasks.nlg.train import NLGTrainSpec, run
-from loralib.train.run import RunSpec, precision_of
+from loralib.train.run import RunSpec, precision_of, world_size
 
 
 def add_gpu_flags(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +60,14 @@ def add_gpu_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--local_rank", "--local-rank", type=int, default=0, help="accepted; LOCAL_RANK is read")
     g.add_argument("--rank", type=int, default=0, help="accepted; RANK is read")
     g.add_argument("--device", type=int, default=0, help="accepted; the local rank's GPU is used")
-    g.add_argument("--world_size", type=int, default=0, help="accepted; WORLD_SIZE is read")
+    g.add_argument("--world_size", type=int, default=0, help="accepted; WORLD_SIZE is read (and recorded)")
     g.add_argument("--random_seed", type=int, default=10, help="random seed")
+
+
+def recorded_flags(args: argparse.Namespace) -> dict:
+    """The flags as run_config.json keeps them ("args"): as given, except --world_size, an accepted flag whose
+    default (0) said nothing of the run: the number of processes torchrun started (WORLD_SIZE) is recorded."""
+    return {**vars(args), "world_size": world_size()}
 
 
 def add_optimizer_flags(p: argparse.ArgumentParser) -> None:
@@ -179,7 +185,7 @@ def spec_from_args(args: argparse.Namespace) -> NLGTrainSpec:
         max_epoch=args.max_epoch, scheduler=args.scheduler, warmup_step=args.warmup_step,
         log_interval=args.log_interval, eval_interval=args.eval_interval, save_interval=args.save_interval,
         progress_bar=not args.disable_tqdm and sys.stderr.isatty(), torch_compile=args.torch_compile,
-        recipe=args.recipe, record=vars(args))
+        recipe=args.recipe, record=recorded_flags(args))
 
 
 def train_nlg(argv: Optional[Sequence[str]] = None):

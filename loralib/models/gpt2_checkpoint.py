@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -37,21 +38,42 @@ def default_checkpoint(model_card: str) -> str:
                             f"`python -m loralib.models.hub {name}` or pass the GPT-2 checkpoint")
 
 
-def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: Path, flag: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """A torch or safetensors file as a flat dict of tensors: the "model_state_dict" wrapper and DDP's
-    "module." prefixes removed."""
+    "module." prefixes removed. A file that is neither is one ValueError starting with `flag` (the
+    command-line flag it came from) and the path."""
+    name = f"{flag} {path}" if flag else str(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
             state = load_file(str(path))
         except Exception as e:  # a corrupt or foreign file
-            raise ValueError(f"{path}: cannot be read as safetensors ({type(e).__name__}: {e})") from e
+            raise ValueError(f"{name}: not a safetensors file ({type(e).__name__}: {e})") from None
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{path}: cannot be read as a torch state dict ({type(e).__name__}: {e})") from e
-    return plain_state_dict(state, str(path))
+            raise ValueError(f"{name}: not a PyTorch checkpoint ({_why_unreadable(path, e)})") from None
+    return plain_state_dict(state, name)
+
+
+def _why_unreadable(path: Path, err: Exception) -> str:
+    """A short reason torch.load(weights_only=True) failed. Its own message advises re-running with
+    weights_only=False, which would run the file's code: wrong advice for a file that is not a checkpoint
+    (and unsafe for one from elsewhere), so it is not passed on."""
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(err, EOFError):
+        return "the file ends early"
+    if "weights_only" in str(err):
+        if zipfile.is_zipfile(path):
+            return "a torch archive that holds objects other than tensors, which are not loaded"
+        with open(path, "rb") as f:
+            text = f.read(64).decode("utf-8", "replace").lstrip()
+        looks = ": it starts like JSON text" if text.startswith(("{", "[")) else ""
+        return f"neither a torch zip archive nor a pickle of tensors{looks}"
+    first = next(iter(str(err).splitlines()), "")
+    return f"{type(err).__name__}: {first[:200]}"
 
 
 def plain_state_dict(state, name: str) -> Dict[str, torch.Tensor]:
@@ -85,6 +107,35 @@ def check_card(model_card: str, n_embd: int, n_layer: int, source: str, flag: st
                   f"its config.json is used and --model_card {model_card} is ignored", stacklevel=3)
 
 
+def check_gpt2_folder(folder: Path, flag: str) -> None:
+    """A model folder given for a GPT-2 must hold one: its config.json's model_type is "gpt2" (checked
+    before its weights are read; a Llama's config has no n_embd to check against the card)."""
+    from .loading import read_config
+
+    try:
+        config = read_config(folder)
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {folder}: not a GPT-2 model folder (it has no config.json)") from None
+    except ValueError as e:  # config.json is not JSON
+        raise ValueError(f"{flag} {folder}: not a GPT-2 model folder ({e})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "gpt2":
+        what = f"a {model_type} model" if model_type else "a model folder whose config.json names no model_type"
+        raise ValueError(f"{flag} {folder} is {what}, not a GPT-2")
+
+
+def model_record(model_card: str, config, source: str) -> dict:
+    """What a run records as its model: {"model_name_or_path": the card's hub name} when the GPT-2 loaded is
+    that card's size (n_layer, n_embd, n_head), so `loralib compare` holds it against the paper's row for
+    that model; otherwise the checkpoint it came from (`source`) with "model_size", e.g. a tiny test model
+    that --model_card does not describe. config: the loaded model's (n_layer, n_embd, n_head)."""
+    name, n_embd, n_layer, n_head = MODEL_CARDS[model_card]
+    size = {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head}
+    if size == {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}:
+        return {"model_name_or_path": name}
+    return {"model_name_or_path": str(source), "model_size": size}
+
+
 class _TensorCheckpoint:
     """A state dict in the shape loralib.models.loading.load_state_into reads (files / shape / tensor)."""
 
@@ -102,18 +153,20 @@ class _TensorCheckpoint:
 def load_gpt2(source: str, model_card: str, lora: Optional[LoRAConfig], flag: str = "--init_checkpoint"):
     """Our GPT2LMHeadModel with the pretrained weights of `source` (folder or file) and LoRA per `lora`
     (factors freshly initialised). Every backbone weight must be in the checkpoint; its size must be the
-    card's. Returns the model in eval mode, float32, on the CPU."""
+    card's; a folder must hold a GPT-2 (config.json's model_type). Returns the model in eval mode, float32,
+    on the CPU, with `gpt2_source` = `source`."""
     from . import gpt2
     from .loading import from_pretrained, load_state_into
 
     path = Path(source).expanduser()
     if path.is_dir():
+        check_gpt2_folder(path, flag)
         model = from_pretrained(path, "causal-lm", lora=lora, dtype=torch.float32)
         cfg = model.config
         check_card(model_card, cfg.n_embd, cfg.n_layer, str(path), flag, strict=False)
         info = model.loading_info
     elif path.is_file():
-        state = read_state_dict(path)
+        state = read_state_dict(path, flag)
         state.pop("lm_head.weight", None)  # tied to wte: the original's files hold it as lm_head.decoder.weight
         state.pop("lm_head.decoder.weight", None)
         wte = state.get("wte.weight", state.get("transformer.wte.weight"))
@@ -143,4 +196,5 @@ def load_gpt2(source: str, model_card: str, lora: Optional[LoRAConfig], flag: st
     if info["unexpected"]:
         raise ValueError(f"{flag} {source}: keys the GPT-2 has no place for: {info['unexpected'][:4]} "
                          "(a fine-tuned file? pass the pretrained model)")
+    model.gpt2_source = str(source)  # what a run records as its model when it is not the card's (model_record)
     return model

@@ -10,7 +10,11 @@
 Input: encoded JSONL (loralib.tasks.nlg.data.read_encoded); each line's prompt is its context followed by
 <|endoftext|> (once), cut from the left to seq_len - eval_len tokens, as the original. Output:
 WORK_DIR/OUTPUT_FILE, one line per input line, in order: {"id": <line index>, "predict": [generated ids]}
-(the continuation only, up to and including the eos token that ended it; no padding).
+(the continuation only, up to and including the eos token that ended it; no padding). And, written before
+decoding starts (after every check), WORK_DIR/decoding.json: {"beam", "length_penalty", "no_repeat_ngram_size",
+"repetition_penalty", "eval_len", "decoding", "num_examples", "data"}, the search settings that `loralib
+compare` reads (a training folder's run_config.json is the training's); one from another decoding in the
+same folder is replaced, with a warning.
 
 Model: the pretrained GPT-2 from --base_checkpoint (default models/<gpt2 | gpt2-medium | gpt2-large> by
 --model_card) with the adapter of --init_checkpoint, opened by loralib.adapter_files.open_adapter: a file
@@ -38,6 +42,7 @@ WORLD_SIZE-th distinct prompt, rank 0 gathers them and writes the file in the li
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -49,11 +54,13 @@ import torch.nn as nn
 
 from ...adapter_files import AdapterError, AdapterSource, open_adapter
 from ...adapters import load_adapter_source
-from ...files import write_json_atomic, write_jsonl_atomic
-from ...models.gpt2_checkpoint import MODEL_CARDS, default_checkpoint, load_gpt2, read_state_dict, size_name
+from ...files import check_output_folder, write_json_atomic, write_jsonl_atomic
+from ...models.gpt2_checkpoint import (MODEL_CARDS, default_checkpoint, load_gpt2, model_record, read_state_dict,
+                                       size_name)
 from .completion import EOS, check_vocab, nlg_lora, with_eos
 
 logger = logging.getLogger("loralib.nlg")
+DECODING_FILE = "decoding.json"  # the search settings of the folder's predictions (decoding_record)
 
 
 @dataclass
@@ -93,7 +100,8 @@ def load_model(args: BeamSpec) -> nn.Module:
     given = Path(args.init_checkpoint).expanduser()
     if not given.exists():
         raise FileNotFoundError(f"--init_checkpoint {given}: no such file or folder")
-    if given.is_file() and given.suffix != ".json" and not any("lora_" in k for k in read_state_dict(given)):
+    if given.is_file() and given.suffix != ".json" and \
+            not any("lora_" in k for k in read_state_dict(given, "--init_checkpoint")):
         # a whole GPT-2 without LoRA, as the original's --lora_dim 0 runs
         if args.lora_dim:
             raise ValueError(f"--init_checkpoint {given} holds no LoRA factors, but --lora_dim is {args.lora_dim}")
@@ -231,9 +239,38 @@ def run_config(args: BeamSpec, model: nn.Module) -> dict:
     lora = {"r": first.r, "lora_alpha": first.lora_alpha,
             "target_modules": sorted({path.rsplit(".", 1)[-1] for path in layers}),
             "enable_lora": list(enable) if enable is not None else None} if layers else None
-    return {"method": "lora" if lora else "full", "model_name_or_path": MODEL_CARDS[args.model_card][0],
+    source = getattr(model, "gpt2_source", None) or _base(args)
+    return {"method": "lora" if lora else "full", **model_record(args.model_card, model.config, source),
             "model_card": args.model_card, "init_checkpoint": args.init_checkpoint,
             "base_checkpoint": args.base_checkpoint, "lora": lora, "args": args.record}
+
+
+def decoding_record(args: BeamSpec, num_examples: int) -> dict:
+    """decoding.json: how the predictions were decoded, which `loralib compare` reads (a training folder's
+    run_config.json says how the model was trained, not how it was decoded). The key names are that
+    interface. num_examples: the test lines decoded (one prediction each)."""
+    return {"beam": int(args.beam), "length_penalty": float(args.length_penalty),
+            "no_repeat_ngram_size": int(args.no_repeat_ngram_size),
+            "repetition_penalty": float(args.repetition_penalty), "eval_len": int(args.eval_len),
+            "decoding": str(args.decoding), "num_examples": int(num_examples), "data": str(args.data)}
+
+
+def write_decoding_record(work_dir: Path, record: dict) -> Path:
+    """WORK_DIR/decoding.json, atomically. One left by another decoding is replaced (as its predictions
+    are), with a warning naming what changed: a folder holds one decoding's record, the latest."""
+    path = work_dir / DECODING_FILE
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            previous = None
+        if previous != record:
+            changed = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in record.items()
+                                if previous.get(k) != v) if isinstance(previous, dict) else "unreadable before"
+            logger.warning("%s records another decoding (%s): replacing it; predictions written to the same "
+                           "--output_file are replaced too", path, changed)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return write_json_atomic(path, record)
 
 
 def write_predictions(path: Path, predictions: Sequence[Sequence[int]]) -> None:
@@ -247,12 +284,15 @@ def run_beam(args: BeamSpec) -> Optional[Path]:
 
     from ...train.distributed import setup
 
+    check_output_folder(args.work_dir, "--work_dir")
     queries = prompts(args.data, args.seq_len, args.eval_len)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     model = load_model(args).to(device)
     check_vocab(queries, model.config.vocab_size, args.data)
     ctx = setup(device.type)
+    if ctx.is_main:  # every check passed: say how this folder's predictions are decoded, before decoding
+        write_decoding_record(Path(args.work_dir), decoding_record(args, len(queries)))
 
     # Rank r decodes every world_size-th distinct prompt (by length, so the ranks get similar work).
     distinct = sorted({tuple(q) for q in queries}, key=len)

@@ -16,6 +16,8 @@ pretrained GPT-2: loralib.models.gpt2_checkpoint.
 
 What a run writes into its work dir (training goes through loralib.train, the one loop):
     run_config.json          {"method": "lora"|"full", "model_name_or_path": "gpt2-medium", "lora": {...}, ...}
+                             (a GPT-2 that is not --model_card's size, e.g. a tiny test folder, is recorded
+                             by its path, with "model_size": {"n_layer", "n_embd", "n_head"})
     model.<step>.pt          as the original wrote them under torchrun, so its gpt2_beam.py reads them (ours
                              does too): at every save_interval {"model_state_dict": the LoRA factors}, keys
                              module.transformer.h.N.attn.c_attn.lora_A / lora_B; the LAST one (end of training)
@@ -47,7 +49,7 @@ import torch.nn as nn
 
 from ...files import check_output_folder
 from ...methods import Method, OptimizerSettings
-from ...models.gpt2_checkpoint import MODEL_CARDS, default_checkpoint, load_gpt2
+from ...models.gpt2_checkpoint import default_checkpoint, load_gpt2, model_record
 from ...train.run import LOOP_OUTPUTS, RunSpec, Training, execute, rank, seed_everything, total_steps, world_size
 from .completion import CompletionLM, check_vocab, collate, load_features, validation_loss
 
@@ -179,7 +181,8 @@ class NLGRun:
 
     def run_config(self) -> dict:
         s, lora = self.spec, self.spec.method.lora
-        return {"method": s.method.name, "model_name_or_path": MODEL_CARDS[s.model_card][0],
+        # the card's name only for a GPT-2 of the card's size: a tiny test model is no paper's GPT-2 M
+        return {"method": s.method.name, **model_record(s.model_card, self.model.config, self.checkpoint),
                 "init_checkpoint": self.checkpoint, "model_card": s.model_card,
                 "lora": lora.to_dict() if lora is not None else None, "label_smooth": s.label_smooth,
                 "recipe": s.recipe, "global_batch_size": s.train_batch_size * s.grad_acc * world_size(),
