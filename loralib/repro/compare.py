@@ -15,14 +15,21 @@ writes into --output_dir):
                         are the run's per-evaluation history (run_glue.py: every epoch under
                         --evaluation_strategy epoch, the first dev set only; gpt2_ft.py: eval_loss every
                         --eval_interval, no BLEU; the instruction runs: none)
+    decoding.json       (NLG runs, examples/NLG/gpt2_beam.py) {"beam", "length_penalty", "no_repeat_ngram_size",
+                        "repetition_penalty", "eval_len", "decoding", "num_examples", "data"}
+    rank_pattern.json   (AdaLoRA runs) the ranks kept per adapted matrix: counts the matrices for the budget
 
 Runs whose run_config.json agree on everything but the seed (and the folders and paths they name) are seeds
 of one experiment and make one row. The reported number's table protocol (registry "protocols") says how:
 each run's value is its best evaluation in metrics.jsonl where the table selects the best epoch (else its
 eval_results.json), and the runs' values are aggregated as the table did (median or mean; the ± shown is the
-sample standard deviation over the seeds). A row says where the protocol was not met: "1 of 5 seeds",
-"last evaluation, not best epoch" (no history of that metric: NLG BLEU, MNLI mismatched, a run without
---evaluation_strategy epoch), "protocol not known" (then the mean is shown).
+sample standard deviation over the seeds; runs of one seed, a rerun, count once: their mean is the seed's value).
+A row says where the protocol was not met: "1 of 5 seeds", "last evaluation, not best epoch" (no history of that
+metric: NLG BLEU, MNLI mismatched, a run without --evaluation_strategy epoch), "protocol not known" (then the mean
+is shown), "20 of 630 examples" (eval_results.json's num_examples below the split's full size, FULL_SPLITS),
+"decoding: beam 4 (table 10)" (decoding.json against the table's decoding, registry protocol "decoding"). A row
+without a reported number still shows these. Runs that differ in decoding.json are different rows, its settings
+after the row's name.
 Metrics a paper computes from ours are added first (loralib.tasks.glue.metrics.compare_metrics: AdaLoRA's
 STS-B average correlation from pearson and spearmanr).
 
@@ -30,10 +37,15 @@ A measured (task, metric) is matched to the registry's reported rows by (model, 
 the model from --model_name_or_path (a hub name, or a folder named like the model), the method from
 run_config (LoRA with a loraplus_lr_ratio counts as loraplus). Where a paper reports several rows for
 one of those (AdaLoRA's LoRA r=8 and r=2), the row with the run's rank r is taken if there is one,
-else every row is shown. Measured fractions are shown x100 where the paper reports per cent.
+else every row is shown. A budget row (AdaLoRA's Table 1 "budget 0.32M", registry total_rank 144) is taken only
+when the run's final total rank equals it (--target_total_rank, or --target_rank times the adapted matrices of
+rank_pattern.json); a run of another budget (the released scripts' target rank 1: 72) is shown with no reported
+number and the note "budget ... matches no row of the table". Measured fractions are shown x100 where the paper
+reports per cent.
 Runs whose run_config.json names a "setting" (examples/NLG/e2e_smollm2.py: "real data, small model") are not a
 paper's setting: they are left out of the table and the chart and printed after them, one table per setting,
-with their measured metrics only.
+with their measured metrics only. A paper's own setting is recorded as "paper_setting" (the T5 GLUE runs:
+"lora-ga", LoRA-Pro's T5 table) and matched as usual; "setting": "lora-ga" of older T5 runs counts as that.
 The table goes to stdout (markdown); the bar chart (matplotlib, Agg) to --out (default RESULTS_DIR/compare.png).
 --report HTML also draws the runs' training curves into curves.png next to the chart (loralib plot) and writes
 one self-contained page: table, notes, both figures inline, each run's run_config.json (loralib.repro.report).
@@ -67,6 +79,31 @@ NOT_SETTINGS = frozenset({"seed", "random_seed", "output_dir", "work_dir", "logg
                           "root_output_dir", "overwrite_work_dir", "lora_path", "local_rank",
                           "report_to", "disable_tqdm", "dataloader_num_workers"})
 LOWER_IS_BETTER = frozenset({"loss", "ter", "ter_sacrebleu"})
+# run_config.json "setting" values that name a paper's setting, not one outside the papers: T5 GLUE runs written
+# before they recorded the LoRA-GA setting under "paper_setting" (LoRA-Pro's T5 table is in that setting)
+PAPER_SETTINGS = frozenset({"lora-ga"})
+# decoding.json (examples/NLG/gpt2_beam.py, beside eval_results.json): the settings that make a decode, with their
+# types; runs that differ in one are different rows. Its "num_examples" and "data" are not settings.
+DECODING_SETTINGS = {"beam": int, "length_penalty": float, "no_repeat_ngram_size": int, "repetition_penalty": float,
+                     "eval_len": int, "decoding": str}
+DECODING_LABELS = {"beam": "beam", "length_penalty": "lp", "no_repeat_ngram_size": "no-repeat",
+                   "repetition_penalty": "rep", "eval_len": "len", "decoding": ""}
+# The full size of the evaluation splits our runs write, by (task, split as eval_results.json spells it): a run
+# that scored fewer examples (num_examples) did not evaluate the table's test set. Only sizes known for sure;
+# WebNLG and DART test sets are not held here (their files are not in this repository's reach to count).
+FULL_SPLITS = {
+    ("gsm8k", "test"): (1319, "openai/grade-school-math grade_school_math/data/test.jsonl, 1,319 problems"),
+    ("humaneval", "test"): (164, "openai/human-eval data/HumanEval.jsonl.gz, 164 problems"),
+    ("mt-bench", "test"): (80, "FastChat llm_judge data/mt_bench/question.jsonl, 80 questions"),
+    ("e2e", "test"): (630, "tuetschek/e2e-dataset testset_w_refs.csv: 630 MRs (4,693 references); "
+                           "num_examples counts MRs"),
+    ("mnli", "dev_matched"): (9815, "GLUE MNLI dev_matched.tsv"),
+    ("mnli-mm", "dev_mismatched"): (9832, "GLUE MNLI dev_mismatched.tsv"),
+    ("sst2", "dev"): (872, "GLUE SST-2 dev.tsv"), ("cola", "dev"): (1043, "GLUE CoLA dev.tsv"),
+    ("qqp", "dev"): (40430, "GLUE QQP dev.tsv"), ("qnli", "dev"): (5463, "GLUE QNLI dev.tsv"),
+    ("rte", "dev"): (277, "GLUE RTE dev.tsv"), ("mrpc", "dev"): (408, "GLUE MRPC dev.tsv"),
+    ("stsb", "dev"): (1500, "GLUE STS-B dev.tsv"),
+}
 
 
 @dataclass
@@ -84,6 +121,10 @@ class Run:
     settings: Optional[str] = None   # run_config.json less NOT_SETTINGS, as sorted JSON; None: no run_config
     setting: Optional[str] = None    # run_config.json "setting": a run outside the papers' settings (shown apart)
     history: List[dict] = field(default_factory=list)     # metrics.jsonl's evaluation records, in order
+    examples: Dict[str, tuple] = field(default_factory=dict)  # task -> (split, num_examples or None)
+    total_rank: Optional[int] = None  # AdaLoRA's recorded budget: the final total rank over the adapted matrices
+    total_rank_how: str = ""         # how total_rank was read ("target_rank 1 x 72 adapted matrices"), or why not
+    decoding: Optional[dict] = None  # decoding.json's DECODING_SETTINGS; None: the run wrote none
 
     def evaluations(self, task: str, metric: str) -> List[float]:
         """Every in-training value of `metric` (history), for the run's first evaluation's task only (the
@@ -107,6 +148,7 @@ class Row:
     values: List[float] = field(default_factory=list)     # each seed's value (after selection)
     spread: Optional[float] = None   # sample standard deviation over the seeds (None below 2)
     unmet: List[str] = field(default_factory=list)        # where the table's protocol was not met
+    budget_unmatched: bool = False   # no reported number because the run's budget matches no budget row
 
     @property
     def scale(self) -> float:
@@ -126,12 +168,15 @@ class Row:
 
     @property
     def name(self) -> str:
-        """The run folder, or the seeds' folders as one pattern: lora/mnli/seed-{0,1,2}."""
+        """The run folder, or the seeds' folders as one pattern: lora/mnli/seed-{0,1,2}; a decoded run's
+        settings after it: "e2e/seed{0,1} (beam 10, lp 0.9, ...)"."""
         names = [run.name for run in (self.runs or [self.run])]
         if len(names) == 1:
-            return names[0]
-        prefix = os.path.commonprefix(names)
-        return prefix + "{" + ",".join(n[len(prefix):] for n in names) + "}"
+            name = names[0]
+        else:
+            prefix = os.path.commonprefix(names)
+            name = prefix + "{" + ",".join(n[len(prefix):] for n in names) + "}"
+        return name + (f" ({decoding_label(self.run.decoding)})" if self.run.decoding else "")
 
     @property
     def delta(self) -> Optional[float]:
@@ -194,12 +239,79 @@ def _read_run(folder: Path, root: Path) -> Run:
         run.r = lora.get("r") if isinstance(lora, dict) else None
         run.seed = _seed_of(cfg)
         run.settings = json.dumps(_settings(cfg), sort_keys=True, default=str)
-        run.setting = cfg.get("setting") if isinstance(cfg.get("setting"), str) else None
+        setting = cfg.get("setting")
+        run.setting = setting if isinstance(setting, str) and setting not in PAPER_SETTINGS else None
+        run.total_rank, run.total_rank_how = _total_rank(cfg, folder)
     results_file = folder / "eval_results.json"
     results = _read_json(results_file)
     run.measured = _measurements(results, results_file)
+    run.examples = _examples(results, results_file)
     run.history = _evaluation_history(folder / "metrics.jsonl")
+    run.decoding = _read_decoding(folder / "decoding.json")
+    if run.decoding is not None and run.settings is not None:  # another decoding is another experiment
+        run.settings = json.dumps([json.loads(run.settings), run.decoding], sort_keys=True)
     return run
+
+
+def _examples(results: dict, source: Path) -> Dict[str, tuple]:
+    """task -> (split, num_examples) of the top-level evaluation and nested ones (num_examples None if absent)."""
+    out = {}
+    for record in [results] + [v for v in results.values() if isinstance(v, dict)]:
+        task, n = record.get("task"), record.get("num_examples")
+        if not isinstance(task, str):
+            continue
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"{source}: task {task!r} field 'num_examples' is {n!r}, not a count")
+        out[TASK_ALIASES.get(task.lower(), task.lower())] = (record.get("split"), n)
+    return out
+
+
+def _total_rank(config: dict, folder: Path) -> tuple:
+    """(final total rank, how it was read) of an AdaLoRA run: --target_total_rank where given, else --target_rank
+    times the adapted matrices of its rank_pattern.json; (None, why) where neither is recorded."""
+    args = config.get("args") if isinstance(config.get("args"), dict) else {}
+    def flag(name):
+        value = args.get(name, config.get(name))
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if flag("target_total_rank") is not None:
+        return flag("target_total_rank"), f"target_total_rank {flag('target_total_rank')}"
+    if flag("target_rank") is None:
+        return None, "run_config.json records neither target_total_rank nor target_rank"
+    pattern_file = folder / "rank_pattern.json"
+    if not pattern_file.is_file():
+        return None, (f"target_rank {flag('target_rank')}, but no rank_pattern.json beside the results to count "
+                      "the adapted matrices")
+    pattern = _read_json(pattern_file)
+    matrices = pattern.get("rank_pattern", pattern)
+    if not isinstance(matrices, dict) or not matrices:
+        raise ValueError(f"{pattern_file}: key 'rank_pattern' is not a non-empty object of adapted matrices")
+    return flag("target_rank") * len(matrices), f"target_rank {flag('target_rank')} x {len(matrices)} adapted matrices"
+
+
+def _read_decoding(path: Path) -> Optional[dict]:
+    """decoding.json's DECODING_SETTINGS ({setting: value}, those it records); None without the file."""
+    if not path.is_file():
+        return None
+    data = _read_json(path)
+    out = {}
+    for key, kind in DECODING_SETTINGS.items():
+        if key not in data:
+            continue
+        value = data[key]
+        number_ok = kind is float and isinstance(value, (int, float))
+        if isinstance(value, bool) or not (isinstance(value, kind) or number_ok):
+            raise ValueError(f"{path}: key {key!r} is {value!r}, not {'a number' if kind is float else kind.__name__}")
+        out[key] = float(value) if kind is float else value
+    return out
+
+
+def decoding_label(decoding: dict) -> str:
+    """'beam 10, lp 0.8, no-repeat 4, rep 1, len 64, lora_repo': a decode's settings, short."""
+    parts = []
+    for key, value in decoding.items():
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        parts.append(f"{DECODING_LABELS[key]} {text}".strip())
+    return ", ".join(parts)
 
 
 def _seed_of(config: dict) -> Optional[int]:
@@ -273,6 +385,17 @@ def _measurements(results: dict, source: Path) -> List[tuple]:
 
 def match(registry: Registry, run: Run, task: str, metric: str, paper: Optional[str] = None) -> List[Reported]:
     """The reported rows for one measured number of a run ([] when no paper reports it)."""
+    return match_with_note(registry, run, task, metric, paper)[0]
+
+
+def match_with_note(registry: Registry, run: Run, task: str, metric: str,
+                    paper: Optional[str] = None) -> tuple:
+    """(the reported rows for one measured number of a run, why a budget row was left out or None)."""
+    return _by_budget(run, _by_rank(registry, run, task, metric, paper))
+
+
+def _by_rank(registry: Registry, run: Run, task: str, metric: str, paper: Optional[str]) -> List[Reported]:
+    """The rows of the run's (model, method, task, metric); where some carry a rank r, those of the run's r."""
     model = registry.model_key(run.model_name) or registry.model_key(run.model_path)
     if model is None or run.method is None:
         return []
@@ -282,6 +405,19 @@ def match(registry: Registry, run: Run, task: str, metric: str, paper: Optional[
     if run.r is not None and any(row.r == run.r for row in rows):
         rows = [row for row in rows if row.r is None or row.r == run.r]
     return rows
+
+
+def _by_budget(run: Run, rows: List[Reported]) -> tuple:
+    """The rows a run's budget meets: a budget row (AdaLoRA's Table 1 "budget 0.32M", total_rank 144) only when
+    the run's recorded final total rank is the row's. (rows, None), or (rows less the budget rows, a note that
+    the run's budget matches no row) — a run is never held against the rows of every budget."""
+    budgets = [row for row in rows if row.total_rank is not None]
+    if not budgets or any(row.total_rank == run.total_rank for row in budgets):
+        return [row for row in rows if row.total_rank is None or row.total_rank == run.total_rank], None
+    known = "; ".join(sorted({f"{row.setting or row.source}: total rank {row.total_rank}" for row in budgets}))
+    budget = f"final total rank {run.total_rank}" if run.total_rank is not None else "not recorded"
+    note = f"budget {budget} ({run.total_rank_how}) matches no row of the table ({known})"
+    return [row for row in rows if row.total_rank is None], note
 
 
 def seed_groups(runs: Sequence[Run]) -> List[List[Run]]:
@@ -308,11 +444,15 @@ def compare_rows(runs: Sequence[Run], registry: Optional[Registry] = None, paper
         derived = [(task, metric) for task in dict.fromkeys(t for t, _m in seen)
                    for metric in _final_values(first, task) if (task, metric) not in seen]
         for task, metric in seen + derived:
-            reported = match(registry, first, task, metric, paper)
-            if (task, metric) in derived and not reported:
+            reported, budget_note = match_with_note(registry, first, task, metric, paper)
+            if (task, metric) in derived and not reported and budget_note is None:
                 continue  # a derived metric is shown only where a paper reports it
             for rep in reported or [None]:
-                rows.append(protocol_row(group, task, metric, model, rep))
+                row = protocol_row(group, task, metric, model, rep)
+                if budget_note and rep is None:
+                    row.unmet.insert(0, budget_note)
+                    row.budget_unmatched = True
+                rows.append(row)
     return rows
 
 
@@ -328,21 +468,16 @@ def _final_value(run: Run, task: str, metric: str) -> float:
 
 def protocol_row(group: Sequence[Run], task: str, metric: str, model: Optional[str],
                  reported: Optional[Reported]) -> Row:
-    """The seeds' values, each selected and then aggregated as `reported`'s table protocol says."""
+    """The seeds' values, each selected and then aggregated as `reported`'s table protocol says. Runs of one
+    seed (a rerun) count once: their mean is that seed's value."""
     protocol: Optional[Protocol] = reported.protocol if reported else None
-    unmet = []
-    values, without_history = [], 0
-    for run in group:
-        final = _final_value(run, task, metric)
-        if protocol is not None and protocol.selection == "best":
-            history = run.evaluations(task, metric)
-            if history:
-                pick = min if metric in LOWER_IS_BETTER else max
-                final = pick(history + ([final] if math.isfinite(final) else []))
-            else:
-                without_history += 1
-        values.append(final)
+    selected, without_history = _selected_values(group, task, metric, protocol)
+    by_seed: Dict[object, List[float]] = {}
+    for i, (run, value) in enumerate(zip(group, selected)):
+        by_seed.setdefault(run.seed if run.seed is not None else ("unknown", i), []).append(value)
+    values = [_mean_finite(seed_values) for seed_values in by_seed.values()]
     finite = [v for v in values if math.isfinite(v)]
+    unmet = []
     if reported is not None and protocol is None:
         unmet.append("protocol not known")
     if protocol is not None:
@@ -355,9 +490,11 @@ def protocol_row(group: Sequence[Run], task: str, metric: str, model: Optional[s
         if without_history:
             unmet.append("last evaluation, not best epoch" if without_history == len(group)
                          else f"last evaluation for {without_history} of {len(group)} runs")
-    seeds = [run.seed for run in group if run.seed is not None]
-    if len(set(seeds)) < len(seeds):
-        unmet.append("a seed repeated")
+    repeated = [str(seed) for seed, runs in by_seed.items() if len(runs) > 1]
+    if repeated:
+        unmet.append(f"seed{'s' if len(repeated) > 1 else ''} {', '.join(repeated)} run more than once: each "
+                     "seed counted once (the mean of its runs)")
+    unmet += _examples_notes(group, task) + _decoding_notes(group[0], task, protocol)
     if not finite:
         value = float("nan")
     elif protocol is not None and protocol.aggregation == "median":
@@ -366,6 +503,56 @@ def protocol_row(group: Sequence[Run], task: str, metric: str, model: Optional[s
         value = statistics.fmean(finite)
     spread = statistics.stdev(finite) if len(finite) >= 2 else None
     return Row(group[0], task, metric, value, model, reported, list(group), values, spread, unmet)
+
+
+def _selected_values(group: Sequence[Run], task: str, metric: str, protocol: Optional[Protocol]) -> tuple:
+    """(each run's value as the protocol selects it, how many runs had no history to select the best from)."""
+    values, without_history = [], 0
+    for run in group:
+        final = _final_value(run, task, metric)
+        if protocol is not None and protocol.selection == "best":
+            history = run.evaluations(task, metric)
+            if history:
+                pick = min if metric in LOWER_IS_BETTER else max
+                final = pick(history + ([final] if math.isfinite(final) else []))
+            else:
+                without_history += 1
+        values.append(final)
+    return values, without_history
+
+
+def _mean_finite(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(finite) if finite else float("nan")
+
+
+def _examples_notes(group: Sequence[Run], task: str) -> List[str]:
+    """"20 of 630 examples" where the runs scored part of a split whose full size FULL_SPLITS knows."""
+    counts: Dict[int, int] = {}
+    full = None
+    for run in group:
+        split, n = run.examples.get(task, (None, None))
+        size = FULL_SPLITS.get((task, split))
+        if size is not None and n is not None and n != size[0]:
+            full = size[0]
+            counts[n] = counts.get(n, 0) + 1
+    notes = []
+    for n, runs in sorted(counts.items()):
+        which = "" if runs == len(group) else f" ({runs} of {len(group)} runs)"
+        notes.append(f"{n} of {full} examples{which}" if n < full else f"{n} examples, the split has {full}{which}")
+    return notes
+
+
+def _decoding_notes(run: Run, task: str, protocol: Optional[Protocol]) -> List[str]:
+    """Where the run's decoding.json differs from the table's decoding (the seeds of a row decode alike)."""
+    table = protocol.decoding(task) if protocol is not None else {}
+    if run.decoding is None or not table:
+        return []
+    differ = [f"{key} {run.decoding[key]:g} (table {value:g})" for key, value in table.items()
+              if key in run.decoding and run.decoding[key] != value]
+    missing = [key for key in table if key not in run.decoding]
+    notes = [f"decoding: {', '.join(differ)}"] if differ else []
+    return notes + ([f"decoding.json does not record {', '.join(missing)}"] if missing else [])
 
 
 # -- output -----------------------------------------------------------------------------------------
@@ -403,10 +590,11 @@ def table_cells(rows: Sequence[Row]) -> List[List[str]]:
         model = row.model or _display_model(run.model_name)
         by = "—" if rep is None else rep.paper + (f" ({rep.setting})" if rep.setting else "")
         measured = _fmt(row.shown) + (f" ± {_fmt(row.shown_spread)}" if row.shown_spread is not None else "")
-        n = len(row.runs or [run])
+        n = len(row.values) if row.values else len(row.runs or [run])  # distinct seeds: a rerun counts once
         wanted = rep.protocol.seeds if rep is not None and rep.protocol is not None else None
         seeds = f"{n}/{wanted}" if wanted else str(n)
-        protocol = "—" if rep is None else ("; ".join(row.unmet) or "as the table")
+        # what was not as the table did it; a row with no reported number still names its problems
+        protocol = "; ".join(row.unmet) or ("—" if rep is None else "as the table")
         cells.append([row.name, model, run.method or "?", row.task, row.metric, "—" if rep is None else rep.text(),
                       measured, seeds, _fmt(row.delta, sign=True), by, protocol])
     return cells
@@ -425,14 +613,25 @@ def protocol_notes(rows: Sequence[Row], registry: Registry, paper: Optional[str]
             protocols.setdefault(row.reported.protocol.key, row.reported.protocol)
     for key, protocol in sorted(protocols.items()):
         notes.append(f"Protocol {key}: {protocol.text()}; metric: {protocol.metric}. Source: {protocol.source}."
-                     + (f" {protocol.note}." if protocol.note else ""))
+                     + (f" {protocol.note}." if protocol.note else "") + _decoding_text(protocol))
+    partial = sorted({(task, split) for row in rows for task, (split, n) in row.run.examples.items()
+                      if (task, split) in FULL_SPLITS and n is not None and n != FULL_SPLITS[task, split][0]})
+    if partial:
+        notes.append("N of M examples: the run scored N of the split's M examples, not the table's whole split ("
+                     + "; ".join(f"{task} {split}: {FULL_SPLITS[task, split][1]}" for task, split in partial) + ").")
     if any(row.reported is not None and row.reported.protocol is None for row in rows):
         notes.append("protocol not known: the registry holds no protocol for that table; the seeds' mean is shown.")
     alternatives = sorted({f"{row.reported.text()} ({row.reported.source}): {a.source} prints "
                            f"{a.value:.2f}" + (f" ± {a.std:.2f}" if a.std is not None else "")
                            for row in rows if row.reported for a in row.reported.alternatives})
     notes += [f"Other source: {text}." for text in alternatives]
-    unmatched = [row for row in rows if row.reported is None]
+    off_budget = [row for row in rows if row.budget_unmatched]
+    if off_budget:
+        notes.append(f"budget ... matches no row of the table ({len(off_budget)} of {len(rows)} rows): the paper "
+                     "reports these rows per budget (AdaLoRA's Table 1: 0.32M and 1.27M) and the run's recorded "
+                     "budget is neither (the released scripts' target rank 1 is about 0.17M: BUDGET=0.32M or "
+                     "1.27M runs a row of the table), so no reported number is shown beside it.")
+    unmatched = [row for row in rows if row.reported is None and not row.budget_unmatched]
     if unmatched:
         tasks = sorted({row.task for row in unmatched})
         notes.append(f"—: no paper in the registry reports that model / method / task / metric "
@@ -460,6 +659,16 @@ def protocol_notes(rows: Sequence[Row], registry: Registry, paper: Optional[str]
         notes.append("Sources:")
         notes += [f"- {p}: {s}" for p, s in sources]
     return notes
+
+
+def _decoding_text(protocol: Protocol) -> str:
+    """ ' Decoding (source): e2e beam 10, length_penalty 0.9, ...; ...' where the protocol holds the table's decoding."""
+    tasks = [task for task, _settings in protocol.decoding_by_task]
+    if not tasks:
+        return ""
+    per_task = "; ".join(f"{task} " + ", ".join(f"{k} {v:g}" for k, v in protocol.decoding(task).items())
+                         for task in tasks)
+    return f" Decoding ({protocol.decoding_source}): {per_task}; a run's decoding.json is held against it."
 
 
 def markdown_table(rows: Sequence[Row], registry: Registry, paper: Optional[str] = None) -> str:

@@ -14,6 +14,9 @@ Schema of registry.json (schema 1). One JSON object:
                aggregation: "median" or "mean" over the seeds (null: not stated); selection: "best" (each
                run's best evaluation, the best epoch) or "last" (the run's final model), null: not stated;
                metric: the exact metric in words. `loralib compare` applies it (loralib.repro.compare).
+               decoding (optional): {source, <task>: {beam, length_penalty, no_repeat_ngram_size, ...}}: the
+               table's generation settings per task (the LoRA paper's Table 11); compare names a run whose
+               decoding.json differs.
     papers     {paper_key: {title, authors, venue, url, notes: [str], baseline_from: [paper_key] (optional)}}
                paper keys: lora, adalora, lora2, loraplus, lorapro. baseline_from names papers whose rows
                stand in for this one's (LoRA² per-task numbers are not read yet: its comparisons use AdaLoRA's).
@@ -39,6 +42,8 @@ Schema of registry.json (schema 1). One JSON object:
         method         full, lora, adapter, prefix, adalora, lora2, loraplus, lorapro, dora, pissa, rslora, lora-ga
         setting        null or a short string that tells rows of one (model, method) apart ("r=8", "budget 1.27M")
         r              (optional) the LoRA rank of the row, used to pick between rows when a run's rank is known
+        total_rank     (optional) AdaLoRA's budget as a final total rank over the adapted matrices ("budget 0.32M":
+                       144); a run is held against the row only when its recorded final total rank is this
         task           as in adapters; "average" for a table's average column; null for model-level numbers
                        (trainable parameters, headline claims)
         split          dev, test, eval or null
@@ -147,6 +152,13 @@ class Protocol:
     selection: Optional[str]
     metric: str
     note: Optional[str] = None
+    decoding_source: Optional[str] = None
+    # ((task, ((setting, value), ...)), ...): the table's decoding per task (a tuple: the record stays hashable)
+    decoding_by_task: Tuple[Tuple[str, Tuple[Tuple[str, float], ...]], ...] = ()
+
+    def decoding(self, task: str) -> Dict[str, float]:
+        """The table's decoding settings for `task` ({} where the registry holds none)."""
+        return dict(dict(self.decoding_by_task).get(task, ()))
 
     def text(self) -> str:
         """'median of 5 seeds, best epoch' (what is not stated says so)."""
@@ -184,6 +196,7 @@ class Reported:
     r: Optional[int] = None
     note: Optional[str] = None
     protocol: Optional[Protocol] = None
+    total_rank: Optional[int] = None
     alternatives: Tuple[Alternative, ...] = ()
 
     @property
@@ -444,10 +457,22 @@ def _parse_protocol(key: str, e: _Entry, papers: Mapping) -> Protocol:
     seeds = e.get("seeds", int, nullable=True)
     if seeds is not None and seeds < 1:
         e.fail("seeds", f"must be >= 1 or null, got {seeds!r}")
+    decoding = e.get("decoding", dict, optional=True)
+    source, by_task = _parse_decoding(_Entry(decoding, e.source, e.where + " decoding")) if decoding else (None, ())
     return Protocol(key=key, paper=e.choice("paper", tuple(papers)), source=e.get("source", str), seeds=seeds,
                     aggregation=e.choice("aggregation", AGGREGATIONS, nullable=True),
                     selection=e.choice("selection", SELECTIONS, nullable=True), metric=e.get("metric", str),
-                    note=e.get("note", str, optional=True))
+                    note=e.get("note", str, optional=True), decoding_source=source, decoding_by_task=by_task)
+
+
+def _parse_decoding(e: _Entry) -> Tuple[str, Tuple[Tuple[str, Tuple[Tuple[str, float], ...]], ...]]:
+    """A protocol's "decoding": its source and, per task, {setting: number} (every value a number)."""
+    source = e.get("source", str)
+    by_task = []
+    for task in (key for key in e.raw if key != "source"):
+        settings = _Entry(e.get(task, dict), e.source, f"{e.where}[{task!r}]")
+        by_task.append((task, tuple((name, settings.number(name)) for name in settings.raw)))
+    return source, tuple(by_task)
 
 
 def _parse_alternatives(e: _Entry) -> Tuple[Alternative, ...]:
@@ -480,6 +505,9 @@ def _parse_reported(e: _Entry, papers: Mapping, models: Mapping, protocols: Opti
         if mark not in MARKS:
             e.fail("marks", f"holds unknown mark {mark!r}: expected some of {', '.join(MARKS)}")
     r = e.get("r", int, optional=True)
+    total_rank = e.get("total_rank", int, optional=True)
+    if total_rank is not None and total_rank < 1:
+        e.fail("total_rank", f"must be >= 1, got {total_rank!r}")
     protocol = e.get("protocol", str, optional=True)
     protocols = protocols or {}
     if protocol is not None and protocol not in protocols:
@@ -491,4 +519,5 @@ def _parse_reported(e: _Entry, papers: Mapping, models: Mapping, protocols: Opti
         metric=e.get("metric", str), value=float(value) if value is not None else None,
         std=float(std) if std is not None else None, unit=e.choice("unit", UNITS), marks=tuple(marks),
         range=span, r=r, note=e.get("note", str, optional=True),
-        protocol=protocols[protocol] if protocol is not None else None, alternatives=_parse_alternatives(e))
+        protocol=protocols[protocol] if protocol is not None else None, alternatives=_parse_alternatives(e),
+        total_rank=total_rank)

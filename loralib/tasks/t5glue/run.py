@@ -8,7 +8,9 @@ prepare() checks the spec, resolves the method (loralib.methods.make_method), re
 the model (nothing written) and returns a RunTask; execute() runs it through loralib.train.run.execute (the one run
 skeleton: start, train with the method's optimizer / regularizer / allocator, the PEFT export, evaluate on the dev
 split). Files in output_dir:
-    run_config.json     {"method", "model_name_or_path", "model_path", "lora", "task", ...} (what `loralib compare` reads)
+    run_config.json     {"method", "model_name_or_path", "model_path", "lora", "task", "paper_setting": "lora-ga", ...}
+                        (what `loralib compare` reads; "paper_setting", not "setting": compare sets apart the runs
+                        whose "setting" is outside the papers, and this one is LoRA-Pro's T5 table's)
     metrics.jsonl, checkpoint-<step>/, adapter/       the loop's log, checkpoints and final adapter
     peft_adapter/       the adapter as a PEFT LoRA (task_type SEQ_2_SEQ_LM; AdaLoRA / LoRA²: the plain-LoRA form)
     train_results.json  steps, mean loss, the optimizer's parameter groups
@@ -243,7 +245,7 @@ class Prepared:
         return {"method": m.name, "model_name_or_path": s.model_name_or_path, "model_path": str(self.model_path),
                 "model_type": "t5", "lora": m.lora.to_dict() if m.lora is not None else None,
                 "lorapro_mode": m.lorapro_mode, "loraplus_lr_ratio": m.loraplus_ratio, "task": get_task(s.task).name,
-                "setting": "lora-ga", "precision": self.run.precision, "world_size": skeleton.world_size(),
+                "paper_setting": "lora-ga", "precision": self.run.precision, "world_size": skeleton.world_size(),
                 "gradient_accumulation_steps": self.grad_accum, "args": asdict(s)}
 
     def training(self) -> Training:
