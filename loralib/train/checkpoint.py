@@ -6,7 +6,8 @@ Layout under output_dir:
       adapter/                 loralib.save_adapter's folder: "lora_" tensors + other trainable parameters
       model_extra.pt           the model's persistent buffers (BatchNorm statistics, AdaLoRA's ranknum), or
                                the whole state dict with save_full_model (LoRA-Pro decays the frozen W0)
-      training_state.pt        optimizer, lr scheduler, grad scaler, allocator, loop position
+      training_state.pt        optimizer, lr scheduler, grad scaler, allocator, loop position, loss sums
+                               (every rank's log window gathered: loralib.train.loss_tally)
       rng_state_<rank>.pt      python / numpy / torch CPU / CUDA generator states of each process
       callbacks_<rank>.pt      each process's callback state (callbacks with state_dict(), e.g. the
                                sharded moments of LoRA-Pro's full variant under DeepSpeed)

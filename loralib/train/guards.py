@@ -21,11 +21,13 @@ class NonFiniteError(ValueError, FloatingPointError):
     too, so every entry point (loralib.cli.run_entry_point) prints it as one line and exits 2."""
 
 
-def check_loss(loss: torch.Tensor, step: int, ctx: DistContext, last_checkpoint: Optional[str] = None) -> None:
+def check_loss(loss: torch.Tensor, step: int, ctx: DistContext, last_checkpoint: Optional[str] = None,
+               lr_flag: str = "--learning_rate") -> None:
     """Raise NonFiniteError if `loss` (this rank's detached scalar of optimizer step `step`, 1-based) or any
-    other rank's is nan / inf. Called after the backward pass and before the optimizer step, so the weights
-    stay those of the last good step. One host sync per step (transformers' Trainer makes the same one for
-    its nan filter); under DDP one more all-reduce of a flag, so that every rank stops together."""
+    other rank's is nan / inf; the message names `lr_flag`, the caller's learning-rate flag. Called after the
+    backward pass and before the optimizer step, so the weights stay those of the last good step. One host
+    sync per step (transformers' Trainer makes the same one for its nan filter); under DDP one more all-reduce
+    of a flag, so that every rank stops together."""
     bad = (~torch.isfinite(loss)).to(torch.float32)
     if ctx.distributed:
         bad = bad.clone()
@@ -38,7 +40,7 @@ def check_loss(loss: torch.Tensor, step: int, ctx: DistContext, last_checkpoint:
     raise NonFiniteError(
         f"train: the loss is {where} at step {step}; training stopped before that step's update and before "
         f"writing anything computed from it ({kept}). Usual causes: a learning rate too high for the method "
-        "(--learning_rate), fp16 without loss scaling, or nan / inf in the data")
+        f"({lr_flag}), fp16 without loss scaling, or nan / inf in the data")
 
 
 def check_finite_parameters(model: nn.Module, step: int, ctx: DistContext) -> None:

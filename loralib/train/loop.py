@@ -33,9 +33,12 @@ model is partitioned by deepspeed.initialize and stays so after train(): LoRA la
 eval_fn must run the same forwards on every rank (its gathers are collectives), and the adapter folders
 are written whole; for single-process inference load `result.adapter_dir` into a fresh model.
 Resume: `resume_from="latest"`; refused, naming each difference, when a setting that changes the result
-differs from the checkpoint's (loralib.train.resume_check). Safety: rank 0 holds a lock on output_dir for the
-call (loralib.train.run_lock: a second process is refused); a nan/inf loss stops the run before that step's
-update and non-finite weights are never written (loralib.train.guards); a full disk is one DiskFullError.
+differs from the checkpoint's (loralib.train.resume_check). The checkpoint keeps the loss sums too
+(loralib.train.loss_tally), so a resumed run's metrics.jsonl losses and train_loss equal the uninterrupted run's;
+TrainResult records the resumes (resumed_from_step, resumed_at_steps) and the steps train_loss averages.
+Safety: rank 0 holds a lock on output_dir for the call (loralib.train.run_lock: a second process is refused); a
+nan/inf loss stops the run before that step's update, with an error naming config.lr_flag, and non-finite
+weights are never written (loralib.train.guards); a full disk is one DiskFullError.
 Callbacks are objects with any of on_train_begin(state), on_before_optimizer_step(state, model,
 optimizer), on_step_end(state, logs), on_evaluate(state, metrics), on_save(state, path),
 on_train_end(state); an exception raised in one stops training (the last checkpoint stays good). A callback
@@ -66,10 +69,11 @@ from . import zero3
 from ..files import full_disk_named
 from .backend import default_optimizer, make_backend, trainable_parameters
 from .guards import check_finite_parameters, check_loss
+from .loss_tally import LossTally
 from .resume_check import (RESULT_SETTINGS, config_differences, layer_differences, layer_signature,
                            refuse_if_different)
 from .run_lock import output_dir_lock
-from .distributed import DistContext, ShardedBatches, all_reduce_mean, barrier, broadcast_object, setup
+from .distributed import DistContext, ShardedBatches, barrier, broadcast_object, setup
 from .progress import open_progress
 from .schedules import SCHEDULES
 
@@ -98,6 +102,8 @@ class TrainConfig:
     model itself stays uncompiled, so checkpoints, adapters and evaluation see plain module names (no
     `_orig_mod.`); not with deepspeed_config. Default off: on CPU the compiled LoRA step measured 1.09x (GPT-2)
     and 1.15x (SmolLM2) slower than eager (benchmarks/README.md, "torch.compile"); on the GPU not measured yet.
+    lr_flag: the command-line flag of the learning rate in the entry point that runs the loop, named by the
+    error a non-finite loss ends in ("--lr" for examples/NLG/gpt2_ft.py).
     resume_overrides: settings (names of TrainConfig fields, loralib.train.resume_check.RESULT_SETTINGS) a resume
     may change on purpose, e.g. ("lr",) to continue with a lower learning rate: the change is applied to the
     restored optimizer / schedule and recorded in metrics.jsonl; any other difference refuses the resume.
@@ -140,6 +146,7 @@ class TrainConfig:
     merge_lora_for_eval: bool = False
     resume_overrides: Tuple[str, ...] = ()
     torch_compile: Union[bool, str] = False
+    lr_flag: str = "--learning_rate"
 
     def __post_init__(self):
         def bad(name: str, why: str):
@@ -230,13 +237,18 @@ class TrainState:
 class TrainResult:
     global_step: int
     epoch: float
-    train_loss: Optional[float]      # mean loss of the steps this call ran
+    train_loss: Optional[float]      # mean loss of the steps train_loss_steps names (all, unless see there)
     best_metric: Optional[float]
     best_step: Optional[int]
     eval_metrics: Optional[Dict[str, Any]]
     adapter_dir: Optional[str]
     best_adapter_dir: Optional[str]
     last_checkpoint: Optional[str]
+    # [first, last] step train_loss averages: [1, global_step], except after a resume from a checkpoint written
+    # before checkpoints kept the loss sums (then from the step after it); None when it averages none
+    train_loss_steps: Optional[List[int]] = None
+    resumed_from_step: Optional[int] = None                         # this call resumed from checkpoint-<step>
+    resumed_at_steps: List[int] = dataclasses.field(default_factory=list)  # every resume of the run, oldest first
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -446,6 +458,8 @@ class _Run:
         self.best_dir = self.output_dir / "best_adapter"
         self.last_metrics: Optional[Dict[str, Any]] = None
         self.last_checkpoint: Optional[Path] = None
+        self.losses = LossTally(self.device)  # train_loss and the log window; restored on resume
+        self.resumed_from_step: Optional[int] = None
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self, optimizer_factory) -> None:
@@ -487,8 +501,8 @@ class _Run:
         return _Resume(path, saved_config, differences)
 
     def _restore(self, resume: _Resume) -> Dict[str, list]:
-        """Optimizer / schedule (the backend's), allocator, callbacks, loop position, and last the RNG
-        streams; returns the resume_overrides applied."""
+        """Optimizer / schedule (the backend's), allocator, callbacks, loop position, loss sums, and last the
+        RNG streams; returns the resume_overrides applied."""
         path, allocator = resume.path, self.allocator
         saved = ckpt.load_training_state(path)
         overridden = self.backend.restore(path, saved, resume.saved_config, resume.differences)
@@ -510,6 +524,9 @@ class _Run:
             raise ValueError(f"resume_from={str(path)!r}: the checkpoint's run has {self.state.total_steps} steps, "
                              f"this one {self.total_steps} (max_steps / num_epochs changed); the schedule depends "
                              "on it, so exact resume needs the same")
+        self.resumed_from_step = self.state.global_step
+        # absent from checkpoints written before it was kept: then train_loss starts after this step (recorded)
+        self.losses.restore(saved.get("loss"), self.state.global_step, self.ctx.rank, self.config.log_every)
         ckpt.load_rng(path, self.ctx.rank)  # last: nothing after it may draw random numbers
         return overridden
 
@@ -540,8 +557,6 @@ class _Run:
 
     # -- train -------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        self.loss_sum, self.steps_run = 0.0, 0  # over the steps this call runs (TrainResult.train_loss)
-        self.logged_loss, self.logged_steps = torch.zeros((), device=self.device), 0  # since the last log line
         self.work, self.unit, self.tick = 0, "samples", time.perf_counter()
         _call(self.callbacks, "on_train_begin", self.state)
         self.backend.forward_model.train()
@@ -567,7 +582,7 @@ class _Run:
             n = min(config.grad_accum_steps, len(batches) - state.micro_in_epoch)
             step_loss = self._accumulate(micro_batches, n)
             check_loss(step_loss, state.global_step + 1, self.ctx,
-                       str(self.last_checkpoint) if self.last_checkpoint else None)
+                       str(self.last_checkpoint) if self.last_checkpoint else None, lr_flag=config.lr_flag)
             _, grad_norm = self.backend.step(self.model, state.global_step, lambda module: _call(
                 self.callbacks, "on_before_optimizer_step", state, module, self.backend.optimizer))
             state.global_step += 1
@@ -606,27 +621,30 @@ class _Run:
 
     def _log_step(self, step_loss: torch.Tensor, grad_norm) -> Dict[str, Any]:
         """Every log_every steps (and at the last): a metrics.jsonl line with the mean loss since the last
-        one (over all ranks), the learning rate, the throughput and the gradient norm; else {}."""
-        state, ctx = self.state, self.ctx
-        self.logged_loss += step_loss
-        self.logged_steps += 1
+        one (over all ranks), the learning rate, the throughput and the gradient norm; else {}. The progress
+        display moves on after it, so the line it draws for this step shows this step's logged values."""
+        state = self.state
+        self.losses.add(step_loss)
+        logs = {}
+        if state.global_step % self.config.log_every == 0 or state.global_step == self.total_steps:
+            logs = self._write_log_line(grad_norm)
         self.bar.update(1)
-        if not (state.global_step % self.config.log_every == 0 or state.global_step == self.total_steps):
-            return {}
-        mean_loss = (all_reduce_mean(self.logged_loss, ctx) / self.logged_steps).item()
+        return logs
+
+    def _write_log_line(self, grad_norm) -> Dict[str, Any]:
+        """The metrics.jsonl line closing the current log window (collective under DDP); shown by the bar."""
+        state, ctx = self.state, self.ctx
+        mean_loss, extra = self.losses.close_window(ctx)
         elapsed = time.perf_counter() - self.tick
         rate = float(_scalar(self.work)) * ctx.world_size / max(elapsed, 1e-9)
         lr = self.backend.scheduler.get_last_lr()[0]
-        logs = {"step": state.global_step, "epoch": round(self.epoch_float(), 4), "loss": mean_loss,
+        logs = {"step": state.global_step, "epoch": round(self.epoch_float(), 4), "loss": mean_loss, **extra,
                 "lr": lr, f"{self.unit}_per_s": round(rate, 2)}
         if grad_norm is not None:
             logs["grad_norm"] = float(_scalar(grad_norm))
         self.log.write(logs)
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **{f"{self.unit}/s": f"{rate:.0f}"})
-        self.loss_sum += mean_loss * self.logged_steps
-        self.steps_run += self.logged_steps
-        self.logged_loss.zero_()
-        self.logged_steps, self.work, self.tick = 0, 0, time.perf_counter()
+        self.work, self.tick = 0, time.perf_counter()
         return logs
 
     # -- evaluate and save -------------------------------------------------------------------------
@@ -670,11 +688,12 @@ class _Run:
 
     def save(self) -> Path:
         """checkpoint-<step>: the adapter, the backend's optimizer / schedule / scaler state, the allocator's,
-        the loop position, each rank's RNG streams and callback states."""
+        the loop position, the loss sums (loss_tally.py), each rank's RNG streams and callback states."""
         config, state, model = self.config, self.state, self.model
         check_finite_parameters(model, state.global_step, self.ctx)
         training_state = dict(self.backend.training_state(),
                               allocator=self.allocator.state_dict() if self.allocator is not None else None,
+                              loss=self.losses.state_dict(self.ctx),  # collective: every rank's log window
                               loop=dataclasses.asdict(dataclasses.replace(state, last_save_step=state.global_step)))
         meta = {"epoch": self.epoch_float(), "best_metric": state.best_metric, "best_step": state.best_step,
                 "per_device_batch_size": config.per_device_batch_size, "grad_accum_steps": config.grad_accum_steps,
@@ -719,7 +738,9 @@ class _Run:
             last_checkpoint = found[-1][1] if found else None
         return TrainResult(
             global_step=state.global_step, epoch=self.epoch_float(),
-            train_loss=self.loss_sum / self.steps_run if self.steps_run else None,
-            best_metric=state.best_metric, best_step=state.best_step, eval_metrics=self.last_metrics,
-            adapter_dir=str(adapter_dir), best_adapter_dir=str(self.best_dir) if state.best_step is not None else None,
-            last_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+            train_loss=self.losses.mean(), best_metric=state.best_metric, best_step=state.best_step,
+            eval_metrics=self.last_metrics, adapter_dir=str(adapter_dir),
+            best_adapter_dir=str(self.best_dir) if state.best_step is not None else None,
+            last_checkpoint=str(last_checkpoint) if last_checkpoint else None,
+            train_loss_steps=self.losses.covered_steps(state.global_step), resumed_from_step=self.resumed_from_step,
+            resumed_at_steps=list(self.losses.resumed_at))

@@ -249,8 +249,12 @@ class RunTask(Protocol):
 
 
 def train_results_of(outcome, groups: List[dict]) -> dict:
-    """train_results.json: where the loop ended and the optimizer's parameter groups."""
+    """train_results.json: where the loop ended, the mean training loss and the steps it averages, the resumes
+    (resumed_from_step: this call's, None when it started from scratch; resumed_at_steps: every one of the run)
+    and the optimizer's parameter groups."""
     return {"global_step": outcome.global_step, "epoch": outcome.epoch, "train_loss": outcome.train_loss,
+            "train_loss_steps": outcome.train_loss_steps, "resumed_from_step": outcome.resumed_from_step,
+            "resumed_at_steps": outcome.resumed_at_steps,
             "best_metric": outcome.best_metric, "best_step": outcome.best_step,
             "eval_metrics": outcome.eval_metrics, "adapter_dir": outcome.adapter_dir,
             "best_adapter_dir": outcome.best_adapter_dir, "last_checkpoint": outcome.last_checkpoint,

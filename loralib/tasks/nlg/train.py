@@ -200,7 +200,7 @@ class NLGRun:
             warmup_steps=s.warmup_step, max_grad_norm=opt.max_grad_norm or None, precision=s.run.precision,
             eval_strategy="steps", eval_every=s.eval_interval, save_strategy="steps", save_every=s.save_interval,
             save_full_model=full, seed=s.run.seed, log_every=s.log_interval, progress_bar=s.progress_bar,
-            resume_from=s.run.resume_from, torch_compile=s.torch_compile)
+            resume_from=s.run.resume_from, torch_compile=s.torch_compile, lr_flag="--lr")
         return Training(self.model, self.train_set, collate, config, s.method, opt,
                         eval_fn=lambda m: validation_loss(m, self.valid_set, s.valid_batch_size),
                         callbacks=[OriginalCheckpoints(self.model, s.work_dir, full=full)])
