@@ -232,3 +232,14 @@ def test_the_registry_refuses_a_bad_budget_or_decoding():
     data["protocols"]["lora-nlg"]["decoding"]["e2e"]["beam"] = "10"
     with pytest.raises(RegistryError, match=r"protocols\['lora-nlg'\] decoding\['e2e'\]: field 'beam' must be"):
         parse_registry(data, "registry.json")
+
+
+def test_a_smaller_model_in_a_folder_named_like_the_papers_is_not_held_against_it(tmp_path, capsys):
+    """An NLG run of a tiny GPT-2 kept in a folder named gpt2-medium records model_size (the card's name only
+    for a model of its size): it goes to its own table, not against Table 3's GPT-2 M row."""
+    _run(tmp_path / "tiny", {"method": "lora", "model_name_or_path": "/x/models/gpt2-medium", "lora": {"r": 4},
+                             "model_size": {"n_layer": 2, "n_embd": 64, "n_head": 2}, "args": {"random_seed": 0}},
+         {"task": "e2e", "split": "test", "num_examples": 630, "bleu": 0.7})
+    assert compare.main([str(tmp_path), "--out", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("## model of another size (n_layer 2, n_embd 64, n_head 2)") and "70.40" not in out

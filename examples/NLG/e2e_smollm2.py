@@ -65,7 +65,7 @@ def fine_tune(model_dir: Path, method: str, features, eos: int, args, out: Path)
     precision = "bf16" if args.device.startswith("cuda") else "fp32"
     t0 = time.time()
     result = train(model, features, InstructCollator(eos),
-                   TrainConfig(output_dir=str(out / method / "train"), max_steps=args.max_steps,
+                   TrainConfig(output_dir=str(out / method / "train"), max_steps=args.max_steps, lr_flag="--lr",
                                per_device_batch_size=args.train_batch_size, lr=args.lr, schedule="linear",
                                warmup_ratio=0.06, weight_decay=0.0, precision=precision, save_strategy="no",
                                seed=args.seed, device=args.device, log_every=max(1, args.max_steps // 10)),

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     features = encode(train_records, tokenizer, eos, args.seq_len)
     precision = "bf16" if args.device.startswith("cuda") else "fp32"
     result = train(model, features, InstructCollator(eos),
-                   TrainConfig(output_dir=str(out / "lora" / "train"), max_steps=args.max_steps,
+                   TrainConfig(output_dir=str(out / "lora" / "train"), max_steps=args.max_steps, lr_flag="--lr",
                                per_device_batch_size=args.train_batch_size, lr=args.lr, schedule="linear",
                                warmup_ratio=0.06, weight_decay=0.01, precision=precision, save_strategy="no",
                                seed=args.seed, device=args.device, log_every=20))

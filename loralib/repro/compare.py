@@ -241,6 +241,9 @@ def _read_run(folder: Path, root: Path) -> Run:
         run.settings = json.dumps(_settings(cfg), sort_keys=True, default=str)
         setting = cfg.get("setting")
         run.setting = setting if isinstance(setting, str) and setting not in PAPER_SETTINGS else None
+        size = cfg.get("model_size")  # recorded by runs whose model is not its card's size (a tiny GPT-2)
+        if isinstance(size, dict) and run.setting is None:
+            run.setting = "model of another size (" + ", ".join(f"{k} {v}" for k, v in size.items()) + ")"
         run.total_rank, run.total_rank_how = _total_rank(cfg, folder)
     results_file = folder / "eval_results.json"
     results = _read_json(results_file)
