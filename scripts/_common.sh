@@ -170,12 +170,12 @@ model_path() {  # hub name -> what --model_name_or_path gets
 }
 
 # launch ENTRY FLAGS...: one run of ENTRY (a path under the repository), on NPROC processes.
-# A training run (--do_train, or a training entry point) whose output folder (--output_dir / --work_dir /
-# --root_output_dir ROOT: ROOT/model) is
-# rerun by the same command: finished (train_results.json and eval_results.json, and the command recorded in
-# LAUNCH_RECORD equal) it is skipped; interrupted (a checkpoint-* folder) it resumes with
-# --resume_from_checkpoint latest instead of overwriting (the entry point refuses a resume whose settings
-# differ); a finished run of another command is an error. FRESH=1 runs it from scratch as the originals did.
+# A training run's output folder (--output_dir / --work_dir / --root_output_dir ROOT: ROOT/model) records its
+# command (NPROC and flags) in LAUNCH_RECORD before it starts. Rerun by the same command: finished
+# (train_results.json, and eval_results.json where the entry point evaluates) it is skipped; interrupted (a
+# checkpoint-* folder) it resumes with --resume_from_checkpoint latest instead of overwriting (the entry point
+# refuses a resume whose settings differ). A folder holding a run of another command, or a finished run with no
+# record (made before reruns were recorded), is an error. FRESH=1 runs it from scratch, as the originals did.
 LAUNCH_RECORD=launch_command.txt
 launch() {
     local entry=$REPO/$1
@@ -185,35 +185,77 @@ launch() {
         cmd+=(-m torch.distributed.run --standalone --nproc_per_node "$NPROC")
     fi
     local run=("$entry" "$@" "${SMOKE_ARGS[@]+"${SMOKE_ARGS[@]}"}")
-    cmd+=("${run[@]}")
-    local out="" prev="" arg training=0 line
+    local out="" flag="" prev="" arg
     for arg in "${run[@]}"; do
-        [[ $prev == --output_dir || $prev == --work_dir ]] && out=$arg
-        [[ $prev == --root_output_dir ]] && out=$arg/model  # LoRA²'s flag: the run goes to ROOT/model
-        [[ $arg == --do_train ]] && training=1
+        case $prev in
+            --output_dir|--work_dir) out=$arg flag=$prev ;;
+            --root_output_dir) out=$arg/model flag=--output_dir ;;  # LoRA²'s flag: the run goes to ROOT/model
+        esac
         prev=$arg
     done
-    case ${entry#"$REPO"/} in examples/NLG/gpt2_ft.py|lorapro/train.py|lorapro/run_t5_glue.py) training=1 ;; esac
-    [[ " ${run[*]} " == *" --no-do_train "* ]] && training=0
-    line=$(printf ' %q' "${run[@]}")  # the run's flags (not the interpreter) identify it
-    if (( training )) && [[ -n $out && ${FRESH:-0} != 1 ]]; then
-        if [[ -f $out/train_results.json && -f $out/eval_results.json && -f $out/$LAUNCH_RECORD ]]; then
-            [[ $(<"$out/$LAUNCH_RECORD") == "$line" ]] || die "$out holds a finished run of another command"                 "(see $out/$LAUNCH_RECORD): use another OUT_DIR, or FRESH=1 to replace it"
-            echo "$SCRIPT_NAME: $out: finished by this command before, skipped (FRESH=1 runs it again)" >&2
-            return 0
-        fi
-        if compgen -G "$out/checkpoint-*" >/dev/null; then
-            local resumed=()
-            for arg in "${cmd[@]}"; do
-                [[ $arg == --overwrite_output_dir || $arg == --overwrite_work_dir ]] || resumed+=("$arg")
-            done
-            cmd=("${resumed[@]}" --resume_from_checkpoint latest)
-            echo "$SCRIPT_NAME: $out: interrupted before, resumed from its latest checkpoint (FRESH=1 starts over)" >&2
-        fi
+    if [[ -n $out ]] && training_run "${run[@]}"; then
+        prepare_rerun "$out" "$flag" "NPROC=$NPROC$(printf ' %q' "${run[@]}")" "${run[@]}" || return 0
+        run=("${RERUN[@]}")
     fi
+    cmd+=("${run[@]}")
     printf '+' >&2; printf ' %q' "${cmd[@]}" >&2; echo >&2  # the exact command, ready to paste
     "${cmd[@]}"
-    if (( training )) && [[ -n $out && -d $out ]]; then echo "$line" >"$out/$LAUNCH_RECORD"; fi
+}
+
+# training_run ENTRY FLAGS...: does this run train? (--do_train, or an entry point that trains by default)
+training_run() {
+    local entry=${1#"$REPO"/} flags=" ${*:2} "
+    [[ $flags == *" --no-do_train "* || $flags == *" --no_do_train "* ]] && return 1
+    [[ $flags == *" --do_train "* ]] && return 0
+    case $entry in examples/NLG/gpt2_ft.py|lorapro/train.py|lorapro/run_t5_glue.py|loraplus/run_glue.py) return 0 ;; esac
+    return 1
+}
+
+# evaluating_run ENTRY FLAGS...: does the entry point write eval_results.json when it finishes?
+evaluating_run() {
+    local entry=${1#"$REPO"/} flags=" ${*:2} "
+    [[ $flags == *" --no_do_eval "* || $flags == *" --no-do_eval "* ]] && return 1
+    case $entry in
+        examples/NLG/gpt2_ft.py) return 1 ;;  # eval_nlg.py scores it later
+        lorapro/run_t5_glue.py|loraplus/run_glue.py) return 0 ;;
+    esac
+    [[ $flags == *" --do_eval "* ]]
+}
+
+# prepare_rerun OUT FLAG LINE RUN...: sets RERUN (the run's flags, for a resume or FRESH=1) and writes LINE to
+# OUT/LAUNCH_RECORD; returns 1 when the run is to be skipped (finished by this command).
+prepare_rerun() {
+    local out=$1 flag=$2 line=$3 arg
+    shift 3
+    RERUN=("$@")
+    local record=$out/$LAUNCH_RECORD checkpoints=() finished=0
+    local nullglob_was; nullglob_was=$(shopt -p nullglob); shopt -s nullglob
+    checkpoints=("$out"/checkpoint-*)
+    eval "$nullglob_was"
+    if [[ -f $out/train_results.json ]] && { ! evaluating_run "$@" || [[ -f $out/eval_results.json ]]; }; then
+        finished=1
+    fi
+    if [[ ${FRESH:-0} == 1 ]]; then
+        if [[ -d $out && " $* " != *" --overwrite_output_dir "* && " $* " != *" --overwrite_work_dir "* ]]; then
+            [[ $flag == --work_dir ]] && RERUN+=(--overwrite_work_dir) || RERUN+=(--overwrite_output_dir)
+        fi
+    elif (( finished || ${#checkpoints[@]} )); then
+        [[ -f $record ]] || die "$out holds a run with no $LAUNCH_RECORD (made before reruns were recorded):" \
+            "FRESH=1 trains it again, or use another OUT_DIR"
+        [[ $(<"$record") == "$line" ]] || die "$out holds a run of another command (see $record): use another" \
+            "OUT_DIR, or FRESH=1 to replace it"
+        if (( finished )); then
+            echo "$SCRIPT_NAME: $out: finished by this command before, skipped (FRESH=1 runs it again)" >&2
+            return 1
+        fi
+        RERUN=()
+        for arg in "$@"; do
+            [[ $arg == --overwrite_output_dir || $arg == --overwrite_work_dir ]] || RERUN+=("$arg")
+        done
+        RERUN+=(--resume_from_checkpoint latest)
+        echo "$SCRIPT_NAME: $out: interrupted before, resumed from its latest checkpoint (FRESH=1 starts over)" >&2
+    fi
+    mkdir -p "$out" && printf '%s\n' "$line" >"$record"
 }
 
 # mnli_lora TASK [SEED]: the paper's MRPC, RTE and STS-B runs start from the MNLI LoRA checkpoint: MNLI_LORA when

@@ -72,7 +72,8 @@ def test_decoding_json_records_the_search_even_in_a_training_folder(tmp_path, fi
                       "eval_len": 5, "decoding": "lora_repo", "num_examples": 4, "data": str(files["data"])}
     assert json.loads((work / "run_config.json").read_text()) == {"method": "lora"}  # the training's, untouched
 
-    # the same decoding again: replaced silently; another one: replaced, with a warning naming what changed
+    # the same decoding again: rewritten silently; another one: the old record removed with a warning naming
+    # what changed, the new one written with the predictions
     with caplog.at_level(logging.WARNING, logger="loralib.nlg"):
         gpt2_beam.run_beam(_beam_argv(files, base_dir, work, "--length_penalty", "0.8"))
         assert not [r for r in caplog.records if "decoding.json" in r.getMessage()]
@@ -84,16 +85,23 @@ def test_decoding_json_records_the_search_even_in_a_training_folder(tmp_path, fi
     assert (record["length_penalty"], record["decoding"]) == (0.5, "transformers")
 
 
-def test_decoding_json_is_written_before_decoding_and_not_after_a_failed_check(tmp_path, files, base_dir,
-                                                                                monkeypatch):
+def test_a_decode_stopped_halfway_leaves_no_record_of_its_settings(tmp_path, files, base_dir, monkeypatch):
+    """decoding.json is written with the predictions: a decode that stops halfway leaves none (and removes one
+    of another decoding, which no longer describes what the folder will hold), never the new settings beside
+    the old predictions."""
     def no_search(*args, **kwargs):
-        raise RuntimeError("decoding started")
+        raise RuntimeError("stopped while decoding")
 
+    work = tmp_path / "run"
+    gpt2_beam.run_beam(_beam_argv(files, base_dir, work, "--beam", "2"))
+    assert json.loads((work / "decoding.json").read_text())["beam"] == 2
     with monkeypatch.context() as m:
         m.setattr(beam, "beam_search", no_search)
-        with pytest.raises(RuntimeError, match="decoding started"):
-            gpt2_beam.run_beam(_beam_argv(files, base_dir, tmp_path / "early", "--beam", "3"))
-    assert json.loads((tmp_path / "early" / "decoding.json").read_text())["beam"] == 3
+        with pytest.raises(RuntimeError, match="stopped while decoding"):
+            gpt2_beam.run_beam(_beam_argv(files, base_dir, work, "--beam", "3"))
+    assert not (work / "decoding.json").exists() and (work / "predict.jsonl").exists()
+    gpt2_beam.run_beam(_beam_argv(files, base_dir, work, "--beam", "3"))
+    assert json.loads((work / "decoding.json").read_text())["beam"] == 3
 
     # a check that fails (an adapter of another rank) leaves no record behind
     code = gpt2_beam.main(_beam_argv(files, base_dir, tmp_path / "bad", "--lora_dim", "8"))

@@ -256,27 +256,29 @@ def test_the_global_batch_is_the_papers_on_any_nproc(recorder, tmp_path, nproc, 
     assert f"global batch {global_} = per-device {per_device} x NPROC {nproc}" in proc.stderr
 
 
-def _finishing_interpreter(folder: Path) -> Path:
-    """A stand-in interpreter that "finishes" each run: train_results.json and eval_results.json in its
-    --output_dir."""
+def _interrupting_interpreter(folder: Path) -> Path:
+    """A stand-in interpreter that "finishes" each run (train_results.json and eval_results.json in its
+    --output_dir), except seed 1's, which it stops after checkpoint-3 (exit 1, as a killed run)."""
     stub = folder / "finisher"
-    stub.write_text('#!/usr/bin/env bash\nwhile (( $# )); do [[ $1 == --output_dir ]] && out=$2; shift; done\n'
-                    'mkdir -p "$out" && echo {} > "$out/train_results.json" && echo {} > "$out/eval_results.json"\n')
+    stub.write_text('#!/usr/bin/env bash\nwhile (( $# )); do case $1 in --output_dir) out=$2 ;; --seed) seed=$2 ;; '
+                    'esac; shift; done\nmkdir -p "$out"\n'
+                    'if [[ $seed == 1 ]]; then mkdir -p "$out/checkpoint-3"; exit 1; fi\n'
+                    'echo {} > "$out/train_results.json" && echo {} > "$out/eval_results.json"\n')
     stub.chmod(0o755)
     return stub
 
 
 def test_a_rerun_skips_finished_runs_and_resumes_an_interrupted_one(recorder, tmp_path):
-    """Rerunning a script (as after an interruption): seed 0, finished by the same command, is skipped;
-    seed 1, interrupted (a checkpoint, no results), resumes from its latest checkpoint instead of being
-    overwritten; seed 2 runs as the original did. Another command on a finished run is an error; FRESH=1
-    reruns everything as the original scripts did."""
+    """Rerunning a script after an interruption: seed 0, finished by the same command, is skipped; seed 1,
+    interrupted (a checkpoint, no results), resumes from its latest checkpoint instead of being overwritten;
+    seed 2 runs as the original did. Another command (RECIPE, NPROC) on those folders is an error, and so is a
+    finished run with no command record (made before reruns were recorded); FRESH=1 reruns everything as the
+    original scripts did."""
     out = tmp_path / "out"
     env = dict(MODEL_DIR="M", DATA_DIR="D", OUT_DIR=out)
-    done = _run("lora_roberta_base_glue.sh", "mnli", PYTHON=_finishing_interpreter(tmp_path), SEEDS="0", **env)
-    assert done.returncode == 0, done.stderr
-    assert (out / "mnli/seed0/model/launch_command.txt").is_file()
-    (out / "mnli/seed1/model/checkpoint-3").mkdir(parents=True)
+    stopped = _run("lora_roberta_base_glue.sh", "mnli", PYTHON=_interrupting_interpreter(tmp_path), SEEDS="0 1", **env)
+    assert stopped.returncode == 1
+    assert (out / "mnli/seed0/model/launch_command.txt").is_file() and (out / "mnli/seed1/model/checkpoint-3").is_dir()
     stub, calls = recorder
     proc = _run("lora_roberta_base_glue.sh", "mnli", PYTHON=stub, SEEDS="0 1 2", **env)
     assert proc.returncode == 0, proc.stderr
@@ -288,12 +290,38 @@ def test_a_rerun_skips_finished_runs_and_resumes_an_interrupted_one(recorder, tm
     assert fresh["output_dir"].endswith("seed2/model") and fresh["overwrite_output_dir"] is True
     assert "resume_from_checkpoint" not in fresh
 
-    other = _run("lora_roberta_base_glue.sh", "mnli", PYTHON=stub, SEEDS="0", RECIPE="paper", **env)
-    assert other.returncode == 2 and "seed0/model holds a finished run of another command" in other.stderr
+    for changed, why in (({"RECIPE": "paper"}, "another command"), ({"NPROC": "2", "KEEP_PER_DEVICE_BATCH": "1"},
+                                                                    "another command")):
+        other = _run("lora_roberta_base_glue.sh", "mnli", PYTHON=stub, SEEDS="0", **changed, **env)
+        assert other.returncode == 2 and f"seed0/model holds a run of {why}" in other.stderr, changed
+    (out / "mnli/seed0/model/launch_command.txt").unlink()
+    legacy = _run("lora_roberta_base_glue.sh", "mnli", PYTHON=stub, SEEDS="0", **env)
+    assert legacy.returncode == 2 and "holds a run with no launch_command.txt" in legacy.stderr
     again = _run("lora_roberta_base_glue.sh", "mnli", PYTHON=stub, SEEDS="0 1", FRESH="1", **env)
     assert again.returncode == 0, again.stderr
     assert all("--overwrite_output_dir" in argv and "--resume_from_checkpoint" not in argv for argv in calls()[2:])
     assert len(calls()) == 4
+
+
+def test_reruns_of_entry_points_that_train_or_evaluate_by_default(recorder, tmp_path):
+    """loraplus/run_glue.py trains and evaluates without --do_train / --do_eval (the original has no
+    --overwrite_output_dir: FRESH=1 adds it); gpt2_ft.py writes no eval_results.json (eval_nlg.py scores it
+    later), so its train_results.json finishes it; an OUT_DIR with glob characters is taken literally."""
+    stub, calls = recorder
+    out = tmp_path / "o[1] x"
+    env = dict(PYTHON=stub, MODEL_DIR="M", DATA_DIR="D", OUT_DIR=out)
+    assert _run("loraplus_llama_7b_mnli.sh", **env).returncode == 0
+    run_dir = Path(parse_flags(calls()[0][1:])["output_dir"])
+    assert (run_dir / "launch_command.txt").is_file()
+    (run_dir / "checkpoint-2").mkdir()
+    proc = _run("loraplus_llama_7b_mnli.sh", **env)
+    assert proc.returncode == 0 and parse_flags(calls()[1][1:])["resume_from_checkpoint"] == "latest", proc.stderr
+    (run_dir / "train_results.json").write_text("{}")
+    assert "skipped" not in _run("loraplus_llama_7b_mnli.sh", **env).stderr  # it evaluates: not finished yet
+    (run_dir / "eval_results.json").write_text("{}")
+    assert "finished by this command before, skipped" in _run("loraplus_llama_7b_mnli.sh", **env).stderr
+    assert _run("loraplus_llama_7b_mnli.sh", FRESH="1", **env).returncode == 0
+    assert "--overwrite_output_dir" in calls()[-1]
 
 
 def test_mrpc_refuses_an_unfinished_or_other_recipe_mnli_run(recorder, tmp_path):

@@ -27,7 +27,7 @@ from loralib.train.run import train_results_of  # noqa: E402
 TOTAL_STEPS = 12
 
 
-def run(out_dir, resume=None, callbacks=(), optimizer="adamw", log_every=4):
+def run(out_dir, resume=None, callbacks=(), optimizer="adamw", log_every=4, eval_every=5, evaluate=eval_fn):
     """test_train_resume's run (AdaLoRA with its allocator, or LoRA-Pro), logging every 4 steps and saving every
     3: checkpoint-3 / -6 / -9 fall inside a log window. Returns the TrainResult."""
     adalora = optimizer == "adamw"
@@ -35,7 +35,7 @@ def run(out_dir, resume=None, callbacks=(), optimizer="adamw", log_every=4):
     allocator = RankAllocator(model, lora_r=4, target_rank=2, init_warmup=2, final_warmup=3, mask_interval=2,
                               beta1=0.85, beta2=0.85) if adalora else None
     config = TrainConfig(output_dir=str(out_dir), max_steps=TOTAL_STEPS, per_device_batch_size=4, grad_accum_steps=2,
-                         lr=5e-2, weight_decay=0.01, warmup_steps=3, max_grad_norm=0.5, eval_every=5,
+                         lr=5e-2, weight_decay=0.01, warmup_steps=3, max_grad_norm=0.5, eval_every=eval_every,
                          metric_for_best="accuracy", save_every=3, log_every=log_every, progress_bar=False,
                          resume_from=resume, device="cpu")
     factory = None
@@ -43,7 +43,7 @@ def run(out_dir, resume=None, callbacks=(), optimizer="adamw", log_every=4):
         from loralib.optim import LoRAProAdamW
         factory = lambda m: LoRAProAdamW(m, lr=5e-2, mode="full")  # noqa: E731
     regularizer = (lambda m: compute_orth_regu(m, 0.1)) if adalora else None
-    return train(model, data(), collate, config, eval_fn=eval_fn, regularizer=regularizer, allocator=allocator,
+    return train(model, data(), collate, config, eval_fn=evaluate, regularizer=regularizer, allocator=allocator,
                  optimizer_factory=factory, callbacks=list(callbacks))
 
 
@@ -266,3 +266,42 @@ def test_train_results_json_of_a_resumed_nlg_run_matches_the_uninterrupted_one(t
     assert cut["train_loss"] == whole["train_loss"] and cut["train_loss_steps"] == whole["train_loss_steps"] == [1, 6]
     assert (cut["resumed_from_step"], cut["resumed_at_steps"]) == (3, [3])
     assert (whole["resumed_from_step"], whole["resumed_at_steps"]) == (None, [])
+
+
+def _records(out_dir):
+    """metrics.jsonl without the throughput (a wall-clock rate)."""
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.endswith("_per_s")} for row in rows]
+
+
+def test_a_crash_in_the_final_evaluation_after_the_last_save_is_evaluated_once(tmp_path):
+    """checkpoint-12 is saved, then the end-of-training evaluation crashes after logging (as a kill would):
+    the resumed run evaluates again, and metrics.jsonl holds that evaluation once, as the uninterrupted run's."""
+    ref = run(tmp_path / "ref")
+    calls = []
+
+    def crash_after_the_third(model):
+        metrics = eval_fn(model)
+        calls.append(1)
+        if len(calls) == 3:  # steps 5, 10, then the end-of-training one at 12
+            from loralib.train.loop import _MetricsLog
+            _MetricsLog(tmp_path / "run", True, False).write({"step": TOTAL_STEPS, **{f"eval_{k}": v for k, v in metrics.items()}})
+            raise Crash("killed after the final evaluation was logged")
+        return metrics
+
+    with pytest.raises(Crash):
+        run(tmp_path / "run", evaluate=crash_after_the_third)
+    resumed = run(tmp_path / "run", resume="latest")
+    assert _records(tmp_path / "run") == _records(tmp_path / "ref")
+    assert resumed.eval_metrics == ref.eval_metrics and resumed.eval_metrics is not None
+
+
+def test_a_resume_at_the_last_step_keeps_its_evaluation(tmp_path):
+    """Evaluated and saved at step 12, stopped before the run's end: the resume does not evaluate again, and
+    train_results' eval_metrics are the step-12 evaluation's (they were null)."""
+    ref = run(tmp_path / "ref", eval_every=3)
+    with pytest.raises(Crash):
+        run(tmp_path / "run", eval_every=3, callbacks=[CrashAt(TOTAL_STEPS)])
+    resumed = run(tmp_path / "run", resume="latest", eval_every=3)
+    assert resumed.eval_metrics == ref.eval_metrics and resumed.eval_metrics is not None
+    assert _records(tmp_path / "run") == _records(tmp_path / "ref")

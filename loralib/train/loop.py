@@ -350,8 +350,9 @@ class _MetricsLog:
                 warnings.warn("TrainConfig.tensorboard=True but the tensorboard package is not installed "
                               "(pip install tensorboard); logging to metrics.jsonl only", stacklevel=3)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop the records a crashed run wrote after the checkpoint being resumed."""
+    def truncate_after(self, step: int, evaluated_at_step: bool = True) -> None:
+        """Drop the records a crashed run wrote after the checkpoint being resumed: every later step's, and
+        the checkpoint step's evaluation when it came after the save (the resumed run evaluates again)."""
         if not self.enabled or not self.path.is_file():
             return
         lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
@@ -366,7 +367,9 @@ class _MetricsLog:
                 logger.warning("%s: dropped its torn last line (a crash or a full disk mid-append): %r",
                                self.path, line[:80])
                 continue
-            if record.get("step", 0) <= step:
+            at = record.get("step", 0)
+            after_save = at == step and not evaluated_at_step and any(k.startswith("eval_") for k in record)
+            if at <= step and not after_save:
                 kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
@@ -527,6 +530,7 @@ class _Run:
         self.resumed_from_step = self.state.global_step
         # absent from checkpoints written before it was kept: then train_loss starts after this step (recorded)
         self.losses.restore(saved.get("loss"), self.state.global_step, self.ctx.rank, self.config.log_every)
+        self.last_metrics = saved.get("last_metrics")  # absent before it was kept: the next evaluation's
         ckpt.load_rng(path, self.ctx.rank)  # last: nothing after it may draw random numbers
         return overridden
 
@@ -539,7 +543,7 @@ class _Run:
         self.bar = open_progress(self.total_steps, state.global_step, main=ctx.is_main, bar=self.config.progress_bar)
         self.log = _MetricsLog(self.output_dir, ctx.is_main, self.config.tensorboard)
         if resume is not None:
-            self.log.truncate_after(state.global_step)
+            self.log.truncate_after(state.global_step, evaluated_at_step=state.last_eval_step == state.global_step)
             if overridden:
                 self.log.write({"step": state.global_step, "resume_overrides": overridden})
             if ctx.is_main:
@@ -694,6 +698,7 @@ class _Run:
         training_state = dict(self.backend.training_state(),
                               allocator=self.allocator.state_dict() if self.allocator is not None else None,
                               loss=self.losses.state_dict(self.ctx),  # collective: every rank's log window
+                              last_metrics=self.last_metrics,  # train_results' eval_metrics after a resume here
                               loop=dataclasses.asdict(dataclasses.replace(state, last_save_step=state.global_step)))
         meta = {"epoch": self.epoch_float(), "best_metric": state.best_metric, "best_step": state.best_step,
                 "per_device_batch_size": config.per_device_batch_size, "grad_accum_steps": config.grad_accum_steps,

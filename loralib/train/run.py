@@ -94,12 +94,19 @@ def precision_of(fp16: bool = False, bf16: Optional[bool] = False, bf16_default:
     return "bf16" if (bf16_default if bf16 is None else bf16) else "fp32"
 
 
+# scripts/_common.sh writes the command that makes a run into its folder before starting it (reruns compare it):
+# not a run's output, so it neither counts as a previous run nor is cleared by --overwrite_output_dir
+LAUNCH_RECORD = "launch_command.txt"
+
+
 def check_output_dir(spec: RunSpec) -> None:
     """Refuse, before anything is built, a folder that is a file, read-only, or holds a run this one would
     silently mix with (neither --overwrite_output_dir nor --resume_from_checkpoint given)."""
     out = spec.output_dir
     check_output_folder(out, spec.output_flag)
-    if not spec.do_train or not out.is_dir() or not any(out.iterdir()) or spec.resume_from:
+    if not spec.do_train or not out.is_dir() or spec.resume_from:
+        return
+    if not any(p.name != LAUNCH_RECORD for p in out.iterdir()):  # empty but for the script's command record
         return
     if spec.overwrite:
         if spec.protected and out.resolve() in Path(spec.protected).resolve().parents:

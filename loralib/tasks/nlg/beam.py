@@ -10,11 +10,11 @@
 Input: encoded JSONL (loralib.tasks.nlg.data.read_encoded); each line's prompt is its context followed by
 <|endoftext|> (once), cut from the left to seq_len - eval_len tokens, as the original. Output:
 WORK_DIR/OUTPUT_FILE, one line per input line, in order: {"id": <line index>, "predict": [generated ids]}
-(the continuation only, up to and including the eos token that ended it; no padding). And, written before
-decoding starts (after every check), WORK_DIR/decoding.json: {"beam", "length_penalty", "no_repeat_ngram_size",
-"repetition_penalty", "eval_len", "decoding", "num_examples", "data"}, the search settings that `loralib
-compare` reads (a training folder's run_config.json is the training's); one from another decoding in the
-same folder is replaced, with a warning.
+(the continuation only, up to and including the eos token that ended it; no padding). And, written with the
+predictions, WORK_DIR/decoding.json: {"beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty",
+"eval_len", "decoding", "num_examples", "data"}, the search settings that `loralib compare` reads (a training
+folder's run_config.json is the training's); one from another decoding in the same folder is removed, with a
+warning, before decoding starts (a decode stopped halfway leaves no record rather than a wrong one).
 
 Model: the pretrained GPT-2 from --base_checkpoint (default models/<gpt2 | gpt2-medium | gpt2-large> by
 --model_card) with the adapter of --init_checkpoint, opened by loralib.adapter_files.open_adapter: a file
@@ -255,22 +255,28 @@ def decoding_record(args: BeamSpec, num_examples: int) -> dict:
             "decoding": str(args.decoding), "num_examples": int(num_examples), "data": str(args.data)}
 
 
-def write_decoding_record(work_dir: Path, record: dict) -> Path:
-    """WORK_DIR/decoding.json, atomically. One left by another decoding is replaced (as its predictions
-    are), with a warning naming what changed: a folder holds one decoding's record, the latest."""
+def retire_other_decoding(work_dir: Path, record: dict) -> None:
+    """Before decoding: a decoding.json of another decoding is removed, with a warning naming what changed, so
+    that a decode stopped halfway never leaves the new settings beside the old predictions and scores."""
     path = work_dir / DECODING_FILE
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            previous = None
-        if previous != record:
-            changed = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in record.items()
-                                if previous.get(k) != v) if isinstance(previous, dict) else "unreadable before"
-            logger.warning("%s records another decoding (%s): replacing it; predictions written to the same "
-                           "--output_file are replaced too", path, changed)
+    if not path.is_file():
+        return
+    try:
+        previous = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        previous = None
+    if previous != record:
+        changed = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in record.items()
+                            if previous.get(k) != v) if isinstance(previous, dict) else "unreadable before"
+        logger.warning("%s records another decoding (%s): removed; this decoding's is written with its "
+                       "predictions", path, changed)
+        path.unlink()
+
+
+def write_decoding_record(work_dir: Path, record: dict) -> Path:
+    """WORK_DIR/decoding.json, atomically: written once the predictions it describes are."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    return write_json_atomic(path, record)
+    return write_json_atomic(work_dir / DECODING_FILE, record)
 
 
 def write_predictions(path: Path, predictions: Sequence[Sequence[int]]) -> None:
@@ -291,8 +297,9 @@ def run_beam(args: BeamSpec) -> Optional[Path]:
     model = load_model(args).to(device)
     check_vocab(queries, model.config.vocab_size, args.data)
     ctx = setup(device.type)
-    if ctx.is_main:  # every check passed: say how this folder's predictions are decoded, before decoding
-        write_decoding_record(Path(args.work_dir), decoding_record(args, len(queries)))
+    record = decoding_record(args, len(queries))
+    if ctx.is_main:  # every check passed
+        retire_other_decoding(Path(args.work_dir), record)
 
     # Rank r decodes every world_size-th distinct prompt (by length, so the ranks get similar work).
     distinct = sorted({tuple(q) for q in queries}, key=len)
@@ -307,6 +314,7 @@ def run_beam(args: BeamSpec) -> Optional[Path]:
     out = Path(args.work_dir) / args.output_file
     out.parent.mkdir(parents=True, exist_ok=True)
     write_predictions(out, [found[tuple(q)] for q in queries])
+    write_decoding_record(Path(args.work_dir), record)  # how these predictions were decoded
     if not (out.parent / "run_config.json").exists():  # decoding a released adapter: say what was decoded
         write_json_atomic(out.parent / "run_config.json", run_config(args, model))
     logger.info("wrote %d predictions to %s", len(queries), out)
