@@ -88,7 +88,7 @@ test: $(STAMP) $(MS_LORALIB) $(WORDNET_DIR) $(GPT2_BPE) $(PUNKT_TAB) java-runtim
 	LORALIB_REFERENCE_WHEEL=$(MS_LORALIB) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP) $(MS_LORALIB)
-	LORALIB_REFERENCE_WHEEL=$(MS_LORALIB) $(PY) benchmarks/run_all.py
+	LORALIB_REFERENCE_WHEEL=$(MS_LORALIB) $(PY) benchmarks/run_all.py $(BENCH)
 
 clean:
 	rm -rf $(VENV) $(CACHE)

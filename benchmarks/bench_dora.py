@@ -30,7 +30,8 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loralib as lora  # noqa: E402
-from bench_layers import _status_kib, interleaved_times, saved_bytes  # noqa: E402
+from _common import interleaved, medians  # noqa: E402
+from bench_layers import _status_kib, saved_bytes  # noqa: E402
 
 SHAPES = {  # (d, [(name, in, out), ...] in the order the block applies them, activation)
     "gpt2": (768, [("c_attn", 768, 2304), ("attn_proj", 768, 768), ("c_fc", 768, 3072), ("mlp_proj", 3072, 768)],
@@ -112,7 +113,7 @@ def bench_shape(shape: str, args) -> dict:
     with torch.no_grad():  # the same output for the same input (B = 0 at the start: the base model's)
         ref = models["peft_dora"](x)
         assert all(torch.allclose(m(x), ref, atol=1e-4) for m in models.values())
-    times = interleaved_times({kind: make_step(m, x, grad_out) for kind, m in models.items()}, args.repeats)
+    times = medians(interleaved({kind: make_step(m, x, grad_out) for kind, m in models.items()}, args.repeats, warmup=2))
     saved = {kind: saved_bytes(m, x, grad_out) for kind, m in models.items()}
     rss = {kind: peak_rss(shape, kind, args) for kind in KINDS}
     tokens = args.batch * args.seq

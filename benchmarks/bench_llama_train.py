@@ -263,11 +263,11 @@ def main() -> None:
     names = {"ours": "loralib (ours)", "peft": "transformers + PEFT",
              "frozen": "frozen fwd+bwd, no adapter (ours)", "autograd": "ours, Linear through plain autograd"}
     for v in variants:
-        print(f"| {names[v]} | {tokens / times[v]:.0f} | {times[v]:.3f} | {saved[v] / 2**20:.0f} | "
-              f"{rss[v] / 2**20:.0f} |")
+        peak = "not measured (--no-rss)" if args.no_rss else f"{rss[v] / 2**20:.0f}"
+        print(f"| {names[v]} | {tokens / times[v]:.0f} | {times[v]:.3f} | {saved[v] / 2**20:.0f} | {peak} |")
     print(f"\n- throughput ours / PEFT: {times['peft'] / times['ours']:.2f}x (target >= 1.25x)")
-    print(f"- peak RSS growth ours / PEFT: {rss['ours'] / rss['peft']:.2f}x (target <= 0.85x); "
-          f"saved for backward: {saved['ours'] / saved['peft']:.2f}x")
+    rss_ratio = "not measured (--no-rss)" if args.no_rss else f"{rss['ours'] / rss['peft']:.2f}x (target <= 0.85x)"
+    print(f"- peak RSS growth ours / PEFT: {rss_ratio}; saved for backward: {saved['ours'] / saved['peft']:.2f}x")
     print(f"- LoRA step / frozen forward+backward (time): ours {times['ours'] / times['frozen']:.2f}x, "
           f"PEFT {times['peft'] / times['frozen']:.2f}x")
     if args.autograd:

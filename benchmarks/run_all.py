@@ -23,6 +23,7 @@ BENCHMARKS = {
     "lorapro": ["bench_lorapro.py"],
     "lorapro_memory": ["bench_lorapro_memory.py"],
     "dora": ["bench_dora.py", "--repeats", "7"],
+    "compile": ["bench_compile.py"],
     "learning_check": ["learning_check.py"],
 }
 

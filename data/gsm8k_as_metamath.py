@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = convert(Path(args.source))
+        if not rows:
+            raise ValueError(f"{args.source}: no GSM8K problems in it (an empty file?); nothing was written")
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

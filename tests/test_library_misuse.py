@@ -157,3 +157,11 @@ def test_a_folder_without_lora_factors_loads_back(tmp_path):
     reloaded = lora.load_adapter(tiny_roberta(), tmp_path / "full")
     ids, mask = token_batch()
     torch.testing.assert_close(_logits(reloaded, ids, mask), _logits(trained, ids, mask), rtol=0, atol=0)
+
+
+def test_from_pretrained_refuses_a_lora_config_that_adapts_nothing(tmp_path):
+    from loralib.models import from_pretrained
+
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=r"target_modules=\('bogus',\) match no projection of this gpt2 model"):
+        from_pretrained(tmp_path / "gpt2", lora=lora.LoRAConfig(r=4, target_modules=("bogus",)))

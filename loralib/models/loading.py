@@ -343,6 +343,9 @@ def from_pretrained(path: Union[str, os.PathLike], task: str = "causal-lm", num_
     checkpoint = _Checkpoint(folder)
     with torch.device("meta"):
         model = module.build(hf_config, task, num_labels, lora)
+    if lora is not None and not any(getattr(m, "has_lora", False) for m in model.modules()):
+        raise ValueError(f"from_pretrained({str(folder)!r}): lora.target_modules={lora.target_modules!r} match no "
+                         f"projection of this {hf_config.get('model_type')} model, so nothing would be adapted")
     info = load_state_into(model, checkpoint, _resolve_dtype(dtype, hf_config), device,
                            std=hf_config.get("initializer_range", 0.02))
     if lora is not None and getattr(lora, "init_swapped", False):

@@ -28,7 +28,7 @@ from ..config import LoRAConfig
 
 StateDict = Dict[str, torch.Tensor]
 
-# The settings of the released runs (../shared/reference/recipes.md).
+# The settings of the released runs (the recipe tables of scripts/lora_*_glue.sh).
 RELEASED_SETTINGS = {
     "roberta": dict(r=8, lora_alpha=16, target_modules=("query", "value")),
     "deberta": dict(r=16, lora_alpha=32, target_modules=("query_proj", "value_proj")),

@@ -123,13 +123,19 @@ class ProgressLines(Silent):
         self.last_step = self.step
 
 
-def open_progress(total: int, initial: int, main: bool, bar: bool, desc: str = "train",
-                  stream: Optional[IO[str]] = None):
-    """The progress display of one run (see the module docstring); all expose update / set_postfix / write / close."""
+def progress_settings():
+    """(mode, (every_steps, every_seconds)) from LORALIB_PROGRESS / LORALIB_PROGRESS_EVERY, or one ValueError
+    naming the variable (a run checks them before it writes anything: loralib.train.run.start)."""
     mode = os.environ.get("LORALIB_PROGRESS", "auto").strip().lower() or "auto"
     if mode not in MODES:
         raise ValueError(f"LORALIB_PROGRESS={mode!r}: expected one of {', '.join(MODES)}")
-    every_steps, every_seconds = parse_every(os.environ.get("LORALIB_PROGRESS_EVERY", DEFAULT_EVERY))
+    return mode, parse_every(os.environ.get("LORALIB_PROGRESS_EVERY", DEFAULT_EVERY))
+
+
+def open_progress(total: int, initial: int, main: bool, bar: bool, desc: str = "train",
+                  stream: Optional[IO[str]] = None):
+    """The progress display of one run (see the module docstring); all expose update / set_postfix / write / close."""
+    mode, (every_steps, every_seconds) = progress_settings()
     if not main or mode == "off":
         return Silent()
     out = stream or sys.stderr

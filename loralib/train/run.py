@@ -271,8 +271,11 @@ def train_results_of(outcome, groups: List[dict]) -> dict:
 def start(spec: RunSpec, run_config: Callable[[], dict]) -> None:
     """Lock the folder (one run per folder, until the process exits), clear what a replaced run wrote, and
     record the run. A resumed run keeps its record: the loop refuses one whose settings differ from it."""
+    from .progress import progress_settings
     from .run_lock import hold_output_dir
 
+    if spec.do_train:
+        progress_settings()  # a bad LORALIB_PROGRESS(_EVERY) is refused before the folder is written
     if rank() != 0:
         return
     if spec.do_train:
