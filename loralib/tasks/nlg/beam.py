@@ -119,7 +119,13 @@ def load_model(args: BeamSpec) -> nn.Module:
             raise ValueError(f"--lora_alpha {args.lora_alpha}, but the PEFT adapter {given} records lora_alpha "
                              f"{adapter.lora.lora_alpha:g}: leave --lora_alpha out")
         adapter.lora = adapter.lora.replace(lora_alpha=args.lora_alpha)
-    model = load_gpt2(_base(args), args.model_card, adapter.lora_to_build, flag="--base_checkpoint")
+    try:
+        model = load_gpt2(_base(args), args.model_card, adapter.lora_to_build, flag="--base_checkpoint")
+    except ValueError as err:
+        if "match no projection" not in str(err):
+            raise
+        raise ValueError(f"--init_checkpoint {given}: its LoRA targets {adapter.lora.target_modules!r} match no "
+                         "projection of a GPT-2 (an adapter of another model?)") from None
     return _flagged(given, load_adapter_source, model, adapter).eval()
 
 
