@@ -53,8 +53,19 @@ class Offline(RuntimeError):
 
 
 def download(task: str, raw_dir: Path, urls: dict = None, timeout: float = 60.0) -> list:
-    """Fetch the task's raw files into raw_dir (files already there are kept); returns the paths."""
+    """Fetch the task's raw files into raw_dir (files already there are kept); returns the paths. A raw_dir this
+    call made is removed again when nothing could be fetched into it."""
+    made = not raw_dir.exists()
     raw_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fetch_all(task, raw_dir, urls, timeout)
+    except Offline:
+        if made and not any(raw_dir.iterdir()):
+            raw_dir.rmdir()
+        raise
+
+
+def _fetch_all(task: str, raw_dir: Path, urls, timeout: float) -> list:
     paths = []
     for name, url in (urls or DOWNLOADS[task]).items():
         target = raw_dir / name

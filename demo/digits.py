@@ -81,6 +81,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.rank < 1 or args.epochs < 1:
+        parser.error(f"--rank and --epochs must be positive, got --rank {args.rank} --epochs {args.epochs}")
     torch.manual_seed(args.seed)
     start = time.time()
     tasks = load_digits_split(args.seed)

@@ -58,6 +58,11 @@ __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "PEFT_WEIGHTS", "
 
 # -- atomic writes ---------------------------------------------------------------------------------
 def _atomic_write_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
+    """The tensors as one safetensors file, or an AdapterError naming the first non-finite one (nothing written:
+    the weights file comes before the config)."""
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise AdapterError(f"{path}: {bad} holds non-finite values (nan or inf); the adapter was not written")
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     apply_umask(tmp)  # safetensors writes 0600; an adapter is shared like any other file

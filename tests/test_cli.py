@@ -39,3 +39,11 @@ def test_download_model_says_plainly_when_the_hub_is_unreachable(tmp_path, monke
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "loralib.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "commands:" in out.stdout
+
+
+def test_download_model_help_names_the_loralib_command(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        cli.main(["download-model", "--help"])
+    assert capsys.readouterr().out.startswith("usage: loralib download-model")

@@ -15,3 +15,11 @@ def test_demo_lora_beats_frozen_and_approaches_full(capsys):
     assert low_rank > full - 0.05
     out = capsys.readouterr().out
     assert "LoRA merged for inference" in out and "reloaded" in out
+
+
+def test_a_bad_rank_is_one_error():
+    import pytest
+
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--rank", "-1"])
+    assert stop.value.code == 2

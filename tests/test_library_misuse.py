@@ -165,3 +165,14 @@ def test_from_pretrained_refuses_a_lora_config_that_adapts_nothing(tmp_path):
     tiny_gpt2().save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match=r"target_modules=\('bogus',\) match no projection of this gpt2 model"):
         from_pretrained(tmp_path / "gpt2", lora=lora.LoRAConfig(r=4, target_modules=("bogus",)))
+
+
+@pytest.mark.parametrize("write", [lora.save_adapter, lora.export_peft], ids=["save_adapter", "export_peft"])
+def test_non_finite_weights_are_not_written(tmp_path, write):
+    model = lora.inject(tiny_roberta(), ["query", "value"], r=4, lora_alpha=8)
+    with torch.no_grad():
+        model.roberta.encoder.layer[1].attention.self.value.lora_B[0, 0] = float("nan")
+    with pytest.raises(AdapterError, match=r"roberta\.encoder\.layer\.1\.attention\.self\.value\.lora_B[.a-z]* holds "
+                                           r"non-finite values"):
+        write(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

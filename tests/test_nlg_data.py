@@ -359,3 +359,8 @@ def test_download_fetches_then_says_plainly_when_offline(tmp_path):
     with pytest.raises(prepare_nlg.Offline, match=r"could not fetch http://127\.0\.0\.1:9/test\.txt"):
         prepare_nlg.download("e2e", raw, urls={"test.txt": "http://127.0.0.1:9/test.txt"}, timeout=5)
     assert sorted(p.name for p in raw.iterdir()) == ["train.txt"]   # no partial file left
+    # a --raw_dir the download made, with nothing fetched into it, is not left behind
+    with pytest.raises(prepare_nlg.Offline):
+        prepare_nlg.download("e2e", tmp_path / "new" / "raw", urls={"test.txt": "http://127.0.0.1:9/test.txt"},
+                             timeout=5)
+    assert not (tmp_path / "new" / "raw").exists()

@@ -78,7 +78,7 @@ def download_model(name: str, dest_root: str = "models", revision: Optional[str]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="download-model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="loralib download-model", description=__doc__.splitlines()[0])
     parser.add_argument("name", help="hub repo id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--dest-root", default="models")
     parser.add_argument("--revision", default=None)
