@@ -22,17 +22,11 @@ from loralib.models import gpt2_checkpoint
 from loralib.tasks.nlg import beam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_nlg_train import _lora_file, ft_args, gpt2_beam, gpt2_ft, tiny_hf, write_encoded  # noqa: E402
+from test_nlg_train import _lora_file, ft_args, gpt2_beam, gpt2_ft, write_encoded  # noqa: E402
+from test_nlg_beam_adapters import base_dir  # noqa: E402,F401  (the module-scoped tiny GPT-2 folder fixture)
 
 DECODING_KEYS = {"beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty", "eval_len", "decoding",
                  "num_examples", "data"}
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gpt2") / "gpt2-tiny"
-    tiny_hf().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
